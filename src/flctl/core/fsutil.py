@@ -1,0 +1,51 @@
+"""Crash-safe file writes.
+
+A checkpoint or key that is half-written after a crash is worse than none,
+so every file flctl owns is written to a temp file in the same directory,
+fsynced, then renamed over the target (rename is atomic on POSIX).
+Secrets get their mode before any byte is written, never after.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+SECRET_MODE = 0o600
+
+
+def atomic_write(path: Path | str, data: bytes | str, mode: int = 0o644) -> None:
+    """Write `data` to `path` atomically with permission bits `mode`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(target.parent)
+
+
+def write_secret(path: Path | str, data: bytes | str) -> None:
+    """Write a private key or token readable by its owner only."""
+    atomic_write(path, data, SECRET_MODE)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
