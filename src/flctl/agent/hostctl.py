@@ -1,0 +1,313 @@
+"""Host-side half of deploy: small commands run *on* the host.
+
+Deploy reaches a host only through a connector (run a command, put a file,
+get a file). Everything that must happen on the host itself (making the
+private key so it never travels, starting the supervisor detached, reading
+/proc) is one subcommand here, printing one JSON document. The same code
+serves local hosts and SSH hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flctl import __version__
+from flctl.core import pki
+from flctl.core.facts import (
+    parse_listening_ports,
+    parse_loadavg,
+    parse_meminfo,
+    parse_os_release,
+    process_uptime_s,
+)
+from flctl.core.fsutil import write_secret
+from flctl.errors import FlctlError
+
+SUPERVISOR_MODULE = "flctl.agent.supervise"
+AGENT_MODULE = "flctl.agent.main"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def live_pid(pidfile: Path, module: str) -> int | None:
+    """The pid in `pidfile` if that process is alive and really ours.
+
+    Checking the command line guards against pid reuse: a stale pidfile
+    must never make us signal an unrelated process.
+    """
+    text = _read(pidfile)
+    if not text or not text.strip().isdigit():
+        return None
+    pid = int(text.strip())
+    stat = _read(Path(f"/proc/{pid}/stat"))
+    cmdline = _read(Path(f"/proc/{pid}/cmdline")) or ""
+    if stat is None or module not in cmdline.replace("\0", " "):
+        return None
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return None if state == "Z" else pid
+
+
+def listening_ports() -> set[int]:
+    ports: set[int] = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        text = _read(Path(name))
+        if text:
+            ports |= parse_listening_ports(text)
+    return ports
+
+
+def _uptime(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    stat = _read(Path(f"/proc/{pid}/stat"))
+    uptime = _read(Path("/proc/uptime"))
+    if stat is None or uptime is None:
+        return None
+    return round(process_uptime_s(stat, float(uptime.split()[0]), os.sysconf("SC_CLK_TCK")), 1)
+
+
+def _init_system() -> str:
+    comm = _read(Path("/proc/1/comm")) or ""
+    return "systemd" if comm.strip() == "systemd" and Path("/run/systemd/system").is_dir() else "none"
+
+
+def _privilege() -> str:
+    if os.geteuid() == 0:
+        return "root"
+    if shutil.which("sudo"):
+        probe = subprocess.run(["sudo", "-n", "true"], capture_output=True)
+        if probe.returncode == 0:
+            return "sudo"
+    return "none"
+
+
+def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(args.root)
+    os_release = parse_os_release(_read(Path("/etc/os-release")) or "")
+    disk = shutil.disk_usage(root if root.exists() else root.parent if root.parent.exists() else "/")
+    supervisor = live_pid(root / "supervisor.pid", SUPERVISOR_MODULE)
+    return {
+        "flctl_version": __version__,
+        "python": platform.python_version(),
+        "os": os_release.get("PRETTY_NAME", platform.system()),
+        "arch": platform.machine(),
+        "init_system": _init_system(),
+        "privilege": _privilege(),
+        "disk_free_bytes": disk.free,
+        "listening_ports": sorted(listening_ports()),
+        "key_exists": (root / "agent.key").exists(),
+        "files": {
+            name: _sha256(root / name) for name in ("agent.crt", "ca.crt", "agent.json")
+        },
+        "cert_pem": _read(root / "agent.crt"),
+        "supervisor_pid": supervisor,
+        "agent_pid": live_pid(root / "agent.pid", AGENT_MODULE),
+    }
+
+
+def cmd_csr(args: argparse.Namespace) -> dict[str, Any]:
+    """Make the agent key here (if missing) and return only a CSR."""
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_path = root / "agent.key"
+    created = False
+    if not key_path.exists():
+        old_umask = os.umask(0o077)
+        try:
+            write_secret(key_path, pki.make_private_key())
+        finally:
+            os.umask(old_umask)
+        created = True
+    csr = pki.make_csr(key_path.read_bytes(), args.cn, args.dns or (), args.ip or ())
+    return {"csr_pem": csr.decode(), "key_created": created}
+
+
+def cmd_check_data(args: argparse.Namespace) -> dict[str, Any]:
+    from flctl.core.data import load_dataset
+
+    dataset = load_dataset(args.path)
+    return {
+        "path": args.path,
+        "n_train": dataset.n_train,
+        "n_test": dataset.n_test,
+        "n_features": dataset.n_features,
+        "n_classes": dataset.n_classes,
+    }
+
+
+def _wait_listening(port: int, timeout: float, supervisor: subprocess.Popen[bytes]) -> bool:
+    """Poll for the agent's listening socket; never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port in listening_ports():
+            return True
+        if supervisor.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _log_tail(path: Path, lines: int = 5) -> str:
+    text = _read(path) or ""
+    return " | ".join(text.strip().splitlines()[-lines:])
+
+
+def cmd_start(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(args.root)
+    pidfile = root / "supervisor.pid"
+    if live_pid(pidfile, SUPERVISOR_MODULE) is not None:
+        return {"changed": False, "supervisor_pid": live_pid(pidfile, SUPERVISOR_MODULE)}
+    log_path = root / "agent.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", SUPERVISOR_MODULE,
+                "--config", str(root / "agent.json"),
+                "--pidfile", str(pidfile),
+                "--agent-pidfile", str(root / "agent.pid"),
+            ],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            start_new_session=True, close_fds=True, cwd=str(root),
+        )
+    # The supervisor writes its own pidfile; wait for it and for the port.
+    if not _wait_listening(args.port, args.timeout, process):
+        raise FlctlError(f"agent did not start listening on port {args.port}: {_log_tail(log_path)}")
+    return {"changed": True, "supervisor_pid": process.pid}
+
+
+def _stop(root: Path, timeout: float) -> bool:
+    pidfile = root / "supervisor.pid"
+    pid = live_pid(pidfile, SUPERVISOR_MODULE)
+    stopped = False
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and live_pid(pidfile, SUPERVISOR_MODULE) == pid:
+            time.sleep(0.05)
+        if live_pid(pidfile, SUPERVISOR_MODULE) == pid:
+            os.kill(pid, signal.SIGKILL)
+        stopped = True
+    agent = live_pid(root / "agent.pid", AGENT_MODULE)
+    if agent is not None:
+        os.kill(agent, signal.SIGKILL)
+        stopped = True
+    return stopped
+
+
+def cmd_stop(args: argparse.Namespace) -> dict[str, Any]:
+    return {"changed": _stop(Path(args.root), args.timeout)}
+
+
+def cmd_restart(args: argparse.Namespace) -> dict[str, Any]:
+    _stop(Path(args.root), args.timeout)
+    result = cmd_start(args)
+    result["changed"] = True
+    return result
+
+
+def cmd_remove(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(args.root)
+    stopped = _stop(root, args.timeout)
+    existed = root.exists()
+    if existed:
+        shutil.rmtree(root)
+    return {"changed": stopped or existed}
+
+
+def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(args.root)
+    supervisor = live_pid(root / "supervisor.pid", SUPERVISOR_MODULE)
+    agent = live_pid(root / "agent.pid", AGENT_MODULE)
+    mem = parse_meminfo(_read(Path("/proc/meminfo")) or "")
+    disk = shutil.disk_usage(root if root.exists() else "/")
+    gpus: list[str] = []
+    if shutil.which("nvidia-smi"):
+        probe = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,utilization.gpu,memory.used,memory.total",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=10,
+        )
+        gpus = [line.strip() for line in probe.stdout.splitlines() if line.strip()]
+    return {
+        "supervisor_pid": supervisor,
+        "agent_pid": agent,
+        "agent_uptime_s": _uptime(agent),
+        "load": list(parse_loadavg(_read(Path("/proc/loadavg")) or "0 0 0")),
+        "mem_total_bytes": mem.get("MemTotal"),
+        "mem_available_bytes": mem.get("MemAvailable"),
+        "disk_free_bytes": disk.free,
+        "gpus": gpus,
+    }
+
+
+def cmd_logs(args: argparse.Namespace) -> dict[str, Any]:
+    text = _read(Path(args.root) / "agent.log") or ""
+    return {"lines": text.splitlines()[-args.lines:]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flctl-hostctl")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Any, *, port: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name)
+        p.set_defaults(func=func)
+        p.add_argument("--root", required=name != "check-data")
+        p.add_argument("--timeout", type=float, default=20.0)
+        if port:
+            p.add_argument("--port", type=int, required=True)
+        return p
+
+    add("facts", cmd_facts)
+    csr = add("csr", cmd_csr)
+    csr.add_argument("--cn", required=True)
+    csr.add_argument("--dns", action="append")
+    csr.add_argument("--ip", action="append")
+    add("check-data", cmd_check_data).add_argument("--path", required=True)
+    add("start", cmd_start, port=True)
+    add("restart", cmd_restart, port=True)
+    add("stop", cmd_stop)
+    add("remove", cmd_remove)
+    add("status", cmd_status)
+    add("logs", cmd_logs).add_argument("--lines", type=int, default=100)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except FlctlError as exc:
+        print(json.dumps({"error": exc.message}))
+        return 1
+    except OSError as exc:
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""What an agent does with each request.
+
+The agent is deliberately stateless about training: the coordinator sends
+the task spec, the global weights and the round config with every fit, so
+changing training settings never needs a redeploy. The only state kept is
+what `status` reports (last round served), persisted so it survives a
+restart by the supervisor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from flctl import __version__
+from flctl.core.agentconfig import AgentConfig
+from flctl.core.data import Dataset, load_dataset
+from flctl.core.fsutil import atomic_write
+from flctl.core.messages import PROTOCOL_VERSION, Message
+from flctl.core.tasks import Task, load_task
+from flctl.errors import FlctlError
+
+log = logging.getLogger("flctl.agent")
+
+TaskKey = tuple[str, str]
+
+
+class AgentService:
+    """Turns protocol messages into task calls on the host's local data."""
+
+    def __init__(self, config: AgentConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._clock = clock
+        self.started_at = clock()
+        self._train_lock = threading.Lock()
+        self._tasks: dict[TaskKey, Task] = {}
+        self._state_lock = threading.Lock()
+        self.last_round: int | None = None
+        self.rounds_served = 0
+        self.state = "idle"
+        self.data: Dataset | None = None
+        self.data_error: str | None = None
+        self._load_state()
+        self._load_data()
+
+    def _load_data(self) -> None:
+        try:
+            self.data = load_dataset(self.config.data_path)
+        except FlctlError as exc:
+            self.data_error = exc.message
+            self.state = "error"
+            log.error("cannot load data: %s", exc.message)
+
+    def _load_state(self) -> None:
+        try:
+            saved = json.loads(Path(self.config.state_file).read_text())
+            self.last_round = saved.get("last_round")
+            self.rounds_served = int(saved.get("rounds_served", 0))
+        except (OSError, ValueError):
+            pass
+
+    def _save_state(self) -> None:
+        payload = {"last_round": self.last_round, "rounds_served": self.rounds_served}
+        try:
+            atomic_write(self.config.state_file, json.dumps(payload))
+        except OSError as exc:
+            log.warning("cannot save state: %s", exc)
+
+    def handle(self, request: Message, peer: Any) -> Message:
+        handler = {
+            "info": self._info,
+            "health": self._info,
+            "fit": self._fit,
+            "evaluate": self._evaluate,
+        }.get(request.kind)
+        if handler is None:
+            raise FlctlError(f"unknown request kind {request.kind!r}")
+        return handler(request)
+
+    def info(self) -> dict[str, Any]:
+        data_info: dict[str, Any] | None = None
+        if self.data is not None:
+            data_info = {
+                "n_train": self.data.n_train,
+                "n_test": self.data.n_test,
+                "n_features": self.data.n_features,
+                "n_classes": self.data.n_classes,
+            }
+        return {
+            "name": self.config.name,
+            "project": self.config.project,
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "uptime_s": round(self._clock() - self.started_at, 3),
+            "state": self.state,
+            "data": data_info,
+            "data_error": self.data_error,
+            "last_round": self.last_round,
+            "rounds_served": self.rounds_served,
+        }
+
+    def _info(self, request: Message) -> Message:
+        return Message("info", self.info())
+
+    def _require_data(self) -> Dataset:
+        if self.data is None:
+            raise FlctlError(f"no data: {self.data_error}")
+        return self.data
+
+    def _task(self, meta: dict[str, Any]) -> Task:
+        name = str(meta.get("task", "logreg"))
+        params = meta.get("task_params") or {}
+        key = (name, json.dumps(params, sort_keys=True))
+        task = self._tasks.get(key)
+        if task is None:
+            task = load_task(name, params, search_path=[Path(p) for p in self.config.task_path])
+            self._tasks[key] = task
+        return task
+
+    def _fit(self, request: Message) -> Message:
+        data = self._require_data()
+        task = self._task(request.meta)
+        config = dict(request.meta.get("config") or {})
+        with self._train_lock:
+            self.state = "training"
+            started = time.perf_counter()
+            try:
+                weights, num_examples, metrics = task.fit(list(request.arrays), data, config)
+            finally:
+                self.state = "idle"
+            compute_s = time.perf_counter() - started
+        with self._state_lock:
+            round_number = config.get("round")
+            if isinstance(round_number, int):
+                self.last_round = round_number
+            self.rounds_served += 1
+            self._save_state()
+        reply_weights = [np.asarray(w) for w in weights]
+        return Message(
+            "fit_result",
+            {"num_examples": int(num_examples), "metrics": _plain(metrics), "compute_s": compute_s},
+            reply_weights,
+        )
+
+    def _evaluate(self, request: Message) -> Message:
+        data = self._require_data()
+        task = self._task(request.meta)
+        config = dict(request.meta.get("config") or {})
+        started = time.perf_counter()
+        with self._train_lock:
+            loss, num_examples, metrics = task.evaluate(list(request.arrays), data, config)
+        return Message(
+            "eval_result",
+            {
+                "loss": float(loss),
+                "num_examples": int(num_examples),
+                "metrics": _plain(metrics),
+                "compute_s": time.perf_counter() - started,
+            },
+        )
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics go into a JSON header: numpy scalars become Python numbers."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        out[str(key)] = value
+    return out

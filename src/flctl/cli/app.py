@@ -1,0 +1,285 @@
+"""flctl's command line. Thin: parse options, call an engine, render.
+
+Exit codes: 0 ok; 1 unexpected error; 2 invalid configuration or input;
+3 workspace missing or would be overwritten; 4 protocol error; 5 one or
+more hosts failed or were unreachable; 6 training could not complete;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.live import Live
+from rich.markup import escape
+
+from flctl import __version__
+from flctl.cli import render
+from flctl.coordinator.rounds import RoundRecord, RunSummary
+from flctl.coordinator.session import info_probe, train_workspace
+from flctl.deploy import engine
+from flctl.deploy.status import gather_status
+from flctl.errors import FlctlError, HostError
+from flctl.workspace import Workspace, init_workspace, load_workspace
+
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+    help="Deploy and run federated learning on hosts you can reach over SSH.",
+    epilog="Exit codes: 0 ok, 2 bad configuration, 3 workspace problem, 4 protocol error, "
+           "5 host failures, 6 training failed, 130 interrupted.",
+)
+
+WorkspaceOpt = typer.Option(Path("."), "--workspace", "-w", help="Workspace directory.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+LimitOpt = typer.Option(None, "--limit", "-l", help="Only these hosts or groups (repeatable).")
+ForksOpt = typer.Option(16, "--forks", "-f", min=1, help="Hosts handled in parallel.")
+
+
+def _selected(workspace: Workspace, limit: Optional[list[str]]) -> list:
+    return workspace.inventory.select(limit) if limit else list(workspace.inventory.hosts)
+
+
+def _progress(json_mode: bool) -> Callable[[str, str], None]:
+    def show(host: str, message: str) -> None:
+        if not json_mode:
+            render.err.print(f"[dim]{host}[/]: {message}")
+
+    return show
+
+
+def _host_failures(results: list[engine.HostResult], verb: str) -> None:
+    bad = [r for r in results if r.status in ("failed", "unreachable")]
+    if bad:
+        names = ", ".join(f"{r.host} ({r.status})" for r in bad)
+        raise HostError(f"{verb} failed on {len(bad)} of {len(results)} hosts: {names}")
+
+
+@app.command()
+def init(
+    directory: Path = typer.Argument(Path("."), help="Where to create the workspace."),
+    local: Optional[int] = typer.Option(
+        None, "--local", min=1, max=64,
+        help="Make N local hosts (agents on this machine) with demo data shards."),
+    project: Optional[str] = typer.Option(None, "--project", help="Project name."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing workspace."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the demo data split."),
+    json_output: bool = JsonOpt,
+) -> None:
+    """Create a workspace: flctl.yaml, inventory.yaml and a project CA under pki/."""
+    paths = init_workspace(directory, local_hosts=local, force=force, project=project, seed=seed)
+    if json_output:
+        render.emit_json({"workspace": str(paths.root), "settings": str(paths.settings),
+                          "inventory": str(paths.inventory), "ca_cert": str(paths.ca_cert),
+                          "local_hosts": local or 0})
+        return
+    render.out.print(f"[green]workspace ready[/] at {paths.root}")
+    render.out.print(f"  settings  {paths.settings}\n  inventory {paths.inventory}\n"
+                     f"  CA        {paths.ca_cert}")
+    render.out.print("next: edit inventory.yaml, then `flctl deploy`" if not local
+                     else "next: `flctl deploy`, then `flctl train`")
+
+
+def _deploy(workspace: Workspace, limit: Optional[list[str]], check: bool, forks: int,
+            json_output: bool) -> list[engine.HostResult]:
+    hosts = _selected(workspace, limit)
+    return engine.deploy(workspace, hosts, check=check, forks=forks,
+                         verify=lambda host, endpoint: info_probe(workspace)(endpoint),
+                         progress=_progress(json_output))
+
+
+@app.command()
+def deploy(
+    workspace_dir: Path = WorkspaceOpt,
+    limit: Optional[list[str]] = LimitOpt,
+    check: bool = typer.Option(False, "--check", help="Show what would change; change nothing."),
+    forks: int = ForksOpt,
+    json_output: bool = JsonOpt,
+) -> None:
+    """Install and start the agent on every host; idempotent."""
+    workspace = load_workspace(workspace_dir)
+    results = _deploy(workspace, limit, check, forks, json_output)
+    if json_output:
+        render.emit_json({"check": check, "hosts": [r.as_dict() for r in results]})
+    else:
+        render.out.print(render.recap_table(results, "deploy (check mode)" if check else "deploy"))
+    _host_failures(results, "deploy")
+
+
+@app.command()
+def status(
+    workspace_dir: Path = WorkspaceOpt,
+    limit: Optional[list[str]] = LimitOpt,
+    json_output: bool = JsonOpt,
+) -> None:
+    """Show every host's agent, load, memory and disk at a glance."""
+    workspace = load_workspace(workspace_dir)
+    rows = gather_status(workspace, _selected(workspace, limit), info_probe(workspace, 5.0))
+    if json_output:
+        render.emit_json({"hosts": rows})
+    else:
+        render.out.print(render.status_table(rows))
+    down = [r["host"] for r in rows if not r["reachable"]]
+    if down:
+        raise HostError(f"unreachable: {', '.join(down)}")
+
+
+@app.command()
+def teardown(
+    workspace_dir: Path = WorkspaceOpt,
+    limit: Optional[list[str]] = LimitOpt,
+    forks: int = ForksOpt,
+    json_output: bool = JsonOpt,
+) -> None:
+    """Stop agents and remove everything deploy put on the hosts."""
+    workspace = load_workspace(workspace_dir)
+    results = engine.teardown(workspace, _selected(workspace, limit), forks=forks,
+                              progress=_progress(json_output))
+    if json_output:
+        render.emit_json({"hosts": [r.as_dict() for r in results]})
+    else:
+        render.out.print(render.recap_table(results, "teardown"))
+    _host_failures(results, "teardown")
+
+
+def _training_overrides(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _run_training(workspace: Workspace, overrides: dict[str, Any], limit: Optional[list[str]],
+                  run_id: Optional[str], json_output: bool) -> RunSummary:
+    settings = workspace.settings.with_training(**overrides)
+    hosts = _selected(workspace, limit)
+    table = render.round_table()
+
+    def note(text: str) -> None:
+        render.err.print(f"[yellow]{text}[/]")
+
+    if json_output:
+        return train_workspace(workspace, settings.training, hosts, run_id=run_id,
+                               on_message=note)
+    with Live(table, console=render.err, refresh_per_second=8):
+        def on_round(record: RoundRecord) -> None:
+            render.add_round_row(table, record)
+
+        summary = train_workspace(workspace, settings.training, hosts, run_id=run_id,
+                                  on_round=on_round, on_message=note)
+    render.err.print()
+    return summary
+
+
+def _summary_document(summary: RunSummary) -> dict[str, Any]:
+    return {
+        "run_id": summary.run_id,
+        "run_dir": str(summary.run_dir),
+        "final_weights": str(summary.final_weights),
+        "weights_sha256": summary.weights_sha256,
+        "rounds": summary.rounds,
+        "hosts": summary.hosts,
+        "accuracy": summary.accuracy,
+        "eval_loss": summary.eval_loss,
+        "seconds": round(summary.seconds, 3),
+        "history": [r.as_dict() for r in summary.history],
+    }
+
+
+def _print_summary(summary: RunSummary) -> None:
+    accuracy = "-" if summary.accuracy is None else f"{100 * summary.accuracy:.2f}%"
+    render.out.print(
+        f"[green]trained[/] {summary.rounds} rounds on {len(summary.hosts)} hosts in "
+        f"{summary.seconds:.1f}s, federated accuracy {accuracy}")
+    render.out.print(f"weights: {summary.final_weights}")
+
+
+@app.command()
+def train(
+    workspace_dir: Path = WorkspaceOpt,
+    limit: Optional[list[str]] = LimitOpt,
+    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Number of rounds."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Local epochs per round."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Local learning rate."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Local batch size."),
+    fraction: Optional[float] = typer.Option(None, "--fraction", help="Hosts sampled per round."),
+    min_hosts: Optional[int] = typer.Option(None, "--min-hosts", help="Replies to accept a round."),
+    deadline: Optional[float] = typer.Option(None, "--deadline", help="Seconds per round."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="Aggregation strategy."),
+    task: Optional[str] = typer.Option(None, "--task", help="logreg, mlp or pkg.mod:Class."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init and sampling."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of the run directory."),
+    json_output: bool = JsonOpt,
+) -> None:
+    """Run federated rounds against the deployed agents; save the weights locally."""
+    workspace = load_workspace(workspace_dir)
+    overrides = _training_overrides(rounds=rounds, epochs=epochs, lr=lr, batch_size=batch_size,
+                                    fraction=fraction, min_hosts=min_hosts, deadline_s=deadline,
+                                    strategy=strategy, task=task, seed=seed)
+    summary = _run_training(workspace, overrides, limit, run_id, json_output)
+    if json_output:
+        render.emit_json(_summary_document(summary))
+    else:
+        _print_summary(summary)
+
+
+@app.command()
+def demo(
+    hosts: int = typer.Option(4, "--hosts", "-n", min=2, max=32, help="Local hosts to start."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Number of rounds."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data split, init and sampling."),
+    directory: Optional[Path] = typer.Option(
+        None, "--dir", help="Keep the workspace here (default: a new temp directory)."),
+    json_output: bool = JsonOpt,
+) -> None:
+    """Train on the UCI digits split non-IID across local agents, end to end."""
+    root = directory or Path(tempfile.mkdtemp(prefix="flctl-demo-"))
+    init_workspace(root, local_hosts=hosts, seed=seed, force=directory is not None)
+    workspace = load_workspace(root)
+    if not json_output:
+        render.err.print(f"workspace {root}: starting {hosts} local agents (mutual TLS)")
+    try:
+        results = _deploy(workspace, None, False, hosts, json_output=True)
+        _host_failures(results, "deploy")
+        overrides = _training_overrides(rounds=rounds, seed=seed)
+        summary = _run_training(workspace, overrides, None, None, json_output)
+    finally:
+        engine.teardown(workspace, list(workspace.inventory.hosts))
+    if json_output:
+        render.emit_json({"workspace": str(root), **_summary_document(summary)})
+    else:
+        _print_summary(summary)
+
+
+@app.command()
+def version() -> None:
+    """Print the flctl version."""
+    render.out.print(__version__)
+
+
+def main() -> None:
+    """Entry point: expected errors become one red line and an exit code."""
+    try:
+        app(standalone_mode=False)
+    except FlctlError as exc:
+        render.err.print(f"[red]error:[/] {escape(exc.message)}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        render.err.print("[red]interrupted[/]")
+        sys.exit(EXIT_INTERRUPTED)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        render.err.print("[red]aborted[/]")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,99 @@
+"""Rich tables and JSON output. The only module besides app.py that prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from flctl.coordinator.rounds import RoundRecord
+from flctl.deploy.engine import HostResult
+
+# Results go to stdout; progress, logs and errors to stderr, so `--json`
+# output stays one clean document for scripts.
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+STATUS_STYLE = {"ok": "green", "changed": "yellow", "failed": "red", "unreachable": "red"}
+
+
+def emit_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def human_bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def recap_table(results: Sequence[HostResult], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("host", "status", "changed", "detail"):
+        table.add_column(column)
+    for result in results:
+        style = STATUS_STYLE.get(result.status, "")
+        detail = result.error or ", ".join(
+            f"{s.name} ({s.detail})" if s.detail else s.name for s in result.steps if s.changed
+        ) or "nothing to do"
+        table.add_row(result.host, f"[{style}]{result.status}[/]", str(result.changed), detail)
+    return table
+
+
+def round_table() -> Table:
+    table = Table(title="federated rounds")
+    for column, justify in (("round", "right"), ("hosts", "right"), ("train loss", "right"),
+                            ("eval loss", "right"), ("accuracy", "right"),
+                            ("seconds", "right"), ("bytes", "right"), ("dropped", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    return table
+
+
+def add_round_row(table: Table, record: RoundRecord) -> None:
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    dropped = ", ".join(f"{k}: {v}" for k, v in sorted(record.dropped.items())) or ""
+    table.add_row(
+        str(record.round),
+        str(len(record.participants)),
+        num(record.train_loss, ".4f"),
+        num(record.eval_loss, ".4f"),
+        "-" if record.accuracy is None else f"{100 * record.accuracy:.2f}%",
+        f"{record.seconds:.2f}",
+        human_bytes(record.bytes_sent + record.bytes_received),
+        dropped,
+    )
+
+
+def status_table(rows: Sequence[dict[str, Any]]) -> Table:
+    """The at-a-glance view; everything else is in `--json`."""
+    table = Table(title="hosts")
+    for column in ("host", "agent", "uptime", "data", "round", "load", "mem free",
+                   "disk free", "note"):
+        table.add_column(column)
+    for row in rows:
+        agent = row.get("agent", "down")
+        colour = "green" if agent in ("idle", "training") else "red"
+        load = row.get("load")
+        data = "-" if row.get("n_train") is None else f"{row['n_train']}+{row.get('n_test') or 0}"
+        uptime = row.get("agent_uptime_s")
+        table.add_row(
+            row["host"], f"[{colour}]{agent}[/]",
+            "-" if uptime is None else f"{uptime:.0f}s",
+            data,
+            "-" if row.get("last_round") is None else str(row["last_round"]),
+            "-" if not load else f"{load[0]:.2f}",
+            human_bytes(row.get("mem_available_bytes")),
+            human_bytes(row.get("disk_free_bytes")),
+            row.get("error") or row.get("data_error") or "",
+        )
+    return table

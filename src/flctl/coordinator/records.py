@@ -1,0 +1,77 @@
+"""What a run leaves on disk: checkpoints, metrics, final weights, manifest.
+
+Every write is atomic (temp + fsync + rename), so a coordinator killed at
+any instant leaves either the previous checkpoint or the new one, never a
+torn file; `--resume` depends on that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from flctl.core.fsutil import atomic_write
+
+CHECKPOINT = "checkpoint.npz"
+STATE = "state.json"
+METRICS = "metrics.jsonl"
+FINAL = "final.npz"
+MANIFEST = "manifest.json"
+
+
+def new_run_id(clock: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(clock))
+    return f"{stamp}-{secrets.token_hex(2)}"
+
+
+def weights_to_npz(weights: Sequence[np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f"w{i:04d}": w for i, w in enumerate(weights)})
+    return buffer.getvalue()
+
+
+def load_weights(path: Path) -> list[np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return [archive[name] for name in sorted(archive.files)]
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    def save_checkpoint(self, round_number: int, weights: Sequence[np.ndarray],
+                        extra: dict[str, Any]) -> None:
+        """Weights first, then the state that names them: a crash between
+        the two leaves a state pointing at the older, still-valid round."""
+        atomic_write(self.path / CHECKPOINT, weights_to_npz(weights))
+        atomic_write(self.path / STATE, json.dumps({"round": round_number, **extra}, indent=2))
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.path / METRICS, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def save_final(self, weights: Sequence[np.ndarray], manifest: dict[str, Any]) -> str:
+        payload = weights_to_npz(weights)
+        digest = hashlib.sha256(payload).hexdigest()
+        atomic_write(self.path / FINAL, payload)
+        atomic_write(self.path / MANIFEST,
+                     json.dumps({**manifest, "weights_sha256": digest}, indent=2, sort_keys=True))
+        return digest
+
+
+def create_run_dir(runs_root: Path, run_id: str | None = None) -> RunDir:
+    run = RunDir(runs_root / (run_id or new_run_id()))
+    run.path.mkdir(parents=True, exist_ok=False)
+    return run

@@ -1,0 +1,317 @@
+"""The round loop: sample hosts, fan out fits, stream-aggregate, evaluate,
+checkpoint.
+
+Updates are folded into the strategy's accumulator as each one arrives, and
+at most `inflight_updates` received updates are held at once (a semaphore
+taken before a reply's body is allocated), so coordinator memory is
+O(model), not O(hosts x model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from flctl.core.messages import ArraySpec
+from flctl.core.settings import TrainingSettings
+from flctl.core.strategies import make_strategy
+from flctl.core.tasks import BUILTIN_TASKS, check_weights, load_task
+from flctl.coordinator.records import RunDir
+from flctl.errors import FlctlError, TrainingError
+from flctl.net.agent_client import AgentClient, FitReply
+
+SHAPE_PARAMS = ("n_features", "n_classes")
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    participants: list[str]
+    dropped: dict[str, str]
+    train_loss: float | None
+    eval_loss: float | None
+    accuracy: float | None
+    seconds: float
+    fit_seconds: float
+    max_compute_s: float
+    bytes_sent: int
+    bytes_received: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    run_dir: Path
+    rounds: int
+    hosts: list[str]
+    final_weights: Path
+    weights_sha256: str
+    accuracy: float | None
+    eval_loss: float | None
+    seconds: float
+    history: list[RoundRecord] = field(default_factory=list)
+
+
+RoundCallback = Callable[[RoundRecord], None]
+MessageCallback = Callable[[str], None]
+
+
+def resolve_task_params(task: str, params: dict[str, Any],
+                        infos: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Builtin tasks need input and class counts; take them from the hosts' data."""
+    resolved = dict(params)
+    if task not in BUILTIN_TASKS:
+        return resolved
+    shapes = [info["data"] for info in infos if info.get("data")]
+    if not shapes:
+        return resolved
+    features = {s["n_features"] for s in shapes}
+    if "n_features" not in resolved:
+        if len(features) != 1:
+            raise TrainingError(f"hosts disagree on the number of features: {sorted(features)}")
+        resolved["n_features"] = features.pop()
+    resolved.setdefault("n_classes", max(s["n_classes"] for s in shapes))
+    return resolved
+
+
+class MemoryBudget:
+    """Bounds how many received updates exist at once."""
+
+    def __init__(self, slots: int) -> None:
+        self._slots = threading.BoundedSemaphore(max(1, slots))
+
+    def allocator(self, held: list[bool]) -> Callable[[list[ArraySpec]], list[np.ndarray]]:
+        def allocate(specs: list[ArraySpec]) -> list[np.ndarray]:
+            self._slots.acquire()
+            held.append(True)
+            return [np.empty(spec.shape, spec.dtype) for spec in specs]
+
+        return allocate
+
+    def release(self, held: list[bool]) -> None:
+        while held:
+            held.pop()
+            self._slots.release()
+
+
+class Coordinator:
+    def __init__(
+        self,
+        clients: Sequence[AgentClient],
+        training: TrainingSettings,
+        run: RunDir,
+        *,
+        task_search_path: Sequence[Path] = (),
+        inflight_updates: int = 2,
+        on_round: RoundCallback = lambda record: None,
+        on_message: MessageCallback = lambda text: None,
+    ) -> None:
+        self.clients = list(clients)
+        self.training = training
+        self.run = run
+        self.task_search_path = list(task_search_path)
+        self.budget = MemoryBudget(inflight_updates)
+        self.on_round = on_round
+        self.on_message = on_message
+        self.task_params: dict[str, Any] = {}
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.clients)))
+
+    # ------------------------------------------------------------ helpers
+    def _parallel(self, clients: Sequence[AgentClient], call: Callable[[AgentClient], Any],
+                  timeout: float | None) -> tuple[dict[str, Any], dict[str, str]]:
+        """Run `call` on every client; results and per-host failure reasons."""
+        futures = {self._pool.submit(call, client): client for client in clients}
+        done, pending = wait(futures, timeout=timeout)
+        results: dict[str, Any] = {}
+        failures: dict[str, str] = {}
+        for future in done:
+            name = futures[future].name
+            error = future.exception()
+            if error is None:
+                results[name] = future.result()
+            else:
+                failures[name] = _reason(error)
+        for future in pending:
+            client = futures[future]
+            failures[client.name] = "deadline exceeded"
+            client.abort()  # unblocks the worker; its late reply is discarded
+        wait(pending, timeout=5.0)
+        return results, failures
+
+    def _sample(self, available: list[AgentClient], round_number: int) -> list[AgentClient]:
+        count = max(self.training.min_hosts, math.ceil(self.training.fraction * len(available)))
+        if count >= len(available):
+            return list(available)
+        rng = np.random.default_rng([self.training.seed, round_number])
+        chosen = sorted(rng.choice(len(available), size=count, replace=False))
+        return [available[i] for i in chosen]
+
+    # ------------------------------------------------------------ phases
+    def discover(self) -> list[dict[str, Any]]:
+        infos, failures = self._parallel(self.clients, lambda c: c.info(), timeout=30.0)
+        for name, reason in sorted(failures.items()):
+            self.on_message(f"{name}: not answering ({reason})")
+        if len(infos) < self.training.min_hosts:
+            raise TrainingError(
+                f"only {len(infos)} of {len(self.clients)} hosts answer; "
+                f"training.min_hosts is {self.training.min_hosts}"
+            )
+        for name, info in infos.items():
+            if info.get("data") is None:
+                raise TrainingError(f"{name}: agent has no data ({info.get('data_error')})")
+        return [infos[c.name] for c in self.clients if c.name in infos]
+
+    def fit_round(self, weights: list[np.ndarray], round_number: int,
+                  clients: Sequence[AgentClient]) -> tuple[list[np.ndarray], dict[str, Any]]:
+        t = self.training
+        aggregator = make_strategy(t.strategy, dict(t.strategy_params)).start_round(
+            weights, round_number)
+        lock = threading.Lock()
+        closed = threading.Event()
+        losses: list[tuple[float, int]] = []
+        compute: list[float] = []
+        config = {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr,
+                  "seed": t.seed, "round": round_number}
+
+        def fit_one(client: AgentClient) -> int:
+            held: list[bool] = []
+            try:
+                reply: FitReply = client.fit(weights, t.task, self.task_params, config,
+                                             allocate=self.budget.allocator(held))
+                check_weights(reply.weights, weights)
+                with lock:
+                    if closed.is_set():
+                        raise TrainingError("reply after the deadline")
+                    aggregator.add(client.name, reply.weights, reply.num_examples)
+                    losses.append((float(reply.metrics.get("train_loss", math.nan)),
+                                   reply.num_examples))
+                    compute.append(reply.compute_s)
+                return reply.num_examples
+            finally:
+                self.budget.release(held)
+
+        results, failures = self._parallel(clients, fit_one, timeout=t.deadline_s)
+        with lock:
+            closed.set()
+        if aggregator.count < t.min_hosts:
+            detail = "; ".join(f"{k}: {v}" for k, v in sorted(failures.items()))
+            raise TrainingError(
+                f"round {round_number}: {aggregator.count} updates, training.min_hosts is "
+                f"{t.min_hosts} ({detail or 'no hosts'})"
+            )
+        total = sum(n for _, n in losses)
+        train_loss = sum(loss * n for loss, n in losses) / total if total else None
+        return aggregator.result(), {
+            "participants": sorted(results),
+            "dropped": failures,
+            "train_loss": train_loss,
+            "max_compute_s": max(compute, default=0.0),
+        }
+
+    def evaluate(self, weights: list[np.ndarray], round_number: int,
+                 clients: Sequence[AgentClient]) -> tuple[float | None, float | None]:
+        config = {"round": round_number}
+        replies, _ = self._parallel(
+            clients,
+            lambda c: c.evaluate(weights, self.training.task, self.task_params, config),
+            timeout=self.training.deadline_s,
+        )
+        total = sum(r.num_examples for r in replies.values())
+        if not total:
+            return None, None
+        loss = sum(r.loss * r.num_examples for r in replies.values()) / total
+        accuracy = sum(float(r.metrics.get("accuracy", 0.0)) * r.num_examples
+                       for r in replies.values()) / total
+        return loss, accuracy
+
+    # ------------------------------------------------------------ the run
+    def train(self) -> RunSummary:
+        t = self.training
+        started = time.perf_counter()
+        try:
+            infos = self.discover()
+            self.task_params = resolve_task_params(t.task, dict(t.task_params), infos)
+            task = load_task(t.task, self.task_params, search_path=self.task_search_path)
+            weights = [np.asarray(w) for w in task.init(t.seed)]
+            answering = {info["name"] for info in infos}
+            available = [c for c in self.clients if c.name in answering]
+            history: list[RoundRecord] = []
+            eval_loss = accuracy = None
+            for round_number in range(1, t.rounds + 1):
+                record, weights = self._one_round(weights, round_number, available)
+                eval_loss, accuracy = (record.eval_loss, record.accuracy) if (
+                    record.accuracy is not None) else (eval_loss, accuracy)
+                history.append(record)
+            manifest = {
+                "run_id": self.run.run_id,
+                "training": _plain_settings(t),
+                "task_params": self.task_params,
+                "seed": t.seed,
+                "hosts": [c.name for c in self.clients],
+                "rounds": t.rounds,
+                "accuracy": accuracy,
+                "eval_loss": eval_loss,
+                "shapes": [list(w.shape) for w in weights],
+            }
+            digest = self.run.save_final(weights, manifest)
+            return RunSummary(self.run.run_id, self.run.path, t.rounds,
+                              [c.name for c in self.clients], self.run.path / "final.npz",
+                              digest, accuracy, eval_loss, time.perf_counter() - started, history)
+        finally:
+            for client in self.clients:
+                client.close()
+            self._pool.shutdown(wait=False)
+
+    def _one_round(self, weights: list[np.ndarray], round_number: int,
+                   available: list[AgentClient]) -> tuple[RoundRecord, list[np.ndarray]]:
+        t = self.training
+        round_start = time.perf_counter()
+        sent0 = sum(c.bytes_sent for c in self.clients)
+        received0 = sum(c.bytes_received for c in self.clients)
+        chosen = self._sample(available, round_number)
+        new_weights, fit = self.fit_round(weights, round_number, chosen)
+        fit_seconds = time.perf_counter() - round_start
+        eval_loss = accuracy = None
+        if round_number % t.eval_every == 0 or round_number == t.rounds:
+            eval_loss, accuracy = self.evaluate(new_weights, round_number, available)
+        record = RoundRecord(
+            round=round_number,
+            participants=fit["participants"],
+            dropped=fit["dropped"],
+            train_loss=fit["train_loss"],
+            eval_loss=eval_loss,
+            accuracy=accuracy,
+            seconds=time.perf_counter() - round_start,
+            fit_seconds=fit_seconds,
+            max_compute_s=fit["max_compute_s"],
+            bytes_sent=sum(c.bytes_sent for c in self.clients) - sent0,
+            bytes_received=sum(c.bytes_received for c in self.clients) - received0,
+        )
+        self.run.save_checkpoint(round_number, new_weights, {"run_id": self.run.run_id})
+        self.run.append_metrics(record.as_dict())
+        self.on_round(record)
+        return record, new_weights
+
+
+def _plain_settings(training: TrainingSettings) -> dict[str, Any]:
+    out = {f.name: getattr(training, f.name) for f in dataclasses.fields(training)}
+    out["task_params"] = dict(training.task_params)
+    out["strategy_params"] = dict(training.strategy_params)
+    return out
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, FlctlError):
+        return error.message
+    return f"{type(error).__name__}: {error}"

@@ -1,0 +1,56 @@
+"""Wire a workspace to the coordinator: credentials, endpoints, run dir."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any, Callable, Sequence
+
+from flctl.core.inventory import Host
+from flctl.core.layout import Endpoint, agent_endpoint
+from flctl.core.messages import Limits
+from flctl.core.settings import TrainingSettings
+from flctl.coordinator.records import create_run_dir
+from flctl.coordinator.rounds import Coordinator, MessageCallback, RoundCallback, RunSummary
+from flctl.net.agent_client import AgentClient, coordinator_context
+from flctl.workspace import Workspace
+
+
+def workspace_context(workspace: Workspace) -> ssl.SSLContext:
+    p = workspace.paths
+    return coordinator_context(p.ca_cert, p.coordinator_cert, p.coordinator_key)
+
+
+def endpoints_for(workspace: Workspace, hosts: Sequence[Host]) -> list[Endpoint]:
+    order = {h.name: i for i, h in enumerate(workspace.inventory.hosts)}
+    return [agent_endpoint(h, workspace.settings, order[h.name]) for h in hosts]
+
+
+def info_probe(workspace: Workspace, timeout: float = 10.0) -> Callable[[Endpoint], dict[str, Any]]:
+    """A function that asks one agent for its info over mutual TLS."""
+    context = workspace_context(workspace)
+
+    def probe(endpoint: Endpoint) -> dict[str, Any]:
+        with AgentClient(endpoint, context, timeout=timeout) as client:
+            return client.info()
+
+    return probe
+
+
+def train_workspace(
+    workspace: Workspace,
+    training: TrainingSettings,
+    hosts: Sequence[Host],
+    *,
+    run_id: str | None = None,
+    on_round: RoundCallback = lambda record: None,
+    on_message: MessageCallback = lambda text: None,
+) -> RunSummary:
+    context = workspace_context(workspace)
+    limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes)
+    clients = [AgentClient(e, context, timeout=training.deadline_s, limits=limits)
+               for e in endpoints_for(workspace, hosts)]
+    run = create_run_dir(workspace.paths.runs, run_id)
+    coordinator = Coordinator(clients, training, run,
+                              task_search_path=[workspace.paths.tasks],
+                              on_round=on_round, on_message=on_message)
+    return coordinator.train()

@@ -1,0 +1,102 @@
+"""Where each host's agent lives and listens.
+
+The deploy engine (which starts agents) and the coordinator (which dials
+them) must agree on addresses, ports and file locations; both ask this
+module, so there is one answer. When the WireGuard overlay lands only
+`agent_endpoint` changes, not its callers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from flctl.core.inventory import Host
+from flctl.core.settings import Settings
+
+LOOPBACK = "127.0.0.1"
+REMOTE_STATE_ROOT = PurePosixPath("/var/lib/flctl")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How an agent binds and how the coordinator reaches it."""
+
+    host: str
+    bind_address: str
+    connect_address: str
+    port: int
+    server_hostname: str
+
+
+@dataclass(frozen=True)
+class HostPaths:
+    """Files flctl keeps on one host (for local hosts: under the workspace)."""
+
+    root: PurePosixPath
+
+    @property
+    def config(self) -> PurePosixPath:
+        return self.root / "agent.json"
+
+    @property
+    def key(self) -> PurePosixPath:
+        return self.root / "agent.key"
+
+    @property
+    def cert(self) -> PurePosixPath:
+        return self.root / "agent.crt"
+
+    @property
+    def ca_cert(self) -> PurePosixPath:
+        return self.root / "ca.crt"
+
+    @property
+    def log(self) -> PurePosixPath:
+        return self.root / "agent.log"
+
+    @property
+    def supervisor_pid(self) -> PurePosixPath:
+        return self.root / "supervisor.pid"
+
+    @property
+    def agent_pid(self) -> PurePosixPath:
+        return self.root / "agent.pid"
+
+    @property
+    def state(self) -> PurePosixPath:
+        return self.root / "agent-state.json"
+
+
+def agent_port(host: Host, settings: Settings, index: int) -> int:
+    """Local hosts share one machine, so each gets its own port."""
+    if host.agent_port is not None:
+        return host.agent_port
+    if host.connection == "local":
+        return settings.agent.port + index
+    return settings.agent.port
+
+
+def agent_endpoint(host: Host, settings: Settings, index: int) -> Endpoint:
+    port = agent_port(host, settings, index)
+    if host.connection == "local":
+        return Endpoint(host.name, LOOPBACK, LOOPBACK, port, host.name)
+    if settings.agent.listen == "overlay":
+        address = str(host.overlay_ip)
+        return Endpoint(host.name, address, address, port, host.name)
+    underlay = host.ssh_host or host.name
+    return Endpoint(host.name, underlay, underlay, port, host.name)
+
+
+def host_paths(host: Host, workspace_state: str) -> HostPaths:
+    """Local hosts keep state inside the workspace; remote ones under /var/lib."""
+    if host.connection == "local":
+        return HostPaths(PurePosixPath(workspace_state) / "hosts" / host.name)
+    return HostPaths(REMOTE_STATE_ROOT / host.name)
+
+
+def certificate_names(host: Host, endpoint: Endpoint) -> tuple[list[str], list[str]]:
+    """SANs for a host's agent certificate: its name and the address it serves on."""
+    dns = [host.name]
+    ips = sorted({endpoint.connect_address, str(host.overlay_ip)})
+    return dns, ips

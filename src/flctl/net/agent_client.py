@@ -1,0 +1,98 @@
+"""The coordinator's view of one agent: typed calls over a FrameClient.
+
+Deploy (verify, status) and the coordinator (rounds) both talk to agents
+through this one class, so the request shapes live in one place.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from flctl.core.layout import Endpoint
+from flctl.core.messages import DEFAULT_LIMITS, Limits, Message
+from flctl.net.client import FrameClient
+from flctl.net.framing import Allocator
+from flctl.net.tls import client_context
+
+
+@dataclass(frozen=True)
+class FitReply:
+    weights: list[np.ndarray]
+    num_examples: int
+    metrics: dict[str, Any]
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class EvalReply:
+    loss: float
+    num_examples: int
+    metrics: dict[str, Any]
+    compute_s: float
+
+
+def coordinator_context(ca_cert: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    return client_context(ca_cert, cert, key)
+
+
+class AgentClient:
+    def __init__(self, endpoint: Endpoint, context: ssl.SSLContext,
+                 timeout: float | None = 30.0, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.endpoint = endpoint
+        self._client = FrameClient(endpoint.connect_address, endpoint.port, context,
+                                   endpoint.server_hostname, timeout=timeout, limits=limits)
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.host
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._client.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._client.bytes_received
+
+    def set_timeout(self, timeout: float | None) -> None:
+        self._client.timeout = timeout
+        sock = getattr(self._client, "_sock", None)
+        if sock is not None:
+            sock.settimeout(timeout)
+
+    def info(self) -> dict[str, Any]:
+        return self._client.request(Message("info")).meta
+
+    def fit(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
+            config: dict[str, Any], allocate: Allocator | None = None) -> FitReply:
+        request = Message("fit", {"task": task, "task_params": dict(task_params),
+                                  "config": dict(config)}, list(weights))
+        reply = self._client.request(request, allocate)
+        return FitReply(reply.arrays, int(reply.meta["num_examples"]),
+                        dict(reply.meta.get("metrics", {})), float(reply.meta.get("compute_s", 0)))
+
+    def evaluate(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
+                 config: dict[str, Any]) -> EvalReply:
+        request = Message("evaluate", {"task": task, "task_params": dict(task_params),
+                                       "config": dict(config)}, list(weights))
+        reply = self._client.request(request)
+        return EvalReply(float(reply.meta["loss"]), int(reply.meta["num_examples"]),
+                         dict(reply.meta.get("metrics", {})), float(reply.meta.get("compute_s", 0)))
+
+    def abort(self) -> None:
+        """Cut the connection from another thread (a blocked recv wakes up)."""
+        self._client.abort()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

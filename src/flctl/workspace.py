@@ -1,0 +1,164 @@
+"""A flctl workspace: the directory `flctl init` makes and every command reads.
+
+    flctl.yaml        project and training settings
+    inventory.yaml    hosts
+    pki/              project CA and the coordinator's certificate (keys 0600)
+    tasks/            the user's own task modules (optional; shipped to hosts)
+    data/             demo shards for local hosts (init --local)
+    runs/<id>/        checkpoints, metrics, final weights
+    .flctl/           state of local hosts (their agents' files)
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from flctl.core import pki
+from flctl.core.data import make_federated_shards, save_dataset
+from flctl.core.fsutil import atomic_write, write_secret
+from flctl.core.inventory import Inventory, load_inventory, render_local_inventory
+from flctl.core.settings import Settings, load_settings, render_settings
+from flctl.errors import WorkspaceError
+
+SETTINGS_FILE = "flctl.yaml"
+INVENTORY_FILE = "inventory.yaml"
+COORDINATOR_NAME = "coordinator"
+
+
+@dataclass(frozen=True)
+class WorkspacePaths:
+    root: Path
+
+    @property
+    def settings(self) -> Path:
+        return self.root / SETTINGS_FILE
+
+    @property
+    def inventory(self) -> Path:
+        return self.root / INVENTORY_FILE
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.pki / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.pki / "ca.key"
+
+    @property
+    def coordinator_cert(self) -> Path:
+        return self.pki / "coordinator.crt"
+
+    @property
+    def coordinator_key(self) -> Path:
+        return self.pki / "coordinator.key"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def tasks(self) -> Path:
+        return self.root / "tasks"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def state(self) -> Path:
+        return self.root / ".flctl"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    paths: WorkspacePaths
+    settings: Settings
+    inventory: Inventory
+
+    @property
+    def root(self) -> Path:
+        return self.paths.root
+
+
+def load_workspace(root: Path) -> Workspace:
+    paths = WorkspacePaths(root.resolve())
+    if not paths.settings.exists():
+        raise WorkspaceError(
+            f"{paths.settings} not found: run `flctl init` first or pass --workspace DIR"
+        )
+    settings = load_settings(paths.settings)
+    inventory = load_inventory(paths.inventory, settings.overlay.subnet, base_dir=paths.root)
+    return Workspace(paths, settings, inventory)
+
+
+def example_inventory() -> str:
+    return resources.files("flctl.data").joinpath("inventory.example.yaml").read_text()
+
+
+def init_workspace(
+    root: Path,
+    *,
+    local_hosts: int | None = None,
+    force: bool = False,
+    project: str | None = None,
+    settings: Settings | None = None,
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> WorkspacePaths:
+    """Create a workspace; refuse to clobber one unless `force`.
+
+    With `local_hosts`, every host runs on this machine and gets a shard of
+    the bundled digits data split with Dirichlet label skew, so the
+    workspace trains at once.
+    """
+    paths = WorkspacePaths(root.resolve())
+    existing = [p for p in (paths.settings, paths.inventory, paths.pki) if p.exists()]
+    if existing and not force:
+        raise WorkspaceError(
+            f"{paths.root} already holds a workspace ({existing[0].name}); "
+            "pass --force to overwrite it"
+        )
+    if force and paths.pki.exists():
+        shutil.rmtree(paths.pki)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    chosen = settings or Settings()
+    if project is not None:
+        chosen = Settings(project=project, overlay=chosen.overlay, agent=chosen.agent,
+                          training=chosen.training, limits=chosen.limits)
+    atomic_write(paths.settings, render_settings(chosen))
+    if local_hosts:
+        atomic_write(paths.inventory, _local_inventory(paths, local_hosts, alpha, seed))
+    else:
+        atomic_write(paths.inventory, example_inventory())
+    _make_pki(paths, chosen.project)
+    paths.tasks.mkdir(exist_ok=True)
+    return paths
+
+
+def _local_inventory(paths: WorkspacePaths, count: int, alpha: float, seed: int) -> str:
+    shards, pooled = make_federated_shards(count, alpha=alpha, seed=seed)
+    entries = []
+    for index, shard in enumerate(shards, start=1):
+        name = f"local{index}"
+        save_dataset(shard, paths.data / f"{name}.npz")
+        entries.append((name, f"data/{name}.npz"))
+    save_dataset(pooled, paths.data / "pooled.npz")
+    return render_local_inventory(entries)
+
+
+def _make_pki(paths: WorkspacePaths, project: str) -> None:
+    paths.pki.mkdir(mode=0o700, exist_ok=True)
+    ca_key, ca_cert = pki.make_ca(f"flctl {project} CA")
+    write_secret(paths.ca_key, ca_key)
+    atomic_write(paths.ca_cert, ca_cert)
+    key, cert = pki.issue_certificate(ca_key, ca_cert, COORDINATOR_NAME, [COORDINATOR_NAME])
+    write_secret(paths.coordinator_key, key)
+    atomic_write(paths.coordinator_cert, cert)
