@@ -8,6 +8,7 @@ removes both pidfiles so `status` never sees a stale pid.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 from flctl.core.fsutil import atomic_write
+
+log = logging.getLogger("flctl.supervisor")
 
 MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
@@ -52,11 +55,8 @@ def supervise(config: Path, supervisor_pid: Path, agent_pid: Path) -> int:
             lived = time.monotonic() - started
             backoff = MIN_BACKOFF_S if lived > HEALTHY_AFTER_S else min(backoff * 2, MAX_BACKOFF_S)
             restarts += 1
-            print(
-                f"supervisor: agent exited with {code} after {lived:.1f}s; "
-                f"restart {restarts} in {backoff:.1f}s",
-                file=sys.stderr, flush=True,
-            )
+            log.warning("agent exited with %s after %.1fs; restart %d in %.1fs",
+                        code, lived, restarts, backoff)
             stopping.wait(backoff)
     finally:
         if child is not None and child.poll() is None:
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pidfile", required=True, type=Path)
     parser.add_argument("--agent-pidfile", required=True, type=Path)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return supervise(args.config, args.pidfile, args.agent_pidfile)
 
 

@@ -13,18 +13,19 @@ import dataclasses
 import math
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
+from flctl.coordinator.records import RunDir
 from flctl.core.messages import ArraySpec
 from flctl.core.settings import TrainingSettings
 from flctl.core.strategies import make_strategy
 from flctl.core.tasks import BUILTIN_TASKS, check_weights, load_task
-from flctl.coordinator.records import RunDir
 from flctl.errors import FlctlError, TrainingError
 from flctl.net.agent_client import AgentClient, FitReply
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import ssl
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
+from flctl.coordinator.records import create_run_dir
+from flctl.coordinator.rounds import Coordinator, MessageCallback, RoundCallback, RunSummary
 from flctl.core.inventory import Host
 from flctl.core.layout import Endpoint, agent_endpoint
 from flctl.core.messages import Limits
 from flctl.core.settings import TrainingSettings
-from flctl.coordinator.records import create_run_dir
-from flctl.coordinator.rounds import Coordinator, MessageCallback, RoundCallback, RunSummary
 from flctl.net.agent_client import AgentClient, coordinator_context
 from flctl.workspace import Workspace
 

@@ -6,8 +6,9 @@ the steps above them are shared.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from flctl.errors import FlctlError
 

@@ -7,9 +7,10 @@ through this one class, so the request shapes live in one place.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -60,10 +61,7 @@ class AgentClient:
         return self._client.bytes_received
 
     def set_timeout(self, timeout: float | None) -> None:
-        self._client.timeout = timeout
-        sock = getattr(self._client, "_sock", None)
-        if sock is not None:
-            sock.settimeout(timeout)
+        self._client.set_timeout(timeout)
 
     def info(self) -> dict[str, Any]:
         return self._client.request(Message("info")).meta

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Throughput of a 40 MB float32 model over mutual TLS on loopback.
+
+Measures FrameClient -> FrameServer with the real framing and TLS stack:
+  upload     client sends the model, server answers with a small ack
+  roundtrip  client sends the model, server sends it back (bytes both ways)
+Reports the median of several runs in MB/s (1 MB = 1e6 bytes) and the ratio
+to the 500 MB/s target. The server runs in a child process by default (as an
+agent would), so client and server do not share one GIL.
+
+Only 127.0.0.1 is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flctl.core import pki
+from flctl.core.messages import Message
+from flctl.net.client import FrameClient
+from flctl.net.server import FrameServer, PeerInfo
+from flctl.net.tls import client_context, server_context
+
+TARGET_MB_S = 500.0
+LOOPBACK = "127.0.0.1"
+
+
+def make_certs(root: Path) -> None:
+    ca_key, ca_cert = pki.make_ca("bench CA")
+    (root / "ca.crt").write_bytes(ca_cert)
+    for name, sans in (("server", [LOOPBACK]), ("client", [])):
+        key, cert = pki.issue_certificate(ca_key, ca_cert, name, ip_addresses=sans)
+        (root / f"{name}.key").write_bytes(key)
+        (root / f"{name}.crt").write_bytes(cert)
+
+
+def handler(msg: Message, peer: PeerInfo) -> Message:
+    if msg.kind == "echo":
+        return Message("echo", {}, msg.arrays)
+    return Message("ack", {"nbytes": msg.body_bytes})
+
+
+def make_server(root: Path) -> FrameServer:
+    ctx = server_context(root / "ca.crt", root / "server.crt", root / "server.key")
+    return FrameServer(LOOPBACK, 0, ctx, handler)
+
+
+def serve_child(root: Path) -> None:
+    """Child-process mode: print the port, serve until stdin closes."""
+    server = make_server(root)
+    server.start()
+    print(server.address[1], flush=True)
+    sys.stdin.read()
+    server.stop()
+
+
+def timed(client: FrameClient, msg: Message) -> float:
+    started = time.perf_counter()
+    client.request(msg)
+    return time.perf_counter() - started
+
+
+def bench(root: Path, port: int, size_mb: float, runs: int) -> dict:
+    ctx = client_context(root / "ca.crt", root / "client.crt", root / "client.key")
+    model = np.random.default_rng(0).random(int(size_mb * 1e6) // 4, dtype=np.float32)
+    nbytes = model.nbytes
+    with FrameClient(LOOPBACK, port, ctx, server_hostname=LOOPBACK, timeout=120) as client:
+        upload_msg, echo_msg = Message("update", {}, [model]), Message("echo", {}, [model])
+        timed(client, upload_msg)  # warm-up: first-touch page faults, TCP window growth
+        timed(client, echo_msg)
+        upload = [timed(client, upload_msg) for _ in range(runs)]
+        roundtrip = [timed(client, echo_msg) for _ in range(runs)]
+    up_mb_s = nbytes / 1e6 / statistics.median(upload)
+    rt_mb_s = 2 * nbytes / 1e6 / statistics.median(roundtrip)
+    return {
+        "model_mb": nbytes / 1e6,
+        "runs": runs,
+        "upload_mb_s": round(up_mb_s, 1),
+        "upload_median_s": round(statistics.median(upload), 4),
+        "roundtrip_mb_s": round(rt_mb_s, 1),
+        "roundtrip_median_s": round(statistics.median(roundtrip), 4),
+        "target_mb_s": TARGET_MB_S,
+        "upload_ratio": round(up_mb_s / TARGET_MB_S, 2),
+        "roundtrip_ratio": round(rt_mb_s / TARGET_MB_S, 2),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=float, default=40.0)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the server as a thread of this process")
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve_child(args.serve)
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_certs(root)
+        if args.in_process:
+            server = make_server(root)
+            server.start()
+            try:
+                result = bench(root, server.address[1], args.size_mb, args.runs)
+            finally:
+                server.stop()
+        else:
+            child = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--serve", str(root)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )
+            try:
+                assert child.stdout is not None and child.stdin is not None
+                port = int(child.stdout.readline())
+                result = bench(root, port, args.size_mb, args.runs)
+            finally:
+                if child.stdin:
+                    child.stdin.close()
+                child.wait(timeout=10)
+        result["server"] = "thread" if args.in_process else "process"
+
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"model {result['model_mb']:.0f} MB, median of {result['runs']} runs "
+              f"(server in a {result['server']})")
+        print(f"  upload     {result['upload_mb_s']:8.1f} MB/s  "
+              f"({result['upload_ratio']:.2f}x target {TARGET_MB_S:.0f} MB/s)")
+        print(f"  roundtrip  {result['roundtrip_mb_s']:8.1f} MB/s  "
+              f"({result['roundtrip_ratio']:.2f}x target, bytes both ways)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,657 @@
+"""inventory.yaml: the hosts flctl deploys to, in an Ansible-like shape.
+
+Top-level keys are groups; `all` is the root that holds every host. A group
+has `hosts`, `vars` and `children` (nested groups). Variables apply from the
+shallowest group to the deepest, then the host's own; `labels` are merged key
+by key instead of replaced. A host may be listed (`alpha:` with no value) in
+many groups but defined (given a mapping of vars) in one place only, so
+there is never a question of which definition wins.
+
+Every host gets an overlay address: an explicit `overlay_ip`, or one derived
+from a hash of its name so that adding or removing other hosts does not
+renumber it (renumbering would force a WireGuard change on every host).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import os
+import re
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+from typing import Any, Callable
+
+from flctl.core.yamlsrc import (
+    LineDict,
+    Spot,
+    check_keys,
+    describe,
+    did_you_mean,
+    expect_bool,
+    expect_choice,
+    expect_int,
+    expect_mapping,
+    expect_str,
+    load_yaml,
+    yaml_scalar,
+)
+from flctl.errors import ConfigError
+
+ALL = "all"
+LOCAL_GROUP = "local"
+GROUP_KEYS = ("hosts", "vars", "children")
+CONNECTIONS = ("ssh", "local")
+HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+GROUP_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}\Z")
+# What `ssh-keygen -lf` prints: SHA256 of the key blob, base64 without padding.
+HOST_KEY_RE = re.compile(r"SHA256:([A-Za-z0-9+/]{43})=?\Z")
+# Hostnames, IPv4 and IPv6 literals; a leading '-' could pass as an ssh option.
+SSH_HOST_RE = re.compile(r"[A-Za-z0-9_:\[][A-Za-z0-9_.:%\[\]-]*\Z")
+SSH_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
+PYTHON_RE = re.compile(r"[A-Za-z0-9_./+-]+\Z")
+# Set per host only: the same value in group vars is always a conflict.
+HOST_ONLY_VARS = frozenset({"overlay_ip"})
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    connection: str              # "ssh" | "local"
+    ssh_host: str | None      # None for local hosts
+    ssh_port: int
+    ssh_user: str
+    ssh_key: str | None       # ~ expanded, relative paths made absolute
+    host_key: str | None      # "SHA256:<base64>" without padding
+    become: bool
+    overlay_ip: ipaddress.IPv4Address
+    data_path: str               # absolute; for local hosts resolved and existing
+    labels: Mapping[str, str]
+    groups: tuple[str, ...]      # every group containing the host, shallow first, no "all"
+    agent_port: int | None
+    python: str
+    line: int                    # where the host is defined (or first listed)
+
+    @property
+    def is_local(self) -> bool:
+        return self.connection == "local"
+
+    def __hash__(self) -> int:  # labels is a mapping; equal hosts share these
+        return hash((self.name, self.ssh_host, self.overlay_ip, self.line))
+
+
+@dataclass(frozen=True)
+class Inventory:
+    source: str
+    hosts: tuple[Host, ...]                  # in file order
+    groups: Mapping[str, tuple[str, ...]]    # group -> host names, transitive; has "all"
+    _by_name: Mapping[str, Host] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", MappingProxyType({h.name: h for h in self.hosts}))
+
+    def __hash__(self) -> int:
+        return hash((self.source, self.hosts))
+
+    @property
+    def names(self) -> list[str]:
+        return [h.name for h in self.hosts]
+
+    def host(self, name: str) -> Host:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ConfigError(f"unknown host {name!r}{did_you_mean(name, self._by_name)}",
+                              file=self.source) from None
+
+    def select(self, names_or_groups: Sequence[str]) -> list[Host]:
+        """Hosts matching any host name, group name or glob, in file order.
+
+        Items may be comma-separated ("alpha,edge") as typed after --limit.
+        An empty selection means every host.
+        """
+        patterns = [p.strip() for item in names_or_groups for p in item.split(",") if p.strip()]
+        if not patterns:
+            return list(self.hosts)
+        wanted: set[str] = set()
+        for pattern in patterns:
+            matched = self._match(pattern)
+            if not matched:
+                choices = set(self._by_name) | set(self.groups)
+                hint = did_you_mean(pattern, choices)
+                raise ConfigError(f"unknown host or group {pattern!r}{hint}", file=self.source)
+            wanted.update(matched)
+        return [h for h in self.hosts if h.name in wanted]
+
+    def _match(self, pattern: str) -> set[str]:
+        if pattern in self._by_name:
+            return {pattern}
+        if pattern in self.groups:
+            return set(self.groups[pattern])
+        if not any(ch in pattern for ch in "*?["):
+            return set()
+        found = {n for n in self._by_name if fnmatchcase(n, pattern)}
+        for group, members in self.groups.items():
+            if fnmatchcase(group, pattern):
+                found.update(members)
+        return found
+
+
+# ---------------------------------------------------------------- host vars
+
+
+def _ssh_host(value: Any, spot: Spot) -> str:
+    text = expect_str(value, spot)
+    if not SSH_HOST_RE.match(text):
+        raise spot.error(f"not a host name or IP address: {text!r}")
+    return text
+
+
+def _ssh_user(value: Any, spot: Spot) -> str:
+    text = expect_str(value, spot)
+    if not SSH_USER_RE.match(text):
+        raise spot.error(f"not a valid user name: {text!r}")
+    return text
+
+
+def _port(value: Any, spot: Spot) -> int:
+    return expect_int(value, spot, minimum=1, maximum=65535)
+
+
+def _optional_port(value: Any, spot: Spot) -> int | None:
+    return None if value is None else _port(value, spot)
+
+
+def _optional_path(value: Any, spot: Spot) -> str | None:
+    return None if value is None else expect_str(value, spot)
+
+
+def _host_key(value: Any, spot: Spot) -> str | None:
+    if value is None:
+        return None
+    text = expect_str(value, spot)
+    match = HOST_KEY_RE.match(text)
+    if not match:
+        raise spot.error('expected "SHA256:<43 base64 characters>" as printed by '
+                         f"ssh-keygen -lf, got {text!r}")
+    return f"SHA256:{match.group(1)}"
+
+
+def _overlay_ip(value: Any, spot: Spot) -> ipaddress.IPv4Address:
+    text = expect_str(value, spot)
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise spot.error(f"not an IPv4 address: {text!r}") from None
+
+
+def _labels(value: Any, spot: Spot) -> dict[str, str]:
+    mapping = expect_mapping(value, spot)
+    labels: dict[str, str] = {}
+    for key, item in mapping.items():
+        item_spot = spot.key(mapping, key)
+        if not isinstance(key, str) or not key:
+            raise item_spot.error(f"label names must be strings, got {describe(key)}")
+        labels[key] = expect_str(item, item_spot, allow_empty=True)
+    return labels
+
+
+def _python(value: Any, spot: Spot) -> str:
+    text = expect_str(value, spot)
+    if not PYTHON_RE.match(text) or text.startswith("-"):
+        raise spot.error(f"expected an interpreter name or path such as python3, got {text!r}")
+    return text
+
+
+_HOST_VARS: dict[str, Callable[[Any, Spot], Any]] = {
+    "connection": lambda v, s: expect_choice(v, s, CONNECTIONS),
+    "ssh_host": _ssh_host,
+    "ssh_port": _port,
+    "ssh_user": _ssh_user,
+    "ssh_key": _optional_path,
+    "host_key": _host_key,
+    "become": expect_bool,
+    "overlay_ip": _overlay_ip,
+    "data_path": lambda v, s: expect_str(v, s),
+    "labels": _labels,
+    "agent_port": _optional_port,
+    "python": _python,
+}
+HOST_VARS = tuple(_HOST_VARS)
+_DEFAULTS: dict[str, Any] = {
+    "connection": "ssh",
+    "ssh_host": None,
+    "ssh_port": 22,
+    "ssh_user": "root",
+    "ssh_key": None,
+    "host_key": None,
+    "become": False,
+    "agent_port": None,
+    "python": "python3",
+}
+
+
+# ---------------------------------------------------------------- parse model
+
+
+@dataclass
+class _Var:
+    """A validated value and where it was written, for errors found later."""
+
+    value: Any
+    line: int
+    field: str
+
+
+@dataclass
+class _Group:
+    name: str
+    line: int
+    order: int
+    define_line: int | None = None
+    vars: dict[str, _Var] = field(default_factory=dict)
+    children: list[tuple[str, int]] = field(default_factory=list)   # (name, line)
+    parents: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _HostEntry:
+    name: str
+    line: int
+    define_line: int | None = None
+    vars: dict[str, _Var] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)   # groups listing it directly
+
+
+class _Parser:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.groups: dict[str, _Group] = {ALL: _Group(ALL, 1, 0)}
+        self.hosts: dict[str, _HostEntry] = {}
+
+    def spot(self, line: int | None, name: str | None = None) -> Spot:
+        return Spot(self.source, line, name)
+
+    def walk_top(self, data: Any) -> None:
+        if data is None:
+            raise self.spot(1).error("inventory defines no hosts")
+        if not isinstance(data, LineDict):
+            line = getattr(data, "line", 1)
+            raise self.spot(line).error(
+                f"expected a mapping of group names (such as 'all:'), got {describe(data)}")
+        self.groups[ALL].line = data.line
+        for name, value in data.items():
+            line = data.line_of(name)
+            if name in GROUP_KEYS:
+                raise self.spot(line, name).error(
+                    f"top-level keys are group names: put {name!r} under a group such as 'all:'")
+            self.walk_group(name, value, line, parent=None if name == ALL else ALL)
+
+    def walk_group(self, name: Any, value: Any, line: int, parent: str | None) -> None:
+        where = f"groups.{parent}.children" if parent and parent != ALL else None
+        if not isinstance(name, str):
+            raise self.spot(line, where).error(
+                f"group names must be strings, got {describe(name)} (quote it)")
+        gspot = self.spot(line, f"groups.{name}")
+        if not GROUP_NAME_RE.match(name) or name in GROUP_KEYS:
+            raise gspot.error("bad group name: use letters, digits, '_', '.' or '-' "
+                              "(at most 63), not hosts, vars or children")
+        if name == ALL and parent is not None:
+            raise gspot.error("'all' is the root group and cannot be a child of another group")
+        group = self.groups.get(name)
+        if group is None:
+            group = self.groups[name] = _Group(name, line, len(self.groups))
+        if parent is not None:
+            if parent not in group.parents:
+                group.parents.append(parent)
+                self.groups[parent].children.append((name, line))
+        if value is None:
+            return
+        if not isinstance(value, LineDict):
+            raise gspot.error("expected a mapping with hosts, vars or children, "
+                              f"got {describe(value)}")
+        if group.define_line is not None:
+            raise gspot.error(f"group {name!r} is already defined at line {group.define_line}")
+        group.define_line = line
+        check_keys(value, GROUP_KEYS, gspot)
+        for key in value:       # in file order, so hosts keep the order they are written
+            key_spot = gspot.key(value, key)
+            section = expect_mapping(value[key], key_spot)
+            if key == "vars":
+                group.vars = self.parse_vars(section, key_spot, in_group=True)
+            elif key == "hosts":
+                for host, host_value in section.items():
+                    self.walk_host(host, host_value, section.line_of(host), name, key_spot)
+            else:
+                for child, child_value in section.items():
+                    self.walk_group(child, child_value, section.line_of(child), parent=name)
+
+    def walk_host(self, name: Any, value: Any, line: int, group: str, hosts_spot: Spot) -> None:
+        if not isinstance(name, str):
+            raise hosts_spot.at(line=line).error(
+                f"host names must be strings, got {describe(name)} (quote it)")
+        hspot = self.spot(line, f"hosts.{name}")
+        if not HOST_NAME_RE.match(name):
+            raise hspot.error("bad host name: use letters, digits, '_', '.' or '-', "
+                              "starting with a letter or digit (at most 63)")
+        entry = self.hosts.get(name)
+        if entry is None:
+            entry = self.hosts[name] = _HostEntry(name, line)
+        if group not in entry.groups:
+            entry.groups.append(group)
+        if value is None:
+            return
+        if not isinstance(value, LineDict):
+            raise hspot.error(f"expected a mapping of host vars (or nothing), got {describe(value)}")
+        if entry.define_line is not None:
+            raise hspot.error(f"host {name!r} is already defined at line {entry.define_line}")
+        entry.define_line = line
+        entry.vars = self.parse_vars(value, hspot, in_group=False)
+
+    def parse_vars(self, mapping: LineDict, spot: Spot, in_group: bool) -> dict[str, _Var]:
+        check_keys(mapping, HOST_VARS, spot)
+        parsed: dict[str, _Var] = {}
+        for key, value in mapping.items():
+            var_spot = spot.key(mapping, key)
+            if in_group and key in HOST_ONLY_VARS:
+                raise var_spot.error("set it on each host, not in group vars")
+            parsed[key] = _Var(_HOST_VARS[key](value, var_spot), var_spot.line or 1,
+                               var_spot.field or key)
+        return parsed
+
+    # ------------------------------------------------------------ group graph
+
+    def check_graph(self) -> dict[str, int]:
+        """Refuse cycles; return each group's depth (longest path from all)."""
+        state: dict[str, int] = {}
+
+        def visit(name: str, path: list[str]) -> None:
+            state[name] = 1
+            for child, line in self.groups[name].children:
+                if state.get(child) == 1:
+                    cycle = " -> ".join(path[path.index(child):] + [child])
+                    raise self.spot(line, f"groups.{name}.children.{child}").error(
+                        f"group cycle: {cycle}")
+                if child not in state:
+                    visit(child, path + [child])
+            state[name] = 2
+
+        visit(ALL, [ALL])
+        depth: dict[str, int] = {ALL: 0}
+
+        def depth_of(name: str) -> int:
+            if name not in depth:
+                depth[name] = 1 + max(depth_of(p) for p in self.groups[name].parents)
+            return depth[name]
+
+        for name in self.groups:
+            depth_of(name)
+        return depth
+
+    def ancestors(self, name: str, memo: dict[str, frozenset]) -> frozenset:
+        if name not in memo:
+            found = {name}
+            for parent in self.groups[name].parents:
+                found |= self.ancestors(parent, memo)
+            memo[name] = frozenset(found)
+        return memo[name]
+
+
+# ---------------------------------------------------------------- public API
+
+
+def load_inventory(path: Path, overlay_subnet: ipaddress.IPv4Network,
+                   base_dir: Path | None = None, *,
+                   previous_overlay: Mapping[str, ipaddress.IPv4Address] | None = None,
+                   ) -> Inventory:
+    """Read and validate inventory.yaml; local data paths resolve beside it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not a UTF-8 text file", file=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
+    return parse_inventory(text, str(path), overlay_subnet,
+                           base_dir if base_dir is not None else path.parent,
+                           previous_overlay=previous_overlay)
+
+
+def parse_inventory(text: str, source: str, overlay_subnet: ipaddress.IPv4Network,
+                    base_dir: Path | None = None, *,
+                    previous_overlay: Mapping[str, ipaddress.IPv4Address] | None = None,
+                    ) -> Inventory:
+    """Validate an inventory document into Hosts with every value resolved.
+
+    `base_dir` (default: the directory of `source`) anchors relative local
+    data paths and ssh_key paths. `previous_overlay` maps host names to the
+    addresses they had before (e.g. from the last deploy); such a host keeps
+    its address if it is still free, which makes assignment fully sticky.
+    """
+    base = Path(os.path.abspath(base_dir if base_dir is not None else Path(source).parent))
+    parser = _Parser(source)
+    parser.walk_top(load_yaml(text, source))
+    if not parser.hosts:
+        raise parser.spot(parser.groups[ALL].line).error("inventory defines no hosts")
+    for name, entry in parser.hosts.items():
+        if name in parser.groups:
+            raise parser.spot(entry.line, f"hosts.{name}").error(
+                f"{name!r} is both a host and a group (group at line "
+                f"{parser.groups[name].line}); rename one")
+    depth = parser.check_graph()
+    memo: dict[str, frozenset] = {}
+
+    resolved: list[tuple[_HostEntry, dict[str, _Var], tuple[str, ...]]] = []
+    for entry in parser.hosts.values():
+        member_of: set[str] = set()
+        for group in entry.groups:
+            member_of |= parser.ancestors(group, memo)
+        member_of.add(ALL)
+        ordered = sorted(member_of, key=lambda g: (depth[g], parser.groups[g].order))
+        merged = _merge_vars([parser.groups[g].vars for g in ordered] + [entry.vars])
+        resolved.append((entry, merged, tuple(g for g in ordered if g != ALL)))
+
+    _check_local_agent_ports(source, resolved)
+    explicit = _check_explicit_overlay(source, overlay_subnet, resolved)
+    auto_names = [entry.name for entry, merged, _ in resolved if "overlay_ip" not in merged]
+    assigned = _assign_or_explain(source, overlay_subnet, auto_names, explicit,
+                                  previous_overlay, parser.groups[ALL].line)
+
+    hosts = tuple(_build_host(source, base, entry, merged, groups,
+                              explicit.get(entry.name) or assigned[entry.name])
+                  for entry, merged, groups in resolved)
+    members: dict[str, tuple[str, ...]] = {}
+    for group in parser.groups:
+        members[group] = tuple(h.name for h in hosts if group == ALL or group in h.groups)
+    return Inventory(source, hosts, MappingProxyType(members))
+
+
+def _merge_vars(layers: Sequence[Mapping[str, _Var]]) -> dict[str, _Var]:
+    """Later layers win; labels merge key by key (a host adds to its groups')."""
+    merged: dict[str, _Var] = {}
+    for layer in layers:
+        for key, var in layer.items():
+            if key == "labels" and "labels" in merged:
+                labels = {**merged["labels"].value, **var.value}
+                merged[key] = dataclasses.replace(var, value=labels)
+            else:
+                merged[key] = var
+    return merged
+
+
+def _build_host(source: str, base: Path, entry: _HostEntry, merged: Mapping[str, _Var],
+                groups: tuple[str, ...], overlay_ip: ipaddress.IPv4Address) -> Host:
+    values = {key: merged[key].value if key in merged else default
+              for key, default in _DEFAULTS.items()}
+    line = entry.define_line or entry.line
+
+    def spot(var: str) -> Spot:
+        return Spot(source, merged[var].line if var in merged else line, f"hosts.{entry.name}.{var}")
+
+    local = values["connection"] == "local"
+    if local:
+        values["ssh_host"] = None
+    elif values["ssh_host"] is None:
+        raise spot("ssh_host").error("required for ssh hosts (or set connection: local)")
+    if "data_path" not in merged:
+        raise spot("data_path").error("required: where the host's data file is")
+    data_path = merged["data_path"].value
+    if local:
+        resolved = _absolute(data_path, base)
+        if not os.path.exists(resolved):
+            raise spot("data_path").error(f"{resolved} does not exist")
+        data_path = resolved
+    elif not PurePosixPath(data_path).is_absolute():
+        raise spot("data_path").error(
+            f"must be an absolute path on the host, got {data_path!r}")
+    if values["ssh_key"] is not None:
+        values["ssh_key"] = _absolute(values["ssh_key"], base)
+    labels = merged["labels"].value if "labels" in merged else {}
+    return Host(name=entry.name, data_path=data_path, overlay_ip=overlay_ip,
+                labels=MappingProxyType(dict(labels)), groups=groups, line=line, **values)
+
+
+def _absolute(path: str, base: Path) -> str:
+    expanded = Path(os.path.expanduser(path))
+    return os.path.normpath(expanded if expanded.is_absolute() else base / expanded)
+
+
+def _check_local_agent_ports(source: str,
+                             resolved: Sequence[tuple[_HostEntry, dict[str, _Var], Any]]) -> None:
+    """Local hosts all bind 127.0.0.1, so two explicit equal ports would clash."""
+    owners: dict[int, tuple[str, int]] = {}
+    for entry, merged, _ in resolved:
+        connection = merged["connection"].value if "connection" in merged else "ssh"
+        port_var = merged.get("agent_port")
+        if connection != "local" or port_var is None or port_var.value is None:
+            continue
+        if port_var.value in owners:
+            other, line = owners[port_var.value]
+            raise Spot(source, port_var.line, f"hosts.{entry.name}.agent_port").error(
+                f"port {port_var.value} is already used by local host {other!r} (line {line})")
+        owners[port_var.value] = (entry.name, port_var.line)
+
+
+# ---------------------------------------------------------------- overlay
+
+
+def _check_explicit_overlay(source: str, subnet: ipaddress.IPv4Network,
+                            resolved: Sequence[tuple[_HostEntry, dict[str, _Var], Any]],
+                            ) -> dict[str, ipaddress.IPv4Address]:
+    hub = subnet.network_address + 1
+    owners: dict[ipaddress.IPv4Address, tuple[str, int]] = {}
+    explicit: dict[str, ipaddress.IPv4Address] = {}
+    for entry, merged, _ in resolved:
+        if "overlay_ip" not in merged:
+            continue
+        var = merged["overlay_ip"]
+        address = var.value
+        spot = Spot(source, var.line, var.field)
+        if address not in subnet:
+            raise spot.error(f"{address} is outside the overlay subnet {subnet}")
+        if address == subnet.network_address:
+            raise spot.error(f"{address} is the network address of {subnet}")
+        if address == subnet.broadcast_address:
+            raise spot.error(f"{address} is the broadcast address of {subnet}")
+        if address == hub:
+            raise spot.error(f"{address} is reserved for the hub (the coordinator)")
+        if address in owners:
+            other, other_line = owners[address]
+            raise spot.error(f"{address} is already used by host {other!r} (line {other_line})")
+        owners[address] = (entry.name, var.line)
+        explicit[entry.name] = address
+    return explicit
+
+
+def _assign_or_explain(source: str, subnet: ipaddress.IPv4Network, names: Sequence[str],
+                       explicit: Mapping[str, ipaddress.IPv4Address],
+                       previous: Mapping[str, ipaddress.IPv4Address] | None,
+                       line: int) -> dict[str, ipaddress.IPv4Address]:
+    free = overlay_capacity(subnet) - len(explicit)
+    if len(names) > free:
+        raise ConfigError(f"overlay subnet {subnet} has room for {overlay_capacity(subnet)} "
+                          f"hosts, the inventory has {len(names) + len(explicit)}",
+                          file=source, line=line)
+    return assign_overlay_addresses(names, subnet, taken=explicit.values(), previous=previous)
+
+
+def overlay_capacity(subnet: ipaddress.IPv4Network) -> int:
+    """Host addresses left once network, broadcast and hub are set aside."""
+    return max(subnet.num_addresses - 3, 0)
+
+
+def assign_overlay_addresses(names: Collection[str], subnet: ipaddress.IPv4Network,
+                             taken: Collection[ipaddress.IPv4Address] = (),
+                             previous: Mapping[str, ipaddress.IPv4Address] | None = None,
+                             ) -> dict[str, ipaddress.IPv4Address]:
+    """Give each name an address derived from its hash, probing past used ones.
+
+    A name's first choice depends on the name alone, and names are placed in
+    sorted order, so file order never matters and a host only moves if a
+    newly added name collides with its slot and sorts before it. Addresses
+    in `previous` are honoured first (when free and inside the subnet), so a
+    caller that remembers past assignments never sees a host move.
+    """
+    first = int(subnet.network_address) + 2      # skip network address and hub
+    size = overlay_capacity(subnet)
+    used = {int(a) for a in taken}
+    result: dict[str, ipaddress.IPv4Address] = {}
+    pending = sorted(set(names))
+    if previous:
+        for name in pending:
+            old = previous.get(name)
+            if old is not None and first <= int(old) < first + size and int(old) not in used:
+                result[name] = ipaddress.IPv4Address(int(old))
+                used.add(int(old))
+        pending = [n for n in pending if n not in result]
+    for name in pending:
+        slot = overlay_home_slot(name, size)
+        for step in range(size):
+            candidate = first + (slot + step) % size
+            if candidate not in used:
+                used.add(candidate)
+                result[name] = ipaddress.IPv4Address(candidate)
+                break
+        else:
+            raise ConfigError(f"overlay subnet {subnet} is full: no address left for {name!r}")
+    return result
+
+
+def overlay_home_slot(name: str, size: int) -> int:
+    """The slot a name asks for first: a hash, so it ignores every other host."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % size if size > 0 else 0
+
+
+# ---------------------------------------------------------------- render
+
+
+def render_local_inventory(names_and_data: Sequence[tuple[str, str]]) -> str:
+    """inventory.yaml for `flctl init --local N`: one `local` group on this machine."""
+    lines = [
+        "# inventory.yaml: hosts flctl deploys to and trains on.",
+        "# These hosts all run on this machine (connection: local), each with its own",
+        "# data file. See inventory.example.yaml for SSH hosts and every host variable.",
+        f"{ALL}:",
+        "  children:",
+        f"    {LOCAL_GROUP}:",
+        "      vars:",
+        "        connection: local",
+        "      hosts:",
+    ]
+    if not names_and_data:
+        raise ConfigError("need at least one local host")
+    seen: set[str] = set()
+    for name, data_path in names_and_data:
+        if not HOST_NAME_RE.match(name) or name in seen:
+            raise ConfigError(f"bad or repeated host name {name!r}", field=f"hosts.{name}")
+        seen.add(name)
+        lines.append(f"        {name}:")
+        lines.append(f"          data_path: {yaml_scalar(str(data_path))}")
+    return "\n".join(lines) + "\n"

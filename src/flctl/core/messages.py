@@ -1,0 +1,204 @@
+"""The flctl frame format: prelude + JSON header + raw little-endian array bytes.
+
+Why this shape: the JSON header stays human-debuggable and pickle-free, while
+model weights travel as raw bytes that are written from and read straight
+into numpy buffers (no base64, no concatenation). The prelude carries both
+lengths up front so a receiver can refuse an oversize frame *before* it
+allocates anything; every array's byte length is derived from a whitelisted
+dtype and its shape, and must add up exactly to the declared body length.
+
+Layout (network byte order):
+    magic  4s   b"FLCT"
+    version B   PROTOCOL_VERSION
+    pad    3x
+    header I    JSON header length in bytes
+    body   Q    total array bytes following the header
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from flctl.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAGIC = b"FLCT"
+_PRELUDE = struct.Struct("!4sB3xIQ")
+PRELUDE_SIZE: int = _PRELUDE.size
+MAX_KIND_CHARS = 64
+
+# Wire dtype strings -> numpy dtypes. Only plain little-endian numbers: no
+# objects, strings, structured or big-endian types can ever be decoded.
+_WIRE_DTYPES: dict[str, np.dtype] = {
+    np.dtype("<" + name).str: np.dtype("<" + name)
+    for name in ("?", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8")
+}
+# Accept explicit "<" spelling of single-byte types too ("<i1" == "|i1").
+_WIRE_DTYPES.update({"<b1": np.dtype("?"), "<i1": np.dtype("i1"), "<u1": np.dtype("u1")})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds checked before any allocation; the defaults fit a 1B-param model."""
+
+    max_header_bytes: int = 1 << 20
+    max_body_bytes: int = 4 << 30
+    max_arrays: int = 4096
+    max_ndim: int = 8
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class Message:
+    """One request or reply: a kind, JSON metadata and a list of numpy arrays."""
+
+    kind: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    arrays: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def body_bytes(self) -> int:
+        return sum(int(np.asarray(a).nbytes) for a in self.arrays)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """A validated array descriptor from a header: what the receiver must allocate."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _wire_dtype(dtype: np.dtype) -> np.dtype:
+    """The little-endian dtype an array is sent as, or ProtocolError if not allowed."""
+    if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+        raise ProtocolError(f"dtype {dtype!s} is not allowed on the wire")
+    little = dtype.newbyteorder("<")
+    wire = _WIRE_DTYPES.get(little.str)
+    if wire is None:
+        raise ProtocolError(f"dtype {dtype!s} is not allowed on the wire")
+    return wire
+
+
+def _check_kind(kind: Any) -> str:
+    if not isinstance(kind, str) or not kind or len(kind) > MAX_KIND_CHARS:
+        raise ProtocolError(f"message kind must be a non-empty string of <= {MAX_KIND_CHARS} chars")
+    return kind
+
+
+def encode_head(msg: Message) -> bytes:
+    """Prelude + header. Array bytes are not included: send body_views(msg) after it."""
+    _check_kind(msg.kind)
+    if not isinstance(msg.meta, dict):
+        raise ProtocolError("message meta must be a dict")
+    descriptors = []
+    body_len = 0
+    for arr in msg.arrays:
+        arr = np.asarray(arr)
+        wire = _wire_dtype(arr.dtype)
+        descriptors.append({"dtype": wire.str, "shape": list(arr.shape)})
+        body_len += arr.size * wire.itemsize
+    try:
+        header = json.dumps(
+            {"kind": msg.kind, "meta": msg.meta, "arrays": descriptors},
+            ensure_ascii=False, separators=(",", ":"),
+        ).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"message meta is not JSON-serialisable: {exc}") from exc
+    if len(header) > 0xFFFFFFFF:
+        raise ProtocolError("message header too large")
+    return _PRELUDE.pack(MAGIC, PROTOCOL_VERSION, len(header), body_len) + header
+
+
+def body_views(msg: Message) -> list[memoryview]:
+    """Flat byte views of each array, sharing memory with it whenever it is already
+    C-contiguous and little-endian (the normal case), so nothing is copied."""
+    views = []
+    for arr in msg.arrays:
+        arr = np.asarray(arr)
+        wire = _wire_dtype(arr.dtype)
+        if arr.dtype != wire:
+            arr = arr.astype(wire)
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        views.append(memoryview(arr.reshape(-1).view(np.uint8)))
+    return views
+
+
+def parse_prelude(data: bytes, limits: Limits) -> tuple[int, int]:
+    """(header_len, body_len) after checking magic, version and bounds."""
+    if len(data) != PRELUDE_SIZE:
+        raise ProtocolError(f"prelude must be {PRELUDE_SIZE} bytes, got {len(data)}")
+    magic, version, header_len, body_len = _PRELUDE.unpack(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r} (not an flctl peer?)")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version mismatch: peer speaks {version}, this side speaks {PROTOCOL_VERSION}"
+        )
+    if header_len == 0:
+        raise ProtocolError("empty header")
+    if header_len > limits.max_header_bytes:
+        raise ProtocolError(f"header of {header_len} bytes exceeds limit {limits.max_header_bytes}")
+    if body_len > limits.max_body_bytes:
+        raise ProtocolError(f"body of {body_len} bytes exceeds limit {limits.max_body_bytes}")
+    return header_len, body_len
+
+
+def _parse_array_spec(item: Any, limits: Limits) -> ArraySpec:
+    if not isinstance(item, dict):
+        raise ProtocolError("array descriptor must be an object")
+    dtype_str = item.get("dtype")
+    dtype = _WIRE_DTYPES.get(dtype_str) if isinstance(dtype_str, str) else None
+    if dtype is None:
+        raise ProtocolError(f"dtype {str(dtype_str)[:32]!r} is not allowed")
+    shape = item.get("shape")
+    if not isinstance(shape, list):
+        raise ProtocolError("array shape must be a list")
+    if len(shape) > limits.max_ndim:
+        raise ProtocolError(f"array has {len(shape)} dims, limit {limits.max_ndim}")
+    count = 1
+    for dim in shape:
+        # bool is an int subclass in Python; true/false is not a dimension.
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            raise ProtocolError("array dims must be non-negative integers")
+        count *= dim  # Python ints: no overflow, checked against body_len by the caller
+    return ArraySpec(dtype=dtype, shape=tuple(shape), nbytes=count * dtype.itemsize)
+
+
+def parse_header(data: bytes, body_len: int, limits: Limits) -> tuple[str, dict, list[ArraySpec]]:
+    """Validate a header completely, so the receiver can allocate exactly what is declared."""
+    try:
+        header = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"header is not valid JSON: {type(exc).__name__}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a JSON object")
+    kind = _check_kind(header.get("kind"))
+    meta = header.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ProtocolError("header meta must be an object")
+    items = header.get("arrays", [])
+    if not isinstance(items, list):
+        raise ProtocolError("header arrays must be a list")
+    if len(items) > limits.max_arrays:
+        raise ProtocolError(f"{len(items)} arrays exceed limit {limits.max_arrays}")
+    specs = []
+    total = 0
+    for item in items:
+        spec = _parse_array_spec(item, limits)
+        total += spec.nbytes
+        if total > body_len:
+            raise ProtocolError(f"arrays need more than the declared body of {body_len} bytes")
+        specs.append(spec)
+    if total != body_len:
+        raise ProtocolError(f"arrays need {total} bytes but body is {body_len}")
+    return kind, meta, specs

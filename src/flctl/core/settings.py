@@ -1,0 +1,318 @@
+"""flctl.yaml: project, overlay, agent and training settings.
+
+Every section and key is optional, so a fresh workspace can start from a
+nearly empty file; the defaults live only in the dataclass field defaults
+below. Values are checked strictly (a boolean is not a port, 20.0 is not a
+round count) because a typo here otherwise surfaces as a confusing failure
+on a remote host many minutes later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable
+
+from flctl.core.yamlsrc import (
+    LineDict,
+    Spot,
+    check_keys,
+    describe,
+    did_you_mean,
+    expect_choice,
+    expect_float,
+    expect_int,
+    expect_mapping,
+    expect_str,
+    load_yaml,
+    to_plain,
+    yaml_scalar,
+)
+from flctl.errors import ConfigError
+
+PROJECT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,39}\Z")
+# A builtin name ("logreg") or an importable class ("my_pkg.tasks:Cnn").
+PLUGIN_RE = re.compile(r"[a-z][a-z0-9_]*\Z|[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*\Z")
+LISTEN_CHOICES = ("overlay", "underlay")
+MAX_PREFIXLEN = 30  # hub + network + broadcast + at least one host
+MAX_MESSAGE_MB = 65536
+
+
+@dataclass(frozen=True)
+class OverlaySettings:
+    subnet: ipaddress.IPv4Network = ipaddress.IPv4Network("10.213.0.0/24")
+    port: int = 51820
+
+    @property
+    def hub_ip(self) -> ipaddress.IPv4Address:
+        """The coordinator's overlay address: the subnet's first host address."""
+        return self.subnet.network_address + 1
+
+    def __post_init__(self) -> None:
+        _validate_section(self, _OVERLAY_FIELDS, "overlay")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    port: int = 7443
+    listen: str = "overlay"
+
+    def __post_init__(self) -> None:
+        _validate_section(self, _AGENT_FIELDS, "agent")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    task: str = "logreg"
+    task_params: Mapping[str, Any] = field(default_factory=dict)
+    strategy: str = "fedavg"
+    strategy_params: Mapping[str, Any] = field(default_factory=dict)
+    rounds: int = 20
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    fraction: float = 1.0
+    min_hosts: int = 1
+    deadline_s: float = 300.0
+    eval_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _validate_section(self, _TRAINING_FIELDS, "training")
+
+    def __hash__(self) -> int:  # params are mappings; hash the scalars only
+        return hash((self.task, self.strategy, self.rounds, self.seed, self.lr))
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_message_mb: int = 2048
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        _validate_section(self, _LIMIT_FIELDS, "limits")
+
+
+@dataclass(frozen=True)
+class Settings:
+    project: str = "demo"
+    overlay: OverlaySettings = field(default_factory=OverlaySettings)
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+
+    def __post_init__(self) -> None:
+        _check_project(self.project, Spot(None, None, "project"))
+
+    def __hash__(self) -> int:
+        return hash((self.project, self.overlay, self.agent, self.training, self.limits))
+
+    def with_training(self, **overrides: Any) -> Settings:
+        """A copy with some training values replaced (e.g. from CLI flags).
+
+        Overrides are validated like the file; errors name `training.<key>`.
+        """
+        known = {f.name for f in dataclasses.fields(TrainingSettings)}
+        for name in overrides:
+            if name not in known:
+                raise ConfigError(f"unknown training setting{did_you_mean(name, known)}",
+                                  field=f"training.{name}")
+        training = dataclasses.replace(self.training, **overrides)
+        return dataclasses.replace(self, training=training)
+
+
+# ---------------------------------------------------------------- validators
+
+Check = Callable[[Any, Spot], Any]
+
+
+def _port(value: Any, spot: Spot) -> int:
+    return expect_int(value, spot, minimum=1, maximum=65535)
+
+
+def _subnet(value: Any, spot: Spot) -> ipaddress.IPv4Network:
+    if isinstance(value, ipaddress.IPv4Network):
+        network = value
+    else:
+        text = expect_str(value, spot)
+        if "/" not in text:
+            raise spot.error(f"give the prefix length, e.g. {text}/24")
+        try:
+            interface = ipaddress.IPv4Interface(text)
+        except ValueError:
+            raise spot.error(f"not an IPv4 network like 10.213.0.0/24: {text!r}") from None
+        network = interface.network
+        if interface.ip != network.network_address:
+            raise spot.error(f"{text} has host bits set (did you mean {network}?)")
+    if network.prefixlen > MAX_PREFIXLEN:
+        raise spot.error(f"{network} is too small: use a /{MAX_PREFIXLEN} or larger network")
+    return network
+
+
+def _plugin(value: Any, spot: Spot) -> str:
+    text = expect_str(value, spot)
+    if not PLUGIN_RE.match(text):
+        raise spot.error(f"expected a builtin name or 'package.module:Class', got {text!r}")
+    return text
+
+
+def _params(value: Any, spot: Spot) -> Mapping[str, Any]:
+    if isinstance(value, MappingProxyType):
+        value = dict(value)
+    if not isinstance(value, Mapping):
+        raise spot.error(f"expected a mapping, got {describe(value)}")
+    return MappingProxyType(to_plain(value, spot))
+
+
+def _positive_int(value: Any, spot: Spot) -> int:
+    return expect_int(value, spot, minimum=1)
+
+
+def _positive_float(value: Any, spot: Spot) -> float:
+    return expect_float(value, spot, above=0.0)
+
+
+def _check_project(value: Any, spot: Spot) -> str:
+    text = expect_str(value, spot)
+    if not PROJECT_RE.match(text):
+        raise spot.error("must be 1-40 lowercase letters, digits or '-', "
+                         f"starting with a letter or digit, got {text!r}")
+    return text
+
+
+_OVERLAY_FIELDS: dict[str, Check] = {"subnet": _subnet, "port": _port}
+_AGENT_FIELDS: dict[str, Check] = {
+    "port": _port,
+    "listen": lambda v, s: expect_choice(v, s, LISTEN_CHOICES),
+}
+_TRAINING_FIELDS: dict[str, Check] = {
+    "task": _plugin,
+    "task_params": _params,
+    "strategy": _plugin,
+    "strategy_params": _params,
+    "rounds": _positive_int,
+    "epochs": _positive_int,
+    "batch_size": _positive_int,
+    "lr": _positive_float,
+    "fraction": lambda v, s: expect_float(v, s, above=0.0, maximum=1.0),
+    "min_hosts": _positive_int,
+    "deadline_s": _positive_float,
+    "eval_every": _positive_int,
+    "seed": lambda v, s: expect_int(v, s, minimum=0, maximum=2**32 - 1),  # any numpy RNG
+}
+_LIMIT_FIELDS: dict[str, Check] = {
+    "max_message_mb": lambda v, s: expect_int(v, s, minimum=1, maximum=MAX_MESSAGE_MB),
+}
+_SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
+    "overlay": (OverlaySettings, _OVERLAY_FIELDS),
+    "agent": (AgentSettings, _AGENT_FIELDS),
+    "training": (TrainingSettings, _TRAINING_FIELDS),
+    "limits": (LimitSettings, _LIMIT_FIELDS),
+}
+
+
+def _validate_section(section: Any, checks: Mapping[str, Check], name: str) -> None:
+    """Normalise and check a section built in code (defaults, replace())."""
+    for key, check in checks.items():
+        value = check(getattr(section, key), Spot(None, None, f"{name}.{key}"))
+        object.__setattr__(section, key, value)
+
+
+# ---------------------------------------------------------------- load / parse
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate flctl.yaml; a missing file is a ConfigError naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not a UTF-8 text file", file=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
+    return parse_settings(text, str(path))
+
+
+def parse_settings(text: str, source: str) -> Settings:
+    data = load_yaml(text, source)
+    top = Spot(source, 1, None)
+    if data is None:
+        return Settings()
+    if not isinstance(data, LineDict):
+        raise top.at(line=getattr(data, "line", 1)).error(
+            f"expected a mapping of settings, got {describe(data)}")
+    check_keys(data, ("project", *_SECTIONS), top)
+    values: dict[str, Any] = {}
+    if "project" in data:
+        values["project"] = _check_project(data["project"], top.key(data, "project"))
+    for name, (cls, checks) in _SECTIONS.items():
+        if name not in data:
+            continue
+        section_spot = top.key(data, name)
+        section = expect_mapping(data[name], section_spot)
+        check_keys(section, tuple(checks), section_spot)
+        fields = {key: checks[key](value, section_spot.key(section, key))
+                  for key, value in section.items()}
+        values[name] = cls(**fields)
+    return Settings(**values)
+
+
+# ---------------------------------------------------------------- render
+
+_COMMENT_COLUMN = 31
+_COMMENTS = {
+    "project": "[a-z0-9][a-z0-9-]{0,39}",
+    "overlay.subnet": "IPv4 network for WireGuard; the hub takes the first host address",
+    "overlay.port": "WireGuard UDP port",
+    "agent.port": "TLS port of agents; local hosts use port + index",
+    "agent.listen": "overlay | underlay (where agents bind; local hosts always 127.0.0.1)",
+    "training.task": 'builtin name or "pkg.mod:Class"',
+    "training.task_params": "passed to the task constructor",
+    "training.strategy": "aggregation strategy",
+    "training.strategy_params": "passed to the strategy constructor",
+    "training.rounds": "federated rounds",
+    "training.epochs": "local epochs per round",
+    "training.batch_size": "local mini-batch size",
+    "training.lr": "local learning rate",
+    "training.fraction": "fraction of hosts per round (0,1]",
+    "training.min_hosts": "minimum replies to accept a round",
+    "training.deadline_s": "per-round deadline in seconds",
+    "training.eval_every": "evaluate every N rounds",
+    "training.seed": "seed for sampling and initialisation",
+    "limits.max_message_mb": "largest accepted protocol message",
+}
+
+
+def render_settings(settings: Settings) -> str:
+    """flctl.yaml text, with a comment per key, that parses back to `settings`."""
+    lines = ["# flctl.yaml: project settings. Every key is optional; a key left out",
+             "# takes its default.",
+             _line(0, "project", settings.project, "project")]
+    for name in _SECTIONS:
+        section = getattr(settings, name)
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, ipaddress.IPv4Network):
+                value = str(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            lines.append(_line(2, f.name, value, f"{name}.{f.name}"))
+    return "\n".join(lines) + "\n"
+
+
+def _line(indent: int, key: str, value: Any, dotted: str) -> str:
+    text = f"{' ' * indent}{key}: {yaml_scalar(value)}"
+    comment = _COMMENTS.get(dotted)
+    if not comment:
+        return text
+    return f"{text.ljust(_COMMENT_COLUMN - 1)} # {comment}"

@@ -1,0 +1,144 @@
+"""A mutual-TLS request/response client for one flctl peer.
+
+Connection-level failures (refused, handshake rejected, reset, timeout) are
+raised as TransportError, which is both a FlctlError (one clear CLI line) and
+a ConnectionError (so `except OSError` keeps working). After one, the client
+is closed; reconnecting is the caller's decision.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+from flctl.core.messages import DEFAULT_LIMITS, Limits, Message
+from flctl.errors import FlctlError, ProtocolError
+from flctl.net.framing import Allocator, ConnectionClosed, recv_message, send_message
+
+# In TLS 1.3 the server checks the client certificate after the client's side of
+# the handshake is done, so a rejection only shows up on the first exchange.
+_REJECTED_HINT = (" before the first reply on this connection; if this persists the peer"
+                  " may not accept our certificate (is it signed by the project CA?)")
+
+
+class TransportError(FlctlError, ConnectionError):
+    """Could not reach or keep talking to the peer."""
+
+
+class TransportTimeout(TransportError, TimeoutError):
+    """The peer did not answer within the client's timeout."""
+
+
+class RemoteError(FlctlError):
+    """The peer answered with an "error" message; the connection stays usable."""
+
+    def __init__(self, message: str, meta: dict | None = None) -> None:
+        super().__init__(message)
+        self.meta = meta or {}
+
+
+class FrameClient:
+    def __init__(self, host: str, port: int, context: ssl.SSLContext, server_hostname: str,
+                 timeout: float | None = 30.0, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.host = host
+        self.port = port
+        self.context = context
+        self.server_hostname = server_hostname
+        self.timeout = timeout
+        self.limits = limits
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._sock: ssl.SSLSocket | None = None
+        self._fresh = False  # connected, no reply received yet
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def _where(self) -> str:
+        return f"{self.server_hostname} ({self.host}:{self.port})"
+
+    def connect(self) -> None:
+        if self._sock is not None:
+            return
+        try:
+            raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        except socket.timeout as exc:
+            raise TransportTimeout(f"connecting to {self._where()} timed out") from exc
+        except OSError as exc:
+            raise TransportError(f"cannot connect to {self._where()}: {exc}") from exc
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock = self.context.wrap_socket(raw, server_hostname=self.server_hostname)
+            self._fresh = True
+        except socket.timeout as exc:
+            raw.close()
+            raise TransportTimeout(f"TLS handshake with {self._where()} timed out") from exc
+        except (ssl.SSLError, OSError) as exc:
+            raw.close()
+            raise TransportError(f"TLS handshake with {self._where()} failed: {exc}") from exc
+
+    def request(self, msg: Message, allocate: Allocator | None = None) -> Message:
+        """Send one message and return the reply; an "error" reply raises RemoteError."""
+        self.connect()
+        assert self._sock is not None
+        try:
+            self.bytes_sent += send_message(self._sock, msg)
+            reply, received = recv_message(self._sock, self.limits, allocate)
+        except socket.timeout as exc:
+            self.close()
+            raise TransportTimeout(f"{self._where()} did not answer {msg.kind!r} in time") from exc
+        except ConnectionClosed as exc:
+            hint = _REJECTED_HINT if self._fresh else ""
+            self.close()
+            raise TransportError(f"{self._where()} closed the connection{hint}") from exc
+        except ProtocolError:
+            self.close()
+            raise
+        except OSError as exc:  # ssl.SSLError (e.g. our certificate rejected), reset
+            fresh = self._fresh
+            self.close()
+            hint = _REJECTED_HINT if fresh else ""
+            raise TransportError(f"connection to {self._where()} failed: {exc}{hint}") from exc
+        except BaseException:  # e.g. allocate raised: the stream is out of step now
+            self.close()
+            raise
+        self._fresh = False
+        self.bytes_received += received
+        if reply.kind == "error":
+            if reply.meta.get("protocol_error"):
+                self.close()  # the server hangs up after a protocol error
+            raise RemoteError(str(reply.meta.get("error", "unknown remote error")), reply.meta)
+        return reply
+
+    def set_timeout(self, timeout: float | None) -> None:
+        """Change the per-operation timeout, also on an open connection (round deadlines)."""
+        self.timeout = timeout
+        sock = self._sock
+        if sock is not None:
+            sock.settimeout(timeout)
+
+    def abort(self) -> None:
+        """Cut the connection from another thread: a request blocked in send/recv fails
+        at once with TransportError. Only the TCP socket is shut down (the SSL object
+        and the fd stay with the requesting thread, which closes them)."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def __enter__(self) -> FrameClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
