@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Round overhead on loopback: round wall time minus the slowest host's compute.
+
+Starts N real agents (separate processes, mutual TLS) through the deploy
+engine, trains R rounds of a P-parameter float32 model with a task whose
+local step is one pass over the weights, and reports the per-round overhead
+(median), i.e. what flctl itself costs: transport, framing, aggregation.
+
+Targets (issue 2): <= 0.15 s for P=1M and <= 1.5 s for P=10M with N=8.
+Reference: Flower 1.42's deployment engine spends ~12 s (P=1M) and ~21 s
+(P=10M) per round on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from flctl.coordinator.records import create_run_dir
+from flctl.coordinator.rounds import Coordinator
+from flctl.coordinator.session import endpoints_for, info_probe, workspace_context
+from flctl.core.messages import Limits
+from flctl.core.settings import AgentSettings, Settings, render_settings
+from flctl.deploy import engine
+from flctl.net.agent_client import AgentClient
+from flctl.workspace import init_workspace, load_workspace
+
+TARGETS = {1_000_000: 0.15, 10_000_000: 1.5}
+FLOWER_SECONDS = {1_000_000: 12.0, 10_000_000: 21.0}
+
+BENCH_TASK = '''
+import numpy as np
+
+class EchoTask:
+    """One pass over the weights: the cheapest honest local step."""
+
+    def __init__(self, n_params=1_000_000):
+        self.n_params = int(n_params)
+
+    def init(self, seed):
+        return [np.zeros(self.n_params, dtype=np.float32)]
+
+    def fit(self, weights, data, config):
+        return [weights[0] + np.float32(0.001)], 100, {"train_loss": 0.0}
+
+    def evaluate(self, weights, data, config):
+        return 0.0, 100, {"accuracy": 0.0}
+'''
+
+
+def free_base_port(count: int) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import free_port_block
+
+    return free_port_block(count)
+
+
+def measure(root: Path, n_params: int, rounds: int) -> dict:
+    workspace = load_workspace(root)
+    training = workspace.settings.with_training(
+        task="bench_task:EchoTask", task_params={"n_params": n_params}, rounds=rounds,
+        eval_every=10_000, deadline_s=600.0).training
+    context = workspace_context(workspace)
+    limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes)
+    clients = [AgentClient(e, context, timeout=600, limits=limits)
+               for e in endpoints_for(workspace, workspace.inventory.hosts)]
+    records = []
+    coordinator = Coordinator(clients, training, create_run_dir(workspace.paths.runs),
+                              task_search_path=[workspace.paths.tasks],
+                              on_round=records.append)
+    coordinator.train()
+    # The last round also evaluates; the first warms up connections.
+    steady = records[1:-1] if len(records) > 2 else records
+    overheads = [r.fit_seconds - r.max_compute_s for r in steady]
+    return {
+        "n_params": n_params,
+        "rounds_measured": len(steady),
+        "overhead_s_median": statistics.median(overheads),
+        "overhead_s_min": min(overheads),
+        "fit_seconds_median": statistics.median(r.fit_seconds for r in steady),
+        "max_compute_s_median": statistics.median(r.max_compute_s for r in steady),
+        "bytes_per_round": steady[-1].bytes_sent + steady[-1].bytes_received,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hosts", type=int, default=8)
+    parser.add_argument("--params", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="flctl-bench-") as tmp:
+        root = Path(tmp)
+        settings = Settings(agent=AgentSettings(port=free_base_port(args.hosts)))
+        init_workspace(root, local_hosts=args.hosts, settings=settings)
+        (root / "flctl.yaml").write_text(render_settings(settings))
+        (root / "tasks" / "bench_task.py").write_text(BENCH_TASK)
+        workspace = load_workspace(root)
+        results = engine.deploy(workspace, list(workspace.inventory.hosts),
+                                verify=lambda h, e: info_probe(workspace)(e))
+        failed = [r for r in results if r.status in ("failed", "unreachable")]
+        if failed:
+            print(f"deploy failed: {[(r.host, r.error) for r in failed]}", file=sys.stderr)
+            return 1
+        try:
+            figures = [measure(root, p, args.rounds) for p in args.params]
+        finally:
+            engine.teardown(workspace, list(workspace.inventory.hosts))
+    for figure in figures:
+        target = TARGETS.get(figure["n_params"])
+        flower = FLOWER_SECONDS.get(figure["n_params"])
+        figure["target_s"] = target
+        figure["ratio_to_target"] = figure["overhead_s_median"] / target if target else None
+        figure["flower_round_s"] = flower
+        figure["speedup_vs_flower"] = flower / figure["fit_seconds_median"] if flower else None
+    if args.json:
+        print(json.dumps({"hosts": args.hosts, "results": figures}, indent=2))
+        return 0
+    print(f"round overhead on loopback, N={args.hosts} agents (median of steady rounds)")
+    for f in figures:
+        line = (f"P={f['n_params']:>11,}  overhead {f['overhead_s_median']:.3f} s "
+                f"(round {f['fit_seconds_median']:.3f} s, slowest compute "
+                f"{f['max_compute_s_median']:.3f} s, {f['bytes_per_round'] / 1e6:.0f} MB moved)")
+        if f["target_s"]:
+            line += (f"  target {f['target_s']} s -> {f['ratio_to_target']:.2f}x of budget; "
+                     f"Flower ~{f['flower_round_s']:.0f} s/round -> {f['speedup_vs_flower']:.0f}x faster")
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
