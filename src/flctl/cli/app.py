@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 from rich.live import Live
@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from flctl import __version__
 from flctl.cli import render
+from flctl.cli.progress import HostProgress
 from flctl.coordinator.rounds import RoundRecord, RunSummary
 from flctl.coordinator.session import info_probe, train_workspace
 from flctl.deploy import engine
@@ -45,14 +46,6 @@ ForksOpt = typer.Option(16, "--forks", "-f", min=1, help="Hosts handled in paral
 
 def _selected(workspace: Workspace, limit: Optional[list[str]]) -> list:
     return workspace.inventory.select(limit) if limit else list(workspace.inventory.hosts)
-
-
-def _progress(json_mode: bool) -> Callable[[str, str], None]:
-    def show(host: str, message: str) -> None:
-        if not json_mode:
-            render.err.print(f"[dim]{host}[/]: {message}")
-
-    return show
 
 
 def _host_failures(results: list[engine.HostResult], verb: str) -> None:
@@ -90,9 +83,10 @@ def init(
 def _deploy(workspace: Workspace, limit: Optional[list[str]], check: bool, forks: int,
             json_output: bool) -> list[engine.HostResult]:
     hosts = _selected(workspace, limit)
-    return engine.deploy(workspace, hosts, check=check, forks=forks,
-                         verify=lambda host, endpoint: info_probe(workspace)(endpoint),
-                         progress=_progress(json_output))
+    probe = info_probe(workspace)
+    with HostProgress([h.name for h in hosts], "deploy", enabled=not json_output) as view:
+        return engine.deploy(workspace, hosts, check=check, forks=forks,
+                             verify=lambda host, endpoint: probe(endpoint), progress=view.update)
 
 
 @app.command()
@@ -140,8 +134,9 @@ def teardown(
 ) -> None:
     """Stop agents and remove everything deploy put on the hosts."""
     workspace = load_workspace(workspace_dir)
-    results = engine.teardown(workspace, _selected(workspace, limit), forks=forks,
-                              progress=_progress(json_output))
+    hosts = _selected(workspace, limit)
+    with HostProgress([h.name for h in hosts], "teardown", enabled=not json_output) as view:
+        results = engine.teardown(workspace, hosts, forks=forks, progress=view.update)
     if json_output:
         render.emit_json({"hosts": [r.as_dict() for r in results]})
     else:

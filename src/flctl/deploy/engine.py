@@ -202,7 +202,7 @@ class HostDeploy:
         answer = hostctl(connector, *args)
         cert = pki.sign_csr(self.ctx.ca_key, self.ctx.ca_cert, answer["csr_pem"].encode())
         connector.put(str(self.paths.cert), cert, 0o644)
-        self.step("certificate", True, f"issued ({reason}; key made on the host)")
+        self.step("certificate", True, f"issued: {reason}")
         return True
 
     def _file(self, connector: Connector, name: str, path: str, wanted: bytes,
