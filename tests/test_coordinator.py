@@ -1,0 +1,172 @@
+"""The round loop against in-process agents (real TLS sockets, threads)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flctl.agent.service import AgentService
+from flctl.coordinator.records import create_run_dir, load_weights
+from flctl.coordinator.rounds import Coordinator, MemoryBudget
+from flctl.core import pki
+from flctl.core.agentconfig import AgentConfig
+from flctl.core.data import Dataset, save_dataset
+from flctl.core.layout import Endpoint
+from flctl.core.settings import TrainingSettings
+from flctl.errors import TrainingError
+from flctl.net.agent_client import AgentClient
+from flctl.net.server import FrameServer
+from flctl.net.tls import client_context, server_context
+
+MEAN_TASK = '''
+import time
+import numpy as np
+
+class MeanTask:
+    """The update is the host's data mean; hosts named in `slow` sleep first."""
+
+    def __init__(self, slow=(), delay=0.0):
+        self.slow = set(slow)
+        self.delay = float(delay)
+
+    def init(self, seed):
+        return [np.zeros(3, dtype=np.float32)]
+
+    def fit(self, weights, data, config):
+        if int(data.x_train[0, 0]) in self.slow:
+            time.sleep(self.delay)
+        mean = data.x_train.mean(axis=0).astype(np.float32)
+        return [mean], len(data.x_train), {"train_loss": float(mean.sum())}
+
+    def evaluate(self, weights, data, config):
+        return 0.5, len(data.x_train), {"accuracy": 1.0}
+'''
+
+
+class Federation:
+    def __init__(self, root: Path, sizes: list[int]) -> None:
+        self.root = root
+        ca_key, ca_cert = pki.make_ca("test CA")
+        (root / "ca.crt").write_bytes(ca_cert)
+        (root / "tasks").mkdir()
+        (root / "tasks" / "meantask.py").write_text(MEAN_TASK)
+        key, cert = pki.issue_certificate(ca_key, ca_cert, "coordinator", ["coordinator"])
+        (root / "c.key").write_bytes(key)
+        (root / "c.crt").write_bytes(cert)
+        self.context = client_context(root / "ca.crt", root / "c.crt", root / "c.key")
+        self.servers: list[FrameServer] = []
+        self.endpoints: list[Endpoint] = []
+        self.means: list[np.ndarray] = []
+        for index, size in enumerate(sizes):
+            name = f"h{index}"
+            key, cert = pki.issue_certificate(ca_key, ca_cert, name, [name], ["127.0.0.1"])
+            (root / f"{name}.key").write_bytes(key)
+            (root / f"{name}.crt").write_bytes(cert)
+            x = np.full((size, 3), float(index), dtype=np.float32)
+            x[:, 1] = np.arange(size)
+            save_dataset(Dataset(x, np.zeros(size, dtype=np.int64)), root / f"{name}.npz")
+            self.means.append(x.mean(axis=0))
+            config = AgentConfig(name=name, project="t", bind_address="127.0.0.1", port=0,
+                                 ca_cert=str(root / "ca.crt"), cert=str(root / f"{name}.crt"),
+                                 key=str(root / f"{name}.key"), data_path=str(root / f"{name}.npz"),
+                                 state_file=str(root / f"{name}.state"),
+                                 task_path=(str(root / "tasks"),))
+            server = FrameServer("127.0.0.1", 0, server_context(root / "ca.crt",
+                                 root / f"{name}.crt", root / f"{name}.key"),
+                                 AgentService(config).handle)
+            server.start()
+            self.servers.append(server)
+            self.endpoints.append(Endpoint(name, "127.0.0.1", "127.0.0.1", server.address[1], name))
+
+    def coordinator(self, training: TrainingSettings, **kwargs) -> Coordinator:
+        clients = [AgentClient(e, self.context, timeout=30) for e in self.endpoints]
+        return Coordinator(clients, training, create_run_dir(self.root / "runs"),
+                           task_search_path=[self.root / "tasks"], **kwargs)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def federation(tmp_path: Path):
+    fed = Federation(tmp_path, [10, 30, 60])
+    yield fed
+    fed.close()
+
+
+def test_round_result_is_the_example_weighted_mean(federation: Federation) -> None:
+    training = TrainingSettings(task="meantask:MeanTask", rounds=2)
+    summary = federation.coordinator(training).train()
+    weights = np.array([10, 30, 60], dtype=np.float64)
+    expected = sum(w * m for w, m in zip(weights, federation.means)) / weights.sum()
+    [result] = load_weights(summary.final_weights)
+    np.testing.assert_allclose(result, expected, rtol=1e-6)
+    record = summary.history[-1]
+    assert record.participants == ["h0", "h1", "h2"] and record.dropped == {}
+    expected_loss = sum(w * m.sum() for w, m in zip(weights, federation.means)) / weights.sum()
+    assert record.train_loss == pytest.approx(expected_loss, rel=1e-5)
+    assert record.accuracy == 1.0 and record.eval_loss == 0.5
+
+
+def test_a_straggler_misses_the_deadline_and_the_round_goes_on(federation: Federation) -> None:
+    training = TrainingSettings(task="meantask:MeanTask", task_params={"slow": [2], "delay": 3.0},
+                                rounds=1, deadline_s=1.0, min_hosts=2)
+    started = time.monotonic()
+    summary = federation.coordinator(training).train()
+    record = summary.history[0]
+    assert record.participants == ["h0", "h1"]
+    assert record.dropped == {"h2": "deadline exceeded"}
+    assert record.fit_seconds < 2.0  # did not wait for the 3 s straggler
+    expected = (10 * federation.means[0] + 30 * federation.means[1]) / 40
+    np.testing.assert_allclose(load_weights(summary.final_weights)[0], expected, rtol=1e-6)
+    assert time.monotonic() - started < 10
+
+
+def test_too_few_replies_stop_the_run_with_a_reason(federation: Federation) -> None:
+    federation.servers[0].stop()
+    federation.servers[1].stop()
+    training = TrainingSettings(task="meantask:MeanTask", rounds=1, min_hosts=2)
+    with pytest.raises(TrainingError, match="only 1 of 3 hosts answer"):
+        federation.coordinator(training).train()
+
+
+def test_metrics_and_checkpoint_each_round(federation: Federation) -> None:
+    training = TrainingSettings(task="meantask:MeanTask", rounds=3)
+    seen = []
+    summary = federation.coordinator(training, on_round=seen.append).train()
+    lines = (summary.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
+    assert [r.round for r in seen] == [1, 2, 3]
+    assert json.loads((summary.run_dir / "state.json").read_text())["round"] == 3
+
+
+def test_memory_budget_bounds_updates_held_at_once() -> None:
+    budget = MemoryBudget(2)
+    inside = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def worker() -> None:
+        nonlocal inside, peak
+        held: list[bool] = []
+        budget.allocator(held)([])
+        with lock:
+            inside += 1
+            peak = max(peak, inside)
+        time.sleep(0.05)
+        with lock:
+            inside -= 1
+        budget.release(held)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert peak == 2

@@ -1,0 +1,70 @@
+"""Host-side fact parsers, on captured /proc text (pyinfra style)."""
+
+from __future__ import annotations
+
+from flctl.core.agentconfig import AgentConfig, parse_agent_config, render_agent_config
+from flctl.core.facts import (
+    parse_listening_ports,
+    parse_loadavg,
+    parse_meminfo,
+    parse_os_release,
+    process_uptime_s,
+)
+from flctl.errors import ConfigError
+
+PROC_NET_TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1D0B 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1
+   1: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1
+   2: 0100007F:1D0C 0100007F:A2B4 01 00000000:00000000 00:00000000 00000000     0        0 3 1
+"""
+
+PROC_NET_TCP6 = """\
+  sl  local_address                         remote_address                        st
+   0: 00000000000000000000000000000000:01BB 00000000000000000000000000000000:0000 0A 0
+"""
+
+
+def test_listening_ports_only_counts_listen_state() -> None:
+    assert parse_listening_ports(PROC_NET_TCP) == {0x1D0B, 22}
+    assert parse_listening_ports(PROC_NET_TCP6) == {443}
+    assert parse_listening_ports("header only\n") == set()
+
+
+def test_meminfo_in_bytes() -> None:
+    text = "MemTotal:       24576000 kB\nMemAvailable:   1000 kB\nHugePages_Total:       0\n"
+    info = parse_meminfo(text)
+    assert info["MemTotal"] == 24576000 * 1024
+    assert info["MemAvailable"] == 1024000
+    assert info["HugePages_Total"] == 0
+
+
+def test_loadavg_and_os_release() -> None:
+    assert parse_loadavg("0.50 1.25 2.00 1/234 5678\n") == (0.5, 1.25, 2.0)
+    release = parse_os_release('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\n')
+    assert release == {"PRETTY_NAME": "Debian GNU/Linux 12 (bookworm)", "ID": "debian"}
+
+
+def test_process_uptime_handles_spaces_in_comm() -> None:
+    fields = ["S"] + ["0"] * 18 + ["1000"] + ["0"] * 5  # starttime is field 22
+    stat = "1234 (python3 -m x) " + " ".join(fields)
+    assert process_uptime_s(stat, system_uptime_s=30.0, clock_ticks=100) == 20.0
+    assert process_uptime_s(stat, system_uptime_s=5.0, clock_ticks=100) == 0.0
+
+
+def test_agent_config_roundtrip_is_deterministic() -> None:
+    config = AgentConfig(name="a", project="p", bind_address="127.0.0.1", port=7443,
+                         ca_cert="/c", cert="/d", key="/k", data_path="/data.npz",
+                         state_file="/s", task_path=("/t",))
+    text = render_agent_config(config)
+    assert render_agent_config(config) == text
+    assert parse_agent_config(text, "agent.json") == config
+
+
+def test_agent_config_rejects_unknown_keys() -> None:
+    try:
+        parse_agent_config('{"name": "a", "bogus": 1}', "agent.json")
+    except ConfigError as exc:
+        assert exc.field == "bogus" and "agent.json" in exc.message
+    else:
+        raise AssertionError("unknown key accepted")
