@@ -35,9 +35,9 @@ training:
   strategy: fedavg
   strategy_params: {}
   rounds: 20
-  epochs: 1
+  epochs: 5
   batch_size: 32
-  lr: 0.1
+  lr: 0.5
   fraction: 1.0                # fraction of hosts per round (0,1]
   min_hosts: 1                 # minimum replies to accept a round
   deadline_s: 300.0            # per-round deadline
@@ -54,7 +54,7 @@ def test_documented_file_equals_the_defaults() -> None:
     assert settings.overlay.subnet == ipaddress.IPv4Network("10.213.0.0/24")
     assert settings.overlay.hub_ip == ipaddress.IPv4Address("10.213.0.1")
     assert (settings.agent.port, settings.agent.listen) == (7443, "overlay")
-    assert (settings.training.rounds, settings.training.lr) == (20, 0.1)
+    assert (settings.training.rounds, settings.training.lr) == (20, 0.5)
     assert settings.limits.max_message_bytes == 2048 * 1024 * 1024
 
 
@@ -90,7 +90,7 @@ limits: {max_message_mb: 64}
     assert type(s.training.task_params["hidden"]) is list          # plain, JSON-ready
     assert isinstance(s.training.lr, float) and s.training.lr == 1.0
     assert isinstance(s.training.deadline_s, float)
-    assert (s.training.rounds, s.training.epochs, s.training.seed) == (5, 1, 42)
+    assert (s.training.rounds, s.training.epochs, s.training.seed) == (5, 5, 42)
     assert s.limits == LimitSettings(64)
 
 

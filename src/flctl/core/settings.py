@@ -72,10 +72,14 @@ class TrainingSettings:
     task_params: Mapping[str, Any] = field(default_factory=dict)
     strategy: str = "fedavg"
     strategy_params: Mapping[str, Any] = field(default_factory=dict)
+    # Defaults measured on the demo (4 hosts, digits, Dirichlet 0.5 label
+    # skew): FedAvg lands within 2 points of a converged central model over
+    # seeds 0-4 (tests/test_federated_accuracy.py). More local epochs per
+    # round mean fewer rounds (fewer bytes on the wire) at little drift.
     rounds: int = 20
-    epochs: int = 1
+    epochs: int = 5
     batch_size: int = 32
-    lr: float = 0.1
+    lr: float = 0.5
     fraction: float = 1.0
     min_hosts: int = 1
     deadline_s: float = 300.0

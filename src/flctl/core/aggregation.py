@@ -1,0 +1,166 @@
+"""Streaming weighted averaging of model updates.
+
+The coordinator may receive hundreds of updates of a large model in one
+round. Stacking them (what `np.average(np.stack(...))` and Flower's
+`aggregate` do) costs O(hosts x model) memory; here each update is folded
+into one running sum as it arrives and can be freed right after.
+
+The fold works in chunks of CHUNK elements: `w * x` goes into a small
+scratch buffer that stays in the CPU cache until it is added to the sum, so
+each update is read from memory once and the extra memory is one model-sized
+sum plus two chunk-sized buffers, whatever the number of hosts. This beats
+the plain numpy `acc += w * x`, which allocates and faults in a model-sized
+temporary for every update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+# 64 Ki elements (256 KiB in float32): small enough to stay in L2 between the
+# multiply and the add, large enough that per-call overhead is noise.
+CHUNK = 65536
+
+
+def accumulation_dtype(template: Sequence[np.ndarray]) -> np.dtype:
+    """float32 unless the model itself is in a wider float (then keep its precision)."""
+    dtype = np.dtype(np.float32)
+    for array in template:
+        kind = np.asarray(array).dtype
+        if np.issubdtype(kind, np.floating):
+            dtype = np.promote_types(dtype, kind)
+    return dtype
+
+
+def _flat(array: np.ndarray) -> np.ndarray:
+    """A 1-D view (a copy only for non-contiguous input, which the wire never produces)."""
+    return np.ascontiguousarray(array).reshape(-1)
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """True if no NaN or infinity is in `array` (integers always are finite).
+
+    Sums chunks with BLAS dot against ones: NaN and inf propagate into the
+    sum, no temporary is allocated, and it runs at memory speed. A chunk sum
+    beyond the float range also reads as non-finite; weights that large are
+    as unusable as NaN.
+    """
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating):
+        return True
+    flat = _flat(array)
+    ones = np.ones(min(CHUNK, flat.size), dtype=flat.dtype)
+    for start in range(0, flat.size, CHUNK):
+        part = flat[start:start + CHUNK]
+        if not math.isfinite(float(np.dot(part, ones[:part.size]))):
+            return False
+    return True
+
+
+class WeightedAccumulator:
+    """Running sum of weight * update over a fixed list of array shapes.
+
+    Holds one model-sized sum and a chunk-sized scratch buffer; never keeps a
+    reference to the arrays passed to `add`.
+    """
+
+    def __init__(self, template: Sequence[np.ndarray], dtype: DTypeLike = np.float32, *,
+                 require_finite: bool = False) -> None:
+        self.dtype = np.dtype(dtype)
+        if not np.issubdtype(self.dtype, np.floating):
+            raise ValueError(f"accumulator dtype must be a float type, got {self.dtype}")
+        self.shapes = [tuple(np.shape(array)) for array in template]
+        self.require_finite = require_finite
+        self._acc: list[np.ndarray] | None = [np.zeros(s, self.dtype) for s in self.shapes]
+        largest = max((int(np.prod(s)) for s in self.shapes), default=0)
+        self._scratch = np.empty(min(CHUNK, largest), self.dtype)
+        self._count = 0
+        self._total_weight = 0.0
+
+    @property
+    def count(self) -> int:
+        """Number of updates added so far."""
+        return self._count
+
+    @property
+    def total_weight(self) -> float:
+        return self._total_weight
+
+    def add(self, arrays: Sequence[np.ndarray], weight: float) -> None:
+        """Fold `weight * arrays` into the sum; on any error the sum is left untouched."""
+        if self._acc is None:
+            raise ValueError("accumulator already consumed by take_mean()")
+        weight = float(weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight must be a finite number >= 0, got {weight}")
+        arrays = [np.asarray(a) for a in arrays]
+        self._validate(arrays)
+        # Overflow is the caller's to detect (FedAvg checks its result), not a warning.
+        with np.errstate(over="ignore", invalid="ignore"):
+            for x, acc in zip(arrays, self._acc):
+                source, target = _flat(x), acc.reshape(-1)
+                for start in range(0, source.size, CHUNK):
+                    stop = min(start + CHUNK, source.size)
+                    scratch = self._scratch[:stop - start]
+                    np.multiply(source[start:stop], weight, out=scratch)
+                    np.add(target[start:stop], scratch, out=target[start:stop])
+        self._count += 1
+        self._total_weight += weight
+
+    def _validate(self, arrays: list[np.ndarray]) -> None:
+        if len(arrays) != len(self.shapes):
+            raise ValueError(f"expected {len(self.shapes)} arrays, got {len(arrays)}")
+        for i, (x, shape) in enumerate(zip(arrays, self.shapes)):
+            if x.shape != shape:
+                raise ValueError(f"array {i}: expected shape {shape}, got {x.shape}")
+            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+                raise ValueError(f"array {i}: dtype {x.dtype} is not a real number type")
+        if self.require_finite:
+            # Checked before anything is added: a float sum cannot be un-added exactly.
+            for i, x in enumerate(arrays):
+                if not all_finite(x):
+                    raise ValueError(f"array {i}: contains NaN or infinite values")
+
+    def mean(self) -> list[np.ndarray]:
+        """Weighted mean as new arrays; the accumulator stays usable."""
+        if self._acc is None:
+            raise ValueError("accumulator already consumed by take_mean()")
+        self._require_weight()
+        return [np.divide(acc, self._total_weight) for acc in self._acc]
+
+    def take_mean(self) -> list[np.ndarray]:
+        """Weighted mean computed in place in the sum's own buffers (no extra model copy).
+
+        For the end of a round, when no more updates will come.
+        """
+        if self._acc is None:
+            raise ValueError("accumulator already consumed by take_mean()")
+        self._require_weight()
+        result, self._acc = self._acc, None
+        self._scratch = np.empty(0, self.dtype)
+        for acc in result:
+            np.divide(acc, self._total_weight, out=acc)
+        return result
+
+    def _require_weight(self) -> None:
+        if self._total_weight == 0:
+            raise ValueError("nothing to average: total weight is 0"
+                             if self._count else "nothing to average: no updates added")
+
+
+def weighted_average(updates: Sequence[Sequence[np.ndarray]], weights: Sequence[float],
+                     dtype: DTypeLike | None = None) -> list[np.ndarray]:
+    """sum_i w_i * u_i / sum_i w_i, accumulated in float32 (or the updates' wider float)."""
+    if len(updates) != len(weights):
+        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
+    if not updates:
+        raise ValueError("nothing to average: no updates")
+    acc = WeightedAccumulator(updates[0], dtype if dtype is not None
+                              else accumulation_dtype(updates[0]))
+    for update, weight in zip(updates, weights):
+        acc.add(update, weight)
+    return acc.take_mean()

@@ -1,0 +1,236 @@
+"""The task contract the agent trains with, the built-in tasks, and loading a user's task.
+
+A task is anything with `init`, `fit` and `evaluate` over `list[np.ndarray]`
+weights: the agent never needs to know the model, so users bring their own
+(numpy, PyTorch, ...) as a `module:Class` that deploy ships to the hosts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import numbers
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from flctl.core.data import Dataset
+from flctl.core.models import MLP, LogisticRegression
+from flctl.core.settings import TrainingSettings
+from flctl.errors import FlctlError
+
+# fit() falls back to the training defaults of flctl.yaml (TrainingSettings
+# is their one home), so a config that omits a key trains as documented.
+_DEFAULTS = TrainingSettings()
+FIT_DEFAULTS: dict[str, Any] = {
+    "epochs": _DEFAULTS.epochs,
+    "batch_size": _DEFAULTS.batch_size,
+    "lr": _DEFAULTS.lr,
+    "seed": 0,
+    "round": 0,
+}
+EVAL_BATCH = 4096
+
+REQUIRED_METHODS = ("init", "fit", "evaluate")
+
+
+class TaskError(FlctlError):
+    """A task cannot be loaded, or was given weights, data or settings it cannot use."""
+
+
+@runtime_checkable
+class Task(Protocol):
+    def init(self, seed: int) -> list[np.ndarray]: ...
+
+    def fit(self, weights: list[np.ndarray], data: Dataset,
+            config: dict) -> tuple[list[np.ndarray], int, dict]: ...
+
+    def evaluate(self, weights: list[np.ndarray], data: Dataset,
+                 config: dict) -> tuple[float, int, dict]: ...
+
+
+def check_weights(weights: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> None:
+    """Refuse weights whose layout differs from `reference` (count, shapes, dtypes)."""
+    if len(weights) != len(reference):
+        raise TaskError(f"expected {len(reference)} weight arrays, got {len(weights)}")
+    for i, (got, want) in enumerate(zip(weights, reference)):
+        if not isinstance(got, np.ndarray):
+            raise TaskError(f"weight array {i}: expected a numpy array, got {type(got).__name__}")
+        if got.shape != want.shape:
+            raise TaskError(f"weight array {i}: expected shape {want.shape}, got {got.shape}")
+        if got.dtype != want.dtype:
+            raise TaskError(f"weight array {i}: expected dtype {want.dtype}, got {got.dtype}")
+
+
+class _SGDTask:
+    """Plain mini-batch SGD over the local data for a model with loss_and_grads/predict_proba."""
+
+    def __init__(self, model: LogisticRegression | MLP) -> None:
+        self.model = model
+        # Zero-size-cost stand-ins for check_weights: shapes and dtype only.
+        self._reference = [np.empty(shape, dtype=np.float32) for shape in model.param_shapes()]
+
+    def init(self, seed: int) -> list[np.ndarray]:
+        return self.model.init_params(np.random.default_rng(seed))
+
+    def fit(self, weights: list[np.ndarray], data: Dataset,
+            config: dict) -> tuple[list[np.ndarray], int, dict]:
+        """New weights, the number of local training examples (FedAvg's weight), train_loss.
+
+        train_loss is the example-weighted mean of the mini-batch losses of the last epoch.
+        """
+        check_weights(weights, self._reference)
+        settings = _fit_settings(config)
+        x, y = self._checked(data.x_train, data.y_train, "training")
+        n = x.shape[0]
+        if n == 0:
+            raise TaskError("no training examples")
+        params = [w.copy() for w in weights]
+        lr = np.float32(settings["lr"])
+        batch = settings["batch_size"]
+        # Seeded by (seed, round) so a resumed run replays the same shuffles.
+        rng = np.random.default_rng([settings["seed"], settings["round"]])
+        loss_sum = 0.0
+        # Overflow is detected below and reported as divergence, not as warnings.
+        with np.errstate(over="ignore", invalid="ignore"):
+            for _ in range(settings["epochs"]):
+                order = rng.permutation(n)
+                loss_sum = 0.0
+                for start in range(0, n, batch):
+                    idx = order[start:start + batch]
+                    loss, grads = self.model.loss_and_grads(params, x[idx], y[idx])
+                    loss_sum += loss * len(idx)
+                    for p, g in zip(params, grads):
+                        p -= lr * g
+            finite = np.isfinite(loss_sum) and all(np.all(np.isfinite(p)) for p in params)
+        if not finite:
+            raise TaskError(f"training diverged (non-finite loss or weights); lower lr "
+                            f"(now {settings['lr']})")
+        return params, n, {"train_loss": loss_sum / n}
+
+    def evaluate(self, weights: list[np.ndarray], data: Dataset,
+                 config: dict) -> tuple[float, int, dict]:
+        """Mean cross-entropy (no L2) and accuracy on the local test data, else the train data."""
+        check_weights(weights, self._reference)
+        if data.x_test is not None and data.y_test is not None and data.n_test > 0:
+            x, y = self._checked(data.x_test, data.y_test, "test")
+        else:
+            x, y = self._checked(data.x_train, data.y_train, "training")
+        n = x.shape[0]
+        if n == 0:
+            raise TaskError("no examples to evaluate on")
+        loss_sum = 0.0
+        correct = 0
+        for start in range(0, n, EVAL_BATCH):
+            xb, yb = x[start:start + EVAL_BATCH], y[start:start + EVAL_BATCH]
+            proba = self.model.predict_proba(weights, xb)
+            picked = proba[np.arange(len(yb)), yb].astype(np.float64)
+            loss_sum -= float(np.log(np.maximum(picked, 1e-12)).sum())
+            correct += int((proba.argmax(axis=1) == yb).sum())
+        return loss_sum / n, n, {"accuracy": correct / n}
+
+    def _checked(self, x: np.ndarray, y: np.ndarray, part: str) -> tuple[np.ndarray, np.ndarray]:
+        if x.ndim != 2 or x.shape[1] != self.model.n_features:
+            raise TaskError(f"{part} data has shape {x.shape}; this task expects "
+                            f"{self.model.n_features} features per example")
+        if y.shape != (x.shape[0],):
+            raise TaskError(f"{part} labels have shape {y.shape}, expected ({x.shape[0]},)")
+        if y.size and (y.min() < 0 or y.max() >= self.model.n_classes):
+            raise TaskError(f"{part} labels must be in 0..{self.model.n_classes - 1}, "
+                            f"found {int(y.min())}..{int(y.max())}")
+        return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
+
+
+def _fit_settings(config: dict) -> dict[str, Any]:
+    settings = dict(FIT_DEFAULTS)
+    settings.update({k: v for k, v in (config or {}).items() if k in FIT_DEFAULTS})
+    for key in ("epochs", "batch_size"):
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise TaskError(f"fit config {key!r} must be a positive integer, got {value!r}")
+    for key in ("seed", "round"):
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise TaskError(f"fit config {key!r} must be a non-negative integer, got {value!r}")
+    lr = settings["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < float("inf"):
+        raise TaskError(f"fit config 'lr' must be a positive number, got {lr!r}")
+    return settings
+
+
+class LogRegTask(_SGDTask):
+    """Softmax logistic regression trained with mini-batch SGD."""
+
+    def __init__(self, n_features: int = 64, n_classes: int = 10, l2: float = 1e-4) -> None:
+        super().__init__(LogisticRegression(n_features, n_classes, l2))
+
+
+class MLPTask(_SGDTask):
+    """ReLU MLP trained with mini-batch SGD."""
+
+    def __init__(self, n_features: int = 64, n_classes: int = 10,
+                 hidden: Sequence[int] = (64,), l2: float = 1e-4) -> None:
+        super().__init__(MLP(n_features, n_classes, hidden, l2))
+
+
+BUILTIN_TASKS: dict[str, type] = {"logreg": LogRegTask, "mlp": MLPTask}
+
+
+def load_task(name: str, params: dict | None = None,
+              search_path: Sequence[Path] = ()) -> Task:
+    """Instantiate a built-in task by name, or a user's task given as "pkg.mod:Class".
+
+    `search_path` directories (where deploy put the user's code) are put in
+    front of sys.path only while importing, so they cannot shadow modules later.
+    """
+    params = dict(params or {})
+    if name in BUILTIN_TASKS:
+        cls = BUILTIN_TASKS[name]
+    elif ":" in name:
+        cls = _import_class(name, search_path)
+    else:
+        raise TaskError(f"unknown task {name!r}: use one of {', '.join(sorted(BUILTIN_TASKS))} "
+                        f"or 'module:Class'")
+    try:
+        task = cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise TaskError(f"task {name!r}: bad params {params}: {exc}") from exc
+    except FlctlError:
+        raise
+    except Exception as exc:
+        raise TaskError(f"task {name!r}: constructor failed: {type(exc).__name__}: {exc}") \
+            from exc
+    missing = [m for m in REQUIRED_METHODS if not callable(getattr(task, m, None))]
+    if missing:
+        raise TaskError(f"task {name!r} lacks method(s) {', '.join(missing)}; a task needs "
+                        f"init(seed), fit(weights, data, config), evaluate(weights, data, config)")
+    return task
+
+
+def _import_class(name: str, search_path: Sequence[Path]) -> type:
+    module_name, _, class_name = name.partition(":")
+    if not module_name or not class_name:
+        raise TaskError(f"task {name!r}: expected 'module:Class'")
+    extra = [str(Path(p)) for p in search_path]
+    saved = list(sys.path)
+    sys.path[:0] = extra
+    try:
+        importlib.invalidate_caches()  # deploy may have just written the module
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        where = f" (searched also: {', '.join(extra)})" if extra else ""
+        raise TaskError(f"task {name!r}: no module named {exc.name or module_name!r}{where}") \
+            from exc
+    except Exception as exc:
+        raise TaskError(f"task {name!r}: importing {module_name!r} failed: "
+                        f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.path[:] = saved
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise TaskError(f"task {name!r}: module {module_name!r} has no {class_name!r}")
+    if not callable(cls):
+        raise TaskError(f"task {name!r}: {class_name!r} is not a class")
+    return cls
