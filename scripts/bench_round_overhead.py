@@ -27,6 +27,7 @@ from flctl.core.messages import Limits
 from flctl.core.settings import AgentSettings, Settings, render_settings
 from flctl.deploy import engine
 from flctl.net.agent_client import AgentClient
+from flctl.net.ports import free_port_block
 from flctl.workspace import init_workspace, load_workspace
 
 TARGETS = {1_000_000: 0.15, 10_000_000: 1.5}
@@ -50,13 +51,6 @@ class EchoTask:
     def evaluate(self, weights, data, config):
         return 0.0, 100, {"accuracy": 0.0}
 '''
-
-
-def free_base_port(count: int) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from helpers import free_port_block
-
-    return free_port_block(count)
 
 
 def measure(root: Path, n_params: int, rounds: int) -> dict:
@@ -96,7 +90,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="flctl-bench-") as tmp:
         root = Path(tmp)
-        settings = Settings(agent=AgentSettings(port=free_base_port(args.hosts)))
+        settings = Settings(agent=AgentSettings(port=free_port_block(args.hosts)))
         init_workspace(root, local_hosts=args.hosts, settings=settings)
         (root / "flctl.yaml").write_text(render_settings(settings))
         (root / "tasks" / "bench_task.py").write_text(BENCH_TASK)

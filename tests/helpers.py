@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from flctl.core.settings import AgentSettings, Settings, render_settings
+from flctl.net.ports import free_port_block
 
 
 @dataclass
@@ -30,27 +30,6 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 180) -> CliRes
                           text=True, cwd=cwd, timeout=timeout, env=env,
                           stdin=subprocess.DEVNULL)
     return CliResult(done.returncode, done.stdout, done.stderr)
-
-
-def free_port_block(count: int) -> int:
-    """A base port with `count` consecutive free ports after it (loopback)."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count >= 65000:
-            continue
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port block")
 
 
 def use_ports(workspace: Path, count: int) -> int:

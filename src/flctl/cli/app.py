@@ -22,9 +22,11 @@ from flctl.cli import render
 from flctl.cli.progress import HostProgress
 from flctl.coordinator.rounds import RoundRecord, RunSummary
 from flctl.coordinator.session import info_probe, train_workspace
+from flctl.core.settings import AgentSettings, Settings
 from flctl.deploy import engine
 from flctl.deploy.status import gather_status
 from flctl.errors import FlctlError, HostError
+from flctl.net.ports import free_port_block
 from flctl.workspace import Workspace, init_workspace, load_workspace
 
 EXIT_INTERRUPTED = 130
@@ -233,7 +235,9 @@ def demo(
 ) -> None:
     """Train on the UCI digits split non-IID across local agents, end to end."""
     root = directory or Path(tempfile.mkdtemp(prefix="flctl-demo-"))
-    init_workspace(root, local_hosts=hosts, seed=seed, force=directory is not None)
+    settings = Settings(agent=AgentSettings(port=free_port_block(hosts)))
+    init_workspace(root, local_hosts=hosts, seed=seed, force=directory is not None,
+                   settings=settings)
     workspace = load_workspace(root)
     if not json_output:
         render.err.print(f"workspace {root}: starting {hosts} local agents (mutual TLS)")
