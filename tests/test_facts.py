@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
+import pytest
+
 from flctl.core.agentconfig import AgentConfig, parse_agent_config, render_agent_config
 from flctl.core.facts import (
+    bootstrap_script,
+    host_unfit_reason,
+    parse_key_values,
     parse_listening_ports,
     parse_loadavg,
     parse_meminfo,
@@ -68,3 +77,45 @@ def test_agent_config_rejects_unknown_keys() -> None:
         assert exc.field == "bogus" and "agent.json" in exc.message
     else:
         raise AssertionError("unknown key accepted")
+
+
+# ---------------------------------------------------------- bootstrap facts
+
+GOOD = {"arch": "x86_64", "python": "3.11.2", "python_venv": "yes", "uid": "0",
+        "disk_free_kb": str(10 * 1024 * 1024), "init": "none"}
+
+
+def test_bootstrap_script_runs_here_and_parses(tmp_path) -> None:
+    done = subprocess.run(["sh", "-c", bootstrap_script(sys.executable, str(tmp_path / "x" / "y"))],
+                          capture_output=True, text=True, check=True)
+    facts = parse_key_values(done.stdout)
+    assert facts["python"] == platform.python_version()
+    assert facts["arch"] and facts["uid"].isdigit() and int(facts["disk_free_kb"]) > 0
+    assert facts["init"] in ("systemd", "none")
+    assert "bundle" not in facts
+    (tmp_path / "bundle.digest").write_text("abc123\n")
+    again = subprocess.run(["sh", "-c", bootstrap_script(sys.executable, str(tmp_path))],
+                           capture_output=True, text=True, check=True)
+    assert parse_key_values(again.stdout)["bundle"] == "abc123"
+
+
+def test_a_fit_host_passes() -> None:
+    assert host_unfit_reason(GOOD, become=False) is None
+
+
+@pytest.mark.parametrize("change,become,fragment", [
+    ({"arch": "mips"}, False, "unsupported architecture 'mips'"),
+    ({"python": ""}, False, "no Python interpreter"),
+    ({"python": "3.8.10"}, False, "too old"),
+    ({"python_venv": "no"}, False, "python3-venv"),
+    ({"uid": "1000"}, False, "become: true"),
+    ({"uid": "1000", "sudo": "no"}, True, "asks for a password"),
+    ({"disk_free_kb": "1000"}, False, "MB free"),
+])
+def test_unfit_hosts_get_one_clear_reason(change, become, fragment) -> None:
+    reason = host_unfit_reason({**GOOD, **change}, become=become)
+    assert reason is not None and fragment in reason
+
+
+def test_become_with_sudo_is_fit() -> None:
+    assert host_unfit_reason({**GOOD, "uid": "1000", "sudo": "yes"}, become=True) is None

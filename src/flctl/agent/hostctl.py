@@ -15,34 +15,17 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from flctl import __version__
+from flctl.agent.services import init_system, listening_ports, read_text, service_for
 from flctl.core import pki
-from flctl.core.facts import (
-    parse_listening_ports,
-    parse_loadavg,
-    parse_meminfo,
-    parse_os_release,
-    process_uptime_s,
-)
+from flctl.core.facts import parse_loadavg, parse_meminfo, parse_os_release, process_uptime_s
 from flctl.core.fsutil import write_secret
 from flctl.errors import FlctlError
-
-SUPERVISOR_MODULE = "flctl.agent.supervise"
-AGENT_MODULE = "flctl.agent.main"
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except OSError:
-        return None
 
 
 def _sha256(path: Path) -> str | None:
@@ -52,46 +35,14 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
-def live_pid(pidfile: Path, module: str) -> int | None:
-    """The pid in `pidfile` if that process is alive and really ours.
-
-    Checking the command line guards against pid reuse: a stale pidfile
-    must never make us signal an unrelated process.
-    """
-    text = _read(pidfile)
-    if not text or not text.strip().isdigit():
-        return None
-    pid = int(text.strip())
-    stat = _read(Path(f"/proc/{pid}/stat"))
-    cmdline = _read(Path(f"/proc/{pid}/cmdline")) or ""
-    if stat is None or module not in cmdline.replace("\0", " "):
-        return None
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return None if state == "Z" else pid
-
-
-def listening_ports() -> set[int]:
-    ports: set[int] = set()
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        text = _read(Path(name))
-        if text:
-            ports |= parse_listening_ports(text)
-    return ports
-
-
 def _uptime(pid: int | None) -> float | None:
     if pid is None:
         return None
-    stat = _read(Path(f"/proc/{pid}/stat"))
-    uptime = _read(Path("/proc/uptime"))
+    stat = read_text(Path(f"/proc/{pid}/stat"))
+    uptime = read_text(Path("/proc/uptime"))
     if stat is None or uptime is None:
         return None
     return round(process_uptime_s(stat, float(uptime.split()[0]), os.sysconf("SC_CLK_TCK")), 1)
-
-
-def _init_system() -> str:
-    comm = _read(Path("/proc/1/comm")) or ""
-    return "systemd" if comm.strip() == "systemd" and Path("/run/systemd/system").is_dir() else "none"
 
 
 def _privilege() -> str:
@@ -106,15 +57,15 @@ def _privilege() -> str:
 
 def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.root)
-    os_release = parse_os_release(_read(Path("/etc/os-release")) or "")
+    os_release = parse_os_release(read_text(Path("/etc/os-release")) or "")
     disk = shutil.disk_usage(root if root.exists() else root.parent if root.parent.exists() else "/")
-    supervisor = live_pid(root / "supervisor.pid", SUPERVISOR_MODULE)
+    service = service_for(root)
     return {
         "flctl_version": __version__,
         "python": platform.python_version(),
         "os": os_release.get("PRETTY_NAME", platform.system()),
         "arch": platform.machine(),
-        "init_system": _init_system(),
+        "init_system": init_system(),
         "privilege": _privilege(),
         "disk_free_bytes": disk.free,
         "listening_ports": sorted(listening_ports()),
@@ -122,9 +73,10 @@ def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
         "files": {
             name: _sha256(root / name) for name in ("agent.crt", "ca.crt", "agent.json")
         },
-        "cert_pem": _read(root / "agent.crt"),
-        "supervisor_pid": supervisor,
-        "agent_pid": live_pid(root / "agent.pid", AGENT_MODULE),
+        "cert_pem": read_text(root / "agent.crt"),
+        "service": service.kind,
+        "service_pid": service.pid(),
+        "agent_pid": service.agent_pid(),
     }
 
 
@@ -158,79 +110,27 @@ def cmd_check_data(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _wait_listening(port: int, timeout: float, supervisor: subprocess.Popen[bytes]) -> bool:
-    """Poll for the agent's listening socket; never a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if port in listening_ports():
-            return True
-        if supervisor.poll() is not None:
-            return False
-        time.sleep(0.05)
-    return False
-
-
-def _log_tail(path: Path, lines: int = 5) -> str:
-    text = _read(path) or ""
-    return " | ".join(text.strip().splitlines()[-lines:])
-
-
 def cmd_start(args: argparse.Namespace) -> dict[str, Any]:
-    root = Path(args.root)
-    pidfile = root / "supervisor.pid"
-    if live_pid(pidfile, SUPERVISOR_MODULE) is not None:
-        return {"changed": False, "supervisor_pid": live_pid(pidfile, SUPERVISOR_MODULE)}
-    log_path = root / "agent.log"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable, "-m", SUPERVISOR_MODULE,
-                "--config", str(root / "agent.json"),
-                "--pidfile", str(pidfile),
-                "--agent-pidfile", str(root / "agent.pid"),
-            ],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True, close_fds=True, cwd=str(root),
-        )
-    # The supervisor writes its own pidfile; wait for it and for the port.
-    if not _wait_listening(args.port, args.timeout, process):
-        raise FlctlError(f"agent did not start listening on port {args.port}: {_log_tail(log_path)}")
-    return {"changed": True, "supervisor_pid": process.pid}
-
-
-def _stop(root: Path, timeout: float) -> bool:
-    pidfile = root / "supervisor.pid"
-    pid = live_pid(pidfile, SUPERVISOR_MODULE)
-    stopped = False
-    if pid is not None:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and live_pid(pidfile, SUPERVISOR_MODULE) == pid:
-            time.sleep(0.05)
-        if live_pid(pidfile, SUPERVISOR_MODULE) == pid:
-            os.kill(pid, signal.SIGKILL)
-        stopped = True
-    agent = live_pid(root / "agent.pid", AGENT_MODULE)
-    if agent is not None:
-        os.kill(agent, signal.SIGKILL)
-        stopped = True
-    return stopped
+    service = service_for(Path(args.root))
+    changed = service.start(args.port, args.timeout)
+    return {"changed": changed, "service": service.kind, "service_pid": service.pid()}
 
 
 def cmd_stop(args: argparse.Namespace) -> dict[str, Any]:
-    return {"changed": _stop(Path(args.root), args.timeout)}
+    return {"changed": service_for(Path(args.root)).stop(args.timeout)}
 
 
 def cmd_restart(args: argparse.Namespace) -> dict[str, Any]:
-    _stop(Path(args.root), args.timeout)
-    result = cmd_start(args)
-    result["changed"] = True
-    return result
+    service = service_for(Path(args.root))
+    service.stop(args.timeout)
+    service.start(args.port, args.timeout)
+    return {"changed": True, "service": service.kind, "service_pid": service.pid()}
 
 
 def cmd_remove(args: argparse.Namespace) -> dict[str, Any]:
+    """Stop the agent and delete its state; the user's data is left alone."""
     root = Path(args.root)
-    stopped = _stop(root, args.timeout)
+    stopped = service_for(root).remove(args.timeout)
     existed = root.exists()
     if existed:
         shutil.rmtree(root)
@@ -239,9 +139,9 @@ def cmd_remove(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.root)
-    supervisor = live_pid(root / "supervisor.pid", SUPERVISOR_MODULE)
-    agent = live_pid(root / "agent.pid", AGENT_MODULE)
-    mem = parse_meminfo(_read(Path("/proc/meminfo")) or "")
+    service = service_for(root)
+    agent = service.agent_pid()
+    mem = parse_meminfo(read_text(Path("/proc/meminfo")) or "")
     disk = shutil.disk_usage(root if root.exists() else "/")
     gpus: list[str] = []
     if shutil.which("nvidia-smi"):
@@ -251,10 +151,11 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
         )
         gpus = [line.strip() for line in probe.stdout.splitlines() if line.strip()]
     return {
-        "supervisor_pid": supervisor,
+        "service": service.kind,
+        "service_pid": service.pid(),
         "agent_pid": agent,
         "agent_uptime_s": _uptime(agent),
-        "load": list(parse_loadavg(_read(Path("/proc/loadavg")) or "0 0 0")),
+        "load": list(parse_loadavg(read_text(Path("/proc/loadavg")) or "0 0 0")),
         "mem_total_bytes": mem.get("MemTotal"),
         "mem_available_bytes": mem.get("MemAvailable"),
         "disk_free_bytes": disk.free,
@@ -263,7 +164,7 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_logs(args: argparse.Namespace) -> dict[str, Any]:
-    text = _read(Path(args.root) / "agent.log") or ""
+    text = read_text(Path(args.root) / "agent.log") or ""
     return {"lines": text.splitlines()[-args.lines:]}
 
 

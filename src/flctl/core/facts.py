@@ -56,3 +56,74 @@ def process_uptime_s(proc_stat: str, system_uptime_s: float, clock_ticks: int) -
     after_comm = proc_stat.rsplit(")", 1)[1].split()
     start_ticks = int(after_comm[19])
     return max(0.0, system_uptime_s - start_ticks / clock_ticks)
+
+
+# ------------------------------------------------------------ before install
+# Gathered with plain sh before flctl exists on the host. Each line is
+# key=value; the parser below is the only reader.
+
+MIN_PYTHON = (3, 9)
+MIN_DISK_FREE_BYTES = 512 * 1024 * 1024
+SUPPORTED_ARCHES = ("x86_64", "aarch64")
+
+
+def bootstrap_script(python: str, install_dir: str) -> str:
+    """POSIX sh that reports what deploy must know before installing."""
+    return f"""\
+PY={python}
+echo "arch=$(uname -m)"
+if command -v "$PY" >/dev/null 2>&1; then
+  echo "python=$("$PY" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
+  "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1 && echo "python_venv=yes" || echo "python_venv=no"
+else
+  echo "python="
+fi
+echo "uid=$(id -u)"
+if [ "$(id -u)" != 0 ]; then
+  sudo -n true >/dev/null 2>&1 && echo "sudo=yes" || echo "sudo=no"
+fi
+d={install_dir}; while [ ! -d "$d" ]; do d=$(dirname "$d"); done
+echo "disk_free_kb=$(df -Pk "$d" | awk 'NR==2 {{print $4}}')"
+if [ -d /run/systemd/system ]; then echo "init=systemd"; else echo "init=none"; fi
+if [ -r /etc/os-release ]; then . /etc/os-release; echo "os=$PRETTY_NAME"; fi
+if [ -r {install_dir}/bundle.digest ]; then echo "bundle=$(cat {install_dir}/bundle.digest)"; fi
+"""
+
+
+def parse_key_values(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip().isidentifier():
+            out[key.strip()] = value.strip()
+    return out
+
+
+def host_unfit_reason(facts: dict[str, str], become: bool) -> str | None:
+    """Why flctl cannot run on a host, in one line; None if it can."""
+    arch = facts.get("arch", "")
+    if arch not in SUPPORTED_ARCHES:
+        return f"unsupported architecture {arch or 'unknown'!r} (need {' or '.join(SUPPORTED_ARCHES)})"
+    version = facts.get("python", "")
+    if not version:
+        return "no Python interpreter found (set `python:` for this host in the inventory)"
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return f"cannot read the Python version ({version!r})"
+    if (major, minor) < MIN_PYTHON:
+        return f"Python {version} is too old (need {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer)"
+    if facts.get("python_venv") != "yes":
+        return f"Python {version} has no venv module (install the python3-venv package)"
+    if facts.get("uid") != "0":
+        if not become:
+            return "not root: set `become: true` for this host (needs passwordless sudo)"
+        if facts.get("sudo") != "yes":
+            return "`become` is set but `sudo -n` asks for a password"
+    try:
+        free = int(facts.get("disk_free_kb", "0")) * 1024
+    except ValueError:
+        free = 0
+    if free < MIN_DISK_FREE_BYTES:
+        return f"only {free // (1024 * 1024)} MB free for /opt/flctl (need {MIN_DISK_FREE_BYTES // (1024 * 1024)} MB)"
+    return None

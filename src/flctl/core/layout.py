@@ -56,14 +56,6 @@ class HostPaths:
         return self.root / "agent.log"
 
     @property
-    def supervisor_pid(self) -> PurePosixPath:
-        return self.root / "supervisor.pid"
-
-    @property
-    def agent_pid(self) -> PurePosixPath:
-        return self.root / "agent.pid"
-
-    @property
     def state(self) -> PurePosixPath:
         return self.root / "agent-state.json"
 

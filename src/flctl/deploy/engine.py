@@ -216,9 +216,9 @@ class HostDeploy:
         return True
 
     def _service(self, connector: Connector, facts: dict[str, Any], inputs_changed: bool) -> None:
-        running = facts.get("supervisor_pid") is not None
+        running = facts.get("service_pid") is not None
         if running and not inputs_changed:
-            self.step("agent", False, f"running (pid {facts['supervisor_pid']})")
+            self.step("agent", False, f"running (pid {facts['service_pid']})")
             return
         action = "restart" if running else "start"
         if self.ctx.check:

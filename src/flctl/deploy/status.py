@@ -31,14 +31,14 @@ def host_status(workspace: Workspace, host: Host, index: int,
                         str(host_paths(host, str(workspace.paths.state)).root), timeout=30)
         row["reachable"] = True
         row.update({k: facts.get(k) for k in (
-            "supervisor_pid", "agent_pid", "agent_uptime_s", "load", "mem_total_bytes",
+            "service", "service_pid", "agent_pid", "agent_uptime_s", "load", "mem_total_bytes",
             "mem_available_bytes", "disk_free_bytes", "gpus")})
     except FlctlError as exc:
         row["error"] = exc.message
         return row
     finally:
         connector.close()
-    if row.get("supervisor_pid") is None:
+    if row.get("service_pid") is None:
         row["agent"] = "not deployed" if row.get("agent_pid") is None else "unsupervised"
         return row
     try:
