@@ -61,6 +61,11 @@ class WorkspacePaths:
         return self.pki / "coordinator.key"
 
     @property
+    def known_hosts(self) -> Path:
+        """SSH host keys flctl trusts for this workspace's hosts."""
+        return self.root / "known_hosts"
+
+    @property
     def runs(self) -> Path:
         return self.root / "runs"
 

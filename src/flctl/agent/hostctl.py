@@ -74,6 +74,9 @@ def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
             name: _sha256(root / name) for name in ("agent.crt", "ca.crt", "agent.json")
         },
         "cert_pem": read_text(root / "agent.crt"),
+        "tasks": {str(p.relative_to(root / "tasks")): _sha256(p)
+                  for p in sorted((root / "tasks").rglob("*.py"))
+                  if "__pycache__" not in p.parts},
         "service": service.kind,
         "service_pid": service.pid(),
         "agent_pid": service.agent_pid(),

@@ -24,6 +24,7 @@ from flctl.coordinator.rounds import RoundRecord, RunSummary
 from flctl.coordinator.session import info_probe, train_workspace
 from flctl.core.settings import AgentSettings, Settings
 from flctl.deploy import engine
+from flctl.deploy.logs import agent_log
 from flctl.deploy.status import gather_status
 from flctl.errors import FlctlError, HostError
 from flctl.net.ports import free_port_block
@@ -44,6 +45,10 @@ WorkspaceOpt = typer.Option(Path("."), "--workspace", "-w", help="Workspace dire
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout.")
 LimitOpt = typer.Option(None, "--limit", "-l", help="Only these hosts or groups (repeatable).")
 ForksOpt = typer.Option(16, "--forks", "-f", min=1, help="Hosts handled in parallel.")
+AcceptNewOpt = typer.Option(
+    False, "--accept-new-host-keys",
+    help="Trust SSH host keys not yet in the workspace's known_hosts (a changed key is "
+         "always refused).")
 
 
 def _selected(workspace: Workspace, limit: Optional[list[str]]) -> list:
@@ -83,12 +88,13 @@ def init(
 
 
 def _deploy(workspace: Workspace, limit: Optional[list[str]], check: bool, forks: int,
-            json_output: bool) -> list[engine.HostResult]:
+            json_output: bool, accept_new: bool = False) -> list[engine.HostResult]:
     hosts = _selected(workspace, limit)
     probe = info_probe(workspace)
     with HostProgress([h.name for h in hosts], "deploy", enabled=not json_output) as view:
         return engine.deploy(workspace, hosts, check=check, forks=forks,
-                             verify=lambda host, endpoint: probe(endpoint), progress=view.update)
+                             verify=lambda host, endpoint: probe(endpoint),
+                             accept_new_host_keys=accept_new, progress=view.update)
 
 
 @app.command()
@@ -97,11 +103,12 @@ def deploy(
     limit: Optional[list[str]] = LimitOpt,
     check: bool = typer.Option(False, "--check", help="Show what would change; change nothing."),
     forks: int = ForksOpt,
+    accept_new: bool = AcceptNewOpt,
     json_output: bool = JsonOpt,
 ) -> None:
     """Install and start the agent on every host; idempotent."""
     workspace = load_workspace(workspace_dir)
-    results = _deploy(workspace, limit, check, forks, json_output)
+    results = _deploy(workspace, limit, check, forks, json_output, accept_new)
     if json_output:
         render.emit_json({"check": check, "hosts": [r.as_dict() for r in results]})
     else:
@@ -132,13 +139,15 @@ def teardown(
     workspace_dir: Path = WorkspaceOpt,
     limit: Optional[list[str]] = LimitOpt,
     forks: int = ForksOpt,
+    accept_new: bool = AcceptNewOpt,
     json_output: bool = JsonOpt,
 ) -> None:
     """Stop agents and remove everything deploy put on the hosts."""
     workspace = load_workspace(workspace_dir)
     hosts = _selected(workspace, limit)
     with HostProgress([h.name for h in hosts], "teardown", enabled=not json_output) as view:
-        results = engine.teardown(workspace, hosts, forks=forks, progress=view.update)
+        results = engine.teardown(workspace, hosts, forks=forks, accept_new_host_keys=accept_new,
+                                  progress=view.update)
     if json_output:
         render.emit_json({"hosts": [r.as_dict() for r in results]})
     else:
@@ -252,6 +261,27 @@ def demo(
         render.emit_json({"workspace": str(root), **_summary_document(summary)})
     else:
         _print_summary(summary)
+
+
+@app.command()
+def logs(
+    host: str = typer.Argument(..., help="Host name from the inventory."),
+    workspace_dir: Path = WorkspaceOpt,
+    lines: int = typer.Option(100, "--lines", "-n", min=0, help="Lines of history."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+) -> None:
+    """Show a host's agent log."""
+    workspace = load_workspace(workspace_dir)
+    target = workspace.inventory.host(host)
+
+    def show(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    code = agent_log(target, str(workspace.paths.state), engine.connect_options(workspace),
+                     lines=lines, follow=follow, on_line=show)
+    if code not in (0, None):
+        raise HostError(f"{host}: could not read the agent log (tail exited with {code})")
 
 
 @app.command()

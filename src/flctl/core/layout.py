@@ -56,6 +56,10 @@ class HostPaths:
         return self.root / "agent.log"
 
     @property
+    def tasks(self) -> PurePosixPath:
+        return self.root / "tasks"
+
+    @property
     def state(self) -> PurePosixPath:
         return self.root / "agent-state.json"
 

@@ -10,7 +10,6 @@ failure is recorded in its result, never raised past it.
 from __future__ import annotations
 
 import hashlib
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,19 +18,28 @@ from typing import Any, Callable
 from flctl.core import pki
 from flctl.core.agentconfig import AgentConfig, render_agent_config
 from flctl.core.inventory import Host
-from flctl.core.layout import Endpoint, HostPaths, agent_endpoint, certificate_names, host_paths
+from flctl.core.layout import (
+    REMOTE_STATE_ROOT,
+    Endpoint,
+    HostPaths,
+    agent_endpoint,
+    certificate_names,
+    host_paths,
+)
 from flctl.deploy.connector import Connector, HostUnreachable
-from flctl.deploy.local import LocalConnector
+from flctl.deploy.hostcmd import ConnectOptions, StepFailed, connect, hostctl
+from flctl.deploy.install import (
+    INSTALL_DIR,
+    VENV_PYTHON,
+    BundleCache,
+    ensure_agent_software,
+    installed,
+)
 from flctl.errors import FlctlError
 from flctl.workspace import Workspace
 
-HOSTCTL = "flctl.agent.hostctl"
-
 ProgressFn = Callable[[str, str], None]
-
-
-class StepFailed(FlctlError):
-    """A deploy step failed on one host."""
+VerifyFn = Callable[[Host, Endpoint], dict[str, Any]]
 
 
 @dataclass
@@ -63,27 +71,12 @@ class HostResult:
         }
 
 
-def connect(host: Host) -> Connector:
-    if host.connection == "local":
-        return LocalConnector(host.name)
-    raise HostUnreachable(f"{host.name}: SSH connections are not available in this build")
-
-
-def hostctl(connector: Connector, *args: str, timeout: float = 120.0) -> dict[str, Any]:
-    """Run one host-side command and decode its JSON answer."""
-    result = connector.run([connector.python, "-m", HOSTCTL, *args], timeout=timeout)
-    try:
-        answer = json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}
-    except json.JSONDecodeError:
-        answer = {}
-    if result.returncode != 0 or "error" in answer:
-        reason = answer.get("error") or (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise StepFailed(f"{args[0]}: {reason}")
-    return answer
-
-
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def connect_options(workspace: Workspace, accept_new_host_keys: bool = False) -> ConnectOptions:
+    return ConnectOptions(workspace.paths.known_hosts, accept_new_host_keys)
 
 
 @dataclass
@@ -94,11 +87,36 @@ class DeployContext:
     ca_key: bytes
     ca_cert: bytes
     check: bool
-    verify: Callable[[Host, Endpoint], dict[str, Any]] | None
+    verify: VerifyFn | None
+    options: ConnectOptions
+    bundles: BundleCache
+    task_files: dict[str, bytes]
+
+
+def workspace_task_files(tasks_dir: Path) -> dict[str, bytes]:
+    """The user's task code, shipped to SSH hosts (relative path -> bytes)."""
+    if not tasks_dir.is_dir():
+        return {}
+    return {str(p.relative_to(tasks_dir)): p.read_bytes() for p in sorted(tasks_dir.rglob("*.py"))
+            if "__pycache__" not in p.parts}
+
+
+def run_guarded(result: HostResult, action: Callable[[], None]) -> HostResult:
+    """Turn a host's expected failures into its recap; never raise past it."""
+    try:
+        action()
+        result.status = "changed" if result.changed else "ok"
+    except HostUnreachable as exc:
+        result.status, result.error = "unreachable", exc.message
+    except FlctlError as exc:
+        result.status, result.error = "failed", exc.message
+    except OSError as exc:
+        result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
+    return result
 
 
 class HostDeploy:
-    """The steps for one host; each returns whether it changed something."""
+    """The steps for one host; each records whether it changed something."""
 
     def __init__(self, ctx: DeployContext, host: Host, index: int, progress: ProgressFn) -> None:
         self.ctx = ctx
@@ -113,49 +131,58 @@ class HostDeploy:
         self.progress(self.host.name, f"{name}: {'changed' if changed else 'ok'}")
 
     def run(self) -> HostResult:
-        try:
-            connector = connect(self.host)
-        except HostUnreachable as exc:
-            self.result.status, self.result.error = "unreachable", exc.message
-            return self.result
-        try:
-            self._apply(connector)
-            self.result.status = "changed" if self.result.changed else "ok"
-        except HostUnreachable as exc:
-            self.result.status, self.result.error = "unreachable", exc.message
-        except FlctlError as exc:
-            self.result.status, self.result.error = "failed", exc.message
-        except OSError as exc:
-            self.result.status, self.result.error = "failed", f"{type(exc).__name__}: {exc}"
-        finally:
-            connector.close()
-        return self.result
+        def action() -> None:
+            self.progress(self.host.name, "connecting")
+            connector = connect(self.host, self.ctx.options)
+            try:
+                self._apply(connector)
+            finally:
+                connector.close()
+
+        return run_guarded(self.result, action)
 
     def _apply(self, connector: Connector) -> None:
+        if self.host.connection == "ssh":
+            self.progress(self.host.name, "checking the host")
+            self.result.facts["host"] = ensure_agent_software(
+                connector, self.host, self.ctx.bundles, check=self.ctx.check, step=self.step)
+            if self.ctx.check and self.result.changed:
+                self.step("agent", True, "would configure and start after installing")
+                return
         root = str(self.paths.root)
         self.progress(self.host.name, "gathering facts")
         facts = hostctl(connector, "facts", "--root", root)
-        self.result.facts = facts
+        self.result.facts.update(facts)
+        self._check_port(facts)
         data = hostctl(connector, "check-data", "--path", self.host.data_path)
         self.step("data", False, f"{data['n_train']} train / {data['n_test']} test examples")
-        cert_changed = self._certificate(connector, facts)
-        ca_changed = self._file(connector, "ca.crt", str(self.paths.ca_cert), self.ctx.ca_cert,
-                                facts["files"].get("ca.crt"))
+        changed = self._certificate(connector, facts)
+        changed |= self._file(connector, "ca.crt", str(self.paths.ca_cert), self.ctx.ca_cert,
+                              facts["files"].get("ca.crt"))
+        changed |= self._task_code(connector, facts)
         config_text = render_agent_config(self._agent_config()).encode()
-        config_changed = self._file(connector, "agent config", str(self.paths.config),
-                                    config_text, facts["files"].get("agent.json"))
-        self._service(connector, facts, cert_changed or ca_changed or config_changed)
+        changed |= self._file(connector, "agent config", str(self.paths.config), config_text,
+                              facts["files"].get("agent.json"))
+        self._service(connector, facts, changed)
         if not self.ctx.check and self.ctx.verify is not None:
             info = self.ctx.verify(self.host, self.endpoint)
             if info.get("name") != self.host.name:
                 raise StepFailed(f"verify: agent answered as {info.get('name')!r}")
-            self.step("verify", False, f"agent {info.get('version')} answers on port "
-                                       f"{self.endpoint.port}")
+            self.step("verify", False, f"agent {info.get('version')} answers on "
+                                       f"{self.endpoint.connect_address}:{self.endpoint.port}")
+
+    def _check_port(self, facts: dict[str, Any]) -> None:
+        ours = facts.get("service_pid") is not None
+        if not ours and self.endpoint.port in facts.get("listening_ports", []):
+            raise StepFailed(f"port {self.endpoint.port} is already in use on the host "
+                             "(set agent.port in flctl.yaml or agent_port for this host)")
 
     def _agent_config(self) -> AgentConfig:
         settings = self.ctx.workspace.settings
-        task_path = (str(self.ctx.workspace.paths.tasks),) if self.host.connection == "local" else (
-            str(self.paths.root / "tasks"),)
+        if self.host.connection == "local":
+            task_path = (str(self.ctx.workspace.paths.tasks),)
+        else:
+            task_path = (str(self.paths.tasks),)
         return AgentConfig(
             name=self.host.name,
             project=settings.project,
@@ -215,6 +242,26 @@ class HostDeploy:
         self.step(name, True, "would upload" if self.ctx.check else "uploaded")
         return True
 
+    def _task_code(self, connector: Connector, facts: dict[str, Any]) -> bool:
+        """Ship the workspace's task modules to SSH hosts (local ones read them in place)."""
+        if self.host.connection == "local" or not self.ctx.task_files:
+            return False
+        have: dict[str, str] = facts.get("tasks") or {}
+        stale = {name: data for name, data in self.ctx.task_files.items()
+                 if have.get(name) != sha256(data)}
+        extra = sorted(set(have) - set(self.ctx.task_files))
+        if not stale and not extra:
+            self.step("task code", False, f"{len(self.ctx.task_files)} files")
+            return False
+        if not self.ctx.check:
+            for name, data in stale.items():
+                connector.put(str(self.paths.tasks / name), data, 0o644)
+            for name in extra:
+                connector.run(["rm", "-f", "--", str(self.paths.tasks / name)])
+        verb = "would upload" if self.ctx.check else "uploaded"
+        self.step("task code", True, f"{verb} {len(stale)}, removed {len(extra)}")
+        return True
+
     def _service(self, connector: Connector, facts: dict[str, Any], inputs_changed: bool) -> None:
         running = facts.get("service_pid") is not None
         if running and not inputs_changed:
@@ -226,7 +273,12 @@ class HostDeploy:
             return
         hostctl(connector, action, "--root", str(self.paths.root),
                 "--port", str(self.endpoint.port))
-        self.step("agent", True, f"{action}ed" if action == "start" else "restarted")
+        self.step("agent", True, "started" if action == "start" else "restarted")
+
+
+def _pool_map(hosts: list[Host], forks: int, job: Callable[[Host], HostResult]) -> list[HostResult]:
+    with ThreadPoolExecutor(max_workers=max(1, min(forks, len(hosts) or 1))) as pool:
+        return list(pool.map(job, hosts))
 
 
 def deploy(
@@ -235,45 +287,57 @@ def deploy(
     *,
     check: bool = False,
     forks: int = 16,
-    verify: Callable[[Host, Endpoint], dict[str, Any]] | None = None,
+    verify: VerifyFn | None = None,
+    accept_new_host_keys: bool = False,
+    bundles: BundleCache | None = None,
     progress: ProgressFn = lambda host, message: None,
 ) -> list[HostResult]:
-    """Deploy to `hosts` in parallel; results come back in inventory order."""
+    """Deploy to `hosts` in parallel; results come back in the order given."""
     ctx = DeployContext(
         workspace=workspace,
         ca_key=Path(workspace.paths.ca_key).read_bytes(),
         ca_cert=Path(workspace.paths.ca_cert).read_bytes(),
         check=check,
         verify=verify,
+        options=connect_options(workspace, accept_new_host_keys),
+        bundles=bundles or BundleCache(),
+        task_files=workspace_task_files(workspace.paths.tasks),
     )
     order = {host.name: index for index, host in enumerate(workspace.inventory.hosts)}
-    jobs = [HostDeploy(ctx, host, order[host.name], progress) for host in hosts]
-    with ThreadPoolExecutor(max_workers=max(1, min(forks, len(jobs) or 1))) as pool:
-        return list(pool.map(lambda job: job.run(), jobs))
+    return _pool_map(hosts, forks,
+                     lambda host: HostDeploy(ctx, host, order[host.name], progress).run())
 
 
 def teardown(workspace: Workspace, hosts: list[Host], *, forks: int = 16,
+             accept_new_host_keys: bool = False,
              progress: ProgressFn = lambda host, message: None) -> list[HostResult]:
     """Stop agents and remove what deploy put on each host; safe to repeat."""
+    options = connect_options(workspace, accept_new_host_keys)
 
     def one(host: Host) -> HostResult:
         result = HostResult(host.name)
-        paths = host_paths(host, str(workspace.paths.state))
-        try:
-            connector = connect(host)
-        except HostUnreachable as exc:
-            result.status, result.error = "unreachable", exc.message
-            return result
-        try:
-            progress(host.name, "removing")
-            answer = hostctl(connector, "remove", "--root", str(paths.root))
-            result.steps.append(StepResult("remove", bool(answer.get("changed"))))
-            result.status = "changed" if result.changed else "ok"
-        except FlctlError as exc:
-            result.status, result.error = "failed", exc.message
-        finally:
-            connector.close()
-        return result
+        root = str(host_paths(host, str(workspace.paths.state)).root)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(forks, len(hosts) or 1))) as pool:
-        return list(pool.map(one, hosts))
+        def action() -> None:
+            progress(host.name, "removing")
+            connector = connect(host, options)
+            try:
+                if host.connection == "local":
+                    answer = hostctl(connector, "remove", "--root", root)
+                    result.steps.append(StepResult("agent", bool(answer.get("changed"))))
+                    return
+                if installed(connector):
+                    connector.python = VENV_PYTHON
+                    answer = hostctl(connector, "remove", "--root", root)
+                    result.steps.append(StepResult("agent", bool(answer.get("changed"))))
+                gone = connector.run_shell(
+                    f"found=; for p in {root} {INSTALL_DIR}; do [ -e $p ] && found=1; done; "
+                    f"rm -rf -- {root} {INSTALL_DIR}; "
+                    f"rmdir {REMOTE_STATE_ROOT} 2>/dev/null; echo ${{found:-0}}")
+                result.steps.append(StepResult("files", gone.stdout.strip() == "1"))
+            finally:
+                connector.close()
+
+        return run_guarded(result, action)
+
+    return _pool_map(hosts, forks, one)

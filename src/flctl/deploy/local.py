@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flctl.core.fsutil import atomic_write
@@ -23,11 +24,33 @@ class LocalConnector:
         )
         return CommandResult(done.returncode, done.stdout, done.stderr)
 
+    def run_shell(self, script: str, timeout: float = 120.0) -> CommandResult:
+        return self.run(["sh", "-c", script], timeout)
+
     def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
         atomic_write(Path(path), data, mode)
 
+    def put_file(self, local: Path, path: str, mode: int = 0o644) -> None:
+        atomic_write(Path(path), local.read_bytes(), mode)
+
     def get(self, path: str) -> bytes:
         return Path(path).read_bytes()
+
+    def stream(self, argv: Sequence[str], on_line: Callable[[str], None],
+               stop: threading.Event | None = None) -> int:
+        process = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, text=True)
+        assert process.stdout is not None
+        try:
+            for line in process.stdout:
+                on_line(line.rstrip("\n"))
+                if stop is not None and stop.is_set():
+                    break
+        finally:
+            if process.poll() is None:
+                process.terminate()
+            process.wait()
+        return process.returncode
 
     def close(self) -> None:
         return None

@@ -8,21 +8,30 @@ from typing import Any, Callable
 from flctl.core.inventory import Host
 from flctl.core.layout import Endpoint, agent_endpoint, host_paths
 from flctl.deploy.connector import HostUnreachable
-from flctl.deploy.engine import connect, hostctl
+from flctl.deploy.engine import connect_options
+from flctl.deploy.hostcmd import ConnectOptions, connect, hostctl
+from flctl.deploy.install import VENV_PYTHON, installed
 from flctl.errors import FlctlError
 from flctl.workspace import Workspace
 
 AgentInfoFn = Callable[[Endpoint], dict[str, Any]]
 
 
-def host_status(workspace: Workspace, host: Host, index: int,
-                agent_info: AgentInfoFn) -> dict[str, Any]:
+def host_status(workspace: Workspace, host: Host, index: int, agent_info: AgentInfoFn,
+                options: ConnectOptions) -> dict[str, Any]:
     endpoint = agent_endpoint(host, workspace.settings, index)
     row: dict[str, Any] = {"host": host.name, "connection": host.connection,
                            "address": f"{endpoint.connect_address}:{endpoint.port}",
                            "reachable": False, "agent": "down", "error": None}
     try:
-        connector = connect(host)
+        connector = connect(host, options)
+        if host.connection == "ssh":
+            if not installed(connector):
+                row["reachable"] = True
+                row["agent"] = "not deployed"
+                connector.close()
+                return row
+            connector.python = VENV_PYTHON
     except HostUnreachable as exc:
         row["error"] = exc.message
         return row
@@ -63,6 +72,7 @@ def host_status(workspace: Workspace, host: Host, index: int,
 def gather_status(workspace: Workspace, hosts: list[Host], agent_info: AgentInfoFn,
                   forks: int = 16) -> list[dict[str, Any]]:
     order = {h.name: i for i, h in enumerate(workspace.inventory.hosts)}
+    options = connect_options(workspace)
     with ThreadPoolExecutor(max_workers=max(1, min(forks, len(hosts) or 1))) as pool:
-        return list(pool.map(lambda h: host_status(workspace, h, order[h.name], agent_info),
-                             hosts))
+        return list(pool.map(
+            lambda h: host_status(workspace, h, order[h.name], agent_info, options), hosts))
