@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(python3-venv openssh-server nftables wireguard-tools wireguard-go iproute2 iputils-ping)
+DEBIAN_PACKAGES=(python3-venv sudo openssh-server nftables wireguard-tools wireguard-go iproute2 iputils-ping)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -107,7 +107,7 @@ def test_a_fit_host_passes() -> None:
     ({"arch": "mips"}, False, "unsupported architecture 'mips'"),
     ({"python": ""}, False, "no Python interpreter"),
     ({"python": "3.8.10"}, False, "too old"),
-    ({"python_venv": "no"}, False, "python3-venv"),
+    ({"python_venv": "no"}, False, "no venv module"),
     ({"uid": "1000"}, False, "become: true"),
     ({"uid": "1000", "sudo": "no"}, True, "asks for a password"),
     ({"disk_free_kb": "1000"}, False, "MB free"),

@@ -74,7 +74,7 @@ PY={python}
 echo "arch=$(uname -m)"
 if command -v "$PY" >/dev/null 2>&1; then
   echo "python=$("$PY" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
-  "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1 && echo "python_venv=yes" || echo "python_venv=no"
+  "$PY" -c 'import venv' >/dev/null 2>&1 && echo "python_venv=yes" || echo "python_venv=no"
 else
   echo "python="
 fi
@@ -114,7 +114,7 @@ def host_unfit_reason(facts: dict[str, str], become: bool) -> str | None:
     if (major, minor) < MIN_PYTHON:
         return f"Python {version} is too old (need {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer)"
     if facts.get("python_venv") != "yes":
-        return f"Python {version} has no venv module (install the python3-venv package)"
+        return f"Python {version} has no venv module"
     if facts.get("uid") != "0":
         if not become:
             return "not root: set `become: true` for this host (needs passwordless sudo)"

@@ -27,6 +27,10 @@ class HostUnreachable(FlctlError):
     """The host could not be reached at all (as opposed to a failed step)."""
 
 
+class CommandTimeout(FlctlError):
+    """A command on the host ran past its time limit (the host is still reachable)."""
+
+
 class Connector(Protocol):
     host_name: str
     python: str

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flctl.core.fsutil import atomic_write
-from flctl.deploy.connector import CommandResult
+from flctl.deploy.connector import CommandResult, CommandTimeout
 
 
 class LocalConnector:
@@ -18,10 +18,13 @@ class LocalConnector:
         self.python = python
 
     def run(self, argv: Sequence[str], timeout: float = 120.0) -> CommandResult:
-        done = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
+        try:
+            done = subprocess.run(
+                list(argv), capture_output=True, text=True, timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            raise CommandTimeout(f"{self.host_name}: {argv[0]} ran past {timeout:.0f}s") from None
         return CommandResult(done.returncode, done.stdout, done.stderr)
 
     def run_shell(self, script: str, timeout: float = 120.0) -> CommandResult:

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Deploy speed on the lab (real sshd in network namespaces, as root).
+
+Targets (issue 3): deploying to 8 lab hosts takes at most 1.5x the time of
+deploying to 1; a no-change redeploy of 8 hosts finishes in under 3 s. Both
+are reported next to the same steps done one host at a time (--forks 1).
+The wheel cache is warmed first: preparing wheels is a once-per-machine
+cost on the operator's side, not a per-deploy one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from flctl.coordinator.session import info_probe  # noqa: E402
+from flctl.core.settings import AgentSettings, Settings, load_settings, render_settings  # noqa: E402
+from flctl.deploy import engine  # noqa: E402
+from flctl.deploy.install import BundleCache  # noqa: E402
+from flctl.workspace import Workspace, load_workspace  # noqa: E402
+from lab import lab_available, lab_up  # noqa: E402
+
+
+def timed(action: Callable[[], list[engine.HostResult]]) -> tuple[float, list[engine.HostResult]]:
+    started = time.perf_counter()
+    results = action()
+    elapsed = time.perf_counter() - started
+    bad = [(r.host, r.status, r.error) for r in results if r.status in ("failed", "unreachable")]
+    if bad:
+        raise SystemExit(f"deploy failed: {bad}")
+    return elapsed, results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hosts", type=int, default=8)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    reason = lab_available()
+    if reason:
+        print(f"lab not available: {reason}", file=sys.stderr)
+        return 2
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="flctl-bench-deploy-") as tmp:
+        root = Path(tmp)
+        lab = lab_up(args.hosts, root)
+        try:
+            s = load_settings(root / "flctl.yaml")
+            (root / "flctl.yaml").write_text(render_settings(Settings(
+                project=s.project, overlay=s.overlay, training=s.training, limits=s.limits,
+                agent=AgentSettings(port=s.agent.port, listen="underlay"))))
+            workspace: Workspace = load_workspace(root)
+            hosts = list(workspace.inventory.hosts)
+            bundles = BundleCache()
+            probe = info_probe(workspace)
+
+            def run(targets: list, forks: int) -> tuple[float, list[engine.HostResult]]:
+                return timed(lambda: engine.deploy(workspace, targets, forks=forks,
+                                                   verify=lambda h, e: probe(e), bundles=bundles))
+
+            def clean() -> None:
+                engine.teardown(workspace, hosts)
+
+            bundles.get(*_host_python(lab))  # warm the operator-side wheel cache
+            one, _ = run(hosts[:1], 16)
+            clean()
+            parallel, _ = run(hosts, 16)
+            redeploy, again = run(hosts, 16)
+            assert all(r.changed == 0 for r in again)
+            clean()
+            serial, _ = run(hosts, 1)
+            serial_redeploy, _ = run(hosts, 1)
+            clean()
+        finally:
+            lab.down()
+    figures = {
+        "hosts": args.hosts,
+        "deploy_1_host_s": one,
+        "deploy_all_parallel_s": parallel,
+        "deploy_all_one_at_a_time_s": serial,
+        "ratio_all_vs_1": parallel / one,
+        "target_ratio": 1.5,
+        "redeploy_no_change_parallel_s": redeploy,
+        "redeploy_no_change_one_at_a_time_s": serial_redeploy,
+        "target_redeploy_s": 3.0,
+    }
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0
+    n = args.hosts
+    print(f"deploy to 1 lab host:            {one:6.2f} s")
+    print(f"deploy to {n} hosts in parallel:   {parallel:6.2f} s  = {parallel / one:.2f}x of 1 host "
+          f"(target <= 1.5x)")
+    print(f"deploy to {n} hosts one at a time: {serial:6.2f} s  = {serial / one:.2f}x of 1 host")
+    print(f"no-change redeploy, {n} hosts:      {redeploy:6.2f} s  (target < 3 s); "
+          f"one at a time {serial_redeploy:.2f} s")
+    return 0
+
+
+def _host_python(lab) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    version = lab.exec(lab.hosts[0], "python3", "-c",
+                       "import platform; print(platform.python_version())").stdout.strip()
+    arch = lab.exec(lab.hosts[0], "uname", "-m").stdout.strip()
+    return version, arch
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The offline install kit: tags, caching, and the host-side install script.
+
+Preparing a bundle downloads wheels from the package index (allowed here:
+it is what the operator's machine does); the cache below is shared by the
+tests of a run and kept between runs, so only a first run downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flctl.deploy.bundle import (
+    RUNTIME_REQUIREMENTS,
+    Bundle,
+    BundleError,
+    WheelFile,
+    bundle_digest,
+    digest_path,
+    host_tags,
+    install_script,
+    prepare_bundle,
+    venv_python,
+    wheels_dir,
+)
+from flctl.errors import FlctlError
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(tempfile.gettempdir()) / "flctl-test-wheel-cache"
+HERE_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+HERE_TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def bundle() -> Bundle:
+    if platform.machine() not in ("x86_64", "aarch64"):
+        pytest.skip(f"no manylinux wheels for {platform.machine()}")
+    return prepare_bundle(platform.python_version(), platform.machine(), CACHE)
+
+
+# ---------------------------------------------------------------- host_tags
+
+
+@pytest.mark.parametrize("version,machine,expected", [
+    ("3.11.2", "x86_64", ("cp311", "manylinux2014_x86_64")),
+    ("3.9.18", "aarch64", ("cp39", "manylinux2014_aarch64")),
+    ("3.12.0rc1", "arm64", ("cp312", "manylinux2014_aarch64")),
+    ("3.13", "AMD64", ("cp313", "manylinux2014_x86_64")),
+])
+def test_host_tags(version: str, machine: str, expected: tuple[str, str]) -> None:
+    assert host_tags(version, machine) == expected
+
+
+@pytest.mark.parametrize("version,machine,reason", [
+    ("3.8.10", "x86_64", "too old"),
+    ("2.7.18", "x86_64", "too old"),
+    ("python", "x86_64", "not a Python version"),
+    ("3.11.2", "armv7l", "architecture 'armv7l'"),
+    ("3.11.2", "riscv64", "architecture"),
+])
+def test_host_tags_refuses(version: str, machine: str, reason: str) -> None:
+    with pytest.raises(BundleError, match=reason) as caught:
+        host_tags(version, machine)
+    assert isinstance(caught.value, FlctlError)
+
+
+# ------------------------------------------------------------ install_script
+
+
+def fake_bundle(directory: Path, python_tag: str = HERE_TAG) -> Bundle:
+    """A bundle of tiny stand-in wheels, enough to exercise the script's checks."""
+    wheels = []
+    for name in ("flctl-0.1.0-py3-none-any.whl", "pip-24.0-py3-none-any.whl",
+                 "numpy-2.0.0-cp311-cp311-manylinux_2_17_x86_64.whl",
+                 "PyYAML-6.0-cp311-cp311-manylinux2014_x86_64.whl"):
+        path = directory / name
+        path.write_bytes(name.encode() * 10)
+        wheels.append(WheelFile(path, sha256_of(path), name))
+    return Bundle(python_tag, "manylinux2014_x86_64", tuple(wheels), bundle_digest(wheels))
+
+
+def host_dir_with(bundle: Bundle, root: Path) -> Path:
+    """What deploy leaves on a host before running the script: the uploaded wheels."""
+    wheels = Path(wheels_dir(str(root)))
+    wheels.mkdir(parents=True)
+    for wheel in bundle.wheels:
+        shutil.copy(wheel.path, wheels / wheel.name)
+    return wheels
+
+
+def run_script(script: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env}, stdin=subprocess.DEVNULL)
+
+
+def test_install_script_content(tmp_path: Path) -> None:
+    bundle = fake_bundle(tmp_path)
+    script = install_script(bundle, "/opt/flctl", "/usr/bin/python3")
+    assert script.startswith("set -eu\n")
+    assert "sha256sum -c" in script
+    for wheel in bundle.wheels:
+        assert f"{wheel.sha256}  {wheel.name}\n" in script
+    install_lines = [line for line in script.replace("\\\n", " ").splitlines()
+                     if "pip install" in line]
+    assert install_lines and all("--no-index" in line for line in install_lines)
+    flctl_line = next(line for line in install_lines if "flctl-0.1.0-py3-none-any.whl" in line)
+    assert "--no-deps" in flctl_line
+    assert bundle.digest in script and "bundle.digest" in script
+    assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0  # valid POSIX sh
+
+
+def test_install_script_refuses_a_corrupt_upload(tmp_path: Path) -> None:
+    (tmp_path / "local").mkdir()
+    bundle = fake_bundle(tmp_path / "local")
+    root = tmp_path / "host"
+    wheels = host_dir_with(bundle, root)
+    (wheels / "numpy-2.0.0-cp311-cp311-manylinux_2_17_x86_64.whl").write_bytes(b"tampered")
+    done = run_script(install_script(bundle, str(root), sys.executable))
+    assert done.returncode != 0
+    assert "numpy-2.0.0-cp311-cp311-manylinux_2_17_x86_64.whl: FAILED" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("flctl bundle: sha256 mismatch")
+    assert not (root / "venv").exists() and not Path(digest_path(str(root))).exists()
+
+
+def test_install_script_refuses_a_missing_wheel(tmp_path: Path) -> None:
+    (tmp_path / "local").mkdir()
+    bundle = fake_bundle(tmp_path / "local")
+    root = tmp_path / "host"
+    wheels = host_dir_with(bundle, root)
+    (wheels / "pip-24.0-py3-none-any.whl").unlink()
+    done = run_script(install_script(bundle, str(root), sys.executable))
+    assert done.returncode != 0 and "sha256 mismatch" in done.stderr
+    assert not Path(digest_path(str(root))).exists()
+
+
+def test_install_script_refuses_another_python(tmp_path: Path) -> None:
+    (tmp_path / "local").mkdir()
+    bundle = fake_bundle(tmp_path / "local", python_tag="cp39" if HERE_TAG != "cp39" else "cp310")
+    root = tmp_path / "host"
+    host_dir_with(bundle, root)
+    done = run_script(install_script(bundle, str(root), sys.executable))
+    assert done.returncode != 0
+    assert f"is not CPython {bundle.python_tag}" in done.stderr
+    assert not (root / "venv").exists()
+
+
+def test_remote_layout() -> None:
+    assert wheels_dir("/opt/flctl/") == "/opt/flctl/wheels"
+    assert venv_python() == "/opt/flctl/venv/bin/python"
+    assert digest_path("/srv/f") == "/srv/f/bundle.digest"
+
+
+# ----------------------------------------------------------- prepare_bundle
+
+
+def test_bundle_holds_wheels_for_the_target(bundle: Bundle) -> None:
+    assert (bundle.python_tag, bundle.platform_tag) == host_tags(platform.python_version(),
+                                                                 platform.machine())
+    projects = {wheel.project for wheel in bundle.wheels}
+    assert {"flctl", "pip", *(r.lower() for r in RUNTIME_REQUIREMENTS)} <= projects
+    assert not {"typer", "rich", "paramiko"} & projects  # CLI-only dependencies stay home
+    for wheel in bundle.wheels:
+        assert wheel.path.name == wheel.name and wheel.path.is_file()
+        assert sha256_of(wheel.path) == wheel.sha256
+        python, abi, plat = wheel.name[:-4].split("-")[-3:]
+        assert python in (bundle.python_tag, "py3") or python.startswith(bundle.python_tag)
+        assert plat == "any" or platform.machine() in plat and "manylinux" in plat
+    assert bundle.digest == bundle_digest(bundle.wheels)
+
+
+def test_warm_prepare_is_fast_and_identical(bundle: Bundle) -> None:
+    started = time.perf_counter()
+    again = prepare_bundle(platform.python_version(), platform.machine(), CACHE)
+    elapsed = time.perf_counter() - started
+    assert again == bundle
+    assert elapsed < 0.5, f"warm prepare_bundle took {elapsed:.3f} s"
+
+
+def test_prepare_needs_a_source_tree(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="not a flctl source tree"):
+        prepare_bundle(HERE_PYTHON, "x86_64", tmp_path / "cache", project_root=tmp_path)
+
+
+def copy_project(target: Path) -> Path:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    shutil.copytree(ROOT / "src", target / "src", ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, target / name)
+    return target
+
+
+@pytest.mark.slow
+def test_source_change_makes_a_new_flctl_wheel(bundle: Bundle, tmp_path: Path) -> None:
+    project = copy_project(tmp_path / "project")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    deps_dir = bundle.wheel("numpy").path.parent  # reuse the downloads: no network here
+    shutil.copytree(deps_dir, cache / deps_dir.name, copy_function=os.link)
+
+    first = prepare_bundle(platform.python_version(), platform.machine(), cache, project)
+    assert {w.name: w.sha256 for w in first.wheels if w.project != "flctl"} == \
+        {w.name: w.sha256 for w in bundle.wheels if w.project != "flctl"}
+    assert not (project / "build").exists()  # the build never writes into the checkout
+    assert not list((project / "src").glob("*.egg-info"))
+
+    module = project / "src" / "flctl" / "deploy" / "bundle.py"
+    module.write_text(module.read_text() + "\n# changed\n")
+    results: list[Bundle] = []
+    threads = [threading.Thread(target=lambda: results.append(prepare_bundle(
+        platform.python_version(), platform.machine(), cache, project))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 and results[0] == results[1]  # two deploys, one build
+    changed = results[0]
+    assert changed.digest != first.digest
+    assert changed.wheel("flctl").sha256 != first.wheel("flctl").sha256
+    assert len(list(cache.glob("flctl-*"))) == 2
+
+
+@pytest.mark.slow
+def test_bundle_installs_offline_into_a_fresh_venv(bundle: Bundle, tmp_path: Path) -> None:
+    root = tmp_path / "opt-flctl"
+    host_dir_with(bundle, root)
+    (Path(wheels_dir(str(root))) / "stale-0.1-py3-none-any.whl").write_bytes(b"old")
+    script = install_script(bundle, str(root), sys.executable)
+    # Any attempt to reach an index would hit a dead loopback port and fail.
+    offline = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_FIND_LINKS": "/nonexistent",
+               "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    done = run_script(script, **offline)
+    assert done.returncode == 0, done.stderr
+    assert Path(digest_path(str(root))).read_text().strip() == bundle.digest
+    assert not (Path(wheels_dir(str(root))) / "stale-0.1-py3-none-any.whl").exists()
+    python = venv_python(str(root))
+    check = subprocess.run([python, "-c", "import flctl.agent.main, numpy, cryptography, yaml; "
+                                          "import flctl; print(flctl.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.startswith(str(root))  # the venv's copy, not this checkout
+    venv_id = (root / "venv" / "pyvenv.cfg").stat().st_ino
+    again = run_script(script, **offline)  # a rerun keeps the venv and succeeds
+    assert again.returncode == 0, again.stderr
+    assert (root / "venv" / "pyvenv.cfg").stat().st_ino == venv_id

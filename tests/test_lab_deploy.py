@@ -1,0 +1,221 @@
+"""`flctl deploy` over real SSH to real sshd servers in network namespaces.
+
+Each lab host has its own address, sshd, hostname and private /opt,
+/var/lib and /run; nothing here is mocked. The lab has no systemd, so the
+supervisor path is what runs (the unit file is covered by a golden test).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lab import Lab, lab_available, lab_up
+
+from flctl.core.settings import (
+    AgentSettings,
+    LimitSettings,
+    Settings,
+    load_settings,
+    render_settings,
+)
+from helpers import run_cli
+
+pytestmark = [pytest.mark.lab, pytest.mark.skipif(lab_available() is not None,
+                                                  reason=str(lab_available()))]
+
+HOSTS = 3
+
+
+def set_listen_underlay(root: Path) -> None:
+    """Until the overlay exists, agents listen on their lab (underlay) address."""
+    s = load_settings(root / "flctl.yaml")
+    updated = Settings(project=s.project, overlay=s.overlay,
+                       agent=AgentSettings(port=s.agent.port, listen="underlay"),
+                       training=s.training, limits=s.limits)
+    (root / "flctl.yaml").write_text(render_settings(updated))
+
+
+def deploy_json(root: Path, *extra: str) -> dict:
+    result = run_cli("deploy", "-w", str(root), "--json", *extra, timeout=600)
+    assert "Traceback" not in result.stderr, result.stderr
+    return {"code": result.returncode, **result.json()}
+
+
+def by_host(document: dict) -> dict[str, dict]:
+    return {h["host"]: h for h in document["hosts"]}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory):
+    workspace = tmp_path_factory.mktemp("labws")
+    lab = lab_up(HOSTS, workspace)
+    set_listen_underlay(workspace)
+    try:
+        first = deploy_json(workspace)
+        assert first["code"] == 0, first
+        assert {h["status"] for h in first["hosts"]} == {"changed"}
+        yield lab
+    finally:
+        run_cli("teardown", "-w", str(workspace), timeout=300)
+        lab.down()
+
+
+def namespace_commands(host: str) -> list[str]:
+    """Command lines of every process in a lab host's network namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", f"flctl-{host}"], capture_output=True,
+                          text=True).stdout.split()
+    commands = []
+    for pid in pids:
+        try:
+            commands.append(Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "))
+        except OSError:
+            pass
+    return commands
+
+
+def remote(lab: Lab, host: str, script: str) -> str:
+    return lab.exec(host, "sh", "-c", script).stdout.strip()
+
+
+def test_agent_runs_from_the_offline_venv_with_its_own_key(lab: Lab) -> None:
+    for host in lab.hosts:
+        assert remote(lab, host, "test -x /opt/flctl/venv/bin/python && echo yes") == "yes"
+        mode = remote(lab, host, f"stat -c %a /var/lib/flctl/{host}/agent.key")
+        assert mode == "600"
+        # the key exists on the host only: the operator's workspace never saw it
+    assert not list(lab.workspace.rglob("agent.key"))
+
+
+def test_redeploy_changes_nothing_and_uploads_nothing(lab: Lab) -> None:
+    pids = {h: remote(lab, h, f"cat /var/lib/flctl/{h}/supervisor.pid") for h in lab.hosts}
+    started = time.monotonic()
+    again = deploy_json(lab.workspace)
+    elapsed = time.monotonic() - started
+    assert again["code"] == 0
+    assert [(h["status"], h["changed"]) for h in again["hosts"]] == [("ok", 0)] * HOSTS
+    assert {h: remote(lab, h, f"cat /var/lib/flctl/{h}/supervisor.pid") for h in lab.hosts} == pids
+    assert elapsed < 15
+
+
+def test_status_over_ssh(lab: Lab) -> None:
+    result = run_cli("status", "-w", str(lab.workspace), "--json")
+    assert result.returncode == 0, result.stderr
+    rows = by_host(result.json())
+    for host in lab.hosts:
+        row = rows[host]
+        assert row["reachable"] and row["agent"] == "idle"
+        assert row["n_train"] > 0 and row["mem_total_bytes"] > 0 and len(row["load"]) == 3
+        assert row["address"].startswith(lab.addresses[host])
+
+
+def test_train_three_rounds_over_ssh_deployed_agents(lab: Lab) -> None:
+    result = run_cli("train", "-w", str(lab.workspace), "--rounds", "3", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = result.json()
+    assert summary["rounds"] == 3 and sorted(summary["hosts"]) == sorted(lab.hosts)
+    final = Path(summary["final_weights"])
+    assert final.is_relative_to(lab.workspace)  # the weights are on the operator's machine
+    with np.load(final) as weights:
+        assert all(np.isfinite(weights[name]).all() for name in weights.files)
+    assert summary["accuracy"] > 0.5
+
+
+def test_killed_agent_comes_back(lab: Lab) -> None:
+    host = lab.hosts[1]
+    old = remote(lab, host, f"cat /var/lib/flctl/{host}/agent.pid")
+    lab.exec(host, "kill", "-9", old)
+    deadline = time.monotonic() + 30
+    new = old
+    while time.monotonic() < deadline:
+        new = remote(lab, host, f"cat /var/lib/flctl/{host}/agent.pid 2>/dev/null || true")
+        if new and new != old:
+            status = run_cli("status", "-w", str(lab.workspace), "--json", "--limit", host)
+            if status.returncode == 0 and by_host(status.json())[host]["agent"] == "idle":
+                break
+        time.sleep(0.3)
+    assert new != old
+    row = by_host(run_cli("status", "-w", str(lab.workspace), "--json").json())[host]
+    assert row["agent"] == "idle" and str(row["agent_pid"]) == new
+
+
+def test_changing_one_setting_changes_only_what_depends_on_it(lab: Lab) -> None:
+    path = lab.workspace / "flctl.yaml"
+    original = path.read_text()
+    s = load_settings(path)
+    path.write_text(render_settings(Settings(project=s.project, overlay=s.overlay, agent=s.agent,
+                                             training=s.training, limits=LimitSettings(512))))
+    try:
+        checked = deploy_json(lab.workspace, "--check")
+        for host in checked["hosts"]:
+            assert {s["name"] for s in host["steps"] if s["changed"]} == {"agent config", "agent"}
+        applied = deploy_json(lab.workspace)
+        for host in applied["hosts"]:
+            assert {s["name"] for s in host["steps"] if s["changed"]} == {"agent config", "agent"}
+        config = json.loads(remote(lab, lab.hosts[0], f"cat /var/lib/flctl/{lab.hosts[0]}/agent.json"))
+        assert config["max_message_mb"] == 512
+    finally:
+        path.write_text(original)
+        deploy_json(lab.workspace)
+
+
+def test_logs_show_the_agent_log(lab: Lab) -> None:
+    result = run_cli("logs", lab.hosts[0], "-w", str(lab.workspace), "-n", "20")
+    assert result.returncode == 0, result.stderr
+    assert "listening on" in result.stdout
+
+
+def test_unknown_host_key_is_refused_unless_accepted(lab: Lab) -> None:
+    known = lab.workspace / "known_hosts"
+    saved = known.read_text()
+    host = lab.hosts[2]
+    address = lab.addresses[host]
+    known.write_text("".join(line + "\n" for line in saved.splitlines()
+                             if not line.startswith(address + " ")))
+    try:
+        refused = deploy_json(lab.workspace, "--limit", host)
+        assert refused["code"] == 5
+        [row] = refused["hosts"]
+        assert row["status"] == "unreachable"
+        assert "SHA256:" in row["error"] and "--accept-new-host-keys" in row["error"]
+        accepted = deploy_json(lab.workspace, "--limit", host, "--accept-new-host-keys")
+        assert accepted["code"] == 0 and accepted["hosts"][0]["changed"] == 0
+        assert any(line.startswith(address + " ") for line in known.read_text().splitlines())
+    finally:
+        known.write_text(saved)
+
+
+def test_an_unreachable_host_is_reported_while_others_deploy(lab: Lab) -> None:
+    down = lab.hosts[0]
+    lab.stop_host(down)
+    try:
+        started = time.monotonic()
+        result = deploy_json(lab.workspace)
+        assert result["code"] == 5
+        rows = by_host(result)
+        assert rows[down]["status"] == "unreachable" and rows[down]["error"]
+        assert all(rows[h]["status"] == "ok" for h in lab.hosts if h != down)
+        assert time.monotonic() - started < 60
+    finally:
+        lab.start_host(down)
+
+
+def test_teardown_leaves_nothing_on_the_hosts(lab: Lab) -> None:
+    result = run_cli("teardown", "-w", str(lab.workspace), "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert {h["status"] for h in result.json()["hosts"]} == {"changed"}
+    for host in lab.hosts:
+        left = remote(lab, host, "for p in /opt/flctl /var/lib/flctl; do [ -e $p ] && echo $p; "
+                                 "done; true")
+        assert left == ""
+        assert remote(lab, host, "ls /var/lib/flctl-data") == "data.npz"  # the user's data stays
+        assert not [cmd for cmd in namespace_commands(host) if "flctl.agent" in cmd]
+    again = run_cli("teardown", "-w", str(lab.workspace), "--json", timeout=300)
+    assert again.returncode == 0
+    assert {h["status"] for h in again.json()["hosts"]} == {"ok"}
+    # and deploy works again from scratch (the module fixture tears down at the end)
+    assert deploy_json(lab.workspace)["code"] == 0
