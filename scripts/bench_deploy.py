@@ -24,6 +24,7 @@ from flctl.core.settings import AgentSettings, Settings, load_settings, render_s
 from flctl.deploy import engine  # noqa: E402
 from flctl.deploy.install import BundleCache  # noqa: E402
 from flctl.workspace import Workspace, load_workspace  # noqa: E402
+
 from lab import lab_available, lab_up  # noqa: E402
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from flctl.coordinator.records import load_weights
 from flctl.core.data import Dataset, load_dataset
 from flctl.core.tasks import LogRegTask
+
 from helpers import run_cli
 
 CENTRAL_EPOCHS = 200

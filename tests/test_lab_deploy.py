@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lab import Lab, lab_available, lab_up
 
 from flctl.core.settings import (
     AgentSettings,
@@ -23,7 +22,9 @@ from flctl.core.settings import (
     load_settings,
     render_settings,
 )
+
 from helpers import run_cli
+from lab import Lab, lab_available, lab_up
 
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(lab_available() is not None,
                                                   reason=str(lab_available()))]

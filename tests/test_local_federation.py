@@ -20,6 +20,7 @@ from flctl.core.layout import Endpoint
 from flctl.net.agent_client import AgentClient
 from flctl.net.client import TransportError
 from flctl.net.tls import client_context
+
 from helpers import run_cli, use_ports
 
 HOSTS = 4

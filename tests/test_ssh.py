@@ -24,6 +24,7 @@ from flctl.deploy.ssh import (
     SSHConnector,
     fingerprint,
 )
+
 from sshd import (
     LOOPBACK,
     SSHServer,
