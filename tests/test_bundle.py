@@ -84,7 +84,7 @@ def test_host_tags_refuses(version: str, machine: str, reason: str) -> None:
 def fake_bundle(directory: Path, python_tag: str = HERE_TAG) -> Bundle:
     """A bundle of tiny stand-in wheels, enough to exercise the script's checks."""
     wheels = []
-    for name in ("flctl-0.1.0-py3-none-any.whl", "pip-24.0-py3-none-any.whl",
+    for name in ("flctl-0.1.0-py3-none-any.whl", "installer-1.1.0-py3-none-any.whl",
                  "numpy-2.0.0-cp311-cp311-manylinux_2_17_x86_64.whl",
                  "PyYAML-6.0-cp311-cp311-manylinux2014_x86_64.whl"):
         path = directory / name
@@ -115,10 +115,12 @@ def test_install_script_content(tmp_path: Path) -> None:
     for wheel in bundle.wheels:
         assert f"{wheel.sha256}  {wheel.name}\n" in script
     install_lines = [line for line in script.replace("\\\n", " ").splitlines()
-                     if "pip install" in line]
-    assert install_lines and all("--no-index" in line for line in install_lines)
-    flctl_line = next(line for line in install_lines if "flctl-0.1.0-py3-none-any.whl" in line)
-    assert "--no-deps" in flctl_line
+                     if "-m installer" in line]
+    assert len(install_lines) == 1  # one offline install of exactly the bundle's wheels
+    assert "pip" not in script.replace("--without-pip", "")  # nothing that could reach an index
+    for wheel in bundle.wheels:
+        if not wheel.name.startswith("installer-"):
+            assert wheel.name in install_lines[0]
     assert bundle.digest in script and "bundle.digest" in script
     assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0  # valid POSIX sh
 
@@ -141,7 +143,7 @@ def test_install_script_refuses_a_missing_wheel(tmp_path: Path) -> None:
     bundle = fake_bundle(tmp_path / "local")
     root = tmp_path / "host"
     wheels = host_dir_with(bundle, root)
-    (wheels / "pip-24.0-py3-none-any.whl").unlink()
+    (wheels / "installer-1.1.0-py3-none-any.whl").unlink()
     done = run_script(install_script(bundle, str(root), sys.executable))
     assert done.returncode != 0 and "sha256 mismatch" in done.stderr
     assert not Path(digest_path(str(root))).exists()
@@ -171,7 +173,7 @@ def test_bundle_holds_wheels_for_the_target(bundle: Bundle) -> None:
     assert (bundle.python_tag, bundle.platform_tag) == host_tags(platform.python_version(),
                                                                  platform.machine())
     projects = {wheel.project for wheel in bundle.wheels}
-    assert {"flctl", "pip", *(r.lower() for r in RUNTIME_REQUIREMENTS)} <= projects
+    assert {"flctl", "installer", *(r.lower() for r in RUNTIME_REQUIREMENTS)} <= projects
     assert not {"typer", "rich", "paramiko"} & projects  # CLI-only dependencies stay home
     for wheel in bundle.wheels:
         assert wheel.path.name == wheel.name and wheel.path.is_file()
@@ -253,7 +255,7 @@ def test_bundle_installs_offline_into_a_fresh_venv(bundle: Bundle, tmp_path: Pat
                            capture_output=True, text=True, cwd=tmp_path)
     assert check.returncode == 0, check.stderr
     assert check.stdout.startswith(str(root))  # the venv's copy, not this checkout
-    venv_id = (root / "venv" / "pyvenv.cfg").stat().st_ino
-    again = run_script(script, **offline)  # a rerun keeps the venv and succeeds
+    again = run_script(script, **offline)  # a rerun builds a fresh venv and swaps it in
     assert again.returncode == 0, again.stderr
-    assert (root / "venv" / "pyvenv.cfg").stat().st_ino == venv_id
+    assert not (root / "venv.new").exists() and not (root / "venv.old").exists()
+    assert subprocess.run([python, "-c", "import flctl.agent.main"], cwd=tmp_path).returncode == 0

@@ -4,8 +4,10 @@ Hosts have no internet, so the operator's machine (which can reach PyPI)
 prepares everything a host needs: flctl's own wheel, built from the source
 tree, and binary wheels of the agent's runtime dependencies for the host's
 Python version and CPU. Deploy uploads them, and a POSIX sh script checks
-their sha256 on the host before pip installs them into a venv with
---no-index, so nothing on the host ever reaches out.
+their sha256 on the host before PyPA's `installer` unpacks them into a
+fresh venv, so nothing on the host ever reaches out. (`installer` rather
+than pip: it installs the fixed, already-resolved set of wheels in about
+0.7 s where pip needs 3-7 s, and deploy runs it on every host at once.)
 
 Both halves are cached under the caller's cache dir, keyed so that a warm
 prepare touches neither the network nor a build: dependency wheels by
@@ -36,8 +38,9 @@ from flctl.errors import FlctlError
 # What the agent imports on a host (the CLI's typer/rich/paramiko stay home).
 RUNTIME_REQUIREMENTS: tuple[str, ...] = ("numpy", "cryptography", "PyYAML")
 # Shipped so that the venv never needs ensurepip, which Debian splits out into
-# python3-venv: `python3 -m venv --without-pip` works on every CPython >= 3.3.
-BOOTSTRAP_REQUIREMENTS: tuple[str, ...] = ("pip",)
+# python3-venv: `python3 -m venv --without-pip` works on every CPython >= 3.3,
+# and `installer` runs straight from its wheel on sys.path.
+BOOTSTRAP_REQUIREMENTS: tuple[str, ...] = ("installer",)
 MIN_PYTHON = (3, 9)
 # Oldest glibc first; 2_28 covers RHEL 8, Debian 10, Ubuntu 20.04 and newer.
 MANYLINUX_TAGS = ("manylinux2014", "manylinux_2_17", "manylinux_2_24", "manylinux_2_26",
@@ -370,24 +373,21 @@ def install_script(bundle: Bundle, remote_dir: str = "/opt/flctl", python: str =
     """A POSIX sh script that installs `bundle` from `wheels_dir(remote_dir)` on a host.
 
     It refuses to install anything unless every wheel's sha256 matches,
-    (re)creates the venv when it is missing or made by another Python,
-    installs with --no-index only, and writes the digest last: a host with
-    the digest file has exactly this bundle, whatever happened before.
+    builds a fresh venv beside the current one and swaps it in with a
+    rename (an interrupted install leaves the old agent software intact,
+    and no file of an older version lingers), and writes the digest last:
+    a host with the digest file has exactly this bundle.
     """
-    flctl = bundle.wheel("flctl")
-    pip = bundle.wheel("pip")
-    deps = [w for w in bundle.wheels if w not in (flctl, pip)]
+    installer = bundle.wheel("installer")
+    to_install = [w for w in bundle.wheels if w is not installer]
     q = shlex.quote
     checksums = "".join(f"{w.sha256}  {w.name}\n" for w in bundle.wheels)
     keep = "|".join(q(w.name) for w in bundle.wheels)
-    dep_paths = " ".join(f'"$wheels"/{q(w.name)}' for w in deps)
+    wheel_paths = " ".join(f'"$wheels"/{q(w.name)}' for w in to_install)
     return f"""\
 set -eu
 umask 022
 fail() {{ echo "flctl bundle: $*" >&2; exit 3; }}
-# Hermetic pip: no config file or PIP_* variable from the host may add an index.
-for var in $(env | sed -n 's/^\\(PIP_[A-Za-z0-9_]*\\)=.*/\\1/p'); do unset "$var"; done
-export PIP_CONFIG_FILE=/dev/null PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 dir={q(remote_dir.rstrip('/'))}
 wheels="$dir/wheels"
 venv="$dir/venv"
@@ -405,18 +405,16 @@ done
 tag_of() {{ "$1" -c 'import sys; print("cp%d%d" % sys.version_info[:2])' 2>/dev/null || true; }}
 [ "$(tag_of "$python")" = {q(bundle.python_tag)} ] || \\
     fail "$python is not CPython {bundle.python_tag} (the bundle was prepared for it)"
-if [ "$(tag_of "$venv/bin/python")" != {q(bundle.python_tag)} ]; then
-    rm -rf -- "$venv"
-    "$python" -m venv --without-pip "$venv" || fail "$python -m venv failed"
-fi
-if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
-    "$venv/bin/python" "$wheels"/{q(pip.name)}/pip install --quiet --no-index \\
-        "$wheels"/{q(pip.name)} || fail "installing pip into $venv failed"
-fi
-"$venv/bin/python" -m pip install --quiet --no-index --find-links "$wheels" \\
-    {dep_paths} || fail "installing the runtime dependencies failed"
-"$venv/bin/python" -m pip install --quiet --no-index --no-deps --force-reinstall \\
-    "$wheels"/{q(flctl.name)} || fail "installing flctl failed"
+rm -rf -- "$venv.new"
+"$python" -m venv --without-pip "$venv.new" || fail "$python -m venv failed"
+PYTHONPATH="$wheels"/{q(installer.name)} "$venv.new/bin/python" -m installer \\
+    --no-compile-bytecode {wheel_paths} >&2 || fail "installing the wheels failed"
+# A venv is found through the pyvenv.cfg beside its bin/, so it may move;
+# only its activate scripts (unused here) remember the old name.
+rm -rf -- "$venv.old"
+[ -d "$venv" ] && mv -- "$venv" "$venv.old"
+mv -- "$venv.new" "$venv"
+rm -rf -- "$venv.old"
 printf '%s\\n' {q(bundle.digest)} > "$dir/bundle.digest.tmp"
 mv -f -- "$dir/bundle.digest.tmp" "$dir/bundle.digest"
 echo "flctl bundle {bundle.digest[:12]} installed in $venv"
