@@ -20,7 +20,6 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from flctl.coordinator.session import info_probe  # noqa: E402
-from flctl.core.settings import AgentSettings, Settings, load_settings, render_settings  # noqa: E402
 from flctl.deploy import engine  # noqa: E402
 from flctl.deploy.install import BundleCache  # noqa: E402
 from flctl.workspace import Workspace, load_workspace  # noqa: E402
@@ -53,10 +52,6 @@ def main() -> int:
         root = Path(tmp)
         lab = lab_up(args.hosts, root)
         try:
-            s = load_settings(root / "flctl.yaml")
-            (root / "flctl.yaml").write_text(render_settings(Settings(
-                project=s.project, overlay=s.overlay, training=s.training, limits=s.limits,
-                agent=AgentSettings(port=s.agent.port, listen="underlay"))))
             workspace: Workspace = load_workspace(root)
             hosts = list(workspace.inventory.hosts)
             bundles = BundleCache()

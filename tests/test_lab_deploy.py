@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from flctl.core.settings import (
-    AgentSettings,
     LimitSettings,
     Settings,
     load_settings,
@@ -30,15 +29,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.skipif(lab_available() is not None,
                                                   reason=str(lab_available()))]
 
 HOSTS = 3
-
-
-def set_listen_underlay(root: Path) -> None:
-    """Until the overlay exists, agents listen on their lab (underlay) address."""
-    s = load_settings(root / "flctl.yaml")
-    updated = Settings(project=s.project, overlay=s.overlay,
-                       agent=AgentSettings(port=s.agent.port, listen="underlay"),
-                       training=s.training, limits=s.limits)
-    (root / "flctl.yaml").write_text(render_settings(updated))
 
 
 def deploy_json(root: Path, *extra: str) -> dict:
@@ -55,7 +45,6 @@ def by_host(document: dict) -> dict[str, dict]:
 def lab(tmp_path_factory: pytest.TempPathFactory):
     workspace = tmp_path_factory.mktemp("labws")
     lab = lab_up(HOSTS, workspace)
-    set_listen_underlay(workspace)
     try:
         first = deploy_json(workspace)
         assert first["code"] == 0, first
