@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -27,10 +29,29 @@ from flctl.workspace import Workspace, load_workspace  # noqa: E402
 from lab import lab_available, lab_up  # noqa: E402
 
 
-def timed(action: Callable[[], list[engine.HostResult]]) -> tuple[float, list[engine.HostResult]]:
+def machine_cpu_s() -> float:
+    """CPU seconds used by everything on this machine (all lab hosts included)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def operator_cpu_s() -> float:
+    """CPU seconds used by this (the operator's) process: SSH, signing, uploads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+CPU: dict[str, tuple[float, float]] = {}
+
+
+def timed(action: Callable[[], list[engine.HostResult]],
+          label: str) -> tuple[float, list[engine.HostResult]]:
+    machine0, operator0 = machine_cpu_s(), operator_cpu_s()
     started = time.perf_counter()
     results = action()
     elapsed = time.perf_counter() - started
+    CPU[label] = (machine_cpu_s() - machine0, operator_cpu_s() - operator0)
     bad = [(r.host, r.status, r.error) for r in results if r.status in ("failed", "unreachable")]
     if bad:
         raise SystemExit(f"deploy failed: {bad}")
@@ -57,22 +78,23 @@ def main() -> int:
             bundles = BundleCache()
             probe = info_probe(workspace)
 
-            def run(targets: list, forks: int) -> tuple[float, list[engine.HostResult]]:
+            def run(targets: list, forks: int, label: str) -> tuple[float, list]:
                 return timed(lambda: engine.deploy(workspace, targets, forks=forks,
-                                                   verify=lambda h, e: probe(e), bundles=bundles))
+                                                   verify=lambda h, e: probe(e), bundles=bundles),
+                             label)
 
             def clean() -> None:
                 engine.teardown(workspace, hosts)
 
             bundles.get(*_host_python(lab))  # warm the operator-side wheel cache
-            one, _ = run(hosts[:1], 16)
+            one, _ = run(hosts[:1], 16, "one")
             clean()
-            parallel, _ = run(hosts, 16)
-            redeploy, again = run(hosts, 16)
+            parallel, _ = run(hosts, 16, "parallel")
+            redeploy, again = run(hosts, 16, "redeploy")
             assert all(r.changed == 0 for r in again)
             clean()
-            serial, _ = run(hosts, 1)
-            serial_redeploy, _ = run(hosts, 1)
+            serial, _ = run(hosts, 1, "serial")
+            serial_redeploy, _ = run(hosts, 1, "serial_redeploy")
             clean()
         finally:
             lab.down()
@@ -86,6 +108,9 @@ def main() -> int:
         "redeploy_no_change_parallel_s": redeploy,
         "redeploy_no_change_one_at_a_time_s": serial_redeploy,
         "target_redeploy_s": 3.0,
+        "cores": os.cpu_count(),
+        "machine_cpu_s": {k: v[0] for k, v in CPU.items()},
+        "operator_cpu_s": {k: v[1] for k, v in CPU.items()},
     }
     if args.json:
         print(json.dumps(figures, indent=2))
@@ -97,6 +122,13 @@ def main() -> int:
     print(f"deploy to {n} hosts one at a time: {serial:6.2f} s  = {serial / one:.2f}x of 1 host")
     print(f"no-change redeploy, {n} hosts:      {redeploy:6.2f} s  (target < 3 s); "
           f"one at a time {serial_redeploy:.2f} s")
+    machine_one, operator_one = CPU["one"]
+    machine_all, operator_all = CPU["parallel"]
+    print(f"CPU per host: {machine_one:.2f} s in all for 1 host, {machine_all / n:.2f} s each "
+          f"for {n}; the operator's share {operator_one:.2f} s / {operator_all / n:.2f} s. "
+          f"All lab hosts share this machine's {os.cpu_count()} cores, so {n} hosts need at "
+          f"least {machine_all / (os.cpu_count() or 1):.1f} s here; on real hosts only the "
+          f"operator's share is shared.")
     return 0
 
 

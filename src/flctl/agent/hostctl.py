@@ -22,7 +22,6 @@ from typing import Any
 
 from flctl import __version__
 from flctl.agent.services import init_system, listening_ports, read_text, service_for
-from flctl.core import pki
 from flctl.core.facts import parse_loadavg, parse_meminfo, parse_os_release, process_uptime_s
 from flctl.core.fsutil import write_secret
 from flctl.errors import FlctlError
@@ -80,11 +79,27 @@ def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
         "service": service.kind,
         "service_pid": service.pid(),
         "agent_pid": service.agent_pid(),
+        "data": _data_summary(args.data) if args.data else None,
     }
+
+
+def _data_summary(path: str) -> dict[str, Any]:
+    """Whether the host's data loads, and its size (one call with the facts:
+    each host-side Python start costs ~0.1-0.3 s)."""
+    from flctl.core.data import load_dataset
+
+    try:
+        dataset = load_dataset(path)
+    except FlctlError as exc:
+        return {"path": path, "error": exc.message}
+    return {"path": path, "n_train": dataset.n_train, "n_test": dataset.n_test,
+            "n_features": dataset.n_features, "n_classes": dataset.n_classes}
 
 
 def cmd_csr(args: argparse.Namespace) -> dict[str, Any]:
     """Make the agent key here (if missing) and return only a CSR."""
+    from flctl.core import pki  # cryptography costs ~0.1 s to import; only this needs it
+
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_path = root / "agent.key"
@@ -98,19 +113,6 @@ def cmd_csr(args: argparse.Namespace) -> dict[str, Any]:
         created = True
     csr = pki.make_csr(key_path.read_bytes(), args.cn, args.dns or (), args.ip or ())
     return {"csr_pem": csr.decode(), "key_created": created}
-
-
-def cmd_check_data(args: argparse.Namespace) -> dict[str, Any]:
-    from flctl.core.data import load_dataset
-
-    dataset = load_dataset(args.path)
-    return {
-        "path": args.path,
-        "n_train": dataset.n_train,
-        "n_test": dataset.n_test,
-        "n_features": dataset.n_features,
-        "n_classes": dataset.n_classes,
-    }
 
 
 def cmd_start(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,18 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func: Any, *, port: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name)
         p.set_defaults(func=func)
-        p.add_argument("--root", required=name != "check-data")
+        p.add_argument("--root", required=True)
         p.add_argument("--timeout", type=float, default=20.0)
         if port:
             p.add_argument("--port", type=int, required=True)
         return p
 
-    add("facts", cmd_facts)
+    add("facts", cmd_facts).add_argument("--data", help="also check this data file loads")
     csr = add("csr", cmd_csr)
     csr.add_argument("--cn", required=True)
     csr.add_argument("--dns", action="append")
     csr.add_argument("--ip", action="append")
-    add("check-data", cmd_check_data).add_argument("--path", required=True)
     add("start", cmd_start, port=True)
     add("restart", cmd_restart, port=True)
     add("stop", cmd_stop)

@@ -151,10 +151,12 @@ class HostDeploy:
                 return
         root = str(self.paths.root)
         self.progress(self.host.name, "gathering facts")
-        facts = hostctl(connector, "facts", "--root", root)
+        facts = hostctl(connector, "facts", "--root", root, "--data", self.host.data_path)
         self.result.facts.update(facts)
         self._check_port(facts)
-        data = hostctl(connector, "check-data", "--path", self.host.data_path)
+        data = facts["data"]
+        if "error" in data:
+            raise StepFailed(f"data: {data['error']}")
         self.step("data", False, f"{data['n_train']} train / {data['n_test']} test examples")
         changed = self._certificate(connector, facts)
         changed |= self._file(connector, "ca.crt", str(self.paths.ca_cert), self.ctx.ca_cert,
