@@ -159,6 +159,63 @@ def test_logs_show_the_agent_log(lab: Lab) -> None:
     assert "listening on" in result.stdout
 
 
+def test_a_users_task_module_is_shipped_and_trained(lab: Lab) -> None:
+    tasks = lab.workspace / "tasks"
+    (tasks / "tiny_task.py").write_text(
+        "import numpy as np\n"
+        "from flctl.core.tasks import LogRegTask\n\n"
+        "class Tiny(LogRegTask):\n"
+        "    \"\"\"The built-in model, under the user's own module name.\"\"\"\n"
+    )
+    try:
+        shipped = deploy_json(lab.workspace)
+        for row in shipped["hosts"]:
+            changed = {s["name"] for s in row["steps"] if s["changed"]}
+            assert changed == {"task code", "agent"}, row
+        for host in lab.hosts:
+            assert "class Tiny" in remote(lab, host, f"cat /var/lib/flctl/{host}/tasks/tiny_task.py")
+        trained = run_cli("train", "-w", str(lab.workspace), "--rounds", "1", "--task",
+                          "tiny_task:Tiny", "--json", timeout=300)
+        assert trained.returncode == 0, trained.stderr
+        assert trained.json()["accuracy"] > 0.3
+    finally:
+        (tasks / "tiny_task.py").unlink()
+    removed = deploy_json(lab.workspace)
+    for row in removed["hosts"]:
+        assert {s["name"] for s in row["steps"] if s["changed"]} == {"task code", "agent"}
+    for host in lab.hosts:
+        assert remote(lab, host, f"find /var/lib/flctl/{host}/tasks -name '*.py'") == ""
+
+
+def test_become_deploys_through_sudo_as_a_plain_user(lab: Lab) -> None:
+    host = lab.hosts[2]
+    remote(lab, host, "id deployer >/dev/null 2>&1 || useradd -m -p '*' -s /bin/sh deployer; "
+                      "echo 'deployer ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/deployer; "
+                      "chmod 440 /etc/sudoers.d/deployer")
+    inventory = lab.workspace / "inventory.yaml"
+    saved = inventory.read_text()
+    assert run_cli("teardown", "-w", str(lab.workspace), "--limit", host).returncode == 0
+    inventory.write_text(saved.replace(
+        f"        {host}:\n",
+        f"        {host}:\n          ssh_user: deployer\n          become: true\n"))
+    try:
+        first = deploy_json(lab.workspace, "--limit", host)
+        assert first["code"] == 0, first
+        assert first["hosts"][0]["status"] == "changed"
+        owner = remote(lab, host, f"stat -c '%U %a' /var/lib/flctl/{host}/agent.key /opt/flctl")
+        assert owner.splitlines() == ["root 600", "root 755"]
+        again = deploy_json(lab.workspace, "--limit", host)
+        assert again["code"] == 0 and again["hosts"][0]["changed"] == 0
+        status = by_host(run_cli("status", "-w", str(lab.workspace), "--json").json())[host]
+        assert status["agent"] == "idle"
+        gone = run_cli("teardown", "-w", str(lab.workspace), "--limit", host, "--json")
+        assert gone.returncode == 0 and gone.json()["hosts"][0]["status"] == "changed"
+        assert remote(lab, host, "ls -d /opt/flctl /var/lib/flctl 2>/dev/null; true") == ""
+    finally:
+        inventory.write_text(saved)
+        assert deploy_json(lab.workspace, "--limit", host)["code"] == 0
+
+
 def test_unknown_host_key_is_refused_unless_accepted(lab: Lab) -> None:
     known = lab.workspace / "known_hosts"
     saved = known.read_text()

@@ -246,9 +246,9 @@ class HostDeploy:
 
     def _task_code(self, connector: Connector, facts: dict[str, Any]) -> bool:
         """Ship the workspace's task modules to SSH hosts (local ones read them in place)."""
-        if self.host.connection == "local" or not self.ctx.task_files:
-            return False
         have: dict[str, str] = facts.get("tasks") or {}
+        if self.host.connection == "local" or not (self.ctx.task_files or have):
+            return False
         stale = {name: data for name, data in self.ctx.task_files.items()
                  if have.get(name) != sha256(data)}
         extra = sorted(set(have) - set(self.ctx.task_files))
