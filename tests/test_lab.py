@@ -9,6 +9,7 @@ import hashlib
 import io
 import ipaddress
 import os
+import re
 import socket
 import subprocess
 import time
@@ -43,7 +44,7 @@ def _alive(pid: int) -> bool:
 def _lab_netns() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     return [line.split()[0] for line in out.stdout.splitlines()
-            if line.split() and line.split()[0].startswith("flctl-")]
+            if line.split() and re.fullmatch(r"flctl-lab(\d+|x)", line.split()[0])]
 
 
 def _host_file(lab: Lab, host: str, path: str) -> bytes:
@@ -246,7 +247,7 @@ def test_down_leaves_nothing_behind(tmp_path: Path) -> None:
     assert [pid for pid in pids if _alive(pid)] == []
     assert _lab_netns() == []
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    assert "flctl-" not in links
+    assert not re.search(r"flctl-(br0|vlab)", links)  # the lab's bridge and veths
     mounts = Path("/proc/mounts").read_text()
     assert str(lab.dir) not in mounts and "flctl-" not in mounts
     assert not lab.dir.exists()
