@@ -369,10 +369,7 @@ init_workspace(root, force=True)  # what `flctl init DIR --force` does
 settings_file = root / "flctl.yaml"
 settings = load_settings(settings_file)
 overlay = dataclasses.replace(settings.overlay, subnet=ipaddress.IPv4Network(subnet))
-# Agents listen on their lab address (mutual TLS) until the WireGuard overlay is deployed.
-agent = dataclasses.replace(settings.agent, listen="underlay")
-atomic_write(settings_file,
-             render_settings(dataclasses.replace(settings, overlay=overlay, agent=agent)))
+atomic_write(settings_file, render_settings(dataclasses.replace(settings, overlay=overlay)))
 
 lines = [
     "# Lab hosts made by scripts/lab.sh: network namespaces on this machine.",

@@ -21,6 +21,7 @@ from flctl.core.settings import (
     load_settings,
     render_settings,
 )
+from flctl.workspace import load_workspace
 
 from helpers import run_cli
 from lab import Lab, lab_available, lab_up
@@ -39,6 +40,11 @@ def deploy_json(root: Path, *extra: str) -> dict:
 
 def by_host(document: dict) -> dict[str, dict]:
     return {h["host"]: h for h in document["hosts"]}
+
+
+def host_rows(document: dict) -> list[dict]:
+    """Per-host rows, without the hub's (this machine's end of the overlay)."""
+    return [h for h in document["hosts"] if h["host"] != "hub"]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,7 @@ def test_redeploy_changes_nothing_and_uploads_nothing(lab: Lab) -> None:
     again = deploy_json(lab.workspace)
     elapsed = time.monotonic() - started
     assert again["code"] == 0
-    assert [(h["status"], h["changed"]) for h in again["hosts"]] == [("ok", 0)] * HOSTS
+    assert [(h["status"], h["changed"]) for h in again["hosts"]] == [("ok", 0)] * (HOSTS + 1)
     assert {h: remote(lab, h, f"cat /var/lib/flctl/{h}/supervisor.pid") for h in lab.hosts} == pids
     assert elapsed < 15
 
@@ -100,7 +106,8 @@ def test_status_over_ssh(lab: Lab) -> None:
         row = rows[host]
         assert row["reachable"] and row["agent"] == "idle"
         assert row["n_train"] > 0 and row["mem_total_bytes"] > 0 and len(row["load"]) == 3
-        assert row["address"].startswith(lab.addresses[host])
+        overlay = str(load_workspace(lab.workspace).inventory.host(host).overlay_ip)
+        assert row["address"] == f"{overlay}:{load_workspace(lab.workspace).settings.agent.port}"
 
 
 def test_train_three_rounds_over_ssh_deployed_agents(lab: Lab) -> None:
@@ -141,10 +148,10 @@ def test_changing_one_setting_changes_only_what_depends_on_it(lab: Lab) -> None:
                                              training=s.training, limits=LimitSettings(512))))
     try:
         checked = deploy_json(lab.workspace, "--check")
-        for host in checked["hosts"]:
+        for host in host_rows(checked):
             assert {s["name"] for s in host["steps"] if s["changed"]} == {"agent config", "agent"}
         applied = deploy_json(lab.workspace)
-        for host in applied["hosts"]:
+        for host in host_rows(applied):
             assert {s["name"] for s in host["steps"] if s["changed"]} == {"agent config", "agent"}
         config = json.loads(remote(lab, lab.hosts[0], f"cat /var/lib/flctl/{lab.hosts[0]}/agent.json"))
         assert config["max_message_mb"] == 512
@@ -169,7 +176,7 @@ def test_a_users_task_module_is_shipped_and_trained(lab: Lab) -> None:
     )
     try:
         shipped = deploy_json(lab.workspace)
-        for row in shipped["hosts"]:
+        for row in host_rows(shipped):
             changed = {s["name"] for s in row["steps"] if s["changed"]}
             assert changed == {"task code", "agent"}, row
         for host in lab.hosts:
@@ -181,7 +188,7 @@ def test_a_users_task_module_is_shipped_and_trained(lab: Lab) -> None:
     finally:
         (tasks / "tiny_task.py").unlink()
     removed = deploy_json(lab.workspace)
-    for row in removed["hosts"]:
+    for row in host_rows(removed):
         assert {s["name"] for s in row["steps"] if s["changed"]} == {"task code", "agent"}
     for host in lab.hosts:
         assert remote(lab, host, f"find /var/lib/flctl/{host}/tasks -name '*.py'") == ""
@@ -226,11 +233,11 @@ def test_unknown_host_key_is_refused_unless_accepted(lab: Lab) -> None:
     try:
         refused = deploy_json(lab.workspace, "--limit", host)
         assert refused["code"] == 5
-        [row] = refused["hosts"]
+        [row] = host_rows(refused)
         assert row["status"] == "unreachable"
         assert "SHA256:" in row["error"] and "--accept-new-host-keys" in row["error"]
         accepted = deploy_json(lab.workspace, "--limit", host, "--accept-new-host-keys")
-        assert accepted["code"] == 0 and accepted["hosts"][0]["changed"] == 0
+        assert accepted["code"] == 0 and host_rows(accepted)[0]["changed"] == 0
         assert any(line.startswith(address + " ") for line in known.read_text().splitlines())
     finally:
         known.write_text(saved)

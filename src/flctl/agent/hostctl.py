@@ -70,8 +70,13 @@ def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
         "listening_ports": sorted(listening_ports()),
         "key_exists": (root / "agent.key").exists(),
         "files": {
-            name: _sha256(root / name) for name in ("agent.crt", "ca.crt", "agent.json")
+            name: _sha256(root / name)
+            for name in ("agent.crt", "ca.crt", "agent.json", "firewall.nft")
         },
+        "wg_files": {p.name: _sha256(p) for p in sorted((root / "wg").glob("*"))
+                     if p.is_file()},
+        "net_interfaces": sorted(os.listdir("/sys/class/net")),
+        "firewall": _firewall_state(root / "firewall"),
         "cert_pem": read_text(root / "agent.crt"),
         "tasks": {str(p.relative_to(root / "tasks")): _sha256(p)
                   for p in sorted((root / "tasks").rglob("*.py"))
@@ -81,6 +86,20 @@ def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
         "agent_pid": service.agent_pid(),
         "data": _data_summary(args.data) if args.data else None,
     }
+
+
+def _firewall_state(state_dir: Path) -> dict[str, Any] | None:
+    """flctl's table as loaded vs as last applied (None: no nft on this host)."""
+    if not shutil.which("nft"):
+        return None
+    from flctl.agent import firewall
+
+    try:
+        state = firewall.status(state_dir)
+    except FlctlError as exc:
+        return {"error": exc.message}
+    return {"present": state["present"], "as_applied": state.get("as_applied", False),
+            "armed": state.get("armed")}
 
 
 def _data_summary(path: str) -> dict[str, Any]:
@@ -165,12 +184,109 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
         "mem_available_bytes": mem.get("MemAvailable"),
         "disk_free_bytes": disk.free,
         "gpus": gpus,
+        "interfaces": sorted(os.listdir("/sys/class/net")),
     }
 
 
 def cmd_logs(args: argparse.Namespace) -> dict[str, Any]:
     text = read_text(Path(args.root) / "agent.log") or ""
     return {"lines": text.splitlines()[-args.lines:]}
+
+
+# ------------------------------------------------------------------ overlay and firewall
+# WireGuard and nftables (flctl.agent.tunnel / flctl.agent.firewall), imported
+# per command: the other subcommands never pay for them.
+
+
+def cmd_wg_key(args: argparse.Namespace) -> dict[str, Any]:
+    """Make this machine's WireGuard key here (if missing); only the public half leaves."""
+    from flctl.agent.tunnel import ensure_keypair
+
+    return {"public_key": ensure_keypair(Path(args.dir))}
+
+
+def cmd_wg_psk(args: argparse.Namespace) -> dict[str, Any]:
+    """The pair's preshared key arrives on stdin (never on a command line)."""
+    from flctl.agent.tunnel import write_preshared_key
+
+    return {"changed": write_preshared_key(Path(args.path), sys.stdin.read())}
+
+
+def cmd_wg_up(args: argparse.Namespace) -> dict[str, Any]:
+    from flctl.agent.tunnel import implementation, interface_of, tunnel_up, userspace_pid
+
+    config = Path(args.config)
+    result = tunnel_up(config)
+    interface = interface_of(config)
+    return {"result": result, "interface": interface,
+            "implementation": implementation(interface), "pid": userspace_pid(interface)}
+
+
+def cmd_wg_down(args: argparse.Namespace) -> dict[str, Any]:
+    from flctl.agent.tunnel import tunnel_down
+
+    return {"changed": tunnel_down(Path(args.config))}
+
+
+def cmd_wg_show(args: argparse.Namespace) -> dict[str, Any]:
+    from flctl.agent.tunnel import tunnel_state
+
+    return tunnel_state(args.interface)
+
+
+def cmd_fw_apply(args: argparse.Namespace) -> dict[str, Any]:
+    from flctl.agent.firewall import apply_with_rollback
+
+    return apply_with_rollback(Path(args.ruleset), Path(args.state), args.timeout)
+
+
+def cmd_fw_confirm(args: argparse.Namespace) -> dict[str, Any]:
+    from flctl.agent.firewall import confirm, status
+
+    disarmed = confirm(Path(args.state))
+    return {"disarmed": disarmed,
+            "rolled_back": status(Path(args.state))["rolled_back_at"] is not None}
+
+
+def cmd_fw_rollback(args: argparse.Namespace) -> dict[str, Any]:
+    from flctl.agent.firewall import rollback_now
+
+    return {"changed": rollback_now(Path(args.state))}
+
+
+def cmd_fw_remove(args: argparse.Namespace) -> dict[str, Any]:
+    from flctl.agent.firewall import remove
+
+    return {"changed": remove(Path(args.state) if args.state else None)}
+
+
+def cmd_fw_status(args: argparse.Namespace) -> dict[str, Any]:
+    from flctl.agent.firewall import status
+
+    return status(Path(args.state) if args.state else None)
+
+
+def _add_network_commands(sub: Any) -> None:
+    """Overlay and firewall subcommands: no --root, each names its own paths."""
+
+    def add(name: str, func: Any, *required: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name)
+        p.set_defaults(func=func)
+        for option in required:
+            p.add_argument(option, required=True)
+        return p
+
+    add("wg-key", cmd_wg_key, "--dir")
+    add("wg-psk", cmd_wg_psk, "--path")
+    add("wg-up", cmd_wg_up, "--config")
+    add("wg-down", cmd_wg_down, "--config")
+    add("wg-show", cmd_wg_show, "--interface")
+    add("fw-apply", cmd_fw_apply, "--ruleset", "--state").add_argument(
+        "--timeout", type=float, required=True, help="seconds until the rollback fires")
+    add("fw-confirm", cmd_fw_confirm, "--state")
+    add("fw-rollback", cmd_fw_rollback, "--state")
+    add("fw-remove", cmd_fw_remove).add_argument("--state")
+    add("fw-status", cmd_fw_status).add_argument("--state")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("remove", cmd_remove)
     add("status", cmd_status)
     add("logs", cmd_logs).add_argument("--lines", type=int, default=100)
+    _add_network_commands(sub)
     return parser
 
 

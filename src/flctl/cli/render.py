@@ -78,8 +78,9 @@ def add_round_row(table: Table, record: RoundRecord) -> None:
 def status_table(rows: Sequence[dict[str, Any]]) -> Table:
     """The at-a-glance view; everything else is in `--json`."""
     table = Table(title="hosts")
-    for column in ("host", "agent", "uptime", "data", "round", "load", "mem free",
-                   "disk free", "note"):
+    tunnels = any("tunnel" in row for row in rows)
+    for column in ("host", "agent", *(("tunnel",) if tunnels else ()), "uptime", "data", "round",
+                   "load", "mem free", "disk free", "note"):
         table.add_column(column)
     for row in rows:
         agent = row.get("agent", "down")
@@ -87,8 +88,11 @@ def status_table(rows: Sequence[dict[str, Any]]) -> Table:
         load = row.get("load")
         data = "-" if row.get("n_train") is None else f"{row['n_train']}+{row.get('n_test') or 0}"
         uptime = row.get("agent_uptime_s")
+        tunnel: tuple[str, ...] = ()
+        if tunnels:
+            tunnel = (_tunnel_cell(row),)
         table.add_row(
-            row["host"], f"[{colour}]{agent}[/]",
+            row["host"], f"[{colour}]{agent}[/]", *tunnel,
             "-" if uptime is None else f"{uptime:.0f}s",
             data,
             "-" if row.get("last_round") is None else str(row["last_round"]),
@@ -98,3 +102,14 @@ def status_table(rows: Sequence[dict[str, Any]]) -> Table:
             row.get("error") or row.get("data_error") or "",
         )
     return table
+
+
+def _tunnel_cell(row: dict[str, Any]) -> str:
+    state = row.get("tunnel")
+    if state is None:
+        return "-"
+    age = row.get("handshake_age_s")
+    colour = "green" if state == "up" else "red" if state == "down" else "yellow"
+    detail = "never" if age is None and state != "unknown" else ("" if age is None else f"{age}s ago")
+    moved = human_bytes((row.get("tunnel_rx_bytes") or 0) + (row.get("tunnel_tx_bytes") or 0))
+    return f"[{colour}]{state}[/] {detail} {moved if state != 'unknown' else ''}".strip()

@@ -3,6 +3,12 @@ one command, one parser, tested on captured text)."""
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
 TCP_LISTEN_STATE = "0A"
 
 
@@ -126,4 +132,129 @@ def host_unfit_reason(facts: dict[str, str], become: bool) -> str | None:
         free = 0
     if free < MIN_DISK_FREE_BYTES:
         return f"only {free // (1024 * 1024)} MB free for /opt/flctl (need {MIN_DISK_FREE_BYTES // (1024 * 1024)} MB)"
+    return None
+
+
+# ------------------------------------------------------------------ WireGuard
+
+def parse_wg_dump(text: str) -> dict[str, Any]:
+    """`wg show IF dump`: the interface line, then one line per peer.
+
+    Tab-separated; the interface's private key and the peers' preshared keys
+    are in the text and are deliberately dropped here (only whether a PSK is
+    set is kept), so the result can be shown and logged.
+    latest_handshake is the host's epoch seconds, 0 = never.
+    """
+    lines = [line.split("\t") for line in text.splitlines() if line.strip()]
+    interface: dict[str, Any] | None = None
+    peers: list[dict[str, Any]] = []
+    for fields in lines:
+        if len(fields) == 4 and interface is None and not peers:
+            interface = {"public_key": _none_if(fields[1]),
+                         "listen_port": _int_or_none(fields[2]),
+                         "fwmark": _int_or_none(fields[3])}
+        elif len(fields) == 8:
+            peers.append({
+                "public_key": fields[0],
+                "preshared_key": _none_if(fields[1]) is not None,
+                "endpoint": _none_if(fields[2]),
+                "allowed_ips": [ip for ip in fields[3].split(",") if ip and ip != "(none)"],
+                "latest_handshake": int(fields[4]),
+                "rx_bytes": int(fields[5]),
+                "tx_bytes": int(fields[6]),
+                "keepalive": _int_or_none(fields[7]),
+            })
+        else:
+            raise ValueError(f"unexpected line in `wg show dump` output: {len(fields)} fields")
+    return {"interface": interface, "peers": peers}
+
+
+def _none_if(value: str) -> str | None:
+    return None if value in ("(none)", "") else value
+
+
+def _int_or_none(value: str) -> int | None:
+    """`off` and `(none)` mean unset in wg's dump."""
+    return int(value) if value.isdigit() else None
+
+
+@dataclass(frozen=True)
+class WgQuickConfig:
+    """What a wg-quick file asks for, as far as flctl's tunnel code cares."""
+
+    addresses: tuple[str, ...]
+    listen_port: int | None
+    private_key_file: str | None
+    preshared_key_files: dict[str, str]     # peer public key -> file
+    peers: tuple[dict[str, Any], ...]       # public_key, allowed_ips, endpoint, keepalive
+
+
+def parse_wg_quick_config(text: str) -> WgQuickConfig:
+    """Parse a wg-quick file the way wg-quick does: case-insensitive keys,
+    `#` starts a comment, Address may repeat or hold a list. Key files come
+    from the `PostUp = wg set %i ...` lines render_wg_config writes."""
+    addresses: list[str] = []
+    listen_port: int | None = None
+    private_key_file: str | None = None
+    psk_files: dict[str, str] = {}
+    peers: list[dict[str, Any]] = []
+    section = ""
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            section = line.lower()
+            if section == "[peer]":
+                peers.append({"public_key": None, "allowed_ips": [], "endpoint": None,
+                              "keepalive": None})
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        key, value = key.strip().lower(), value.strip()
+        if section == "[interface]":
+            if key == "address":
+                addresses += [a.strip() for a in value.split(",") if a.strip()]
+            elif key == "listenport":
+                listen_port = int(value)
+            elif key == "postup":
+                words = shlex.split(value)
+                if words[:4] == ["wg", "set", "%i", "private-key"] and len(words) == 5:
+                    private_key_file = words[4]
+                elif (words[:3] == ["wg", "set", "%i"] and len(words) == 7
+                      and words[3] == "peer" and words[5] == "preshared-key"):
+                    psk_files[words[4]] = words[6]
+        elif section == "[peer]" and peers:
+            peer = peers[-1]
+            if key == "publickey":
+                peer["public_key"] = value
+            elif key == "allowedips":
+                peer["allowed_ips"] += [a.strip() for a in value.split(",") if a.strip()]
+            elif key == "endpoint":
+                peer["endpoint"] = value
+            elif key == "persistentkeepalive":
+                peer["keepalive"] = None if value == "off" else int(value)
+    return WgQuickConfig(tuple(addresses), listen_port, private_key_file, psk_files,
+                         tuple(peers))
+
+
+# ------------------------------------------------------------------ nftables
+
+_NFT_COUNTS = re.compile(r"packets \d+ bytes \d+")
+
+
+def normalise_nft_listing(text: str) -> str:
+    """`nft list table` text with counter values zeroed: two listings are
+    equal when the rules are, however much traffic was counted meanwhile."""
+    return _NFT_COUNTS.sub("packets 0 bytes 0", text).strip() + "\n"
+
+
+def parse_nft_counter(listing_json: str, name: str) -> dict[str, int] | None:
+    """One named counter from `nft -j list ...` output; None if absent."""
+    for item in json.loads(listing_json).get("nftables", []):
+        counter = item.get("counter") if isinstance(item, dict) else None
+        if counter and counter.get("name") == name:
+            return {"packets": int(counter.get("packets", 0)),
+                    "bytes": int(counter.get("bytes", 0))}
     return None

@@ -6,6 +6,10 @@ can compare the rendered text with what a host has to decide "changed".
 
 from __future__ import annotations
 
+import ipaddress
+import re
+import shlex
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -65,4 +69,209 @@ CapabilityBoundingSet=
 
 [Install]
 WantedBy=multi-user.target
+"""
+
+
+# ------------------------------------------------------------------ WireGuard
+# wg-quick(8) files. Secrets never appear in them: the private key and the
+# preshared keys stay in their own 0600 files and are loaded by PostUp
+# commands (wg-quick's documented idiom), so a config can be diffed, logged
+# and compared freely.
+
+IFNAME_MAX = 15            # Linux IFNAMSIZ - 1
+IFNAME_PREFIX = "fl-"
+_IFNAME_CHARS = re.compile(r"[^A-Za-z0-9_=+.-]")   # wg-quick's own file-name rule
+_WG_KEY = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\Z")  # base64 of 32 bytes
+_UNSAFE_PATH = re.compile(r"[#%\n\r\0]")          # wg-quick: comment, %i, line breaks
+
+
+@dataclass(frozen=True)
+class WgPeer:
+    public_key: str
+    allowed_ips: tuple[str, ...]
+    preshared_key_file: str | None = None
+    endpoint: str | None = None
+    keepalive: int | None = None
+    comment: str = ""
+
+
+def is_wg_key(text: str) -> bool:
+    """A WireGuard key as wg prints it (base64 of 32 bytes)."""
+    return bool(_WG_KEY.match(text))
+
+
+def interface_name(project: str) -> str:
+    """The overlay interface of a project: stable, a valid Linux interface
+    name and a valid wg-quick config stem (so `<name>.conf` works)."""
+    cleaned = _IFNAME_CHARS.sub("-", project)[: IFNAME_MAX - len(IFNAME_PREFIX)]
+    return IFNAME_PREFIX + (cleaned or "x")
+
+
+def render_wg_config(*, address: str, listen_port: int | None, private_key_file: str,
+                     peers: Sequence[WgPeer], comment: str = "") -> str:
+    """A wg-quick file with no secret and no SaveConfig (wg-quick must never
+    write back into a file deploy owns). Peers sorted by comment, then key, so
+    the same inventory always renders the same bytes."""
+    interface_address = ipaddress.ip_interface(address)
+    if listen_port is not None:
+        _check_port(listen_port, "listen_port")
+    ordered = sorted(peers, key=lambda p: (p.comment, p.public_key))
+    keys = [p.public_key for p in ordered]
+    if len(set(keys)) != len(keys):
+        raise ValueError("two peers have the same public key")
+    lines = ["# Managed by flctl: changes are overwritten by `flctl deploy`."]
+    if comment:
+        lines.append(f"# {_one_line(comment)}")
+    lines += ["[Interface]", f"Address = {interface_address}"]
+    if listen_port is not None:
+        lines.append(f"ListenPort = {listen_port}")
+    lines.append("# Keys are loaded from their own 0600 files, never copied here.")
+    lines.append(f"PostUp = wg set %i private-key {_shell_path(private_key_file)}")
+    for peer in ordered:
+        _check_peer(peer)
+        if peer.preshared_key_file is not None:
+            lines.append(f"PostUp = wg set %i peer {peer.public_key} "
+                         f"preshared-key {_shell_path(peer.preshared_key_file)}")
+    for peer in ordered:
+        lines += ["", "[Peer]"]
+        if peer.comment:
+            lines.append(f"# {_one_line(peer.comment)}")
+        lines.append(f"PublicKey = {peer.public_key}")
+        lines.append("AllowedIPs = " + ", ".join(
+            str(ipaddress.ip_network(ip, strict=False)) for ip in peer.allowed_ips))
+        if peer.endpoint is not None:
+            lines.append(f"Endpoint = {peer.endpoint}")
+        if peer.keepalive is not None:
+            lines.append(f"PersistentKeepalive = {peer.keepalive}")
+    return "\n".join(lines) + "\n"
+
+
+def render_wg_sync_config(stripped: str, *, private_key: str,
+                          preshared_keys: Mapping[str, str], listen_port: int) -> str:
+    """What `wg syncconf` must read for a live interface: the output of
+    `wg-quick strip` plus the secrets the PostUp lines load from files.
+
+    syncconf treats a missing PrivateKey as "no key" and a missing ListenPort
+    as "pick a random port", so both are always given (the port as the
+    interface has it when the config names none). Peers' PresharedKeys are
+    added so a new peer gets its PSK in the same step. The result holds
+    secrets: it is only ever piped to `wg`, never written to disk.
+    """
+    out: list[str] = []
+    section = ""
+    has_port = any(_wg_key_of(line) == "listenport" for line in stripped.splitlines())
+    for line in stripped.splitlines():
+        key = _wg_key_of(line)
+        if line.strip().startswith("["):
+            section = line.strip().lower()
+            out.append(line)
+            if section == "[interface]":
+                out.append(f"PrivateKey = {private_key}")
+                if not has_port:
+                    out.append(f"ListenPort = {listen_port}")
+            continue
+        if section == "[interface]" and key == "privatekey":
+            continue
+        if section == "[peer]" and key == "presharedkey":
+            continue
+        out.append(line)
+        if section == "[peer]" and key == "publickey":
+            public_key = line.split("=", 1)[1].strip()
+            if public_key in preshared_keys:
+                out.append(f"PresharedKey = {preshared_keys[public_key]}")
+    return "\n".join(out) + "\n"
+
+
+def _wg_key_of(line: str) -> str:
+    key, sep, _ = line.partition("=")
+    return key.strip().lower() if sep else ""
+
+
+def _check_peer(peer: WgPeer) -> None:
+    if not is_wg_key(peer.public_key):
+        raise ValueError(f"peer {peer.comment or '?'}: not a WireGuard public key: "
+                         f"{peer.public_key!r}")
+    if not peer.allowed_ips:
+        raise ValueError(f"peer {peer.comment or peer.public_key}: no AllowedIPs")
+    if peer.endpoint is not None:
+        host, sep, port = peer.endpoint.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"peer {peer.comment or peer.public_key}: endpoint "
+                             f"{peer.endpoint!r} is not host:port")
+        _check_port(int(port), "endpoint port")
+    if peer.keepalive is not None and not 1 <= peer.keepalive <= 65535:
+        raise ValueError(f"peer {peer.comment or peer.public_key}: keepalive "
+                         f"{peer.keepalive} out of 1..65535")
+
+
+def _shell_path(path: str) -> str:
+    """wg-quick runs PostUp through bash after cutting at '#' and replacing %i."""
+    if not path.startswith("/") or _UNSAFE_PATH.search(path):
+        raise ValueError(f"key file path must be absolute, without '#', '%' or "
+                         f"line breaks: {path!r}")
+    return shlex.quote(path)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _check_port(port: int, what: str) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"{what} {port!r} is not a port (1..65535)")
+
+
+# ------------------------------------------------------------------ nftables
+
+NFT_TABLE = "flctl"
+NFT_FAMILY = "inet"
+NFT_DROP_COUNTER = "agent_dropped"
+
+
+def render_nft_ruleset(*, interface: str, hub_overlay_ip: str, agent_port: int, wg_port: int,
+                       ssh_port: int = 22) -> str:
+    """flctl's own table, loaded with `nft -f` in one transaction.
+
+    Only `inet flctl` is ever named: no `flush ruleset`, so the host's other
+    tables (its own firewall, Docker's, ...) are left exactly as they are.
+    """
+    if _IFNAME_CHARS.search(interface) or not 1 <= len(interface) <= IFNAME_MAX:
+        raise ValueError(f"not an interface name: {interface!r}")
+    hub = ipaddress.ip_address(hub_overlay_ip)
+    for port, what in ((agent_port, "agent_port"), (wg_port, "wg_port"), (ssh_port, "ssh_port")):
+        _check_port(port, what)
+    if agent_port == ssh_port:
+        raise ValueError(f"the agent port {agent_port} is the SSH port")
+    family = "ip" if hub.version == 4 else "ip6"
+    return f"""\
+# Managed by flctl: changes are overwritten by `flctl deploy`.
+# Loaded with `nft -f`: the whole file is one transaction. Only the table
+# {NFT_FAMILY} {NFT_TABLE} is named (never `flush ruleset`): other tables stay as they are.
+
+# Replace the table atomically: create it empty if it is missing, so that
+# the delete cannot fail, delete it, and define it anew below.
+table {NFT_FAMILY} {NFT_TABLE} {{}}
+delete table {NFT_FAMILY} {NFT_TABLE}
+
+table {NFT_FAMILY} {NFT_TABLE} {{
+\t# Packets to the agent port dropped by the last rule.
+\tcounter {NFT_DROP_COUNTER} {{
+\t}}
+
+\tchain input {{
+\t\t# Policy accept: traffic that is not flctl's is left to the host's own rules.
+\t\ttype filter hook input priority filter; policy accept;
+
+\t\t# SSH first, always: deploy must never lock the operator out.
+\t\ttcp dport {ssh_port} accept
+\t\t# Packets of connections already admitted, and replies to this host's own.
+\t\tct state established,related accept
+\t\t# WireGuard from anywhere: the tunnel authenticates its peers itself.
+\t\tudp dport {wg_port} accept
+\t\t# The agent: only through the tunnel, only from the hub (the coordinator).
+\t\tiifname "{interface}" {family} saddr {hub} tcp dport {agent_port} accept
+\t\t# The agent port from anywhere else: dropped, and counted.
+\t\ttcp dport {agent_port} counter name "{NFT_DROP_COUNTER}" drop
+\t}}
+}}
 """

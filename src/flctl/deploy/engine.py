@@ -26,6 +26,7 @@ from flctl.core.layout import (
     certificate_names,
     host_paths,
 )
+from flctl.core.renderers import render_nft_ruleset
 from flctl.deploy.connector import Connector, HostUnreachable
 from flctl.deploy.hostcmd import ConnectOptions, StepFailed, connect, hostctl
 from flctl.deploy.install import (
@@ -35,11 +36,30 @@ from flctl.deploy.install import (
     ensure_agent_software,
     installed,
 )
+from flctl.deploy.overlay import Hub
 from flctl.errors import FlctlError
 from flctl.workspace import Workspace
 
 ProgressFn = Callable[[str, str], None]
 VerifyFn = Callable[[Host, Endpoint], dict[str, Any]]
+ConfirmFn = Callable[[Host, ConnectOptions, str], None]
+
+# A firewall change is rolled back by the host itself unless a NEW SSH
+# connection confirms it within this many seconds.
+FIREWALL_ROLLBACK_S = 60.0
+
+
+def confirm_with_new_connection(host: Host, options: ConnectOptions, state_dir: str) -> None:
+    """Prove SSH still works with a fresh connection (an open one proves
+    nothing: established flows survive most rulesets), then disarm."""
+    fresh = connect(host, options)
+    try:
+        fresh.python = VENV_PYTHON
+        answer = hostctl(fresh, "fw-confirm", "--state", state_dir, timeout=30)
+    finally:
+        fresh.close()
+    if answer.get("rolled_back") or not answer.get("disarmed"):
+        raise StepFailed("the rollback timer fired before the confirmation")
 
 
 @dataclass
@@ -91,6 +111,9 @@ class DeployContext:
     options: ConnectOptions
     bundles: BundleCache
     task_files: dict[str, bytes]
+    hub: Hub
+    confirm_new_connection: ConfirmFn
+    rollback_after_s: float = FIREWALL_ROLLBACK_S
 
 
 def workspace_task_files(tasks_dir: Path) -> dict[str, bytes]:
@@ -125,6 +148,9 @@ class HostDeploy:
         self.paths: HostPaths = host_paths(host, str(ctx.workspace.paths.state))
         self.progress = progress
         self.result = HostResult(host.name)
+        self.overlay = (host.connection == "ssh"
+                        and ctx.workspace.settings.agent.listen == "overlay")
+        self.wg_public_key: str | None = None
 
     def step(self, name: str, changed: bool, detail: str = "") -> None:
         self.result.steps.append(StepResult(name, changed, detail))
@@ -162,16 +188,97 @@ class HostDeploy:
         changed |= self._file(connector, "ca.crt", str(self.paths.ca_cert), self.ctx.ca_cert,
                               facts["files"].get("ca.crt"))
         changed |= self._task_code(connector, facts)
+        if self.overlay:
+            self._tunnel(connector, facts)
+            self._firewall(connector, facts)
         config_text = render_agent_config(self._agent_config()).encode()
         changed |= self._file(connector, "agent config", str(self.paths.config), config_text,
                               facts["files"].get("agent.json"))
         self._service(connector, facts, changed)
-        if not self.ctx.check and self.ctx.verify is not None:
-            info = self.ctx.verify(self.host, self.endpoint)
+
+    def verify(self) -> None:
+        """After the hub is up: the agent answers over mutual TLS where the
+        coordinator will reach it."""
+        if self.ctx.check or self.ctx.verify is None or self.result.status not in ("ok", "changed"):
+            return
+
+        def action() -> None:
+            info = self.ctx.verify(self.host, self.endpoint)  # type: ignore[misc]
             if info.get("name") != self.host.name:
                 raise StepFailed(f"verify: agent answered as {info.get('name')!r}")
             self.step("verify", False, f"agent {info.get('version')} answers on "
                                        f"{self.endpoint.connect_address}:{self.endpoint.port}")
+
+        run_guarded(self.result, action)
+
+    def _tunnel(self, connector: Connector, facts: dict[str, Any]) -> None:
+        """Host end of the WireGuard overlay; its private key is made here, on the host."""
+        hub = self.ctx.hub
+        wg_dir = self.paths.root / "wg"
+        have: dict[str, str] = facts.get("wg_files") or {}
+        known = hub.known_peers().get(self.host.name, {})
+        if "private.key" in have and known.get("public_key"):
+            self.wg_public_key = known["public_key"]
+        elif self.ctx.check:
+            self.step("tunnel", True, "would make the host's WireGuard key and bring it up")
+            return
+        else:
+            self.wg_public_key = hostctl(connector, "wg-key", "--dir", str(wg_dir))["public_key"]
+        changed = False
+        psk = hub.preshared_key(self.host.name)
+        if have.get("hub.psk") != sha256(psk):
+            if not self.ctx.check:
+                connector.put(str(wg_dir / "hub.psk"), psk, 0o600)
+            changed = True
+        config = hub.host_config(str(self.host.overlay_ip), str(wg_dir / "private.key"),
+                                 str(wg_dir / "hub.psk"), connector.local_address()).encode()
+        config_path = wg_dir / f"{hub.interface}.conf"
+        if have.get(config_path.name) != sha256(config):
+            if not self.ctx.check:
+                connector.put(str(config_path), config, 0o600)
+            changed = True
+        down = hub.interface not in facts.get("net_interfaces", [])
+        if not (changed or down):
+            self.step("tunnel", False, f"{hub.interface} {self.host.overlay_ip}")
+            return
+        if self.ctx.check:
+            self.step("tunnel", True, f"would bring up {hub.interface}")
+            return
+        answer = hostctl(connector, "wg-up", "--config", str(config_path))
+        self.step("tunnel", True, f"{hub.interface} {self.host.overlay_ip}: {answer.get('result')} "
+                                  f"({answer.get('implementation', 'wireguard')})")
+
+    def _firewall(self, connector: Connector, facts: dict[str, Any]) -> None:
+        """flctl's own nftables table: the agent port only from the hub, over the overlay."""
+        settings = self.ctx.workspace.settings
+        ruleset = render_nft_ruleset(
+            interface=self.ctx.hub.interface, hub_overlay_ip=str(self.ctx.hub.overlay_ip),
+            agent_port=self.endpoint.port, wg_port=settings.overlay.port,
+            ssh_port=self.host.ssh_port).encode()
+        path = self.paths.root / "firewall.nft"
+        loaded = facts.get("firewall") or {}
+        if (facts["files"].get("firewall.nft") == sha256(ruleset) and loaded.get("present")
+                and loaded.get("as_applied") and not loaded.get("armed")):
+            self.step("firewall", False, "inet flctl")
+            return
+        if self.ctx.check:
+            self.step("firewall", True, "would apply table inet flctl")
+            return
+        state = str(self.paths.root / "firewall")
+        connector.put(str(path), ruleset, 0o600)
+        applied = hostctl(connector, "fw-apply", "--ruleset", str(path), "--state", state,
+                          "--timeout", str(self.ctx.rollback_after_s))
+        if not applied.get("armed"):
+            self.step("firewall", bool(applied.get("changed")), "inet flctl")
+            return
+        try:
+            self.ctx.confirm_new_connection(self.host, self.ctx.options, state)
+        except FlctlError as exc:
+            raise StepFailed(
+                f"firewall: no new SSH connection after applying the rules ({exc.message}); "
+                f"the host restores its previous rules within {self.ctx.rollback_after_s:.0f} s"
+            ) from None
+        self.step("firewall", True, "applied table inet flctl, confirmed over a new SSH connection")
 
     def _check_port(self, facts: dict[str, Any]) -> None:
         ours = facts.get("service_pid") is not None
@@ -293,8 +400,14 @@ def deploy(
     accept_new_host_keys: bool = False,
     bundles: BundleCache | None = None,
     progress: ProgressFn = lambda host, message: None,
+    confirm_new_connection: ConfirmFn = confirm_with_new_connection,
+    rollback_after_s: float = FIREWALL_ROLLBACK_S,
 ) -> list[HostResult]:
-    """Deploy to `hosts` in parallel; results come back in the order given."""
+    """Deploy to `hosts` in parallel, then bring the hub in line, then verify.
+
+    Results come back in the order given; when the overlay is used, a last
+    entry named "hub" reports this machine's end of it.
+    """
     ctx = DeployContext(
         workspace=workspace,
         ca_key=Path(workspace.paths.ca_key).read_bytes(),
@@ -304,33 +417,71 @@ def deploy(
         options=connect_options(workspace, accept_new_host_keys),
         bundles=bundles or BundleCache(),
         task_files=workspace_task_files(workspace.paths.tasks),
+        hub=Hub(workspace),
+        confirm_new_connection=confirm_new_connection,
+        rollback_after_s=rollback_after_s,
     )
     order = {host.name: index for index, host in enumerate(workspace.inventory.hosts)}
-    return _pool_map(hosts, forks,
-                     lambda host: HostDeploy(ctx, host, order[host.name], progress).run())
+    jobs = {host.name: HostDeploy(ctx, host, order[host.name], progress) for host in hosts}
+    results = _pool_map(hosts, forks, lambda host: jobs[host.name].run())
+    overlay_jobs = [job for job in jobs.values() if job.overlay]
+    if overlay_jobs:
+        results.append(_hub_step(ctx, overlay_jobs, progress))
+    _pool_map(hosts, forks, lambda host: (jobs[host.name].verify(), jobs[host.name].result)[1])
+    return results
+
+
+def _hub_step(ctx: DeployContext, jobs: list[HostDeploy], progress: ProgressFn) -> HostResult:
+    """Add the hosts' public keys to the hub and bring its interface in line."""
+    result = HostResult("hub")
+
+    def action() -> None:
+        updates = {job.host.name: {"public_key": job.wg_public_key,
+                                   "overlay_ip": str(job.host.overlay_ip)}
+                   for job in jobs if job.wg_public_key}
+        if ctx.check:
+            known = ctx.hub.known_peers()
+            stale = any(known.get(name) != peer for name, peer in updates.items())
+            result.steps.append(StepResult("tunnel", stale, "would update peers" if stale else ""))
+            return
+        progress("hub", "bringing up the hub interface")
+        peers = ctx.hub.record_peers(updates)
+        outcome = ctx.hub.apply(peers)
+        result.steps.append(StepResult("tunnel", outcome != "unchanged",
+                                       f"{ctx.hub.interface} {ctx.hub.overlay_ip}: {outcome}, "
+                                       f"{len(peers)} peers"))
+
+    return run_guarded(result, action)
 
 
 def teardown(workspace: Workspace, hosts: list[Host], *, forks: int = 16,
              accept_new_host_keys: bool = False,
              progress: ProgressFn = lambda host, message: None) -> list[HostResult]:
-    """Stop agents and remove what deploy put on each host; safe to repeat."""
+    """Stop agents and remove what deploy put on each host (tunnel, firewall
+    table, keys, software, state), then drop them from the hub; safe to repeat."""
     options = connect_options(workspace, accept_new_host_keys)
+    hub = Hub(workspace)
 
     def one(host: Host) -> HostResult:
         result = HostResult(host.name)
-        root = str(host_paths(host, str(workspace.paths.state)).root)
+        root = host_paths(host, str(workspace.paths.state)).root
 
         def action() -> None:
             progress(host.name, "removing")
             connector = connect(host, options)
             try:
                 if host.connection == "local":
-                    answer = hostctl(connector, "remove", "--root", root)
+                    answer = hostctl(connector, "remove", "--root", str(root))
                     result.steps.append(StepResult("agent", bool(answer.get("changed"))))
                     return
                 if installed(connector):
                     connector.python = VENV_PYTHON
-                    answer = hostctl(connector, "remove", "--root", root)
+                    config = root / "wg" / f"{hub.interface}.conf"
+                    down = hostctl(connector, "wg-down", "--config", str(config))
+                    result.steps.append(StepResult("tunnel", bool(down.get("changed"))))
+                    fw = hostctl(connector, "fw-remove", "--state", str(root / "firewall"))
+                    result.steps.append(StepResult("firewall", bool(fw.get("changed"))))
+                    answer = hostctl(connector, "remove", "--root", str(root))
                     result.steps.append(StepResult("agent", bool(answer.get("changed"))))
                 gone = connector.run_shell(
                     f"found=; for p in {root} {INSTALL_DIR}; do [ -e $p ] && found=1; done; "
@@ -342,4 +493,15 @@ def teardown(workspace: Workspace, hosts: list[Host], *, forks: int = 16,
 
         return run_guarded(result, action)
 
-    return _pool_map(hosts, forks, one)
+    results = _pool_map(hosts, forks, one)
+    removed = {r.host for r in results if r.status in ("ok", "changed")}
+    if removed & set(hub.known_peers()) or (hub.config_path.exists() and not hub.known_peers()):
+        hub_result = HostResult("hub")
+
+        def drop_peers() -> None:
+            peers = hub.record_peers({}, removed=removed)
+            outcome = hub.apply(peers)
+            hub_result.steps.append(StepResult("tunnel", outcome != "unchanged", outcome))
+
+        results.append(run_guarded(hub_result, drop_peers))
+    return results

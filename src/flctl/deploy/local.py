@@ -55,5 +55,8 @@ class LocalConnector:
             process.wait()
         return process.returncode
 
+    def local_address(self) -> str:
+        return "127.0.0.1"
+
     def close(self) -> None:
         return None

@@ -353,6 +353,12 @@ class SSHConnector:
         log.info("%s: added %s %s to %s", self.where, key.get_name(), offered,
                  self.known_hosts.path)
 
+    def local_address(self) -> str:
+        """Our address on the connection to this host: one the host can reach
+        us on, hence the default WireGuard endpoint of the hub."""
+        sock = self._transport().sock
+        return str(sock.getsockname()[0])  # type: ignore[union-attr]
+
     # -- commands
 
     def _transport(self) -> paramiko.Transport:

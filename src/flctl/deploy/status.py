@@ -11,6 +11,7 @@ from flctl.deploy.connector import HostUnreachable
 from flctl.deploy.engine import connect_options
 from flctl.deploy.hostcmd import ConnectOptions, connect, hostctl
 from flctl.deploy.install import VENV_PYTHON, installed
+from flctl.deploy.overlay import Hub
 from flctl.errors import FlctlError
 from flctl.workspace import Workspace
 
@@ -41,7 +42,7 @@ def host_status(workspace: Workspace, host: Host, index: int, agent_info: AgentI
         row["reachable"] = True
         row.update({k: facts.get(k) for k in (
             "service", "service_pid", "agent_pid", "agent_uptime_s", "load", "mem_total_bytes",
-            "mem_available_bytes", "disk_free_bytes", "gpus")})
+            "mem_available_bytes", "disk_free_bytes", "gpus", "interfaces")})
     except FlctlError as exc:
         row["error"] = exc.message
         return row
@@ -69,10 +70,46 @@ def host_status(workspace: Workspace, host: Host, index: int, agent_info: AgentI
     return row
 
 
+# A WireGuard peer re-handshakes every 2 minutes while traffic or keepalives
+# flow; a handshake older than this means the tunnel is down.
+HANDSHAKE_STALE_S = 180
+
+
+def tunnel_state(handshake: dict[str, int] | None,
+                 host_interface_up: bool | None) -> dict[str, Any]:
+    """Up only if the host still has its end and the hub saw a recent handshake
+    (the hub alone cannot tell for up to HANDSHAKE_STALE_S after a tunnel dies)."""
+    if host_interface_up is False:
+        state: dict[str, Any] = {"tunnel": "down", "tunnel_reason": "no interface on the host"}
+        return {**tunnel_state(handshake, None), **state}
+    if handshake is None:
+        return {"tunnel": "unknown"}
+    age = None if handshake["handshake_age_s"] < 0 else handshake["handshake_age_s"]
+    up = age is not None and age <= HANDSHAKE_STALE_S
+    return {"tunnel": "up" if up else "down", "handshake_age_s": age,
+            "tunnel_rx_bytes": handshake["rx_bytes"], "tunnel_tx_bytes": handshake["tx_bytes"]}
+
+
 def gather_status(workspace: Workspace, hosts: list[Host], agent_info: AgentInfoFn,
                   forks: int = 16) -> list[dict[str, Any]]:
     order = {h.name: i for i, h in enumerate(workspace.inventory.hosts)}
     options = connect_options(workspace)
+    overlay = workspace.settings.agent.listen == "overlay"
+    handshakes: dict[str, dict[str, int]] = {}
+    if overlay and any(h.connection == "ssh" for h in hosts):
+        try:
+            handshakes = Hub(workspace).handshakes()
+        except FlctlError:
+            handshakes = {}
     with ThreadPoolExecutor(max_workers=max(1, min(forks, len(hosts) or 1))) as pool:
-        return list(pool.map(
+        rows = list(pool.map(
             lambda h: host_status(workspace, h, order[h.name], agent_info, options), hosts))
+    interface = Hub(workspace).interface
+    for host, row in zip(hosts, rows):
+        if overlay and host.connection == "ssh":
+            interfaces = row.pop("interfaces", None)
+            present = None if interfaces is None else interface in interfaces
+            row.update(tunnel_state(handshakes.get(host.name), present))
+        else:
+            row.pop("interfaces", None)
+    return rows

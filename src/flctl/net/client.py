@@ -39,12 +39,17 @@ class RemoteError(FlctlError):
 
 class FrameClient:
     def __init__(self, host: str, port: int, context: ssl.SSLContext, server_hostname: str,
-                 timeout: float | None = 30.0, limits: Limits = DEFAULT_LIMITS) -> None:
+                 timeout: float | None = 30.0, limits: Limits = DEFAULT_LIMITS,
+                 connect_timeout: float | None = 10.0) -> None:
         self.host = host
         self.port = port
         self.context = context
         self.server_hostname = server_hostname
         self.timeout = timeout
+        # A peer behind a dead tunnel drops SYNs silently: connecting must fail
+        # fast even when a request may legitimately take the whole round.
+        self.connect_timeout = connect_timeout if timeout is None else (
+            timeout if connect_timeout is None else min(timeout, connect_timeout))
         self.limits = limits
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -62,7 +67,7 @@ class FrameClient:
         if self._sock is not None:
             return
         try:
-            raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            raw = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except socket.timeout as exc:
             raise TransportTimeout(f"connecting to {self._where()} timed out") from exc
         except OSError as exc:
@@ -70,6 +75,7 @@ class FrameClient:
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock = self.context.wrap_socket(raw, server_hostname=self.server_hostname)
+            self._sock.settimeout(self.timeout)
             self._fresh = True
         except socket.timeout as exc:
             raw.close()
