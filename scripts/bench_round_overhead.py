@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -33,30 +34,13 @@ from flctl.workspace import init_workspace, load_workspace
 TARGETS = {1_000_000: 0.15, 10_000_000: 1.5}
 FLOWER_SECONDS = {1_000_000: 12.0, 10_000_000: 21.0}
 
-BENCH_TASK = '''
-import numpy as np
-
-class EchoTask:
-    """One pass over the weights: the cheapest honest local step."""
-
-    def __init__(self, n_params=1_000_000):
-        self.n_params = int(n_params)
-
-    def init(self, seed):
-        return [np.zeros(self.n_params, dtype=np.float32)]
-
-    def fit(self, weights, data, config):
-        return [weights[0] + np.float32(0.001)], 100, {"train_loss": 0.0}
-
-    def evaluate(self, weights, data, config):
-        return 0.0, 100, {"accuracy": 0.0}
-'''
+ECHO_TASK = Path(__file__).with_name("echo_task.py")
 
 
 def measure(root: Path, n_params: int, rounds: int) -> dict:
     workspace = load_workspace(root)
     training = workspace.settings.with_training(
-        task="bench_task:EchoTask", task_params={"n_params": n_params}, rounds=rounds,
+        task="echo_task:EchoTask", task_params={"n_params": n_params}, rounds=rounds,
         eval_every=10_000, deadline_s=600.0).training
     context = workspace_context(workspace)
     limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes)
@@ -93,7 +77,7 @@ def main() -> int:
         settings = Settings(agent=AgentSettings(port=free_port_block(args.hosts)))
         init_workspace(root, local_hosts=args.hosts, settings=settings)
         (root / "flctl.yaml").write_text(render_settings(settings))
-        (root / "tasks" / "bench_task.py").write_text(BENCH_TASK)
+        shutil.copy(ECHO_TASK, root / "tasks" / "echo_task.py")
         workspace = load_workspace(root)
         results = engine.deploy(workspace, list(workspace.inventory.hosts),
                                 verify=lambda h, e: info_probe(workspace)(e))

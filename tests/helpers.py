@@ -43,3 +43,14 @@ def use_ports(workspace: Path, count: int) -> int:
                        training=settings.training, limits=settings.limits)
     (workspace / "flctl.yaml").write_text(render_settings(updated))
     return base
+
+
+def deploy_json(root: Path, *extra: str) -> dict[str, Any]:
+    """`flctl deploy --json`, with its exit code under "code"."""
+    result = run_cli("deploy", "-w", str(root), "--json", *extra, timeout=600)
+    assert "Traceback" not in result.stderr, result.stderr
+    return {"code": result.returncode, **result.json()}
+
+
+def by_host(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {h["host"]: h for h in document["hosts"]}

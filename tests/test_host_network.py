@@ -44,7 +44,10 @@ def _why_not() -> str | None:
 _REASON = _why_not()
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
-HOSTCTL = (sys.executable, "-m", "flctl.agent.hostctl")
+# Lab hosts have a private /tmp (where a CI clone may live), so they get their
+# own copy of flctl's source and run it with their own python3.
+LAB_SOURCE = "/opt/flctl-src"
+HOSTCTL = ("env", f"PYTHONPATH={LAB_SOURCE}", "python3", "-m", "flctl.agent.hostctl")
 HUB_OVERLAY = "198.19.0.1"
 HOST_OVERLAY = "198.19.0.11"
 WG_PORT = 51820
@@ -486,7 +489,7 @@ def _connects(lab: Lab, source: str | None, address: str, port: int) -> str:
               "    print('timeout')\n"
               "except OSError as exc:\n"
               "    print('refused:', exc)\n")
-    return lab.exec(source, sys.executable, "-c", script, timeout=20).stdout.strip()
+    return lab.exec(source, "python3", "-c", script, timeout=20).stdout.strip()
 
 
 def _lab_hostctl(lab: Lab, host: str, *args: str, input_text: str = "") -> dict[str, Any]:
@@ -495,6 +498,17 @@ def _lab_hostctl(lab: Lab, host: str, *args: str, input_text: str = "") -> dict[
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"{host}: hostctl {args[0]}: {done.stdout}{done.stderr}"
     return dict(json.loads(done.stdout))
+
+
+def _stage_source(lab: Lab, host: str) -> None:
+    """Copy this checkout's flctl package into the host's private /opt."""
+    package = Path(__file__).resolve().parents[1] / "src"
+    archive = subprocess.run(["tar", "-C", str(package), "--exclude=__pycache__", "-c", "flctl"],
+                             capture_output=True, check=True).stdout
+    done = subprocess.run(lab.ssh_command(host, f"mkdir -p {LAB_SOURCE} && "
+                                                f"tar -x -C {LAB_SOURCE}"),
+                          input=archive, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def _put(lab: Lab, host: str, path: str, text: str) -> None:
@@ -515,6 +529,8 @@ def test_agent_port_only_through_the_tunnel_and_ssh_never_lost() -> None:
     started = time.monotonic()
     lab = lab_up(3)
     try:
+        for host in lab.hosts:
+            _stage_source(lab, host)
         _run_lab_checks(lab)
     finally:
         lab.down()
@@ -529,7 +545,7 @@ def _run_lab_checks(lab: Lab) -> None:
     host_ip, hub_ip = lab.addresses[host], lab.addresses[hub]
 
     # a stand-in for the agent, listening on every address of lab1
-    lab.exec(host, "sh", "-c", f"setsid -f sh -c 'exec {sys.executable} -m http.server "
+    lab.exec(host, "sh", "-c", f"setsid -f sh -c 'exec python3 -m http.server "
                                f"{agent_port} --bind 0.0.0.0' </dev/null >/tmp/agent.log 2>&1")
     assert _wait_for(lambda: _connects(lab, host, "127.0.0.1", agent_port) == "open", 10)
 

@@ -23,23 +23,13 @@ from flctl.core.settings import (
 )
 from flctl.workspace import load_workspace
 
-from helpers import run_cli
+from helpers import by_host, deploy_json, run_cli
 from lab import Lab, lab_available, lab_up
 
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(lab_available() is not None,
                                                   reason=str(lab_available()))]
 
 HOSTS = 3
-
-
-def deploy_json(root: Path, *extra: str) -> dict:
-    result = run_cli("deploy", "-w", str(root), "--json", *extra, timeout=600)
-    assert "Traceback" not in result.stderr, result.stderr
-    return {"code": result.returncode, **result.json()}
-
-
-def by_host(document: dict) -> dict[str, dict]:
-    return {h["host"]: h for h in document["hosts"]}
 
 
 def host_rows(document: dict) -> list[dict]:

@@ -16,7 +16,7 @@ from flctl.deploy import engine
 from flctl.errors import FlctlError
 from flctl.workspace import load_workspace
 
-from helpers import run_cli
+from helpers import by_host, deploy_json, run_cli
 from lab import Lab, lab_available, lab_up
 
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(lab_available() is not None,
@@ -32,16 +32,6 @@ PROBE = (
     "except OSError as e:\n"
     "    print('closed', e)\n"
 )
-
-
-def deploy_json(root: Path, *extra: str) -> dict:
-    result = run_cli("deploy", "-w", str(root), "--json", *extra, timeout=600)
-    assert "Traceback" not in result.stderr, result.stderr
-    return {"code": result.returncode, **result.json()}
-
-
-def by_host(document: dict) -> dict[str, dict]:
-    return {h["host"]: h for h in document["hosts"]}
 
 
 @pytest.fixture(scope="module")
