@@ -436,8 +436,10 @@ def _hub_step(ctx: DeployContext, jobs: list[HostDeploy], progress: ProgressFn) 
     result = HostResult("hub")
 
     def action() -> None:
+        port = ctx.workspace.settings.overlay.port
         updates = {job.host.name: {"public_key": job.wg_public_key,
-                                   "overlay_ip": str(job.host.overlay_ip)}
+                                   "overlay_ip": str(job.host.overlay_ip),
+                                   "endpoint": f"{job.host.ssh_host}:{port}"}
                    for job in jobs if job.wg_public_key}
         if ctx.check:
             known = ctx.hub.known_peers()

@@ -119,9 +119,12 @@ class Hub:
                                 comment="flctl overlay (host side)")
 
     def hub_config(self, peers: dict[str, dict[str, str]]) -> str:
+        # An initial endpoint lets the hub start the first handshake itself
+        # instead of waiting up to 5 s for the host's retry; a host behind NAT
+        # still works, as WireGuard roams to where its keepalives come from.
         entries = [WgPeer(public_key=p["public_key"], allowed_ips=(f"{p['overlay_ip']}/32",),
                           preshared_key_file=str(self.paths.psk_dir / f"{name}.psk"),
-                          comment=name)
+                          endpoint=p.get("endpoint"), comment=name)
                    for name, p in sorted(peers.items())]
         return render_wg_config(address=f"{self.overlay_ip}/{self.prefix}", listen_port=self.port,
                                 private_key_file=str(self.paths.private_key), peers=entries,
