@@ -62,7 +62,8 @@ class TestLabHosts:
     """One 3-host lab (with a workspace) shared by the tests of this class."""
 
     @pytest.fixture(scope="class")
-    def lab(self, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    @classmethod
+    def lab(cls, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
         workspace = tmp_path_factory.mktemp("lab-workspace")
         started = time.monotonic()
         lab = lab_up(3, workspace)
