@@ -91,10 +91,17 @@ def test_all_finite():
     assert all_finite(np.array(3.0))
 
 
-def test_float64_models_keep_their_precision():
-    assert accumulation_dtype([np.zeros(2, np.float32)]) == np.float32
-    assert accumulation_dtype([np.zeros(2, np.float16)]) == np.float32
-    assert accumulation_dtype([np.zeros(2, np.float32), np.zeros(1)]) == np.float64
+def test_sums_are_float64_so_arrival_order_does_not_matter():
+    for template in ([np.zeros(2, np.float32)], [np.zeros(2, np.float16)], [np.zeros(1)]):
+        assert accumulation_dtype(template) == np.float64
+    rng = np.random.default_rng(3)
+    updates = [[(rng.standard_normal(5000) * 10.0 ** rng.integers(-6, 6)).astype(np.float32)]
+               for _ in range(8)]
+    counts = [int(n) for n in rng.integers(1, 5000, 8)]
+    forward = weighted_average(updates, counts)
+    backward = weighted_average(updates[::-1], counts[::-1])
+    assert forward[0].dtype == np.float32
+    assert np.array_equal(forward[0], backward[0])  # bit for bit
     big = [np.array([1e8 + 1.0])]
     mean = weighted_average([big, big], [1, 1])
     assert mean[0].dtype == np.float64 and mean[0][0] == 1e8 + 1.0
@@ -140,8 +147,9 @@ def test_accumulator_keeps_no_reference_to_updates():
     np.testing.assert_array_equal(acc.mean()[0], np.ones(1000, np.float32))
 
 
-def test_peak_memory_stays_at_two_models():
-    """Twenty updates in, never more than one model-sized buffer (plus chunk buffers) held."""
+def test_peak_memory_stays_within_three_models():
+    """Twenty updates in: a float64 sum (2x a float32 model) and the float32
+    result, plus chunk buffers, whatever the number of updates (budget: 3x)."""
     size = 1_000_000
     model_bytes = size * 4
     rng = np.random.default_rng(1)
@@ -158,7 +166,7 @@ def test_peak_memory_stays_at_two_models():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert (peak - base) <= 1.2 * model_bytes
+    assert (peak - base) <= 3.05 * model_bytes
     expected = np.average(np.stack(updates), axis=0, weights=np.arange(10, 30))
     np.testing.assert_allclose(result[0], expected, rtol=1e-5)
 
@@ -205,9 +213,10 @@ def test_fedavg_refuses_bad_updates_without_damage():
 
 
 def test_fedavg_reports_overflowing_aggregate():
-    round_ = FedAvg().start_round([np.zeros(2, np.float32)], 4)
-    round_.add("a", [np.array([3e38, 1.0], np.float32)], 1)
-    round_.add("b", [np.array([3e38, 1.0], np.float32)], 1)
+    # float32 means cannot overflow a float64 sum; float64 models still can
+    round_ = FedAvg().start_round([np.zeros(2)], 4)
+    round_.add("a", [np.array([1.7e308, 1.0])], 1)
+    round_.add("b", [np.array([1.7e308, 1.0])], 1)
     with pytest.raises(StrategyError, match="round 4: the aggregate overflowed"):
         round_.result()
 
