@@ -26,7 +26,7 @@ from flctl.core.settings import AgentSettings, Settings
 from flctl.deploy import engine
 from flctl.deploy.logs import agent_log
 from flctl.deploy.status import gather_status
-from flctl.errors import FlctlError, HostError
+from flctl.errors import ConfigError, FlctlError, HostError
 from flctl.net.ports import free_port_block
 from flctl.workspace import Workspace, init_workspace, load_workspace
 
@@ -160,9 +160,10 @@ def _training_overrides(**values: Any) -> dict[str, Any]:
 
 
 def _run_training(workspace: Workspace, overrides: dict[str, Any], limit: Optional[list[str]],
-                  run_id: Optional[str], json_output: bool) -> RunSummary:
+                  run_id: Optional[str], json_output: bool, resume: bool = False) -> RunSummary:
     settings = workspace.settings.with_training(**overrides)
     hosts = _selected(workspace, limit)
+    resume_args = {"resume": resume, "resume_rounds": overrides.get("rounds")}
     table = render.round_table()
 
     def note(text: str) -> None:
@@ -170,13 +171,13 @@ def _run_training(workspace: Workspace, overrides: dict[str, Any], limit: Option
 
     if json_output:
         return train_workspace(workspace, settings.training, hosts, run_id=run_id,
-                               on_message=note)
+                               on_message=note, **resume_args)
     with Live(table, console=render.err, refresh_per_second=8):
         def on_round(record: RoundRecord) -> None:
             render.add_round_row(table, record)
 
         summary = train_workspace(workspace, settings.training, hosts, run_id=run_id,
-                                  on_round=on_round, on_message=note)
+                                  on_round=on_round, on_message=note, **resume_args)
     render.err.print()
     return summary
 
@@ -206,6 +207,11 @@ def _print_summary(summary: RunSummary) -> None:
 
 @app.command()
 def train(
+    run: Optional[str] = typer.Argument(
+        None, help="With --resume: the run to continue (default: the newest interrupted one)."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted run from its last checkpoint, with "
+                                "its own settings and hosts (--rounds may change)."),
     workspace_dir: Path = WorkspaceOpt,
     limit: Optional[list[str]] = LimitOpt,
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Number of rounds."),
@@ -221,12 +227,23 @@ def train(
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of the run directory."),
     json_output: bool = JsonOpt,
 ) -> None:
-    """Run federated rounds against the deployed agents; save the weights locally."""
+    """Run federated rounds against the deployed agents; save the weights locally.
+
+    `flctl train --resume [RUN]` continues an interrupted run after its last
+    checkpoint; with the same hosts answering, the result is bit for bit what
+    an uninterrupted run would have produced.
+    """
     workspace = load_workspace(workspace_dir)
     overrides = _training_overrides(rounds=rounds, epochs=epochs, lr=lr, batch_size=batch_size,
                                     fraction=fraction, min_hosts=min_hosts, deadline_s=deadline,
                                     strategy=strategy, task=task, seed=seed)
-    summary = _run_training(workspace, overrides, limit, run_id, json_output)
+    if run is not None and not resume:
+        raise ConfigError(f"a run name ({run}) is only taken with --resume")
+    if resume and set(overrides) - {"rounds"}:
+        raise ConfigError("--resume continues a run with its own settings; only --rounds "
+                          "may be given with it")
+    summary = _run_training(workspace, overrides, limit, run if resume else run_id,
+                            json_output, resume=resume)
     if json_output:
         render.emit_json(_summary_document(summary))
     else:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from flctl.core.fsutil import atomic_write
+from flctl.errors import TrainingError
 
 CHECKPOINT = "checkpoint.npz"
 STATE = "state.json"
@@ -63,6 +64,15 @@ class RunDir:
         with open(self.path / METRICS, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop metric lines of rounds after `last_round` (not checkpointed)."""
+        path = self.path / METRICS
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("round", 0) <= last_round]
+        atomic_write(path, "".join(line + "\n" for line in kept))
+
     def save_final(self, weights: Sequence[np.ndarray], manifest: dict[str, Any]) -> str:
         payload = weights_to_npz(weights)
         digest = hashlib.sha256(payload).hexdigest()
@@ -70,6 +80,36 @@ class RunDir:
         atomic_write(self.path / MANIFEST,
                      json.dumps({**manifest, "weights_sha256": digest}, indent=2, sort_keys=True))
         return digest
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where an interrupted run stopped: enough to continue it exactly."""
+
+    round: int
+    weights: list[np.ndarray]
+    state: dict[str, Any]
+
+
+def load_checkpoint(run: RunDir) -> Checkpoint:
+    state = json.loads((run.path / STATE).read_text())
+    return Checkpoint(int(state["round"]), load_weights(run.path / CHECKPOINT), state)
+
+
+def resumable_run(runs_root: Path, run_id: str | None) -> RunDir:
+    """The named run, or the newest one with a checkpoint and no final weights."""
+    if run_id is not None:
+        run = RunDir(runs_root / run_id)
+        if not (run.path / STATE).exists():
+            raise TrainingError(f"run {run_id}: no checkpoint in {run.path}")
+        if (run.path / FINAL).exists():
+            raise TrainingError(f"run {run_id} already finished ({run.path / FINAL})")
+        return run
+    candidates = sorted((p for p in runs_root.glob("*") if (p / STATE).exists()
+                         and not (p / FINAL).exists()), key=lambda p: (p / STATE).stat().st_mtime)
+    if not candidates:
+        raise TrainingError(f"no interrupted run to resume in {runs_root}")
+    return RunDir(candidates[-1])
 
 
 def create_run_dir(runs_root: Path, run_id: str | None = None) -> RunDir:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from flctl.coordinator.records import RunDir
+from flctl.coordinator.records import Checkpoint, RunDir
 from flctl.core.messages import ArraySpec
 from flctl.core.settings import TrainingSettings
 from flctl.core.strategies import make_strategy
@@ -117,7 +117,9 @@ class Coordinator:
         inflight_updates: int = 2,
         on_round: RoundCallback = lambda record: None,
         on_message: MessageCallback = lambda text: None,
+        resume_from: Checkpoint | None = None,
     ) -> None:
+        self.resume_from = resume_from
         self.clients = list(clients)
         self.training = training
         self.run = run
@@ -242,14 +244,23 @@ class Coordinator:
         started = time.perf_counter()
         try:
             infos = self.discover()
-            self.task_params = resolve_task_params(t.task, dict(t.task_params), infos)
-            task = load_task(t.task, self.task_params, search_path=self.task_search_path)
-            weights = [np.asarray(w) for w in task.init(t.seed)]
             answering = {info["name"] for info in infos}
             available = [c for c in self.clients if c.name in answering]
+            if self.resume_from is not None:
+                self.task_params = dict(self.resume_from.state["task_params"])
+                weights = self.resume_from.weights
+                first = self.resume_from.round + 1
+                self.run.truncate_metrics(self.resume_from.round)
+                self.on_message(f"resuming run {self.run.run_id} after round "
+                                f"{self.resume_from.round}")
+            else:
+                self.task_params = resolve_task_params(t.task, dict(t.task_params), infos)
+                task = load_task(t.task, self.task_params, search_path=self.task_search_path)
+                weights = [np.asarray(w) for w in task.init(t.seed)]
+                first = 1
             history: list[RoundRecord] = []
             eval_loss = accuracy = None
-            for round_number in range(1, t.rounds + 1):
+            for round_number in range(first, t.rounds + 1):
                 record, weights = self._one_round(weights, round_number, available)
                 eval_loss, accuracy = (record.eval_loss, record.accuracy) if (
                     record.accuracy is not None) else (eval_loss, accuracy)
@@ -299,8 +310,12 @@ class Coordinator:
             bytes_sent=sum(c.bytes_sent for c in self.clients) - sent0,
             bytes_received=sum(c.bytes_received for c in self.clients) - received0,
         )
-        self.run.save_checkpoint(round_number, new_weights, {"run_id": self.run.run_id})
+        # Metrics first: a crash in between leaves a metrics line past the
+        # checkpoint, which resume drops, rather than a round with no line.
         self.run.append_metrics(record.as_dict())
+        self.run.save_checkpoint(round_number, new_weights, {
+            "run_id": self.run.run_id, "training": _plain_settings(t),
+            "task_params": self.task_params, "hosts": [c.name for c in self.clients]})
         self.on_round(record)
         return record, new_weights
 

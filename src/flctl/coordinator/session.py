@@ -6,7 +6,7 @@ import ssl
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from flctl.coordinator.records import create_run_dir
+from flctl.coordinator.records import create_run_dir, load_checkpoint, resumable_run
 from flctl.coordinator.rounds import Coordinator, MessageCallback, RoundCallback, RunSummary
 from flctl.core.inventory import Host
 from flctl.core.layout import Endpoint, agent_endpoint
@@ -43,15 +43,32 @@ def train_workspace(
     hosts: Sequence[Host],
     *,
     run_id: str | None = None,
+    resume: bool = False,
+    resume_rounds: int | None = None,
     on_round: RoundCallback = lambda record: None,
     on_message: MessageCallback = lambda text: None,
 ) -> RunSummary:
+    """Start a run, or with `resume` continue an interrupted one exactly where
+    its last checkpoint left it, with the settings and hosts it started with
+    (`resume_rounds` may change the number of rounds, nothing else)."""
+    checkpoint = None
+    if resume:
+        run = resumable_run(workspace.paths.runs, run_id)
+        checkpoint = load_checkpoint(run)
+        saved = dict(checkpoint.state["training"])
+        if resume_rounds is not None:
+            saved["rounds"] = resume_rounds
+        training = TrainingSettings(**saved)
+        names = set(checkpoint.state["hosts"])
+        hosts = [h for h in workspace.inventory.hosts if h.name in names]
+    else:
+        run = create_run_dir(workspace.paths.runs, run_id)
     context = workspace_context(workspace)
     limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes)
     clients = [AgentClient(e, context, timeout=training.deadline_s, limits=limits)
                for e in endpoints_for(workspace, hosts)]
-    run = create_run_dir(workspace.paths.runs, run_id)
     coordinator = Coordinator(clients, training, run,
                               task_search_path=[workspace.paths.tasks],
-                              on_round=on_round, on_message=on_message)
+                              on_round=on_round, on_message=on_message,
+                              resume_from=checkpoint)
     return coordinator.train()

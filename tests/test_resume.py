@@ -1,0 +1,76 @@
+"""kill -9 the coordinator mid-run, `flctl train --resume`: the final weights
+equal an uninterrupted run's, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flctl.coordinator.records import load_weights
+
+from helpers import run_cli, use_ports
+
+HOSTS = 4
+ROUNDS = 40
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("resume")
+    assert run_cli("init", str(root), "--local", str(HOSTS)).returncode == 0
+    use_ports(root, HOSTS)
+    assert run_cli("deploy", "-w", str(root)).returncode == 0
+    yield root
+    run_cli("teardown", "-w", str(root))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_resume_after_kill_9_gives_identical_weights(workspace: Path) -> None:
+    args = ["train", "-w", str(workspace), "--rounds", str(ROUNDS), "--seed", "7", "--json"]
+    full = run_cli(*args, "--run-id", "uninterrupted", timeout=300)
+    assert full.returncode == 0, full.stderr
+
+    cut = workspace / "runs" / "interrupted"
+    process = subprocess.Popen([sys.executable, "-m", "flctl", *args, "--run-id", "interrupted"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(metrics(cut)) < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (cut / "final.npz").exists(), "the run finished before it could be killed"
+    stopped_after = json.loads((cut / "state.json").read_text())["round"]
+    assert 1 <= stopped_after < ROUNDS
+
+    resumed = run_cli("train", "--resume", "interrupted", "-w", str(workspace), "--json",
+                      timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.json()["rounds"] == ROUNDS
+    a = load_weights(workspace / "runs" / "uninterrupted" / "final.npz")
+    b = load_weights(cut / "final.npz")
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert [m["round"] for m in metrics(cut)] == list(range(1, ROUNDS + 1))
+
+
+def test_resume_refuses_what_it_cannot_do(workspace: Path) -> None:
+    nothing = run_cli("train", "--resume", "no-such-run", "-w", str(workspace))
+    assert nothing.returncode == 6 and "no checkpoint" in nothing.stderr
+    changed = run_cli("train", "--resume", "-w", str(workspace), "--lr", "0.1")
+    assert changed.returncode == 2 and "only --rounds" in changed.stderr
+    stray = run_cli("train", "some-run", "-w", str(workspace))
+    assert stray.returncode == 2 and "only taken with --resume" in stray.stderr
