@@ -244,8 +244,8 @@ class Coordinator:
         started = time.perf_counter()
         try:
             infos = self.discover()
-            answering = {info["name"] for info in infos}
-            available = [c for c in self.clients if c.name in answering]
+            # Every host is asked every round: one that was down rejoins when back.
+            available = list(self.clients)
             if self.resume_from is not None:
                 self.task_params = dict(self.resume_from.state["task_params"])
                 weights = self.resume_from.weights

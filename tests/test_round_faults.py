@@ -1,0 +1,107 @@
+"""Rounds with real local agents that die or dawdle."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import run_cli, use_ports
+
+HOSTS = 4
+SLEEPY_TASK = '''
+import time
+from flctl.core.tasks import LogRegTask
+
+
+class Sleepy(LogRegTask):
+    """The built-in model; hosts whose training set has one of `slow_sizes`
+    examples sleep `delay` seconds before training (test-only)."""
+
+    def __init__(self, slow_sizes=(), delay=0.0, **params):
+        super().__init__(**params)
+        self.slow_sizes = set(slow_sizes)
+        self.delay = float(delay)
+
+    def fit(self, weights, data, config):
+        if len(data.x_train) in self.slow_sizes:
+            time.sleep(self.delay)
+        return super().fit(weights, data, config)
+'''
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("faults")
+    assert run_cli("init", str(root), "--local", str(HOSTS)).returncode == 0
+    use_ports(root, HOSTS)
+    (root / "tasks" / "sleepy.py").write_text(SLEEPY_TASK)
+    assert run_cli("deploy", "-w", str(root)).returncode == 0
+    yield root
+    run_cli("teardown", "-w", str(root))
+
+
+def sizes(root: Path) -> dict[str, int]:
+    status = run_cli("status", "-w", str(root), "--json").json()
+    return {row["host"]: row["n_train"] for row in status["hosts"]}
+
+
+def write_task_settings(root: Path, params: dict, deadline: float) -> None:
+    text = (root / "flctl.yaml").read_text()
+    text = text.replace("task: logreg", "task: sleepy:Sleepy")
+    text = text.replace("task_params: {}", f"task_params: {json.dumps(params)}")
+    text = text.replace("deadline_s: 300.0", f"deadline_s: {deadline}")
+    (root / "flctl.yaml").write_text(text)
+
+
+def test_an_agent_killed_mid_round_is_dropped_then_rejoins(workspace: Path) -> None:
+    everyone = sorted(sizes(workspace).values())
+    original = (workspace / "flctl.yaml").read_text()
+    # every host takes 0.8 s per fit, so a round is long enough to kill one in it
+    write_task_settings(workspace, {"slow_sizes": everyone, "delay": 0.8}, 30.0)
+    try:
+        run = workspace / "runs" / "killed"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flctl", "train", "-w", str(workspace), "--rounds", "6",
+             "--run-id", "killed", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        victim = workspace / ".flctl" / "hosts" / "local2" / "agent.pid"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done = (run / "metrics.jsonl").read_text().count("\n") if (
+                run / "metrics.jsonl").exists() else 0
+            if done >= 1:
+                break
+            time.sleep(0.02)
+        time.sleep(0.3)  # round 2 is under way: its fits are sleeping
+        os.kill(int(victim.read_text()), signal.SIGKILL)
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        history = json.loads(out)["history"]
+        hurt = [r for r in history if "local2" in r["dropped"]]
+        assert hurt and len(hurt[0]["participants"]) == HOSTS - 1
+        later = [r for r in history if r["round"] > hurt[-1]["round"]]
+        assert later and "local2" in later[-1]["participants"]  # restarted and back
+    finally:
+        (workspace / "flctl.yaml").write_text(original)
+
+
+def test_a_slow_agent_misses_the_deadline_and_the_round_is_on_time(workspace: Path) -> None:
+    slow_host, slow_size = sorted(sizes(workspace).items())[2]
+    original = (workspace / "flctl.yaml").read_text()
+    write_task_settings(workspace, {"slow_sizes": [slow_size], "delay": 6.0}, 1.5)
+    try:
+        result = run_cli("train", "-w", str(workspace), "--rounds", "2", "--json", timeout=120)
+        assert result.returncode == 0, result.stderr
+        for record in result.json()["history"]:
+            assert record["dropped"].get(slow_host) == "deadline exceeded"
+            assert len(record["participants"]) == HOSTS - 1
+            assert record["fit_seconds"] < 3.0  # the deadline, not the 6 s straggler
+    finally:
+        (workspace / "flctl.yaml").write_text(original)
