@@ -56,6 +56,10 @@ def test_resume_after_kill_9_gives_identical_weights(workspace: Path) -> None:
     assert not (cut / "final.npz").exists(), "the run finished before it could be killed"
     stopped_after = json.loads((cut / "state.json").read_text())["round"]
     assert 1 <= stopped_after < ROUNDS
+    listed = {r["run_id"]: r for r in run_cli("runs", "-w", str(workspace), "--json").json()["runs"]}
+    assert listed["interrupted"]["state"] == "interrupted"
+    assert listed["interrupted"]["rounds_done"] == stopped_after
+    assert listed["uninterrupted"]["state"] == "finished"
 
     resumed = run_cli("train", "--resume", "interrupted", "-w", str(workspace), "--json",
                       timeout=300)
@@ -65,6 +69,9 @@ def test_resume_after_kill_9_gives_identical_weights(workspace: Path) -> None:
     b = load_weights(cut / "final.npz")
     assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
     assert [m["round"] for m in metrics(cut)] == list(range(1, ROUNDS + 1))
+    shown = run_cli("runs", "show", "interrupted", "-w", str(workspace), "--json").json()
+    assert shown["state"] == "finished" and shown["rounds_done"] == ROUNDS
+    assert [r["round"] for r in shown["history"]] == list(range(1, ROUNDS + 1))
 
 
 def test_resume_refuses_what_it_cannot_do(workspace: Path) -> None:

@@ -20,13 +20,14 @@ from rich.markup import escape
 from flctl import __version__
 from flctl.cli import render
 from flctl.cli.progress import HostProgress
+from flctl.coordinator.records import RunDir, describe_run, list_runs, read_metrics
 from flctl.coordinator.rounds import RoundRecord, RunSummary
 from flctl.coordinator.session import info_probe, train_workspace
 from flctl.core.settings import AgentSettings, Settings
 from flctl.deploy import engine
 from flctl.deploy.logs import agent_log
 from flctl.deploy.status import gather_status
-from flctl.errors import ConfigError, FlctlError, HostError
+from flctl.errors import ConfigError, FlctlError, HostError, WorkspaceError
 from flctl.net.ports import free_port_block
 from flctl.workspace import Workspace, init_workspace, load_workspace
 
@@ -278,6 +279,51 @@ def demo(
         render.emit_json({"workspace": str(root), **_summary_document(summary)})
     else:
         _print_summary(summary)
+
+
+runs_app = typer.Typer(help="Runs in this workspace: list them, or summarise one.",
+                       invoke_without_command=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.callback()
+def runs(
+    ctx: typer.Context,
+    workspace_dir: Path = WorkspaceOpt,
+    json_output: bool = JsonOpt,
+) -> None:
+    """List runs: finished, or interrupted (resumable with `flctl train --resume RUN`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    workspace = load_workspace(workspace_dir)
+    infos = list_runs(workspace.paths.runs)
+    if json_output:
+        render.emit_json({"runs": [info.as_dict() for info in infos]})
+    else:
+        render.out.print(render.runs_table(infos))
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: str = typer.Argument(..., help="The run's id (see `flctl runs`)."),
+    workspace_dir: Path = WorkspaceOpt,
+    json_output: bool = JsonOpt,
+) -> None:
+    """Summarise one run: settings, hosts, and every round's metrics."""
+    workspace = load_workspace(workspace_dir)
+    run = RunDir(workspace.paths.runs / run_id)
+    if not run.path.is_dir():
+        raise WorkspaceError(f"no run {run_id!r} in {workspace.paths.runs}")
+    info = describe_run(run)
+    history = read_metrics(run)
+    if json_output:
+        render.emit_json({**info.as_dict(), "history": history})
+        return
+    render.out.print(render.runs_table([info]))
+    table = render.round_table()
+    for record in history:
+        render.add_round_row(table, RoundRecord(**record))
+    render.out.print(table)
 
 
 @app.command()

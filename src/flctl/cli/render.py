@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from flctl.coordinator.records import RunInfo
 from flctl.coordinator.rounds import RoundRecord
 from flctl.deploy.engine import HostResult
 
@@ -113,3 +114,16 @@ def _tunnel_cell(row: dict[str, Any]) -> str:
     detail = "never" if age is None and state != "unknown" else ("" if age is None else f"{age}s ago")
     moved = human_bytes((row.get("tunnel_rx_bytes") or 0) + (row.get("tunnel_tx_bytes") or 0))
     return f"[{colour}]{state}[/] {detail} {moved if state != 'unknown' else ''}".strip()
+
+
+def runs_table(infos: Sequence[RunInfo]) -> Table:
+    table = Table(title="runs")
+    for column in ("run", "state", "rounds", "accuracy", "hosts"):
+        table.add_column(column)
+    for info in infos:
+        colour = {"finished": "green", "interrupted": "yellow"}.get(info.state, "dim")
+        planned = "?" if info.rounds_planned is None else str(info.rounds_planned)
+        table.add_row(info.run_id, f"[{colour}]{info.state}[/]", f"{info.rounds_done}/{planned}",
+                      "-" if info.accuracy is None else f"{100 * info.accuracy:.2f}%",
+                      str(len(info.hosts)))
+    return table

@@ -116,3 +116,54 @@ def create_run_dir(runs_root: Path, run_id: str | None = None) -> RunDir:
     run = RunDir(runs_root / (run_id or new_run_id()))
     run.path.mkdir(parents=True, exist_ok=False)
     return run
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run as `flctl runs` lists it."""
+
+    run_id: str
+    path: Path
+    state: str  # finished | interrupted | empty
+    rounds_done: int
+    rounds_planned: int | None
+    accuracy: float | None
+    hosts: list[str]
+    started: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "path": str(self.path), "state": self.state,
+                "rounds_done": self.rounds_done, "rounds_planned": self.rounds_planned,
+                "accuracy": self.accuracy, "hosts": self.hosts, "started": self.started}
+
+
+def read_metrics(run: RunDir) -> list[dict[str, Any]]:
+    path = run.path / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def describe_run(run: RunDir) -> RunInfo:
+    manifest_path, state_path = run.path / MANIFEST, run.path / STATE
+    history = read_metrics(run)
+    accuracy = next((r["accuracy"] for r in reversed(history) if r.get("accuracy") is not None),
+                    None)
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        return RunInfo(run.run_id, run.path, "finished", int(manifest["rounds"]),
+                       int(manifest["rounds"]), manifest.get("accuracy", accuracy),
+                       list(manifest.get("hosts", [])), run.path.stat().st_mtime)
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        planned = (state.get("training") or {}).get("rounds")
+        return RunInfo(run.run_id, run.path, "interrupted", int(state["round"]), planned,
+                       accuracy, list(state.get("hosts", [])), run.path.stat().st_mtime)
+    return RunInfo(run.run_id, run.path, "empty", 0, None, None, [], run.path.stat().st_mtime)
+
+
+def list_runs(runs_root: Path) -> list[RunInfo]:
+    if not runs_root.is_dir():
+        return []
+    return sorted((describe_run(RunDir(p)) for p in runs_root.iterdir() if p.is_dir()),
+                  key=lambda info: info.started)
