@@ -170,3 +170,26 @@ def test_memory_budget_bounds_updates_held_at_once() -> None:
     for thread in threads:
         thread.join()
     assert peak == 2
+
+
+def test_an_update_beyond_the_norm_bound_is_rejected_and_the_round_goes_on(
+        federation: Federation) -> None:
+    # the MeanTask update is the host's data mean: hosts 0, 1, 2 have means (0, 4.5, 0),
+    # (1, 14.5, 1), (2, 29.5, 2): distances from the zero model 4.5, ~14.57, ~29.6
+    training = TrainingSettings(task="meantask:MeanTask", rounds=1, max_update_norm=20.0)
+    summary = federation.coordinator(training).train()
+    record = summary.history[0]
+    assert record.participants == ["h0", "h1"]
+    assert "exceeds training.max_update_norm 20" in record.dropped["h2"]
+    expected = (10 * federation.means[0] + 30 * federation.means[1]) / 40
+    np.testing.assert_allclose(load_weights(summary.final_weights)[0], expected, rtol=1e-6)
+
+
+def test_update_distance_is_the_l2_norm() -> None:
+    from flctl.core.aggregation import CHUNK, update_distance
+
+    rng = np.random.default_rng(0)
+    a = [rng.standard_normal(3 * CHUNK + 5).astype(np.float32), rng.standard_normal((4, 3))]
+    b = [np.zeros_like(a[0]), np.ones((4, 3))]
+    expected = np.sqrt(sum(float(np.sum((x.astype(np.float64) - y) ** 2)) for x, y in zip(a, b)))
+    assert update_distance(a, b) == pytest.approx(expected, rel=1e-12)

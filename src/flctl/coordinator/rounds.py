@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from flctl.coordinator.records import Checkpoint, RunDir
+from flctl.core.aggregation import update_distance
 from flctl.core.messages import ArraySpec
 from flctl.core.settings import TrainingSettings
 from flctl.core.strategies import make_strategy
@@ -193,6 +194,12 @@ class Coordinator:
                 reply: FitReply = client.fit(weights, t.task, self.task_params, config,
                                              allocate=self.budget.allocator(held))
                 check_weights(reply.weights, weights)
+                if t.max_update_norm > 0:
+                    distance = update_distance(reply.weights, weights)
+                    if not distance <= t.max_update_norm:  # NaN fails too
+                        raise TrainingError(f"update rejected: its distance from the model, "
+                                            f"{distance:.4g}, exceeds training.max_update_norm "
+                                            f"{t.max_update_norm:g}")
                 with lock:
                     if closed.is_set():
                         raise TrainingError("reply after the deadline")

@@ -170,3 +170,17 @@ def weighted_average(updates: Sequence[Sequence[np.ndarray]], weights: Sequence[
     kinds = [np.asarray(a).dtype for a in updates[0]]
     return [m.astype(kind if np.issubdtype(kind, np.floating) else m.dtype, copy=False)
             for m, kind in zip(acc.take_mean(), kinds)]
+
+
+def update_distance(update: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    """L2 norm of `update - reference` over all arrays, in chunks (no model-sized temporary)."""
+    total = 0.0
+    scratch = np.empty(CHUNK, np.float64)
+    for new, old in zip(update, reference):
+        a, b = _flat(np.asarray(new)), _flat(np.asarray(old))
+        for start in range(0, a.size, CHUNK):
+            stop = min(start + CHUNK, a.size)
+            part = scratch[:stop - start]
+            np.subtract(a[start:stop], b[start:stop], out=part, dtype=np.float64)
+            total += float(np.dot(part, part))
+    return math.sqrt(total)

@@ -85,6 +85,9 @@ class TrainingSettings:
     deadline_s: float = 300.0
     eval_every: int = 1
     seed: int = 0
+    # Reject an update whose L2 distance from the global model exceeds this
+    # (0 = no bound): a cheap first line against broken or hostile hosts.
+    max_update_norm: float = 0.0
 
     def __post_init__(self) -> None:
         _validate_section(self, _TRAINING_FIELDS, "training")
@@ -211,6 +214,7 @@ _TRAINING_FIELDS: dict[str, Check] = {
     "deadline_s": _positive_float,
     "eval_every": _positive_int,
     "seed": lambda v, s: expect_int(v, s, minimum=0, maximum=2**32 - 1),  # any numpy RNG
+    "max_update_norm": lambda v, s: expect_float(v, s, minimum=0.0),
 }
 _LIMIT_FIELDS: dict[str, Check] = {
     "max_message_mb": lambda v, s: expect_int(v, s, minimum=1, maximum=MAX_MESSAGE_MB),
@@ -292,6 +296,7 @@ _COMMENTS = {
     "training.deadline_s": "per-round deadline in seconds",
     "training.eval_every": "evaluate every N rounds",
     "training.seed": "seed for sampling and initialisation",
+    "training.max_update_norm": "reject updates farther than this from the model (0: off)",
     "limits.max_message_mb": "largest accepted protocol message",
 }
 
