@@ -193,3 +193,19 @@ def test_update_distance_is_the_l2_norm() -> None:
     b = [np.zeros_like(a[0]), np.ones((4, 3))]
     expected = np.sqrt(sum(float(np.sum((x.astype(np.float64) - y) ** 2)) for x, y in zip(a, b)))
     assert update_distance(a, b) == pytest.approx(expected, rel=1e-12)
+
+
+def test_target_accuracy_stops_early_and_the_manifest_says_so(federation: Federation) -> None:
+    training = TrainingSettings(task="meantask:MeanTask", rounds=5, target_accuracy=0.9)
+    summary = federation.coordinator(training).train()
+    assert [r.round for r in summary.history] == [1]  # MeanTask evaluates at accuracy 1.0
+    manifest = json.loads((summary.run_dir / "manifest.json").read_text())
+    assert manifest["stopped_early_at"] == 1 and manifest["rounds_planned"] == 5
+    assert manifest["rounds"] == 1
+
+
+def test_coordinator_side_evaluation_on_a_local_file(federation: Federation) -> None:
+    data = Dataset(np.zeros((7, 3), np.float32), np.zeros(7, np.int64))
+    training = TrainingSettings(task="meantask:MeanTask", rounds=2)
+    summary = federation.coordinator(training, eval_data=data).train()
+    assert [(r.central_loss, r.central_accuracy) for r in summary.history] == [(0.5, 1.0)] * 2

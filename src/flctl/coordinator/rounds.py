@@ -23,10 +23,11 @@ import numpy as np
 
 from flctl.coordinator.records import Checkpoint, RunDir
 from flctl.core.aggregation import update_distance
+from flctl.core.data import Dataset
 from flctl.core.messages import ArraySpec
 from flctl.core.settings import TrainingSettings
 from flctl.core.strategies import make_strategy
-from flctl.core.tasks import BUILTIN_TASKS, check_weights, load_task
+from flctl.core.tasks import BUILTIN_TASKS, Task, check_weights, load_task
 from flctl.errors import FlctlError, TrainingError
 from flctl.net.agent_client import AgentClient, FitReply
 
@@ -46,6 +47,9 @@ class RoundRecord:
     max_compute_s: float
     bytes_sent: int
     bytes_received: int
+    eval_seconds: float = 0.0
+    central_loss: float | None = None
+    central_accuracy: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,8 +123,11 @@ class Coordinator:
         on_round: RoundCallback = lambda record: None,
         on_message: MessageCallback = lambda text: None,
         resume_from: Checkpoint | None = None,
+        eval_data: Dataset | None = None,
     ) -> None:
         self.resume_from = resume_from
+        self.eval_data = eval_data
+        self.task: Task | None = None  # loaded when the run starts
         self.clients = list(clients)
         self.training = training
         self.run = run
@@ -255,36 +262,47 @@ class Coordinator:
             available = list(self.clients)
             if self.resume_from is not None:
                 self.task_params = dict(self.resume_from.state["task_params"])
+            else:
+                self.task_params = resolve_task_params(t.task, dict(t.task_params), infos)
+            self.task = load_task(t.task, self.task_params, search_path=self.task_search_path)
+            if self.resume_from is not None:
                 weights = self.resume_from.weights
                 first = self.resume_from.round + 1
                 self.run.truncate_metrics(self.resume_from.round)
                 self.on_message(f"resuming run {self.run.run_id} after round "
                                 f"{self.resume_from.round}")
             else:
-                self.task_params = resolve_task_params(t.task, dict(t.task_params), infos)
-                task = load_task(t.task, self.task_params, search_path=self.task_search_path)
-                weights = [np.asarray(w) for w in task.init(t.seed)]
+                weights = [np.asarray(w) for w in self.task.init(t.seed)]
                 first = 1
             history: list[RoundRecord] = []
             eval_loss = accuracy = None
+            stopped_early: int | None = None
             for round_number in range(first, t.rounds + 1):
                 record, weights = self._one_round(weights, round_number, available)
                 eval_loss, accuracy = (record.eval_loss, record.accuracy) if (
                     record.accuracy is not None) else (eval_loss, accuracy)
                 history.append(record)
+                if (t.target_accuracy > 0 and record.accuracy is not None
+                        and record.accuracy >= t.target_accuracy):
+                    stopped_early = round_number
+                    self.on_message(f"reached training.target_accuracy {t.target_accuracy:g} "
+                                    f"after round {round_number}: stopping")
+                    break
             manifest = {
                 "run_id": self.run.run_id,
                 "training": _plain_settings(t),
                 "task_params": self.task_params,
                 "seed": t.seed,
                 "hosts": [c.name for c in self.clients],
-                "rounds": t.rounds,
+                "rounds": history[-1].round if history else t.rounds,
+                "rounds_planned": t.rounds,
+                "stopped_early_at": stopped_early,
                 "accuracy": accuracy,
                 "eval_loss": eval_loss,
                 "shapes": [list(w.shape) for w in weights],
             }
             digest = self.run.save_final(weights, manifest)
-            return RunSummary(self.run.run_id, self.run.path, t.rounds,
+            return RunSummary(self.run.run_id, self.run.path, manifest["rounds"],
                               [c.name for c in self.clients], self.run.path / "final.npz",
                               digest, accuracy, eval_loss, time.perf_counter() - started, history)
         finally:
@@ -301,9 +319,14 @@ class Coordinator:
         chosen = self._sample(available, round_number)
         new_weights, fit = self.fit_round(weights, round_number, chosen)
         fit_seconds = time.perf_counter() - round_start
-        eval_loss = accuracy = None
+        eval_loss = accuracy = central_loss = central_accuracy = None
+        eval_started = time.perf_counter()
         if round_number % t.eval_every == 0 or round_number == t.rounds:
             eval_loss, accuracy = self.evaluate(new_weights, round_number, available)
+            if self.eval_data is not None and self.task is not None:
+                central_loss, _, metrics = self.task.evaluate(new_weights, self.eval_data, {})
+                central_accuracy = metrics.get("accuracy")
+        eval_seconds = time.perf_counter() - eval_started
         record = RoundRecord(
             round=round_number,
             participants=fit["participants"],
@@ -316,6 +339,9 @@ class Coordinator:
             max_compute_s=fit["max_compute_s"],
             bytes_sent=sum(c.bytes_sent for c in self.clients) - sent0,
             bytes_received=sum(c.bytes_received for c in self.clients) - received0,
+            eval_seconds=eval_seconds,
+            central_loss=None if central_loss is None else float(central_loss),
+            central_accuracy=None if central_accuracy is None else float(central_accuracy),
         )
         # Metrics first: a crash in between leaves a metrics line past the
         # checkpoint, which resume drops, rather than a round with no line.

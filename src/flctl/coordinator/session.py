@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from flctl.coordinator.records import create_run_dir, load_checkpoint, resumable_run
 from flctl.coordinator.rounds import Coordinator, MessageCallback, RoundCallback, RunSummary
+from flctl.core.data import load_dataset
 from flctl.core.inventory import Host
 from flctl.core.layout import Endpoint, agent_endpoint
 from flctl.core.messages import Limits
@@ -67,8 +68,9 @@ def train_workspace(
     limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes)
     clients = [AgentClient(e, context, timeout=training.deadline_s, limits=limits)
                for e in endpoints_for(workspace, hosts)]
+    eval_data = load_dataset(workspace.root / training.eval_file) if training.eval_file else None
     coordinator = Coordinator(clients, training, run,
                               task_search_path=[workspace.paths.tasks],
                               on_round=on_round, on_message=on_message,
-                              resume_from=checkpoint)
+                              resume_from=checkpoint, eval_data=eval_data)
     return coordinator.train()

@@ -88,6 +88,11 @@ class TrainingSettings:
     # Reject an update whose L2 distance from the global model exceeds this
     # (0 = no bound): a cheap first line against broken or hostile hosts.
     max_update_norm: float = 0.0
+    # Stop once the federated accuracy reaches this (0 = run every round).
+    target_accuracy: float = 0.0
+    # A test file on this machine to evaluate the global model on as well
+    # (relative to the workspace; "" = federated evaluation only).
+    eval_file: str = ""
 
     def __post_init__(self) -> None:
         _validate_section(self, _TRAINING_FIELDS, "training")
@@ -215,6 +220,8 @@ _TRAINING_FIELDS: dict[str, Check] = {
     "eval_every": _positive_int,
     "seed": lambda v, s: expect_int(v, s, minimum=0, maximum=2**32 - 1),  # any numpy RNG
     "max_update_norm": lambda v, s: expect_float(v, s, minimum=0.0),
+    "target_accuracy": lambda v, s: expect_float(v, s, minimum=0.0, maximum=1.0),
+    "eval_file": lambda v, s: expect_str(v, s, allow_empty=True),
 }
 _LIMIT_FIELDS: dict[str, Check] = {
     "max_message_mb": lambda v, s: expect_int(v, s, minimum=1, maximum=MAX_MESSAGE_MB),
@@ -297,6 +304,8 @@ _COMMENTS = {
     "training.eval_every": "evaluate every N rounds",
     "training.seed": "seed for sampling and initialisation",
     "training.max_update_norm": "reject updates farther than this from the model (0: off)",
+    "training.target_accuracy": "stop early at this federated accuracy (0: off)",
+    "training.eval_file": "also evaluate on this local test file (npz/csv; empty: off)",
     "limits.max_message_mb": "largest accepted protocol message",
 }
 
