@@ -257,8 +257,9 @@ def test_fedavg_round_keeps_no_reference_to_updates():
 
 
 def test_make_strategy_errors():
-    with pytest.raises(StrategyError, match="unknown strategy 'fedprox'; valid: fedavg") as info:
-        make_strategy("fedprox")
+    with pytest.raises(StrategyError, match="unknown strategy 'fedsgd'; valid: .*fedavg.*krum") \
+            as info:
+        make_strategy("fedsgd")
     assert isinstance(info.value, FlctlError)
     with pytest.raises(StrategyError, match="bad params"):
         make_strategy("fedavg", {"mu": 0.1})

@@ -39,13 +39,15 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_resume_after_kill_9_gives_identical_weights(workspace: Path) -> None:
-    args = ["train", "-w", str(workspace), "--rounds", str(ROUNDS), "--seed", "7", "--json"]
-    full = run_cli(*args, "--run-id", "uninterrupted", timeout=300)
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])  # fedadam: server moments resume too
+def test_resume_after_kill_9_gives_identical_weights(workspace: Path, strategy: str) -> None:
+    args = ["train", "-w", str(workspace), "--rounds", str(ROUNDS), "--seed", "7", "--json",
+            "--strategy", strategy]
+    full = run_cli(*args, "--run-id", f"uninterrupted-{strategy}", timeout=300)
     assert full.returncode == 0, full.stderr
 
-    cut = workspace / "runs" / "interrupted"
-    process = subprocess.Popen([sys.executable, "-m", "flctl", *args, "--run-id", "interrupted"],
+    cut = workspace / "runs" / f"interrupted-{strategy}"
+    process = subprocess.Popen([sys.executable, "-m", "flctl", *args, "--run-id", cut.name],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -57,19 +59,19 @@ def test_resume_after_kill_9_gives_identical_weights(workspace: Path) -> None:
     stopped_after = json.loads((cut / "state.json").read_text())["round"]
     assert 1 <= stopped_after < ROUNDS
     listed = {r["run_id"]: r for r in run_cli("runs", "-w", str(workspace), "--json").json()["runs"]}
-    assert listed["interrupted"]["state"] == "interrupted"
-    assert listed["interrupted"]["rounds_done"] == stopped_after
-    assert listed["uninterrupted"]["state"] == "finished"
+    assert listed[cut.name]["state"] == "interrupted"
+    assert listed[cut.name]["rounds_done"] == stopped_after
+    assert listed[f"uninterrupted-{strategy}"]["state"] == "finished"
 
-    resumed = run_cli("train", "--resume", "interrupted", "-w", str(workspace), "--json",
+    resumed = run_cli("train", "--resume", cut.name, "-w", str(workspace), "--json",
                       timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.json()["rounds"] == ROUNDS
-    a = load_weights(workspace / "runs" / "uninterrupted" / "final.npz")
+    a = load_weights(workspace / "runs" / f"uninterrupted-{strategy}" / "final.npz")
     b = load_weights(cut / "final.npz")
     assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
     assert [m["round"] for m in metrics(cut)] == list(range(1, ROUNDS + 1))
-    shown = run_cli("runs", "show", "interrupted", "-w", str(workspace), "--json").json()
+    shown = run_cli("runs", "show", cut.name, "-w", str(workspace), "--json").json()
     assert shown["state"] == "finished" and shown["rounds_done"] == ROUNDS
     assert [r["round"] for r in shown["history"]] == list(range(1, ROUNDS + 1))
 

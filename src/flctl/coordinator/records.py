@@ -23,6 +23,7 @@ from flctl.core.fsutil import atomic_write
 from flctl.errors import TrainingError
 
 CHECKPOINT = "checkpoint.npz"
+STRATEGY_STATE = "strategy.npz"
 STATE = "state.json"
 METRICS = "metrics.jsonl"
 FINAL = "final.npz"
@@ -54,10 +55,17 @@ class RunDir:
         return self.path.name
 
     def save_checkpoint(self, round_number: int, weights: Sequence[np.ndarray],
-                        extra: dict[str, Any]) -> None:
-        """Weights first, then the state that names them: a crash between
-        the two leaves a state pointing at the older, still-valid round."""
+                        extra: dict[str, Any],
+                        strategy_state: dict[str, list[np.ndarray]] | None = None) -> None:
+        """Weights and strategy state first, then the state file that names
+        the round: a crash in between leaves the previous round's state file,
+        and resume redoes that one round."""
         atomic_write(self.path / CHECKPOINT, weights_to_npz(weights))
+        flat = {f"{key}__{i:04d}": array for key, arrays in (strategy_state or {}).items()
+                for i, array in enumerate(arrays)}
+        buffer = io.BytesIO()
+        np.savez(buffer, **flat)
+        atomic_write(self.path / STRATEGY_STATE, buffer.getvalue())
         atomic_write(self.path / STATE, json.dumps({"round": round_number, **extra}, indent=2))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
@@ -89,11 +97,19 @@ class Checkpoint:
     round: int
     weights: list[np.ndarray]
     state: dict[str, Any]
+    strategy_state: dict[str, list[np.ndarray]]
 
 
 def load_checkpoint(run: RunDir) -> Checkpoint:
     state = json.loads((run.path / STATE).read_text())
-    return Checkpoint(int(state["round"]), load_weights(run.path / CHECKPOINT), state)
+    strategy: dict[str, list[np.ndarray]] = {}
+    path = run.path / STRATEGY_STATE
+    if path.exists():
+        with np.load(path, allow_pickle=False) as archive:
+            for name in sorted(archive.files):
+                key, _, _ = name.rpartition("__")
+                strategy.setdefault(key, []).append(archive[name])
+    return Checkpoint(int(state["round"]), load_weights(run.path / CHECKPOINT), state, strategy)
 
 
 def resumable_run(runs_root: Path, run_id: str | None) -> RunDir:

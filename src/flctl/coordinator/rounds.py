@@ -128,6 +128,8 @@ class Coordinator:
         self.resume_from = resume_from
         self.eval_data = eval_data
         self.task: Task | None = None  # loaded when the run starts
+        # One strategy object for the whole run: server optimisers keep state.
+        self.strategy = make_strategy(training.strategy, dict(training.strategy_params))
         self.clients = list(clients)
         self.training = training
         self.run = run
@@ -186,14 +188,13 @@ class Coordinator:
     def fit_round(self, weights: list[np.ndarray], round_number: int,
                   clients: Sequence[AgentClient]) -> tuple[list[np.ndarray], dict[str, Any]]:
         t = self.training
-        aggregator = make_strategy(t.strategy, dict(t.strategy_params)).start_round(
-            weights, round_number)
+        aggregator = self.strategy.start_round(weights, round_number)
         lock = threading.Lock()
         closed = threading.Event()
         losses: list[tuple[float, int]] = []
         compute: list[float] = []
         config = {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr,
-                  "seed": t.seed, "round": round_number}
+                  "seed": t.seed, "round": round_number, **self.strategy.fit_config_extra()}
 
         def fit_one(client: AgentClient) -> int:
             held: list[bool] = []
@@ -267,6 +268,7 @@ class Coordinator:
             self.task = load_task(t.task, self.task_params, search_path=self.task_search_path)
             if self.resume_from is not None:
                 weights = self.resume_from.weights
+                self.strategy.load_state(self.resume_from.strategy_state)
                 first = self.resume_from.round + 1
                 self.run.truncate_metrics(self.resume_from.round)
                 self.on_message(f"resuming run {self.run.run_id} after round "
@@ -348,7 +350,8 @@ class Coordinator:
         self.run.append_metrics(record.as_dict())
         self.run.save_checkpoint(round_number, new_weights, {
             "run_id": self.run.run_id, "training": _plain_settings(t),
-            "task_params": self.task_params, "hosts": [c.name for c in self.clients]})
+            "task_params": self.task_params, "hosts": [c.name for c in self.clients]},
+            self.strategy.state())
         self.on_round(record)
         return record, new_weights
 

@@ -30,6 +30,8 @@ FIT_DEFAULTS: dict[str, Any] = {
     "lr": _DEFAULTS.lr,
     "seed": 0,
     "round": 0,
+    # FedProx's mu (the coordinator sends it when the strategy is fedprox); 0 is plain SGD.
+    "proximal_mu": 0.0,
 }
 EVAL_BATCH = 4096
 
@@ -79,7 +81,11 @@ class _SGDTask:
             config: dict) -> tuple[list[np.ndarray], int, dict]:
         """New weights, the number of local training examples (FedAvg's weight), train_loss.
 
-        train_loss is the example-weighted mean of the mini-batch losses of the last epoch.
+        train_loss is the example-weighted mean of the mini-batch losses of the last epoch
+        (the data loss: without FedProx's proximal term, so runs stay comparable).
+        With config "proximal_mu" = mu > 0 (FedProx), each step descends the loss
+        plus mu/2 * ||w - w_global||^2, whose gradient mu * (w - w_global) keeps
+        the local model near the global one on skewed data.
         """
         check_weights(weights, self._reference)
         settings = _fit_settings(config)
@@ -89,6 +95,7 @@ class _SGDTask:
             raise TaskError("no training examples")
         params = [w.copy() for w in weights]
         lr = np.float32(settings["lr"])
+        mu = np.float32(settings["proximal_mu"])
         batch = settings["batch_size"]
         # Seeded by (seed, round) so a resumed run replays the same shuffles.
         rng = np.random.default_rng([settings["seed"], settings["round"]])
@@ -102,6 +109,8 @@ class _SGDTask:
                     idx = order[start:start + batch]
                     loss, grads = self.model.loss_and_grads(params, x[idx], y[idx])
                     loss_sum += loss * len(idx)
+                    if mu > 0:
+                        grads = [g + mu * (p - w) for g, p, w in zip(grads, params, weights)]
                     for p, g in zip(params, grads):
                         p -= lr * g
             finite = np.isfinite(loss_sum) and all(np.all(np.isfinite(p)) for p in params)
@@ -157,6 +166,9 @@ def _fit_settings(config: dict) -> dict[str, Any]:
     lr = settings["lr"]
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < float("inf"):
         raise TaskError(f"fit config 'lr' must be a positive number, got {lr!r}")
+    mu = settings["proximal_mu"]
+    if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not 0 <= mu < float("inf"):
+        raise TaskError(f"fit config 'proximal_mu' must be a number >= 0, got {mu!r}")
     return settings
 
 

@@ -18,7 +18,7 @@ once per accepted round, and only then.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, List, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from flctl.errors import FlctlError
 
 # What state() returns and load_state() takes: named lists of arrays, one array
 # per model array, so a checkpoint can store it like the weights themselves.
-StrategyState = Dict[str, List[np.ndarray]]
+StrategyState = dict[str, list[np.ndarray]]
 
 
 class StrategyError(FlctlError):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
 
 from flctl.core.aggregation import WeightedAccumulator, accumulation_dtype, all_finite
-from flctl.core.strategies.base import StrategyError
+from flctl.core.strategies.base import StatelessStrategy, StrategyError, check_num_examples
 
 
 class FedAvgRound:
@@ -38,10 +37,9 @@ class FedAvgRound:
             raise StrategyError(f"round {self.round_number}: update from {host} after result()")
         if host in self._hosts:
             raise StrategyError(f"round {self.round_number}: second update from {host}")
-        if (isinstance(num_examples, bool) or not isinstance(num_examples, numbers.Integral)
-                or num_examples < 0):
-            raise StrategyError(f"round {self.round_number}: update from {host}: num_examples "
-                                f"must be a non-negative integer, got {num_examples!r}")
+        check_num_examples(self.round_number, host, num_examples)
+        if self._reject_non_finite:
+            self._check_fits_model(host, weights)
         try:
             self._acc.add(weights, float(num_examples))
         except ValueError as exc:
@@ -58,16 +56,37 @@ class FedAvgRound:
                 raise StrategyError(f"round {self.round_number}: every update reported "
                                     f"0 training examples")
             mean = self._acc.take_mean()
-            # Finite updates can still overflow the float32 sum; one cheap pass per round.
-            if self._reject_non_finite and not all(all_finite(m) for m in mean):
+            with np.errstate(over="ignore", invalid="ignore"):
+                result = [m.astype(dtype, copy=False) for m, dtype in zip(mean, self._dtypes)]
+            del mean  # the float64 sum: free it before the check allocates its chunk
+            # Finite updates can still overflow a float64 model's sum; one cheap pass per round.
+            if self._reject_non_finite and not all(all_finite(r) for r in result):
                 raise StrategyError(f"round {self.round_number}: the aggregate overflowed "
                                     f"(non-finite values)")
-            self._result = [m.astype(dtype, copy=False) for m, dtype in zip(mean, self._dtypes)]
+            self._result = result
         return self._result
 
+    def _check_fits_model(self, host: str, weights: Sequence[np.ndarray]) -> None:
+        """Refuse values a wider float carries beyond the model's float range.
 
-class FedAvg:
-    """Federated averaging weighted by each host's number of training examples."""
+        The float64 sum would hold them, and the round would fail only when
+        the mean is cast back, for every host. The wire sends the model's own
+        dtype, so this costs nothing there.
+        """
+        for i, (x, dtype) in enumerate(zip(weights, self._dtypes)):
+            x = np.asarray(x)
+            if (np.issubdtype(dtype, np.floating) and np.issubdtype(x.dtype, np.floating)
+                    and x.dtype.itemsize > dtype.itemsize and x.size
+                    and not np.abs(x).max() <= np.finfo(dtype).max):
+                raise StrategyError(f"round {self.round_number}: update from {host}: array "
+                                    f"{i}: contains NaN or infinite values as {dtype}")
+
+
+class FedAvg(StatelessStrategy):
+    """Federated averaging weighted by each host's number of training examples.
+
+    Stateless: `state()` is {} and each round starts from the global weights alone.
+    """
 
     name = "fedavg"
 

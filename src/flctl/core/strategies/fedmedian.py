@@ -1,0 +1,45 @@
+"""FedMedian (Yin et al., 2018): the coordinate-wise median of the updates.
+
+Each coordinate of the new model is the median of that coordinate over
+all hosts (for an even count, the mean of the two middle values), so fewer
+than half the hosts cannot drag any coordinate outside the range of the
+honest values. Unweighted, as in Flower. Holds a copy of every update of
+the round (N x model memory, see robust.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flctl.core.strategies.robust import HeldRound, RobustStrategy, column_blocks
+
+
+class FedMedianRound(HeldRound):
+    def aggregate(self, hosts: list[str], updates: list[list[np.ndarray]]) -> list[np.ndarray]:
+        n = len(updates)
+        middle = n // 2
+        out = []
+        for index, template in enumerate(updates[0]):
+            merged = np.empty(template.shape, template.dtype)
+            flat = merged.reshape(-1)
+            if flat.size:
+                for start, stop, block in column_blocks(updates, index, hosts_last=True):
+                    # One kth: numpy's fast path (two kth values are 7x slower).
+                    block.partition(middle, axis=1)
+                    upper = block[:, middle]
+                    if n % 2:
+                        flat[start:stop] = upper
+                    else:  # the lower middle is the largest value left of the upper one
+                        lower = block[:, :middle].max(axis=1)
+                        # Averaged in float64: no overflow, one rounding.
+                        np.multiply(np.add(lower, upper, dtype=np.float64), 0.5,
+                                    out=flat[start:stop], casting="unsafe")
+            out.append(merged)
+        return out
+
+
+class FedMedian(RobustStrategy):
+    name = "fedmedian"
+
+    def start_round(self, global_weights: list[np.ndarray], round_number: int) -> FedMedianRound:
+        return FedMedianRound(global_weights, round_number)
