@@ -144,7 +144,9 @@ def test_train_saves_weights_manifest_and_metrics(workspace) -> None:
     assert records[0]["bytes_sent"] > 0 and records[0]["bytes_received"] > 0
     state = json.loads((run_dir / "state.json").read_text())
     assert state["round"] == 3
-    with np.load(run_dir / "checkpoint.npz") as ckpt, np.load(final) as fin:
+    assert state["checkpoint"] == "checkpoint-000003.npz"
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*.npz")) == [state["checkpoint"]]
+    with np.load(run_dir / state["checkpoint"]) as ckpt, np.load(final) as fin:
         for name in fin.files:
             np.testing.assert_array_equal(ckpt[name], fin[name])
     assert summary["accuracy"] > 0.5

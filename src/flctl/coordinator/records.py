@@ -22,8 +22,8 @@ import numpy as np
 from flctl.core.fsutil import atomic_write
 from flctl.errors import TrainingError
 
-CHECKPOINT = "checkpoint.npz"
-STRATEGY_STATE = "strategy.npz"
+CHECKPOINT_PREFIX = "checkpoint-"
+STRATEGY_PREFIX = "strategy-"
 STATE = "state.json"
 METRICS = "metrics.jsonl"
 FINAL = "final.npz"
@@ -57,16 +57,32 @@ class RunDir:
     def save_checkpoint(self, round_number: int, weights: Sequence[np.ndarray],
                         extra: dict[str, Any],
                         strategy_state: dict[str, list[np.ndarray]] | None = None) -> None:
-        """Weights and strategy state first, then the state file that names
-        the round: a crash in between leaves the previous round's state file,
-        and resume redoes that one round."""
-        atomic_write(self.path / CHECKPOINT, weights_to_npz(weights))
+        """Files named by round, then the state file that points at them.
+
+        A crash at any instant leaves state.json naming a complete, matching
+        pair of files (the previous round's until the new state is written);
+        older pairs are removed only after that.
+        """
+        weights_name = f"{CHECKPOINT_PREFIX}{round_number:06d}.npz"
+        strategy_name = f"{STRATEGY_PREFIX}{round_number:06d}.npz"
+        atomic_write(self.path / weights_name, weights_to_npz(weights))
         flat = {f"{key}__{i:04d}": array for key, arrays in (strategy_state or {}).items()
                 for i, array in enumerate(arrays)}
         buffer = io.BytesIO()
         np.savez(buffer, **flat)
-        atomic_write(self.path / STRATEGY_STATE, buffer.getvalue())
-        atomic_write(self.path / STATE, json.dumps({"round": round_number, **extra}, indent=2))
+        atomic_write(self.path / strategy_name, buffer.getvalue())
+        atomic_write(self.path / STATE, json.dumps(
+            {"round": round_number, "checkpoint": weights_name, "strategy_state": strategy_name,
+             **extra}, indent=2))
+        for old in self.path.glob("*.npz"):
+            if old.name.startswith((CHECKPOINT_PREFIX, STRATEGY_PREFIX)) and \
+                    old.name not in (weights_name, strategy_name):
+                old.unlink(missing_ok=True)
+
+    @property
+    def checkpoint(self) -> Path:
+        """The weights file the state file names (the latest complete round)."""
+        return self.path / json.loads((self.path / STATE).read_text())["checkpoint"]
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.path / METRICS, "a", encoding="utf-8") as handle:
@@ -103,13 +119,14 @@ class Checkpoint:
 def load_checkpoint(run: RunDir) -> Checkpoint:
     state = json.loads((run.path / STATE).read_text())
     strategy: dict[str, list[np.ndarray]] = {}
-    path = run.path / STRATEGY_STATE
+    path = run.path / state["strategy_state"]
     if path.exists():
         with np.load(path, allow_pickle=False) as archive:
             for name in sorted(archive.files):
                 key, _, _ = name.rpartition("__")
                 strategy.setdefault(key, []).append(archive[name])
-    return Checkpoint(int(state["round"]), load_weights(run.path / CHECKPOINT), state, strategy)
+    return Checkpoint(int(state["round"]), load_weights(run.path / state["checkpoint"]), state,
+                      strategy)
 
 
 def resumable_run(runs_root: Path, run_id: str | None) -> RunDir:
