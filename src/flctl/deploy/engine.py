@@ -427,7 +427,8 @@ def deploy(
     overlay_jobs = [job for job in jobs.values() if job.overlay]
     if overlay_jobs:
         results.append(_hub_step(ctx, overlay_jobs, progress))
-    _pool_map(hosts, forks, lambda host: (jobs[host.name].verify(), jobs[host.name].result)[1])
+    with ThreadPoolExecutor(max_workers=max(1, min(forks, len(jobs) or 1))) as pool:
+        list(pool.map(HostDeploy.verify, jobs.values()))  # after the hub is up
     return results
 
 
