@@ -155,6 +155,33 @@ class WeightedAccumulator:
                              if self._count else "nothing to average: no updates added")
 
 
+def narrow_in_place(wide: np.ndarray, dtype: DTypeLike) -> np.ndarray:
+    """`wide.astype(dtype)` without a second model-sized buffer.
+
+    Writes the narrow values over the front of `wide`'s own buffer, chunk by
+    chunk (element i lands on bytes already read: 4i < 8i), then shrinks the
+    buffer in place. `wide` must own its data and have no other views; it is
+    unusable afterwards. Falls back to a copy when that does not hold.
+    """
+    target = np.dtype(dtype)
+    if target == wide.dtype:
+        return wide
+    if (target.itemsize > wide.itemsize or not wide.flags.owndata
+            or not wide.flags.c_contiguous or wide.ndim == 0 or wide.size == 0):
+        return wide.astype(target)
+    shape, count = wide.shape, wide.size
+    source = wide.reshape(-1)
+    narrow = wide.view(np.uint8).reshape(-1)[:count * target.itemsize].view(target)
+    scratch = np.empty(min(CHUNK, count), target)
+    for start in range(0, count, CHUNK):
+        stop = min(start + CHUNK, count)
+        np.copyto(scratch[:stop - start], source[start:stop], casting="same_kind")
+        narrow[start:stop] = scratch[:stop - start]
+    del source, narrow
+    wide.resize(-(-count * target.itemsize // wide.itemsize), refcheck=False)
+    return wide.view(np.uint8)[:count * target.itemsize].view(target).reshape(shape)
+
+
 def weighted_average(updates: Sequence[Sequence[np.ndarray]], weights: Sequence[float],
                      dtype: DTypeLike | None = None) -> list[np.ndarray]:
     """sum_i w_i * u_i / sum_i w_i, accumulated in float64 (or `dtype`), returned in
@@ -168,7 +195,7 @@ def weighted_average(updates: Sequence[Sequence[np.ndarray]], weights: Sequence[
     for update, weight in zip(updates, weights):
         acc.add(update, weight)
     kinds = [np.asarray(a).dtype for a in updates[0]]
-    return [m.astype(kind if np.issubdtype(kind, np.floating) else m.dtype, copy=False)
+    return [narrow_in_place(m, kind if np.issubdtype(kind, np.floating) else m.dtype)
             for m, kind in zip(acc.take_mean(), kinds)]
 
 

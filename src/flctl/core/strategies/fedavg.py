@@ -6,7 +6,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from flctl.core.aggregation import WeightedAccumulator, accumulation_dtype, all_finite
+from flctl.core.aggregation import (
+    WeightedAccumulator,
+    accumulation_dtype,
+    all_finite,
+    narrow_in_place,
+)
 from flctl.core.strategies.base import StatelessStrategy, StrategyError, check_num_examples
 
 
@@ -57,7 +62,7 @@ class FedAvgRound:
                                     f"0 training examples")
             mean = self._acc.take_mean()
             with np.errstate(over="ignore", invalid="ignore"):
-                result = [m.astype(dtype, copy=False) for m, dtype in zip(mean, self._dtypes)]
+                result = [narrow_in_place(m, dtype) for m, dtype in zip(mean, self._dtypes)]
             del mean  # the float64 sum: free it before the check allocates its chunk
             # Finite updates can still overflow a float64 model's sum; one cheap pass per round.
             if self._reject_non_finite and not all(all_finite(r) for r in result):
