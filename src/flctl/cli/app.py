@@ -3,7 +3,7 @@
 Exit codes: 0 ok; 1 unexpected error; 2 invalid configuration or input;
 3 workspace missing or would be overwritten; 4 protocol error; 5 one or
 more hosts failed or were unreachable; 6 training could not complete;
-130 interrupted.
+7 the WireGuard hub needs root; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Deploy and run federated learning on hosts you can reach over SSH.",
     epilog="Exit codes: 0 ok, 2 bad configuration, 3 workspace problem, 4 protocol error, "
-           "5 host failures, 6 training failed, 130 interrupted.",
+           "5 host failures, 6 training failed, 7 the WireGuard hub needs root, 130 interrupted.",
 )
 
 WorkspaceOpt = typer.Option(Path("."), "--workspace", "-w", help="Workspace directory.")
