@@ -63,3 +63,19 @@ def test_peers_are_recorded_and_removed_with_their_psk(hub: Hub) -> None:
 
 def test_no_peers_and_no_interface_is_nothing_to_do(hub: Hub) -> None:
     assert hub.apply({}) == "unchanged"
+
+
+def test_the_cli_exits_7_with_the_hubs_message_when_it_needs_root() -> None:
+    from flctl.cli.app import _host_failures
+    from flctl.deploy.engine import HostResult
+
+    rows = [HostResult("lab1", status="changed"),
+            HostResult("hub", status="failed", error="the hub interface fl-demo needs root: run "
+                       "`sudo python -m flctl.agent.hostctl wg-up --config X`", exit_code=7)]
+    with pytest.raises(HubNotRoot) as caught:
+        _host_failures(rows, "deploy")
+    assert caught.value.exit_code == 7 and "sudo" in caught.value.message
+    other = [HostResult("lab1", status="failed", error="boom", exit_code=5)]
+    with pytest.raises(Exception) as plain:
+        _host_failures(other, "deploy")
+    assert plain.value.exit_code == 5  # type: ignore[attr-defined]

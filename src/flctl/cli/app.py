@@ -26,6 +26,7 @@ from flctl.coordinator.session import info_probe, train_workspace
 from flctl.core.settings import AgentSettings, Settings
 from flctl.deploy import engine
 from flctl.deploy.logs import agent_log
+from flctl.deploy.overlay import HubNotRoot
 from flctl.deploy.status import gather_status
 from flctl.errors import ConfigError, FlctlError, HostError, WorkspaceError
 from flctl.net.ports import free_port_block
@@ -58,6 +59,9 @@ def _selected(workspace: Workspace, limit: Optional[list[str]]) -> list:
 
 def _host_failures(results: list[engine.HostResult], verb: str) -> None:
     bad = [r for r in results if r.status in ("failed", "unreachable")]
+    hub = next((r for r in bad if r.host == "hub" and r.exit_code == HubNotRoot.exit_code), None)
+    if hub is not None and hub.error:
+        raise HubNotRoot(hub.error)  # the one thing to do, with its own exit code
     if bad:
         names = ", ".join(f"{r.host} ({r.status})" for r in bad)
         raise HostError(f"{verb} failed on {len(bad)} of {len(results)} hosts: {names}")

@@ -76,6 +76,7 @@ class HostResult:
     steps: list[StepResult] = field(default_factory=list)
     error: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)
+    exit_code: int = 0  # of the expected error that failed this host, if any
 
     @property
     def changed(self) -> int:
@@ -132,7 +133,7 @@ def run_guarded(result: HostResult, action: Callable[[], None]) -> HostResult:
     except HostUnreachable as exc:
         result.status, result.error = "unreachable", exc.message
     except FlctlError as exc:
-        result.status, result.error = "failed", exc.message
+        result.status, result.error, result.exit_code = "failed", exc.message, exc.exit_code
     except OSError as exc:
         result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
     return result
