@@ -23,9 +23,9 @@ import json
 import platform
 import sys
 import time
-import tracemalloc
 
 import numpy as np
+from bench_aggregation import peak_extra_bytes  # noqa: E402  (the script's own folder)
 
 from flctl.core.strategies import STRATEGIES, Strategy, make_strategy
 
@@ -56,18 +56,9 @@ def one_round(strategy: Strategy, template: list[np.ndarray], updates: list[np.n
     return round_.result()
 
 
-def peak_extra_bytes(strategy: Strategy, template: list[np.ndarray], updates: list[np.ndarray],
+def round_peak_bytes(strategy: Strategy, template: list[np.ndarray], updates: list[np.ndarray],
                      num_examples: list[int]) -> int:
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        before, _ = tracemalloc.get_traced_memory()
-        result = one_round(strategy, template, updates, num_examples, 99)
-        _, peak = tracemalloc.get_traced_memory()
-        del result
-    finally:
-        tracemalloc.stop()
-    return peak - before
+    return peak_extra_bytes(lambda: one_round(strategy, template, updates, num_examples, 99))
 
 
 def main() -> int:
@@ -106,7 +97,7 @@ def main() -> int:
             one_round(strategy, template, updates, num_examples, repeat + 1)
             times[name].append(time.perf_counter() - start)
     best = {name: min(t) for name, t in times.items()}
-    peaks = {name: peak_extra_bytes(strategy, template, updates, num_examples)
+    peaks = {name: round_peak_bytes(strategy, template, updates, num_examples)
              for name, strategy in strategies.items()}
 
     # Optimiser state lives between rounds, so it is not in a round's peak: listed apart.

@@ -11,31 +11,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from flctl.core.strategies.robust import HeldRound, RobustStrategy, column_blocks
+from flctl.core.strategies.robust import HeldRound, RobustStrategy, merge_coordinates
 
 
 class FedMedianRound(HeldRound):
     def aggregate(self, hosts: list[str], updates: list[list[np.ndarray]]) -> list[np.ndarray]:
         n = len(updates)
         middle = n // 2
-        out = []
-        for index, template in enumerate(updates[0]):
-            merged = np.empty(template.shape, template.dtype)
-            flat = merged.reshape(-1)
-            if flat.size:
-                for start, stop, block in column_blocks(updates, index, hosts_last=True):
-                    # One kth: numpy's fast path (two kth values are 7x slower).
-                    block.partition(middle, axis=1)
-                    upper = block[:, middle]
-                    if n % 2:
-                        flat[start:stop] = upper
-                    else:  # the lower middle is the largest value left of the upper one
-                        lower = block[:, :middle].max(axis=1)
-                        # Averaged in float64: no overflow, one rounding.
-                        np.multiply(np.add(lower, upper, dtype=np.float64), 0.5,
-                                    out=flat[start:stop], casting="unsafe")
-            out.append(merged)
-        return out
+
+        def median(block: np.ndarray, out: np.ndarray) -> None:
+            # One kth: numpy's fast path (two kth values are 7x slower).
+            block.partition(middle, axis=1)
+            upper = block[:, middle]
+            if n % 2:
+                out[...] = upper
+            else:  # the lower middle is the largest value left of the upper one
+                lower = block[:, :middle].max(axis=1)
+                # Averaged in float64: no overflow, one rounding.
+                np.multiply(np.add(lower, upper, dtype=np.float64), 0.5, out=out,
+                            casting="unsafe")
+
+        return merge_coordinates(updates, median)
 
 
 class FedMedian(RobustStrategy):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from flctl.core.strategies.base import StrategyError, check_number
-from flctl.core.strategies.robust import HeldRound, RobustStrategy, column_blocks
+from flctl.core.strategies.robust import HeldRound, RobustStrategy, merge_coordinates
 
 
 class FedTrimmedAvgRound(HeldRound):
@@ -30,20 +30,14 @@ class FedTrimmedAvgRound(HeldRound):
         if n - 2 * cut < 1:  # cannot happen for beta < 0.5; kept as a guard
             raise StrategyError(f"round {self.round_number}: trimming {cut} of {n} updates "
                                 f"from each end leaves none")
-        out = []
-        for index, template in enumerate(updates[0]):
-            merged = np.empty(template.shape, template.dtype)
-            flat = merged.reshape(-1)
-            if flat.size:
-                for start, stop, block in column_blocks(updates, index, hosts_last=True):
-                    if cut:
-                        # numpy's SIMD sort beats a two-kth partition several times over.
-                        block.sort(axis=1)
-                    kept = block[:, cut:n - cut]
-                    np.divide(kept.sum(axis=1, dtype=np.float64), n - 2 * cut,
-                              out=flat[start:stop], casting="unsafe")
-            out.append(merged)
-        return out
+        def trimmed_mean(block: np.ndarray, out: np.ndarray) -> None:
+            if cut:
+                # numpy's SIMD sort beats a two-kth partition several times over.
+                block.sort(axis=1)
+            np.divide(block[:, cut:n - cut].sum(axis=1, dtype=np.float64), n - 2 * cut,
+                      out=out, casting="unsafe")
+
+        return merge_coordinates(updates, trimmed_mean)
 
 
 class FedTrimmedAvg(RobustStrategy):

@@ -15,7 +15,7 @@ result does not depend on the order in which they arrived.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -59,6 +59,22 @@ def column_blocks(updates: Sequence[Sequence[np.ndarray]], index: int,
             by_coordinate = transposed[:stop - start]
             np.copyto(by_coordinate, block.T)
             yield start, stop, by_coordinate
+
+
+def merge_coordinates(updates: Sequence[Sequence[np.ndarray]],
+                      reduce_block: Callable[[np.ndarray, np.ndarray], None]
+                      ) -> list[np.ndarray]:
+    """One merged array per model array: `reduce_block(block, out)` fills `out`
+    (one value per coordinate) from a hosts-last block of every update."""
+    merged_arrays = []
+    for index, template in enumerate(updates[0]):
+        merged = np.empty(template.shape, template.dtype)
+        flat = merged.reshape(-1)
+        if flat.size:
+            for start, stop, block in column_blocks(updates, index, hosts_last=True):
+                reduce_block(block, flat[start:stop])
+        merged_arrays.append(merged)
+    return merged_arrays
 
 
 class HeldRound:
