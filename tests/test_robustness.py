@@ -37,11 +37,9 @@ import numpy as np
 import pytest
 
 from flctl.core.data import Dataset, make_federated_shards
-from flctl.core.settings import TrainingSettings
+from flctl.core.simulation import accuracy_percent, simulate
 from flctl.core.strategies import make_strategy
-from flctl.core.tasks import LogRegTask
 
-DEFAULTS = TrainingSettings()
 N_HOSTS = 8
 ALPHA = 0.5
 SEED = 0
@@ -81,23 +79,15 @@ ATTACKS: dict[str, Attack | None] = {"clean": None, "scaled": scaled, "gaussian"
 
 def federated_accuracy(name: str, params: dict, shards: list[Dataset], pooled: Dataset,
                        seed: int, attack: Attack | None) -> float:
-    task = LogRegTask()
-    strategy = make_strategy(name, params)  # once per run: server state lives here
-    extra = strategy.fit_config_extra()
-    weights = task.init(seed)
-    for round_number in range(1, DEFAULTS.rounds + 1):
-        aggregator = strategy.start_round(weights, round_number)
-        for host, shard in enumerate(shards):
-            config = {"epochs": DEFAULTS.epochs, "batch_size": DEFAULTS.batch_size,
-                      "lr": DEFAULTS.lr, "seed": seed * 1000 + host, "round": round_number,
-                      **extra}
-            update, n_examples, _ = task.fit(weights, shard, config)
-            if attack is not None and host in BAD_HOSTS:
-                rng = np.random.default_rng([seed, round_number, host])
-                update = attack(weights, update, rng)
-            aggregator.add(f"host{host}", update, n_examples)
-        weights = aggregator.result()
-    return task.evaluate(weights, pooled, {})[2]["accuracy"] * 100
+    def on_update(host, round_number, weights, update):
+        if attack is None or host not in BAD_HOSTS:
+            return update
+        return attack(weights, update, np.random.default_rng([seed, round_number, host]))
+
+    # one strategy per run, as the coordinator builds it: server state lives there
+    weights = simulate(shards, strategy=make_strategy(name, params), seed=seed,
+                       on_update=on_update)
+    return accuracy_percent(weights, pooled)
 
 
 @pytest.fixture(scope="module")
