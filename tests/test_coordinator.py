@@ -24,21 +24,25 @@ from flctl.net.server import FrameServer
 from flctl.net.tls import client_context, server_context
 
 MEAN_TASK = '''
+import os
 import time
 import numpy as np
 
 class MeanTask:
-    """The update is the host's data mean; hosts named in `slow` sleep first."""
+    """The update is the host's data mean; hosts named in `slow` sleep first
+    (only while the file `slow_while` exists, when it is given)."""
 
-    def __init__(self, slow=(), delay=0.0):
+    def __init__(self, slow=(), delay=0.0, slow_while=""):
         self.slow = set(slow)
         self.delay = float(delay)
+        self.slow_while = slow_while
 
     def init(self, seed):
         return [np.zeros(3, dtype=np.float32)]
 
     def fit(self, weights, data, config):
-        if int(data.x_train[0, 0]) in self.slow:
+        if int(data.x_train[0, 0]) in self.slow and (
+                not self.slow_while or os.path.exists(self.slow_while)):
             time.sleep(self.delay)
         mean = data.x_train.mean(axis=0).astype(np.float32)
         return [mean], len(data.x_train), {"train_loss": float(mean.sum())}
@@ -48,8 +52,16 @@ class MeanTask:
 '''
 
 
+class FrozenServer(FrameServer):
+    """An agent whose process stopped mid-request: it neither answers nor sends
+    heartbeats (what SIGSTOP or a dead link looks like from the coordinator)."""
+
+    def _handle_with_heartbeats(self, tls, request, peer):
+        return self._handle(request, peer)
+
+
 class Federation:
-    def __init__(self, root: Path, sizes: list[int]) -> None:
+    def __init__(self, root: Path, sizes: list[int], frozen: tuple[int, ...] = ()) -> None:
         self.root = root
         ca_key, ca_cert = pki.make_ca("test CA")
         (root / "ca.crt").write_bytes(ca_cert)
@@ -76,7 +88,8 @@ class Federation:
                                  key=str(root / f"{name}.key"), data_path=str(root / f"{name}.npz"),
                                  state_file=str(root / f"{name}.state"),
                                  task_path=(str(root / "tasks"),))
-            server = FrameServer("127.0.0.1", 0, server_context(root / "ca.crt",
+            server_class = FrozenServer if index in frozen else FrameServer
+            server = server_class("127.0.0.1", 0, server_context(root / "ca.crt",
                                  root / f"{name}.crt", root / f"{name}.key"),
                                  AgentService(config).handle)
             server.start()
@@ -209,3 +222,88 @@ def test_coordinator_side_evaluation_on_a_local_file(federation: Federation) -> 
     training = TrainingSettings(task="meantask:MeanTask", rounds=2)
     summary = federation.coordinator(training, eval_data=data).train()
     assert [(r.central_loss, r.central_accuracy) for r in summary.history] == [(0.5, 1.0)] * 2
+
+
+def test_heartbeats_keep_a_long_fit_alive(federation: Federation) -> None:
+    """A fit 8x longer than the silence window is not cut: the host keeps beating."""
+    training = TrainingSettings(task="meantask:MeanTask", task_params={"slow": [2], "delay": 1.2},
+                                rounds=1, deadline_s=30.0, heartbeat_s=0.05)
+    record = federation.coordinator(training).train().history[0]
+    assert record.participants == ["h0", "h1", "h2"] and record.dropped == {}
+    assert record.fit_seconds >= 1.2
+
+
+def test_a_silent_host_is_dropped_long_before_the_deadline(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, [10, 30, 60], frozen=(2,))
+    try:
+        training = TrainingSettings(task="meantask:MeanTask",
+                                    task_params={"slow": [2], "delay": 5.0},
+                                    rounds=1, deadline_s=60.0, heartbeat_s=0.2)
+        started = time.monotonic()
+        record = fed.coordinator(training).train().history[0]
+        assert record.participants == ["h0", "h1"]
+        assert "no heartbeat for 0.6 s" in record.dropped["h2"]
+        assert record.fit_seconds < 3.0  # 3 missed heartbeats, not the 60 s deadline
+        assert time.monotonic() - started < 30
+    finally:
+        fed.close()
+
+
+def test_a_short_round_is_run_again_and_then_accepted(federation: Federation) -> None:
+    flag = federation.root / "h2-is-slow"
+    flag.write_text("")
+    messages: list[str] = []
+
+    def on_message(text: str) -> None:
+        messages.append(text)
+        flag.unlink(missing_ok=True)  # the host "comes back" between attempts
+
+    # the wait lets the agent finish the abandoned 1 s fit (it trains one at a time)
+    training = TrainingSettings(task="meantask:MeanTask", rounds=2, min_hosts=3,
+                                deadline_s=0.5, retry_wait_s=1.0, heartbeat_s=0.1,
+                                task_params={"slow": [2], "delay": 1.0,
+                                             "slow_while": str(flag)})
+    summary = federation.coordinator(training, on_message=on_message).train()
+    first, second = summary.history
+    assert first.attempts == 2 and first.participants == ["h0", "h1", "h2"]
+    assert second.attempts == 1
+    assert any("round 1: 2 updates, training.min_hosts is 3" in m and "retry 1 of 2" in m
+               for m in messages)
+    weights = np.array([10, 30, 60], dtype=np.float64)
+    expected = sum(w * m for w, m in zip(weights, federation.means)) / weights.sum()
+    np.testing.assert_allclose(load_weights(summary.final_weights)[0], expected, rtol=1e-6)
+
+
+def test_a_round_short_after_every_retry_stops_the_run_resumably(federation: Federation) -> None:
+    flag = federation.root / "h2-is-slow"
+    messages: list[str] = []
+
+    def on_round(record) -> None:
+        flag.write_text("")  # from round 2 on, h2 is always too slow
+
+    training = TrainingSettings(task="meantask:MeanTask", rounds=3, min_hosts=3, deadline_s=0.5,
+                                round_retries=1, retry_wait_s=0.05, heartbeat_s=0.1,
+                                task_params={"slow": [2], "delay": 2.0,
+                                             "slow_while": str(flag)})
+    coordinator = federation.coordinator(training, on_round=on_round,
+                                         on_message=messages.append)
+    with pytest.raises(TrainingError) as caught:
+        coordinator.train()
+    text = caught.value.message
+    assert "round 2: 2 updates" in text and "tried 2 time(s)" in text
+    assert f"flctl train --resume {coordinator.run.run_id}" in text
+    assert sum("running it again" in m for m in messages) == 1
+    assert json.loads((coordinator.run.path / "state.json").read_text())["round"] == 1
+
+
+def test_starting_needs_min_hosts_to_start_but_rounds_only_min_hosts(
+        federation: Federation) -> None:
+    federation.servers[0].stop()
+    strict = TrainingSettings(task="meantask:MeanTask", rounds=1, min_hosts_to_start=3)
+    with pytest.raises(TrainingError, match="only 2 of 3 hosts answer; "
+                                            "training.min_hosts_to_start is 3"):
+        federation.coordinator(strict).train()
+    quorum = TrainingSettings(task="meantask:MeanTask", rounds=1, min_hosts_to_start=2,
+                              min_hosts=2, round_retries=0)
+    record = federation.coordinator(quorum).train().history[0]
+    assert record.participants == ["h1", "h2"] and "h0" in record.dropped

@@ -105,3 +105,59 @@ def test_a_slow_agent_misses_the_deadline_and_the_round_is_on_time(workspace: Pa
             assert record["fit_seconds"] < 3.0  # the deadline, not the 6 s straggler
     finally:
         (workspace / "flctl.yaml").write_text(original)
+
+
+def test_a_frozen_agent_is_dropped_by_heartbeat_long_before_the_deadline(
+        workspace: Path) -> None:
+    """SIGSTOP: the process and its TCP connection stay, only the heartbeats stop."""
+    everyone = sorted(sizes(workspace).values())
+    original = (workspace / "flctl.yaml").read_text()
+    write_task_settings(workspace, {"slow_sizes": everyone, "delay": 0.8}, 120.0)
+    victim = int((workspace / ".flctl" / "hosts" / "local3" / "agent.pid").read_text())
+    try:
+        run = workspace / "runs" / "frozen"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flctl", "train", "-w", str(workspace), "--rounds", "2",
+             "--run-id", "frozen", "--heartbeat", "0.5", "--round-retries", "0", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (run / "metrics.jsonl").exists():
+            time.sleep(0.02)
+        time.sleep(0.3)  # round 2 is under way: its fits are sleeping
+        os.kill(victim, signal.SIGSTOP)
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        second = json.loads(out)["history"][1]
+        assert second["dropped"]["local3"].endswith("no heartbeat for 1.5 s")
+        assert len(second["participants"]) == HOSTS - 1
+        assert second["fit_seconds"] < 6.0  # not the 120 s deadline
+    finally:
+        os.kill(victim, signal.SIGCONT)
+        (workspace / "flctl.yaml").write_text(original)
+
+
+def test_a_round_short_of_min_hosts_is_run_again_once_the_agent_is_back(
+        workspace: Path) -> None:
+    everyone = sorted(sizes(workspace).values())
+    original = (workspace / "flctl.yaml").read_text()
+    write_task_settings(workspace, {"slow_sizes": everyone, "delay": 0.8}, 30.0)
+    try:
+        run = workspace / "runs" / "retried"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flctl", "train", "-w", str(workspace), "--rounds", "3",
+             "--run-id", "retried", "--min-hosts", str(HOSTS), "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (run / "metrics.jsonl").exists():
+            time.sleep(0.02)
+        time.sleep(0.3)  # round 2 is under way
+        victim = workspace / ".flctl" / "hosts" / "local2" / "agent.pid"
+        os.kill(int(victim.read_text()), signal.SIGKILL)
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        history = json.loads(out)["history"]
+        assert [r["attempts"] for r in history] == [1, 2, 1]
+        assert all(len(r["participants"]) == HOSTS for r in history)
+        assert "running it again" in err
+    finally:
+        (workspace / "flctl.yaml").write_text(original)

@@ -225,7 +225,13 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Local batch size."),
     fraction: Optional[float] = typer.Option(None, "--fraction", help="Hosts sampled per round."),
     min_hosts: Optional[int] = typer.Option(None, "--min-hosts", help="Replies to accept a round."),
+    min_hosts_to_start: Optional[int] = typer.Option(
+        None, "--min-hosts-to-start", help="Hosts that must answer before round 1."),
     deadline: Optional[float] = typer.Option(None, "--deadline", help="Seconds per round."),
+    round_retries: Optional[int] = typer.Option(
+        None, "--round-retries", help="Re-runs of a round short of --min-hosts before stopping."),
+    heartbeat: Optional[float] = typer.Option(
+        None, "--heartbeat", help="Seconds between agent heartbeats; 3 missed = host down."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Aggregation strategy."),
     task: Optional[str] = typer.Option(None, "--task", help="logreg, mlp or pkg.mod:Class."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init and sampling."),
@@ -240,7 +246,9 @@ def train(
     """
     workspace = load_workspace(workspace_dir)
     overrides = _training_overrides(rounds=rounds, epochs=epochs, lr=lr, batch_size=batch_size,
-                                    fraction=fraction, min_hosts=min_hosts, deadline_s=deadline,
+                                    fraction=fraction, min_hosts=min_hosts,
+                                    min_hosts_to_start=min_hosts_to_start, deadline_s=deadline,
+                                    round_retries=round_retries, heartbeat_s=heartbeat,
                                     strategy=strategy, task=task, seed=seed)
     if run is not None and not resume:
         raise ConfigError(f"a run name ({run}) is only taken with --resume")

@@ -50,6 +50,7 @@ class RoundRecord:
     eval_seconds: float = 0.0
     central_loss: float | None = None
     central_accuracy: float | None = None
+    attempts: int = 1  # > 1 when the round was re-run for lack of replies
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,6 +90,10 @@ def resolve_task_params(task: str, params: dict[str, Any],
         resolved["n_features"] = features.pop()
     resolved.setdefault("n_classes", max(s["n_classes"] for s in shapes))
     return resolved
+
+
+class RoundShort(TrainingError):
+    """Fewer than training.min_hosts updates arrived; the round may be re-run."""
 
 
 class MemoryBudget:
@@ -162,11 +167,15 @@ class Coordinator:
         wait(pending, timeout=5.0)
         return results, failures
 
-    def _sample(self, available: list[AgentClient], round_number: int) -> list[AgentClient]:
+    def _sample(self, available: list[AgentClient], round_number: int,
+                attempt: int = 1) -> list[AgentClient]:
         count = max(self.training.min_hosts, math.ceil(self.training.fraction * len(available)))
         if count >= len(available):
             return list(available)
-        rng = np.random.default_rng([self.training.seed, round_number])
+        # A re-run draws afresh (the first draw may hold the dead hosts); the
+        # first attempt's draw stays what it always was, so resume is exact.
+        key = [self.training.seed, round_number] + ([attempt] if attempt > 1 else [])
+        rng = np.random.default_rng(key)
         chosen = sorted(rng.choice(len(available), size=count, replace=False))
         return [available[i] for i in chosen]
 
@@ -175,11 +184,13 @@ class Coordinator:
         infos, failures = self._parallel(self.clients, lambda c: c.info(), timeout=30.0)
         for name, reason in sorted(failures.items()):
             self.on_message(f"{name}: not answering ({reason})")
-        if len(infos) < self.training.min_hosts:
+        t = self.training
+        needed = max(t.min_hosts_to_start, t.min_hosts)
+        if len(infos) < needed:
+            which = ("training.min_hosts_to_start" if t.min_hosts_to_start >= t.min_hosts
+                     else "training.min_hosts")
             raise TrainingError(
-                f"only {len(infos)} of {len(self.clients)} hosts answer; "
-                f"training.min_hosts is {self.training.min_hosts}"
-            )
+                f"only {len(infos)} of {len(self.clients)} hosts answer; {which} is {needed}")
         for name, info in infos.items():
             if info.get("data") is None:
                 raise TrainingError(f"{name}: agent has no data ({info.get('data_error')})")
@@ -200,7 +211,8 @@ class Coordinator:
             held: list[bool] = []
             try:
                 reply: FitReply = client.fit(weights, t.task, self.task_params, config,
-                                             allocate=self.budget.allocator(held))
+                                             allocate=self.budget.allocator(held),
+                                             heartbeat_s=t.heartbeat_s or None)
                 check_weights(reply.weights, weights)
                 if t.max_update_norm > 0:
                     distance = update_distance(reply.weights, weights)
@@ -224,7 +236,7 @@ class Coordinator:
             closed.set()
         if aggregator.count < t.min_hosts:
             detail = "; ".join(f"{k}: {v}" for k, v in sorted(failures.items()))
-            raise TrainingError(
+            raise RoundShort(
                 f"round {round_number}: {aggregator.count} updates, training.min_hosts is "
                 f"{t.min_hosts} ({detail or 'no hosts'})"
             )
@@ -242,7 +254,8 @@ class Coordinator:
         config = {"round": round_number}
         replies, _ = self._parallel(
             clients,
-            lambda c: c.evaluate(weights, self.training.task, self.task_params, config),
+            lambda c: c.evaluate(weights, self.training.task, self.task_params, config,
+                                 heartbeat_s=self.training.heartbeat_s or None),
             timeout=self.training.deadline_s,
         )
         total = sum(r.num_examples for r in replies.values())
@@ -312,14 +325,36 @@ class Coordinator:
                 client.close()
             self._pool.shutdown(wait=False)
 
+    def _fit_with_retries(self, weights: list[np.ndarray], round_number: int,
+                          available: list[AgentClient],
+                          ) -> tuple[list[np.ndarray], dict[str, Any], int]:
+        """Fit a round; re-run it while too few replies arrive and retries are left."""
+        t = self.training
+        attempts = t.round_retries + 1
+        for attempt in range(1, attempts + 1):
+            chosen = self._sample(available, round_number, attempt)
+            try:
+                new_weights, fit = self.fit_round(weights, round_number, chosen)
+                return new_weights, fit, attempt
+            except RoundShort as short:
+                if attempt == attempts:
+                    last = (f"the run stops after round {round_number - 1}; continue it "
+                            f"later with `flctl train --resume {self.run.run_id}`"
+                            if round_number > 1 else "the run stops")
+                    raise TrainingError(f"{short.message}; tried {attempts} time(s), "
+                                        f"{last}") from None
+                self.on_message(f"{short.message}; running it again in {t.retry_wait_s:g} s "
+                                f"(retry {attempt} of {t.round_retries})")
+                time.sleep(t.retry_wait_s)
+        raise AssertionError("unreachable")
+
     def _one_round(self, weights: list[np.ndarray], round_number: int,
                    available: list[AgentClient]) -> tuple[RoundRecord, list[np.ndarray]]:
         t = self.training
         round_start = time.perf_counter()
         sent0 = sum(c.bytes_sent for c in self.clients)
         received0 = sum(c.bytes_received for c in self.clients)
-        chosen = self._sample(available, round_number)
-        new_weights, fit = self.fit_round(weights, round_number, chosen)
+        new_weights, fit, attempts = self._fit_with_retries(weights, round_number, available)
         fit_seconds = time.perf_counter() - round_start
         eval_loss = accuracy = central_loss = central_accuracy = None
         eval_started = time.perf_counter()
@@ -344,6 +379,7 @@ class Coordinator:
             eval_seconds=eval_seconds,
             central_loss=None if central_loss is None else float(central_loss),
             central_accuracy=None if central_accuracy is None else float(central_accuracy),
+            attempts=attempts,
         )
         # Metrics first: a crash in between leaves a metrics line past the
         # checkpoint, which resume drops, rather than a round with no line.

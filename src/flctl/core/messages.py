@@ -27,6 +27,9 @@ import numpy as np
 from flctl.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
+# Sent by a peer while it handles a request that asked for them (meta
+# "heartbeat_s"): proof of life during a long fit.
+HEARTBEAT_KIND = "heartbeat"
 MAGIC = b"FLCT"
 _PRELUDE = struct.Struct("!4sB3xIQ")
 PRELUDE_SIZE: int = _PRELUDE.size

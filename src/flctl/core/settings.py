@@ -82,7 +82,17 @@ class TrainingSettings:
     lr: float = 0.5
     fraction: float = 1.0
     min_hosts: int = 1
+    # Training starts once this many hosts answer (never fewer than min_hosts):
+    # "wait for the whole federation" and "accept a round with a quorum" differ.
+    min_hosts_to_start: int = 1
     deadline_s: float = 300.0
+    # A round with fewer than min_hosts replies is run again (hosts may be
+    # restarting) this many times, retry_wait_s apart, before the run stops.
+    round_retries: int = 2
+    retry_wait_s: float = 5.0
+    # Busy agents send a heartbeat this often; three missed ones drop the host
+    # from the round long before deadline_s (0 = wait for the deadline).
+    heartbeat_s: float = 2.0
     eval_every: int = 1
     seed: int = 0
     # Reject an update whose L2 distance from the global model exceeds this
@@ -216,7 +226,11 @@ _TRAINING_FIELDS: dict[str, Check] = {
     "lr": _positive_float,
     "fraction": lambda v, s: expect_float(v, s, above=0.0, maximum=1.0),
     "min_hosts": _positive_int,
+    "min_hosts_to_start": _positive_int,
     "deadline_s": _positive_float,
+    "round_retries": lambda v, s: expect_int(v, s, minimum=0, maximum=100),
+    "retry_wait_s": lambda v, s: expect_float(v, s, minimum=0.0),
+    "heartbeat_s": lambda v, s: expect_float(v, s, minimum=0.0),
     "eval_every": _positive_int,
     "seed": lambda v, s: expect_int(v, s, minimum=0, maximum=2**32 - 1),  # any numpy RNG
     "max_update_norm": lambda v, s: expect_float(v, s, minimum=0.0),
@@ -300,7 +314,11 @@ _COMMENTS = {
     "training.lr": "local learning rate",
     "training.fraction": "fraction of hosts per round (0,1]",
     "training.min_hosts": "minimum replies to accept a round",
+    "training.min_hosts_to_start": "hosts that must answer before round 1",
     "training.deadline_s": "per-round deadline in seconds",
+    "training.round_retries": "re-runs of a round short of min_hosts",
+    "training.retry_wait_s": "pause before re-running a round",
+    "training.heartbeat_s": "agent heartbeat while busy; 3 missed = down (0: off)",
     "training.eval_every": "evaluate every N rounds",
     "training.seed": "seed for sampling and initialisation",
     "training.max_update_norm": "reject updates farther than this from the model (0: off)",

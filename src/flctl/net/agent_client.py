@@ -67,18 +67,19 @@ class AgentClient:
         return self._client.request(Message("info")).meta
 
     def fit(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
-            config: dict[str, Any], allocate: Allocator | None = None) -> FitReply:
+            config: dict[str, Any], allocate: Allocator | None = None,
+            heartbeat_s: float | None = None) -> FitReply:
         request = Message("fit", {"task": task, "task_params": dict(task_params),
                                   "config": dict(config)}, list(weights))
-        reply = self._client.request(request, allocate)
+        reply = self._client.request(request, allocate, heartbeat_s=heartbeat_s)
         return FitReply(reply.arrays, int(reply.meta["num_examples"]),
                         dict(reply.meta.get("metrics", {})), float(reply.meta.get("compute_s", 0)))
 
     def evaluate(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
-                 config: dict[str, Any]) -> EvalReply:
+                 config: dict[str, Any], heartbeat_s: float | None = None) -> EvalReply:
         request = Message("evaluate", {"task": task, "task_params": dict(task_params),
                                        "config": dict(config)}, list(weights))
-        reply = self._client.request(request)
+        reply = self._client.request(request, heartbeat_s=heartbeat_s)
         return EvalReply(float(reply.meta["loss"]), int(reply.meta["num_examples"]),
                          dict(reply.meta.get("metrics", {})), float(reply.meta.get("compute_s", 0)))
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 import socket
 import ssl
 
-from flctl.core.messages import DEFAULT_LIMITS, Limits, Message
+from flctl.core.messages import DEFAULT_LIMITS, HEARTBEAT_KIND, Limits, Message
 from flctl.errors import FlctlError, ProtocolError
 from flctl.net.framing import Allocator, ConnectionClosed, recv_message, send_message
+
+# A peer that asked to be kept informed is declared dead after this many
+# heartbeat intervals of silence.
+HEARTBEAT_MISSES = 3
 
 # In TLS 1.3 the server checks the client certificate after the client's side of
 # the handshake is done, so a rejection only shows up on the first exchange.
@@ -84,15 +88,36 @@ class FrameClient:
             raw.close()
             raise TransportError(f"TLS handshake with {self._where()} failed: {exc}") from exc
 
-    def request(self, msg: Message, allocate: Allocator | None = None) -> Message:
-        """Send one message and return the reply; an "error" reply raises RemoteError."""
+    def request(self, msg: Message, allocate: Allocator | None = None, *,
+                heartbeat_s: float | None = None) -> Message:
+        """Send one message and return the reply; an "error" reply raises RemoteError.
+
+        With `heartbeat_s` the peer sends a heartbeat every `heartbeat_s` seconds
+        while it works, and the peer is given up on after HEARTBEAT_MISSES
+        intervals of silence instead of the (much longer) client timeout: a frozen
+        or unplugged host is noticed in seconds, a long fit is not cut short.
+        """
         self.connect()
         assert self._sock is not None
+        silence: float | None = None
+        if heartbeat_s:
+            msg = Message(msg.kind, {**msg.meta, "heartbeat_s": heartbeat_s}, msg.arrays)
+            silence = HEARTBEAT_MISSES * heartbeat_s
+            if self.timeout is not None:
+                silence = min(silence, self.timeout)
+            self._sock.settimeout(silence)
         try:
             self.bytes_sent += send_message(self._sock, msg)
-            reply, received = recv_message(self._sock, self.limits, allocate)
+            while True:
+                reply, received = recv_message(self._sock, self.limits, allocate)
+                self.bytes_received += received
+                if silence is None or reply.kind != HEARTBEAT_KIND:
+                    break
         except socket.timeout as exc:
             self.close()
+            if silence is not None:
+                raise TransportTimeout(f"{self._where()} went silent: no heartbeat for "
+                                       f"{silence:g} s") from exc
             raise TransportTimeout(f"{self._where()} did not answer {msg.kind!r} in time") from exc
         except ConnectionClosed as exc:
             hint = _REJECTED_HINT if self._fresh else ""
@@ -109,8 +134,9 @@ class FrameClient:
         except BaseException:  # e.g. allocate raised: the stream is out of step now
             self.close()
             raise
+        if silence is not None and self._sock is not None:
+            self._sock.settimeout(self.timeout)
         self._fresh = False
-        self.bytes_received += received
         if reply.kind == "error":
             if reply.meta.get("protocol_error"):
                 self.close()  # the server hangs up after a protocol error

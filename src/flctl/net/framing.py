@@ -94,7 +94,8 @@ def recv_message(sock: socket.socket, limits: Limits = DEFAULT_LIMITS,
     header = bytearray(header_len)
     _recv_exact(sock, memoryview(header), frame_started=True)
     kind, meta, specs = parse_header(header, body_len, limits)
-    arrays = (allocate or default_allocate)(specs)
+    # A frame without arrays (a heartbeat, an error) costs the caller no buffer.
+    arrays = (allocate or default_allocate)(specs) if specs else []
     _check_allocated(arrays, specs)
     for arr in arrays:
         if arr.nbytes:

@@ -16,13 +16,16 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from flctl.core.messages import DEFAULT_LIMITS, Limits, Message
+from flctl.core.messages import DEFAULT_LIMITS, HEARTBEAT_KIND, Limits, Message
 from flctl.errors import FlctlError, ProtocolError
 from flctl.net.framing import Allocator, ConnectionClosed, recv_message, send_message
 from flctl.net.tls import peer_common_name
 
 _ACCEPT_POLL_SECONDS = 0.2
 _ERROR_REPLY_TIMEOUT = 2.0
+# A request may ask for heartbeats while it is being handled (meta
+# "heartbeat_s"); intervals are clamped so a typo cannot flood the link.
+HEARTBEAT_RANGE = (0.05, 600.0)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,15 @@ Handler = Callable[[Message, PeerInfo], Message]
 
 def error_reply(text: str, **extra: object) -> Message:
     return Message("error", {"error": text, **extra})
+
+
+def heartbeat_interval(meta: dict) -> float | None:
+    """The heartbeat interval a request asked for, clamped, or None."""
+    value = meta.get("heartbeat_s")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        return None
+    low, high = HEARTBEAT_RANGE
+    return min(max(float(value), low), high)
 
 
 class FrameServer:
@@ -227,7 +239,7 @@ class FrameServer:
                 return
             with self._lock:
                 self.requests_total += 1
-            reply = self._handle(request, peer)
+            reply = self._handle_with_heartbeats(tls, request, peer)
             try:
                 send_message(tls, reply)
             except ProtocolError as exc:  # the handler built an unsendable reply
@@ -237,6 +249,30 @@ class FrameServer:
             except OSError as exc:
                 self.log.debug("sending reply to %s failed: %s", peer.address, exc)
                 return
+
+    def _handle_with_heartbeats(self, tls: ssl.SSLSocket, request: Message,
+                                peer: PeerInfo) -> Message:
+        """Handle `request`; if it asks for heartbeats, send one every interval until
+        the reply is ready, so the peer tells a long fit from a dead host."""
+        interval = heartbeat_interval(request.meta)
+        if interval is None:
+            return self._handle(request, peer)
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(interval):
+                try:
+                    send_message(tls, Message(HEARTBEAT_KIND))
+                except OSError:
+                    return  # the peer is gone; the reply will find out as well
+
+        thread = threading.Thread(target=beat, name="flctl-heartbeat", daemon=True)
+        thread.start()
+        try:
+            return self._handle(request, peer)
+        finally:
+            done.set()
+            thread.join()  # no heartbeat may interleave with the reply's bytes
 
     def _handle(self, request: Message, peer: PeerInfo) -> Message:
         try:

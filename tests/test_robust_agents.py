@@ -1,0 +1,123 @@
+"""Robust strategies end to end: 8 real local agents, 2 of them hostile.
+
+tests/test_robustness.py measures the strategies in an in-process simulation
+(the full table); this runs the same attack through the real path: agent
+processes, mutual TLS, the coordinator's streaming round loop, checkpoints.
+The two hostile agents run a test-only task that trains honestly and then
+sends its change flipped and scaled by -10, with its true example count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import run_cli, use_ports
+
+HOSTS = 8
+ROUNDS = 20
+HOSTILE_TASK = '''
+import numpy as np
+from flctl.core.tasks import LogRegTask
+
+
+class Hostile(LogRegTask):
+    """Hosts whose training set has one of `bad_sizes` examples send
+    w + scale * (their update - w) (test-only)."""
+
+    def __init__(self, bad_sizes=(), scale=-10.0, **params):
+        super().__init__(**params)
+        self.bad_sizes = set(bad_sizes)
+        self.scale = np.float32(scale)
+
+    def fit(self, weights, data, config):
+        update, n, metrics = super().fit(weights, data, config)
+        if len(data.x_train) in self.bad_sizes:
+            update = [w + self.scale * (u - w) for w, u in zip(weights, update)]
+        return update, n, metrics
+'''
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("hostile")
+    assert run_cli("init", str(root), "--local", str(HOSTS)).returncode == 0
+    use_ports(root, HOSTS)
+    (root / "tasks" / "hostile.py").write_text(HOSTILE_TASK)
+    assert run_cli("deploy", "-w", str(root)).returncode == 0
+    status = run_cli("status", "-w", str(root), "--json").json()
+    sizes = {row["host"]: row["n_train"] for row in status["hosts"]}
+    # hosts chosen by name before any result is seen; the task knows them by size
+    bad = [sizes["local2"], sizes["local3"]]
+    assert list(sizes.values()).count(bad[0]) == list(sizes.values()).count(bad[1]) == 1
+    text = (root / "flctl.yaml").read_text().replace("task: logreg", "task: hostile:Hostile")
+    (root / "flctl.yaml").write_text(text)
+    yield root, bad
+    run_cli("teardown", "-w", str(root))
+
+
+def train(root: Path, strategy: str, params: dict, bad: list[int], norm_bound: float) -> float:
+    text = (root / "flctl.yaml").read_text()
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith(
+        ("task_params:", "strategy_params:", "max_update_norm:"))]
+    lines = [line + f"\n  task_params: {json.dumps({'bad_sizes': bad})}"
+             f"\n  strategy_params: {json.dumps(params)}"
+             f"\n  max_update_norm: {norm_bound}"
+             if line.lstrip().startswith("task:") else line for line in lines]
+    (root / "flctl.yaml").write_text("\n".join(lines) + "\n")
+    result = run_cli("train", "-w", str(root), "--strategy", strategy, "--rounds", str(ROUNDS),
+                     "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    history = result.json()["history"]
+    for record in history:
+        refused = sorted(record["dropped"])
+        assert refused == ([] if not norm_bound or not bad else ["local2", "local3"])
+        assert all(r.startswith("update rejected") for r in record["dropped"].values())
+        assert len(record["participants"]) == HOSTS - len(refused)
+    return history[-1]["accuracy"] * 100
+
+
+@pytest.fixture(scope="module")
+def table(workspace) -> dict[str, float]:
+    root, bad = workspace
+    runs = {
+        "fedavg clean": ("fedavg", {}, [], 0.0),
+        "fedavg": ("fedavg", {}, bad, 0.0),
+        "multikrum": ("multikrum", {"num_malicious": 2}, bad, 0.0),
+        "fedmedian": ("fedmedian", {}, bad, 0.0),
+        "fedtrimmedavg": ("fedtrimmedavg", {"beta": 0.25}, bad, 0.0),
+        # honest updates move the model by 0.8-4.9 (L2) per round on this split,
+        # the flipped x10 ones by 8-49: the norm bound refuses them outright
+        "fedmedian bound 8": ("fedmedian", {}, bad, 8.0),
+        "fedavg bound 8": ("fedavg", {}, bad, 8.0),
+    }
+    out = {label: train(root, name, params, hosts, bound)
+           for label, (name, params, hosts, bound) in runs.items()}
+    print("\nreal agents, 2 of 8 send -10x updates, accuracy % after", ROUNDS, "rounds:")
+    for label, acc in out.items():
+        print(f"  {label:16} {acc:6.1f}")
+    return out
+
+
+def test_fedavg_breaks_under_the_attack(table) -> None:
+    assert table["fedavg clean"] > 90.0
+    assert table["fedavg"] < table["fedavg clean"] - 30.0
+
+
+def test_multikrum_holds_within_5_points_through_real_agents(table) -> None:
+    assert table["multikrum"] >= table["fedavg clean"] - 5.0
+
+
+def test_median_and_trimmed_mean_do_not_collapse_but_are_biased(table) -> None:
+    """The measured shortfall (about 13-15 points with these two attackers; see
+    test_robustness for why label skew biases coordinate-wise statistics)."""
+    for label in ("fedmedian", "fedtrimmedavg"):
+        assert table[label] >= table["fedavg"] + 60.0, label
+        assert table[label] >= table["fedavg clean"] - 20.0, label
+
+
+def test_the_update_norm_bound_refuses_the_scaled_updates(table) -> None:
+    for label in ("fedmedian bound 8", "fedavg bound 8"):
+        assert table[label] >= table["fedavg clean"] - 5.0, label
