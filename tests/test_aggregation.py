@@ -89,6 +89,9 @@ def test_all_finite():
     assert all_finite(np.arange(10)) and all_finite(np.zeros(0))
     assert not all_finite(np.array([[1.0, np.nan]], np.float64))
     assert all_finite(np.array(3.0))
+    # float16 values near its maximum are finite even though their sum is not
+    assert all_finite(np.full(70_000, 60_000.0, np.float16))
+    assert not all_finite(np.array([1.0, np.inf], np.float16))
 
 
 def test_sums_are_float64_so_arrival_order_does_not_matter():

@@ -18,7 +18,7 @@ from flctl.core.agentconfig import AgentConfig
 from flctl.core.data import Dataset, save_dataset
 from flctl.core.layout import Endpoint
 from flctl.core.settings import TrainingSettings
-from flctl.errors import TrainingError
+from flctl.errors import FlctlError, TrainingError
 from flctl.net.agent_client import AgentClient
 from flctl.net.server import FrameServer
 from flctl.net.tls import client_context, server_context
@@ -307,3 +307,64 @@ def test_starting_needs_min_hosts_to_start_but_rounds_only_min_hosts(
                               min_hosts=2, round_retries=0)
     record = federation.coordinator(quorum).train().history[0]
     assert record.participants == ["h1", "h2"] and "h0" in record.dropped
+
+
+def test_central_dp_averages_clipped_updates_uniformly(federation: Federation) -> None:
+    """Noise 0 and a clip no update reaches: DP-FedAvg's fixed-denominator mean,
+    not the example-weighted one (the sensitivity argument needs it)."""
+    training = TrainingSettings(task="meantask:MeanTask", rounds=1, privacy="central",
+                                clip_norm=1e6, noise_multiplier=0.0)
+    summary = federation.coordinator(training).train()
+    expected = sum(federation.means) / 3
+    np.testing.assert_allclose(load_weights(summary.final_weights)[0], expected, rtol=1e-6)
+    assert summary.history[0].epsilon is None  # no noise: no finite guarantee
+
+
+def test_central_dp_reports_epsilon_and_stops_before_the_target(federation: Federation) -> None:
+    from flctl.core.privacy import RdpAccountant
+
+    sigma, delta = 1.5, 1e-5
+    after = [RdpAccountant.after_rounds(1.0, sigma, r).epsilon(delta) for r in (1, 2, 3)]
+    target = (after[1] + after[2]) / 2  # two rounds fit, a third would exceed
+    training = TrainingSettings(task="meantask:MeanTask", rounds=5, privacy="central",
+                                clip_norm=0.5, noise_multiplier=sigma, dp_delta=delta,
+                                target_epsilon=target)
+    messages: list[str] = []
+    summary = federation.coordinator(training, on_message=messages.append).train()
+    assert [r.round for r in summary.history] == [1, 2]
+    assert [r.epsilon for r in summary.history] == pytest.approx(after[:2])
+    manifest = json.loads((summary.run_dir / "manifest.json").read_text())
+    assert manifest["epsilon"] == pytest.approx(after[1]) and manifest["epsilon"] <= target
+    assert manifest["stopped_early_at"] == 2 and manifest["delta"] == delta
+    assert any("stopping before round 3" in m for m in messages)
+    # the noise is real: the model is not the mean of the clipped updates
+    clipped_mean = sum(m * min(1.0, 0.5 / np.linalg.norm(m)) for m in federation.means) / 3
+    assert np.linalg.norm(load_weights(summary.final_weights)[0] - clipped_mean) > 1e-3
+
+
+def test_local_dp_hosts_clip_their_own_updates(federation: Federation) -> None:
+    training = TrainingSettings(task="meantask:MeanTask", rounds=1, privacy="local",
+                                clip_norm=0.25, noise_multiplier=0.0)
+    summary = federation.coordinator(training).train()
+    [result] = load_weights(summary.final_weights)
+    weights = np.array([10, 30, 60], dtype=np.float64)
+    clipped = [m * 0.25 / np.linalg.norm(m) for m in federation.means]
+    expected = sum(w * c for w, c in zip(weights, clipped)) / weights.sum()
+    np.testing.assert_allclose(result, expected, rtol=1e-5)
+    assert summary.history[0].epsilon is None
+
+
+def test_central_dp_refuses_a_robust_strategy(federation: Federation) -> None:
+    training = TrainingSettings(task="meantask:MeanTask", strategy="fedmedian",
+                                privacy="central")
+    with pytest.raises(FlctlError, match="central DP needs a FedAvg-family strategy"):
+        federation.coordinator(training)
+
+
+def test_compressed_updates_rebuild_the_hosts_models(federation: Federation) -> None:
+    plain = federation.coordinator(TrainingSettings(task="meantask:MeanTask", rounds=1)).train()
+    half = federation.coordinator(TrainingSettings(task="meantask:MeanTask", rounds=1,
+                                                   compression="float16")).train()
+    np.testing.assert_allclose(load_weights(half.final_weights)[0],
+                               load_weights(plain.final_weights)[0], rtol=2e-3)
+    assert half.history[0].participants == ["h0", "h1", "h2"]

@@ -21,10 +21,12 @@ import numpy as np
 
 from flctl import __version__
 from flctl.core.agentconfig import AgentConfig
+from flctl.core.compression import ErrorFeedback
 from flctl.core.data import Dataset, load_dataset
 from flctl.core.fsutil import atomic_write
 from flctl.core.messages import PROTOCOL_VERSION, Message
 from flctl.core.tasks import Task, load_task
+from flctl.core.uplink import UplinkSpec, host_rng, pack_update
 from flctl.errors import FlctlError
 
 log = logging.getLogger("flctl.agent")
@@ -41,6 +43,9 @@ class AgentService:
         self.started_at = clock()
         self._train_lock = threading.Lock()
         self._tasks: dict[TaskKey, Task] = {}
+        # Error feedback of compressed updates: per task and codec settings, in
+        # memory only (a restart forgets what was not yet sent; see compression).
+        self._feedback: dict[tuple[str, ...], ErrorFeedback | None] = {}
         self._state_lock = threading.Lock()
         self.last_round: int | None = None
         self.rounds_served = 0
@@ -129,11 +134,17 @@ class AgentService:
         data = self._require_data()
         task = self._task(request.meta)
         config = dict(request.meta.get("config") or {})
+        uplink = UplinkSpec.from_config(config.pop("uplink", {}))
+        global_weights = [np.array(w) for w in request.arrays] if uplink.sends_delta else []
         with self._train_lock:
             self.state = "training"
             started = time.perf_counter()
             try:
                 weights, num_examples, metrics = task.fit(list(request.arrays), data, config)
+                rng = host_rng(int(config.get("seed", 0)), int(config.get("round", 0)),
+                               self.config.name)
+                arrays, encoding = pack_update(uplink, global_weights, weights, rng,
+                                               self._feedback_state(request.meta, uplink))
             finally:
                 self.state = "idle"
             compute_s = time.perf_counter() - started
@@ -143,12 +154,20 @@ class AgentService:
                 self.last_round = round_number
             self.rounds_served += 1
             self._save_state()
-        reply_weights = [np.asarray(w) for w in weights]
-        return Message(
-            "fit_result",
-            {"num_examples": int(num_examples), "metrics": _plain(metrics), "compute_s": compute_s},
-            reply_weights,
-        )
+        meta = {"num_examples": int(num_examples), "metrics": _plain(metrics),
+                "compute_s": compute_s}
+        if encoding is not None:
+            meta["encoding"] = encoding
+        return Message("fit_result", meta, arrays)
+
+    def _feedback_state(self, meta: dict[str, Any], uplink: UplinkSpec) -> ErrorFeedback | None:
+        if not uplink.sends_delta:
+            return None
+        key = (str(meta.get("task")), json.dumps(meta.get("task_params") or {}, sort_keys=True),
+               json.dumps(uplink.as_config(), sort_keys=True))
+        if key not in self._feedback:
+            self._feedback[key] = uplink.codec().new_state()
+        return self._feedback[key]
 
     def _evaluate(self, request: Message) -> Message:
         data = self._require_data()

@@ -13,7 +13,7 @@ import dataclasses
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from flctl.coordinator.privacy import PrivacyLedger
 from flctl.coordinator.records import Checkpoint, RunDir
 from flctl.core.aggregation import update_distance
 from flctl.core.data import Dataset
@@ -28,6 +29,7 @@ from flctl.core.messages import ArraySpec
 from flctl.core.settings import TrainingSettings
 from flctl.core.strategies import make_strategy
 from flctl.core.tasks import BUILTIN_TASKS, Task, check_weights, load_task
+from flctl.core.uplink import UplinkSpec, unpack_update
 from flctl.errors import FlctlError, TrainingError
 from flctl.net.agent_client import AgentClient, FitReply
 
@@ -51,6 +53,7 @@ class RoundRecord:
     central_loss: float | None = None
     central_accuracy: float | None = None
     attempts: int = 1  # > 1 when the round was re-run for lack of replies
+    epsilon: float | None = None  # DP: privacy spent so far, at training.dp_delta
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,7 +137,11 @@ class Coordinator:
         self.eval_data = eval_data
         self.task: Task | None = None  # loaded when the run starts
         # One strategy object for the whole run: server optimisers keep state.
-        self.strategy = make_strategy(training.strategy, dict(training.strategy_params))
+        self.privacy = PrivacyLedger(training, len(clients))
+        self.strategy = self.privacy.wrap(
+            make_strategy(training.strategy, dict(training.strategy_params)))
+        self.uplink = UplinkSpec.for_training(training)
+        self.codec = self.uplink.codec()  # bad compression settings fail before round 1
         self.clients = list(clients)
         self.training = training
         self.run = run
@@ -206,6 +213,8 @@ class Coordinator:
         compute: list[float] = []
         config = {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr,
                   "seed": t.seed, "round": round_number, **self.strategy.fit_config_extra()}
+        if self.uplink.sends_delta:
+            config["uplink"] = self.uplink.as_config()
 
         def fit_one(client: AgentClient) -> int:
             held: list[bool] = []
@@ -213,9 +222,10 @@ class Coordinator:
                 reply: FitReply = client.fit(weights, t.task, self.task_params, config,
                                              allocate=self.budget.allocator(held),
                                              heartbeat_s=t.heartbeat_s or None)
-                check_weights(reply.weights, weights)
+                update = self._read_update(reply, weights)
+                check_weights(update, weights)
                 if t.max_update_norm > 0:
-                    distance = update_distance(reply.weights, weights)
+                    distance = update_distance(update, weights)
                     if not distance <= t.max_update_norm:  # NaN fails too
                         raise TrainingError(f"update rejected: its distance from the model, "
                                             f"{distance:.4g}, exceeds training.max_update_norm "
@@ -223,7 +233,7 @@ class Coordinator:
                 with lock:
                     if closed.is_set():
                         raise TrainingError("reply after the deadline")
-                    aggregator.add(client.name, reply.weights, reply.num_examples)
+                    aggregator.add(client.name, update, reply.num_examples)
                     losses.append((float(reply.metrics.get("train_loss", math.nan)),
                                    reply.num_examples))
                     compute.append(reply.compute_s)
@@ -248,6 +258,17 @@ class Coordinator:
             "train_loss": train_loss,
             "max_compute_s": max(compute, default=0.0),
         }
+
+    def _read_update(self, reply: FitReply, weights: list[np.ndarray]) -> list[np.ndarray]:
+        """The host's new weights: as sent, or rebuilt from an encoded delta."""
+        if not self.uplink.sends_delta:
+            if reply.encoding is not None:
+                raise TrainingError("update rejected: encoded, but this run sends weights")
+            return reply.weights
+        if reply.encoding is None:
+            raise TrainingError(f"update rejected: not encoded with training.compression "
+                                f"{self.uplink.compression} (an old agent?)")
+        return unpack_update(self.codec, reply.encoding, reply.weights, weights)
 
     def evaluate(self, weights: list[np.ndarray], round_number: int,
                  clients: Sequence[AgentClient]) -> tuple[float | None, float | None]:
@@ -284,6 +305,7 @@ class Coordinator:
                 self.strategy.load_state(self.resume_from.strategy_state)
                 first = self.resume_from.round + 1
                 self.run.truncate_metrics(self.resume_from.round)
+                self.privacy.resume_after(self.resume_from.round)
                 self.on_message(f"resuming run {self.run.run_id} after round "
                                 f"{self.resume_from.round}")
             else:
@@ -293,6 +315,11 @@ class Coordinator:
             eval_loss = accuracy = None
             stopped_early: int | None = None
             for round_number in range(first, t.rounds + 1):
+                if self.privacy.next_round_exceeds_target():
+                    stopped_early = round_number - 1
+                    self.on_message(f"stopping before round {round_number}: it would take "
+                                    f"epsilon past training.target_epsilon {t.target_epsilon:g}")
+                    break
                 record, weights = self._one_round(weights, round_number, available)
                 eval_loss, accuracy = (record.eval_loss, record.accuracy) if (
                     record.accuracy is not None) else (eval_loss, accuracy)
@@ -309,11 +336,14 @@ class Coordinator:
                 "task_params": self.task_params,
                 "seed": t.seed,
                 "hosts": [c.name for c in self.clients],
-                "rounds": history[-1].round if history else t.rounds,
+                "rounds": history[-1].round if history else first - 1,
                 "rounds_planned": t.rounds,
                 "stopped_early_at": stopped_early,
                 "accuracy": accuracy,
                 "eval_loss": eval_loss,
+                "privacy": t.privacy,
+                "epsilon": self.privacy.epsilon(),
+                "delta": t.dp_delta if self.privacy.enabled else None,
                 "shapes": [list(w.shape) for w in weights],
             }
             digest = self.run.save_final(weights, manifest)
@@ -348,6 +378,12 @@ class Coordinator:
                 time.sleep(t.retry_wait_s)
         raise AssertionError("unreachable")
 
+    def _checkpoint(self, round_number: int, weights: list[np.ndarray]) -> None:
+        self.run.save_checkpoint(round_number, weights, {
+            "run_id": self.run.run_id, "training": _plain_settings(self.training),
+            "task_params": self.task_params, "hosts": [c.name for c in self.clients]},
+            self.strategy.state())
+
     def _one_round(self, weights: list[np.ndarray], round_number: int,
                    available: list[AgentClient]) -> tuple[RoundRecord, list[np.ndarray]]:
         t = self.training
@@ -356,6 +392,11 @@ class Coordinator:
         received0 = sum(c.bytes_received for c in self.clients)
         new_weights, fit, attempts = self._fit_with_retries(weights, round_number, available)
         fit_seconds = time.perf_counter() - round_start
+        epsilon = self.privacy.spend_round()
+        if self.privacy.enabled:
+            # A noised model is checkpointed before anyone sees it: otherwise a
+            # resume would redo the round with the same noise and other hosts.
+            self._checkpoint(round_number, new_weights)
         eval_loss = accuracy = central_loss = central_accuracy = None
         eval_started = time.perf_counter()
         if round_number % t.eval_every == 0 or round_number == t.rounds:
@@ -380,23 +421,20 @@ class Coordinator:
             central_loss=None if central_loss is None else float(central_loss),
             central_accuracy=None if central_accuracy is None else float(central_accuracy),
             attempts=attempts,
+            epsilon=epsilon,
         )
         # Metrics first: a crash in between leaves a metrics line past the
         # checkpoint, which resume drops, rather than a round with no line.
         self.run.append_metrics(record.as_dict())
-        self.run.save_checkpoint(round_number, new_weights, {
-            "run_id": self.run.run_id, "training": _plain_settings(t),
-            "task_params": self.task_params, "hosts": [c.name for c in self.clients]},
-            self.strategy.state())
+        if not self.privacy.enabled:
+            self._checkpoint(round_number, new_weights)
         self.on_round(record)
         return record, new_weights
 
 
 def _plain_settings(training: TrainingSettings) -> dict[str, Any]:
     out = {f.name: getattr(training, f.name) for f in dataclasses.fields(training)}
-    out["task_params"] = dict(training.task_params)
-    out["strategy_params"] = dict(training.strategy_params)
-    return out
+    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in out.items()}
 
 
 def _reason(error: BaseException) -> str:

@@ -55,6 +55,8 @@ def all_finite(array: np.ndarray) -> bool:
     array = np.asarray(array)
     if not np.issubdtype(array.dtype, np.floating):
         return True
+    if array.dtype.itemsize < 4:  # a float16 sum overflows on ordinary values: check each
+        return bool(np.isfinite(array).all())
     flat = _flat(array)
     ones = np.ones(min(CHUNK, flat.size), dtype=flat.dtype)
     for start in range(0, flat.size, CHUNK):

@@ -24,6 +24,7 @@ from flctl.core.yamlsrc import (
     check_keys,
     describe,
     did_you_mean,
+    expect_bool,
     expect_choice,
     expect_float,
     expect_int,
@@ -39,6 +40,8 @@ PROJECT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,39}\Z")
 # A builtin name ("logreg") or an importable class ("my_pkg.tasks:Cnn").
 PLUGIN_RE = re.compile(r"[a-z][a-z0-9_]*\Z|[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*\Z")
 LISTEN_CHOICES = ("overlay", "underlay")
+COMPRESSION_CHOICES = ("float32", "float16", "int8", "topk")
+PRIVACY_CHOICES = ("none", "central", "local")  # not "off": YAML reads that as false
 MAX_PREFIXLEN = 30  # hub + network + broadcast + at least one host
 MAX_MESSAGE_MB = 65536
 
@@ -103,6 +106,22 @@ class TrainingSettings:
     # A test file on this machine to evaluate the global model on as well
     # (relative to the workspace; "" = federated evaluation only).
     eval_file: str = ""
+    # How hosts send their update: float32 as trained, float16, int8 with
+    # stochastic rounding, or topk (params: fraction) with error feedback.
+    compression: str = "float32"
+    compression_params: Mapping[str, Any] = field(default_factory=dict)
+    # Differential privacy (DP-FedAvg): "central" clips every update and the
+    # coordinator adds noise to the aggregate; "local" hosts noise their own.
+    privacy: str = "none"
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    dp_delta: float = 1e-5
+    # Stop before the privacy budget would exceed this epsilon (0 = no limit).
+    target_epsilon: float = 0.0
+    # The coordinator learns only the sum of the round's updates (SecAgg+).
+    secure_aggregation: bool = False
+    # Survivors needed to unmask a round (0 = two thirds of the round's hosts).
+    secagg_threshold: int = 0
 
     def __post_init__(self) -> None:
         _validate_section(self, _TRAINING_FIELDS, "training")
@@ -236,6 +255,15 @@ _TRAINING_FIELDS: dict[str, Check] = {
     "max_update_norm": lambda v, s: expect_float(v, s, minimum=0.0),
     "target_accuracy": lambda v, s: expect_float(v, s, minimum=0.0, maximum=1.0),
     "eval_file": lambda v, s: expect_str(v, s, allow_empty=True),
+    "compression": lambda v, s: expect_choice(v, s, COMPRESSION_CHOICES),
+    "compression_params": _params,
+    "privacy": lambda v, s: expect_choice(v, s, PRIVACY_CHOICES),
+    "clip_norm": _positive_float,
+    "noise_multiplier": lambda v, s: expect_float(v, s, minimum=0.0),
+    "dp_delta": lambda v, s: expect_float(v, s, above=0.0, maximum=0.1),
+    "target_epsilon": lambda v, s: expect_float(v, s, minimum=0.0),
+    "secure_aggregation": expect_bool,
+    "secagg_threshold": lambda v, s: expect_int(v, s, minimum=0),
 }
 _LIMIT_FIELDS: dict[str, Check] = {
     "max_message_mb": lambda v, s: expect_int(v, s, minimum=1, maximum=MAX_MESSAGE_MB),
@@ -324,6 +352,15 @@ _COMMENTS = {
     "training.max_update_norm": "reject updates farther than this from the model (0: off)",
     "training.target_accuracy": "stop early at this federated accuracy (0: off)",
     "training.eval_file": "also evaluate on this local test file (npz/csv; empty: off)",
+    "training.compression": "float32 | float16 | int8 | topk (update encoding)",
+    "training.compression_params": "topk: {fraction: 0.05}",
+    "training.privacy": "none | central | local (DP-FedAvg)",
+    "training.clip_norm": "DP: L2 bound on each update",
+    "training.noise_multiplier": "DP: noise std / clip_norm",
+    "training.dp_delta": "DP: delta of the reported (epsilon, delta)",
+    "training.target_epsilon": "DP: stop before epsilon exceeds this (0: no limit)",
+    "training.secure_aggregation": "coordinator sees only the sum (SecAgg+)",
+    "training.secagg_threshold": "survivors needed to unmask (0: 2/3 of hosts)",
     "limits.max_message_mb": "largest accepted protocol message",
 }
 

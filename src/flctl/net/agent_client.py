@@ -27,6 +27,7 @@ class FitReply:
     num_examples: int
     metrics: dict[str, Any]
     compute_s: float
+    encoding: dict[str, Any] | None = None  # set when `weights` are an encoded delta
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,10 @@ class AgentClient:
         request = Message("fit", {"task": task, "task_params": dict(task_params),
                                   "config": dict(config)}, list(weights))
         reply = self._client.request(request, allocate, heartbeat_s=heartbeat_s)
+        encoding = reply.meta.get("encoding")
         return FitReply(reply.arrays, int(reply.meta["num_examples"]),
-                        dict(reply.meta.get("metrics", {})), float(reply.meta.get("compute_s", 0)))
+                        dict(reply.meta.get("metrics", {})), float(reply.meta.get("compute_s", 0)),
+                        encoding if isinstance(encoding, dict) else None)
 
     def evaluate(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
                  config: dict[str, Any], heartbeat_s: float | None = None) -> EvalReply:

@@ -1,0 +1,163 @@
+"""One host's side of a secure-aggregation round (see protocol.py for the flow).
+
+A client object lives for exactly one round: its X25519 keys and self-mask
+seed are drawn in the constructor and never reused, and each stage may run
+once, in order. Its private material never leaves it except as Shamir shares
+(encrypted to peers) and, at unmask time, the shares the rules allow.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from flctl.core.secagg import keys, prg, shamir
+from flctl.core.secagg.fixedpoint import FixedPointError, FixedPointParams, encode_weighted
+from flctl.core.secagg.keys import PeerError, PeerKeys, SecAggError, b64decode, b64encode
+from flctl.core.secagg.protocol import (
+    NeighbourFn,
+    check_round,
+    complete_graph,
+    host_list,
+    mask_sign,
+    share_index,
+    validate_threshold,
+)
+
+_STAGES = ("advertise", "share", "receive", "masked", "unmask", "done")
+
+
+class SecAggClient:
+    """Call advertise -> share -> receive_shares -> masked_input -> unmask."""
+
+    def __init__(self, host: str, round_id: str | int, signing_key_pem: bytes, cert_pem: bytes,
+                 ca_pem: bytes, params: FixedPointParams | None = None, *,
+                 neighbours: NeighbourFn = complete_graph) -> None:
+        self.host = host
+        self.round_id = str(round_id)
+        self.params = params or FixedPointParams()
+        self.clipped = 0  # coordinates clipped by masked_input
+        self._signing_key_pem = signing_key_pem
+        self._cert_pem = cert_pem
+        self._ca_pem = ca_pem
+        self._neighbours = neighbours
+        self._c_sk = X25519PrivateKey.generate()
+        self._s_sk = X25519PrivateKey.generate()
+        self._b = os.urandom(prg.SEED_BYTES)
+        self._stage = "advertise"
+        self._hosts: list[str] = []
+        self._threshold = 0
+        self._peers: dict[str, PeerKeys] = {}
+        # host -> (my share of its s_sk, my share of its b); includes myself.
+        self._held: dict[str, tuple[shamir.Share, shamir.Share]] = {}
+
+    def _enter(self, stage: str) -> None:
+        if self._stage != stage:
+            raise SecAggError(f"secure aggregation: {self.host} cannot {stage} now"
+                              f" (stage is {self._stage})")
+        self._stage = _STAGES[_STAGES.index(stage) + 1]
+
+    def _own_keys(self) -> tuple[bytes, bytes]:
+        return self._c_sk.public_key().public_bytes_raw(), self._s_sk.public_key().public_bytes_raw()
+
+    def advertise(self) -> dict[str, Any]:
+        """The signed public keys for the server to relay."""
+        self._enter("advertise")
+        c_pk, s_pk = self._own_keys()
+        b_commit = keys.commit_seed(self.round_id, self.host, self._b)
+        signature = keys.sign(self._signing_key_pem,
+                              keys.advert_message(self.round_id, self.host, c_pk, s_pk, b_commit))
+        return {"host": self.host, "round": self.round_id, "c_pk": b64encode(c_pk),
+                "s_pk": b64encode(s_pk), "b_commit": b64encode(b_commit),
+                "cert": self._cert_pem.decode("ascii"), "signature": b64encode(signature)}
+
+    def share(self, roster: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Verify every peer, then one encrypted share box per neighbour (keyed by name)."""
+        self._enter("share")
+        check_round(roster, self.round_id, "roster")
+        if FixedPointParams.from_dict(roster.get("params") or {}) != self.params:
+            raise FixedPointError(f"roster fixed-point parameters {roster.get('params')} differ"
+                                  f" from this host's {self.params.to_dict()}")
+        adverts = roster.get("hosts")
+        if not isinstance(adverts, dict) or self.host not in adverts:
+            raise SecAggError(f"secure aggregation: the roster does not list {self.host}")
+        self._hosts = sorted(adverts)
+        self._threshold = roster.get("threshold")  # type: ignore[assignment]
+        validate_threshold(self._threshold, len(self._hosts))
+        self._peers = {h: keys.verify_advert(h, adverts[h], self.round_id, self._ca_pem)
+                       for h in self._hosts}
+        if (self._peers[self.host].c_pk, self._peers[self.host].s_pk) != self._own_keys():
+            raise PeerError(self.host, "the roster carries keys this host did not make")
+        group = self._neighbours(self.host, self._hosts)
+        xs = [share_index(self._hosts, h) for h in [self.host, *group]]
+        s_shares = shamir.split(self._s_sk.private_bytes_raw(), self._threshold, xs)
+        b_shares = shamir.split(self._b, self._threshold, xs)
+        self._held[self.host] = (s_shares[0], b_shares[0])
+        boxes = {}
+        for peer, s_share, b_share in zip(group, s_shares[1:], b_shares[1:]):
+            box = keys.seal_shares(self._c_sk, self._peers[peer].c_pk, self.round_id,
+                                   self.host, peer, s_share.y_bytes() + b_share.y_bytes())
+            boxes[peer] = {"round": self.round_id, "from": self.host, "to": peer,
+                           "box": b64encode(box)}
+        return boxes
+
+    def receive_shares(self, incoming: dict[str, dict[str, Any]]) -> None:
+        """Open the boxes the server routed; their senders are the peers masked with."""
+        self._enter("receive")
+        group = set(self._neighbours(self.host, self._hosts))
+        x = share_index(self._hosts, self.host)
+        size = shamir.SHARE_BYTES
+        for sender, payload in incoming.items():
+            if sender not in group:
+                raise PeerError(sender, "sent shares but is not a neighbour in the roster")
+            if not isinstance(payload, dict) or payload.get("from") != sender \
+                    or payload.get("to") != self.host or payload.get("round") != self.round_id:
+                raise PeerError(sender, "share box is addressed to another host or round")
+            box = b64decode(payload.get("box"), sender, "share box")
+            plain = keys.open_shares(self._c_sk, self._peers[sender].c_pk, self.round_id,
+                                     sender, self.host, box)
+            if len(plain) != 2 * size:
+                raise PeerError(sender, "share box holds the wrong number of bytes")
+            self._held[sender] = (shamir.Share.from_bytes(x, plain[:size], self._threshold),
+                                  shamir.Share.from_bytes(x, plain[size:], self._threshold))
+        if len(self._held) < self._threshold:
+            raise SecAggError(f"secure aggregation: only {len(self._held)} hosts shared keys"
+                              f" with {self.host}; the threshold is {self._threshold}")
+
+    def masked_input(self, update: np.ndarray, weight: float) -> np.ndarray:
+        """y = [encode(q*update), k] + PRG(b) +- PRG(s_uv) for every peer that shared."""
+        self._enter("masked")
+        y, self.clipped = encode_weighted(update, weight, self.params)
+        prg.add_mask(y, self._b, +1)
+        for peer in sorted(self._held):
+            if peer != self.host:
+                seed = keys.mask_seed(self._s_sk, self._peers[peer].s_pk, self.round_id,
+                                      self.host, peer)
+                prg.add_mask(y, seed, mask_sign(self.host, peer))
+        return y
+
+    def unmask(self, dropped: list[str], survivors: list[str]) -> dict[str, Any]:
+        """Shares of s_sk for `dropped`, of b for `survivors`; answered once, never both."""
+        self._enter("unmask")
+        dropped = host_list(dropped, "dropped")
+        survivors = host_list(survivors, "survivors")
+        both = set(dropped) & set(survivors)
+        if both:
+            raise SecAggError(f"secure aggregation: refusing to unmask: {sorted(both)[0]} is"
+                              f" listed as both dropped and surviving")
+        if self.host not in survivors:
+            raise SecAggError(f"secure aggregation: {self.host} sent its input but is not"
+                              f" listed as a survivor")
+        unknown = [h for h in dropped + survivors if h not in self._held]
+        if unknown:
+            raise SecAggError(f"secure aggregation: {unknown[0]} never shared keys with"
+                              f" {self.host}")
+        if len(survivors) < self._threshold:
+            raise SecAggError(f"secure aggregation: refusing to unmask with {len(survivors)}"
+                              f" survivors; the threshold is {self._threshold}")
+        return {"host": self.host, "round": self.round_id,
+                "s_sk_shares": {h: b64encode(self._held[h][0].y_bytes()) for h in dropped},
+                "b_shares": {h: b64encode(self._held[h][1].y_bytes()) for h in survivors}}
