@@ -60,8 +60,18 @@ class FrozenServer(FrameServer):
         return self._handle(request, peer)
 
 
+def gone_before_unmask(service: AgentService):
+    """A host that sends its masked update and then drops out of the round."""
+    def handle(request, peer):
+        if request.kind == "secagg_unmask":
+            raise TrainingError("host went away")
+        return service.handle(request, peer)
+    return handle
+
+
 class Federation:
-    def __init__(self, root: Path, sizes: list[int], frozen: tuple[int, ...] = ()) -> None:
+    def __init__(self, root: Path, sizes: list[int], frozen: tuple[int, ...] = (),
+                 leaves: tuple[int, ...] = ()) -> None:
         self.root = root
         ca_key, ca_cert = pki.make_ca("test CA")
         (root / "ca.crt").write_bytes(ca_cert)
@@ -80,7 +90,7 @@ class Federation:
             (root / f"{name}.key").write_bytes(key)
             (root / f"{name}.crt").write_bytes(cert)
             x = np.full((size, 3), float(index), dtype=np.float32)
-            x[:, 1] = np.arange(size)
+            x[:, 1] = np.arange(size) / size  # update coordinates stay below 1
             save_dataset(Dataset(x, np.zeros(size, dtype=np.int64)), root / f"{name}.npz")
             self.means.append(x.mean(axis=0))
             config = AgentConfig(name=name, project="t", bind_address="127.0.0.1", port=0,
@@ -91,7 +101,8 @@ class Federation:
             server_class = FrozenServer if index in frozen else FrameServer
             server = server_class("127.0.0.1", 0, server_context(root / "ca.crt",
                                  root / f"{name}.crt", root / f"{name}.key"),
-                                 AgentService(config).handle)
+                                 gone_before_unmask(AgentService(config)) if index in leaves
+                                 else AgentService(config).handle)
             server.start()
             self.servers.append(server)
             self.endpoints.append(Endpoint(name, "127.0.0.1", "127.0.0.1", server.address[1], name))
@@ -99,7 +110,8 @@ class Federation:
     def coordinator(self, training: TrainingSettings, **kwargs) -> Coordinator:
         clients = [AgentClient(e, self.context, timeout=30) for e in self.endpoints]
         return Coordinator(clients, training, create_run_dir(self.root / "runs"),
-                           task_search_path=[self.root / "tasks"], **kwargs)
+                           task_search_path=[self.root / "tasks"],
+                           ca_pem=(self.root / "ca.crt").read_bytes(), **kwargs)
 
     def close(self) -> None:
         for server in self.servers:
@@ -187,13 +199,13 @@ def test_memory_budget_bounds_updates_held_at_once() -> None:
 
 def test_an_update_beyond_the_norm_bound_is_rejected_and_the_round_goes_on(
         federation: Federation) -> None:
-    # the MeanTask update is the host's data mean: hosts 0, 1, 2 have means (0, 4.5, 0),
-    # (1, 14.5, 1), (2, 29.5, 2): distances from the zero model 4.5, ~14.57, ~29.6
-    training = TrainingSettings(task="meantask:MeanTask", rounds=1, max_update_norm=20.0)
+    # the MeanTask update is the host's data mean: hosts 0, 1, 2 have means (0, 0.45, 0),
+    # (1, 0.483, 1), (2, 0.492, 2): distances from the zero model 0.45, ~1.50, ~2.06
+    training = TrainingSettings(task="meantask:MeanTask", rounds=1, max_update_norm=1.8)
     summary = federation.coordinator(training).train()
     record = summary.history[0]
     assert record.participants == ["h0", "h1"]
-    assert "exceeds training.max_update_norm 20" in record.dropped["h2"]
+    assert "exceeds training.max_update_norm 1.8" in record.dropped["h2"]
     expected = (10 * federation.means[0] + 30 * federation.means[1]) / 40
     np.testing.assert_allclose(load_weights(summary.final_weights)[0], expected, rtol=1e-6)
 
@@ -368,3 +380,72 @@ def test_compressed_updates_rebuild_the_hosts_models(federation: Federation) -> 
     np.testing.assert_allclose(load_weights(half.final_weights)[0],
                                load_weights(plain.final_weights)[0], rtol=2e-3)
     assert half.history[0].participants == ["h0", "h1", "h2"]
+
+
+def weighted_mean(federation: Federation, hosts: list[int]) -> np.ndarray:
+    sizes = np.array([10, 30, 60], dtype=np.float64)[hosts]
+    return sum(n * federation.means[h] for n, h in zip(sizes, hosts)) / sizes.sum()
+
+
+def test_secure_aggregation_equals_fedavg_within_fixed_point_error(
+        federation: Federation) -> None:
+    training = TrainingSettings(task="meantask:MeanTask", rounds=2, secure_aggregation=True)
+    summary = federation.coordinator(training).train()
+    [result] = load_weights(summary.final_weights)
+    # 2^-21 per host and coordinate, divided by the summed weight (100/128)
+    np.testing.assert_allclose(result, weighted_mean(federation, [0, 1, 2]), atol=1e-5)
+    assert summary.history[-1].participants == ["h0", "h1", "h2"]
+
+
+def test_secure_aggregation_recovers_a_host_that_left_after_its_masked_update(
+        tmp_path: Path) -> None:
+    fed = Federation(tmp_path, [10, 30, 60], leaves=(1,))
+    try:
+        training = TrainingSettings(task="meantask:MeanTask", rounds=1, secure_aggregation=True)
+        record = fed.coordinator(training).train().history[0]
+        [result] = load_weights(fed.root / "runs" / record_run(fed) / "final.npz")
+        np.testing.assert_allclose(result, weighted_mean(fed, [0, 1, 2]), atol=1e-5)
+        assert record.participants == ["h0", "h1", "h2"]  # its update counts
+    finally:
+        fed.close()
+
+
+def record_run(fed: Federation) -> str:
+    [run] = [p.name for p in (fed.root / "runs").iterdir()]
+    return run
+
+
+def test_secure_aggregation_drops_a_straggler_and_unmasks_the_rest(
+        federation: Federation) -> None:
+    training = TrainingSettings(task="meantask:MeanTask", rounds=1, secure_aggregation=True,
+                                task_params={"slow": [2], "delay": 3.0}, deadline_s=1.0,
+                                heartbeat_s=0.2)
+    summary = federation.coordinator(training).train()
+    record = summary.history[0]
+    assert record.participants == ["h0", "h1"] and record.dropped == {"h2": "deadline exceeded"}
+    np.testing.assert_allclose(load_weights(summary.final_weights)[0],
+                               weighted_mean(federation, [0, 1]), atol=1e-5)
+
+
+def test_secure_aggregation_below_the_threshold_fails_and_reveals_nothing(
+        federation: Federation) -> None:
+    training = TrainingSettings(task="meantask:MeanTask", rounds=1, secure_aggregation=True,
+                                task_params={"slow": [1, 2], "delay": 3.0}, deadline_s=1.0,
+                                heartbeat_s=0.2, round_retries=0)
+    coordinator = federation.coordinator(training)
+    with pytest.raises(TrainingError, match="only 1 of 3 hosts sent masked input; "
+                                            "the threshold is 2"):
+        coordinator.train()
+    assert not (coordinator.run.path / "final.npz").exists()
+    assert not list(coordinator.run.path.glob("checkpoint-*"))
+
+
+def test_secure_aggregation_refuses_settings_that_need_single_updates(
+        federation: Federation) -> None:
+    for extra, reason in [({"strategy": "krum"}, "needs every single update"),
+                          ({"privacy": "central"}, "central DP clips single updates"),
+                          ({"compression": "int8"}, "cannot be compressed"),
+                          ({"max_update_norm": 5.0}, "max_update_norm")]:
+        training = TrainingSettings(task="meantask:MeanTask", secure_aggregation=True, **extra)
+        with pytest.raises(TrainingError, match=reason):
+            federation.coordinator(training)

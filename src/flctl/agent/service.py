@@ -20,13 +20,14 @@ from typing import Any, Callable
 import numpy as np
 
 from flctl import __version__
+from flctl.agent.secure import SecureRounds
 from flctl.core.agentconfig import AgentConfig
 from flctl.core.compression import ErrorFeedback
 from flctl.core.data import Dataset, load_dataset
 from flctl.core.fsutil import atomic_write
 from flctl.core.messages import PROTOCOL_VERSION, Message
 from flctl.core.tasks import Task, load_task
-from flctl.core.uplink import UplinkSpec, host_rng, pack_update
+from flctl.core.uplink import UplinkSpec, host_rng, local_delta, pack_update
 from flctl.errors import FlctlError
 
 log = logging.getLogger("flctl.agent")
@@ -46,6 +47,7 @@ class AgentService:
         # Error feedback of compressed updates: per task and codec settings, in
         # memory only (a restart forgets what was not yet sent; see compression).
         self._feedback: dict[tuple[str, ...], ErrorFeedback | None] = {}
+        self.secure = SecureRounds(config)
         self._state_lock = threading.Lock()
         self.last_round: int | None = None
         self.rounds_served = 0
@@ -84,6 +86,10 @@ class AgentService:
             "health": self._info,
             "fit": self._fit,
             "evaluate": self._evaluate,
+            "secagg_advertise": lambda r: Message("secagg_advert", self.secure.advertise(r.meta)),
+            "secagg_share": lambda r: Message("secagg_boxes", self.secure.share(r.meta)),
+            "secagg_fit": self._secure_fit,
+            "secagg_unmask": lambda r: Message("secagg_shares", self.secure.unmask(r.meta)),
         }.get(request.kind)
         if handler is None:
             raise FlctlError(f"unknown request kind {request.kind!r}")
@@ -148,17 +154,45 @@ class AgentService:
             finally:
                 self.state = "idle"
             compute_s = time.perf_counter() - started
+        self._served(config)
+        meta = {"num_examples": int(num_examples), "metrics": _plain(metrics),
+                "compute_s": compute_s}
+        if encoding is not None:
+            meta["encoding"] = encoding
+        return Message("fit_result", meta, arrays)
+
+    def _secure_fit(self, request: Message) -> Message:
+        """Train, then send only the masked change: the coordinator can unmask
+        the sum of a round's updates, never this one."""
+        data = self._require_data()
+        task = self._task(request.meta)
+        config = dict(request.meta.get("config") or {})
+        uplink = UplinkSpec.from_config(config.pop("uplink", {}))
+        client = self.secure.open_shares(request.meta)
+        global_weights = [np.array(w) for w in request.arrays]
+        with self._train_lock:
+            self.state = "training"
+            started = time.perf_counter()
+            try:
+                weights, num_examples, metrics = task.fit(list(request.arrays), data, config)
+                delta = local_delta(uplink, global_weights, weights)
+                masked = self.secure.mask(client, delta, int(num_examples))
+            finally:
+                self.state = "idle"
+            compute_s = time.perf_counter() - started
+        self._served(config)
+        metrics = {**_plain(metrics), "secagg_clipped": client.clipped}
+        return Message("secagg_masked", {
+            "num_examples": int(num_examples), "metrics": metrics, "compute_s": compute_s},
+            [masked])
+
+    def _served(self, config: dict[str, Any]) -> None:
         with self._state_lock:
             round_number = config.get("round")
             if isinstance(round_number, int):
                 self.last_round = round_number
             self.rounds_served += 1
             self._save_state()
-        meta = {"num_examples": int(num_examples), "metrics": _plain(metrics),
-                "compute_s": compute_s}
-        if encoding is not None:
-            meta["encoding"] = encoding
-        return Message("fit_result", meta, arrays)
 
     def _feedback_state(self, meta: dict[str, Any], uplink: UplinkSpec) -> ErrorFeedback | None:
         if not uplink.sends_delta:

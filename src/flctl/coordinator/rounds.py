@@ -23,11 +23,13 @@ import numpy as np
 
 from flctl.coordinator.privacy import PrivacyLedger
 from flctl.coordinator.records import Checkpoint, RunDir
+from flctl.coordinator.secure_round import SecureAggregation
 from flctl.core.aggregation import update_distance
 from flctl.core.data import Dataset
 from flctl.core.messages import ArraySpec
+from flctl.core.secagg import SecAggError
 from flctl.core.settings import TrainingSettings
-from flctl.core.strategies import make_strategy
+from flctl.core.strategies import make_strategy, needs_only_the_mean
 from flctl.core.tasks import BUILTIN_TASKS, Task, check_weights, load_task
 from flctl.core.uplink import UplinkSpec, unpack_update
 from flctl.errors import FlctlError, TrainingError
@@ -132,6 +134,7 @@ class Coordinator:
         on_message: MessageCallback = lambda text: None,
         resume_from: Checkpoint | None = None,
         eval_data: Dataset | None = None,
+        ca_pem: bytes | None = None,
     ) -> None:
         self.resume_from = resume_from
         self.eval_data = eval_data
@@ -142,6 +145,10 @@ class Coordinator:
             make_strategy(training.strategy, dict(training.strategy_params)))
         self.uplink = UplinkSpec.for_training(training)
         self.codec = self.uplink.codec()  # bad compression settings fail before round 1
+        self.ca_pem = ca_pem
+        self.secure: SecureAggregation | None = None  # set up once the hosts are known
+        if training.secure_aggregation:
+            _check_secure_aggregation(training, self.strategy, ca_pem)
         self.clients = list(clients)
         self.training = training
         self.run = run
@@ -203,18 +210,60 @@ class Coordinator:
                 raise TrainingError(f"{name}: agent has no data ({info.get('data_error')})")
         return [infos[c.name] for c in self.clients if c.name in infos]
 
+    def _fit_config(self, round_number: int) -> dict[str, Any]:
+        t = self.training
+        config = {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr,
+                  "seed": t.seed, "round": round_number, **self.strategy.fit_config_extra()}
+        if self.uplink.sends_delta:
+            config["uplink"] = self.uplink.as_config()
+        return config
+
+    def secure_fit_round(self, weights: list[np.ndarray], round_number: int,
+                         clients: Sequence[AgentClient], attempt: int = 1,
+                         ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """Like fit_round, but the coordinator only ever learns the updates' sum."""
+        assert self.secure is not None
+        t = self.training
+        config = self._fit_config(round_number)
+        round_id = f"{self.run.run_id}/{round_number}/{attempt}"
+
+        def secure_fit(client: AgentClient, shares: dict[str, Any],
+                       allocate: Any) -> FitReply:
+            return client.secure_fit(weights, t.task, self.task_params, config, round_id,
+                                     shares, allocate, heartbeat_s=t.heartbeat_s or None)
+
+        try:
+            outcome = self.secure.fit(weights, round_id, clients, secure_fit)
+        except SecAggError as exc:
+            raise RoundShort(f"round {round_number}: {exc.message}") from None
+        if len(outcome.participants) < t.min_hosts:
+            raise RoundShort(f"round {round_number}: {len(outcome.participants)} updates, "
+                             f"training.min_hosts is {t.min_hosts}")
+        for name, count in sorted(outcome.clipped.items()):
+            self.on_message(f"{name}: {count} coordinates of its update exceeded the secure-"
+                            f"aggregation range +-{self.secure.params.clip:g} and were clipped")
+        aggregator = self.strategy.start_round(weights, round_number)
+        aggregator.add("secure-sum", outcome.weights, outcome.examples)
+        total = sum(n for _, n in outcome.losses)
+        return aggregator.result(), {
+            "participants": outcome.participants,
+            "dropped": outcome.dropped,
+            "train_loss": sum(loss * n for loss, n in outcome.losses) / total if total else None,
+            "max_compute_s": max(outcome.compute, default=0.0),
+        }
+
     def fit_round(self, weights: list[np.ndarray], round_number: int,
-                  clients: Sequence[AgentClient]) -> tuple[list[np.ndarray], dict[str, Any]]:
+                  clients: Sequence[AgentClient], attempt: int = 1,
+                  ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        if self.secure is not None:
+            return self.secure_fit_round(weights, round_number, clients, attempt)
         t = self.training
         aggregator = self.strategy.start_round(weights, round_number)
         lock = threading.Lock()
         closed = threading.Event()
         losses: list[tuple[float, int]] = []
         compute: list[float] = []
-        config = {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr,
-                  "seed": t.seed, "round": round_number, **self.strategy.fit_config_extra()}
-        if self.uplink.sends_delta:
-            config["uplink"] = self.uplink.as_config()
+        config = self._fit_config(round_number)
 
         def fit_one(client: AgentClient) -> int:
             held: list[bool] = []
@@ -293,6 +342,12 @@ class Coordinator:
         started = time.perf_counter()
         try:
             infos = self.discover()
+            if self.training.secure_aggregation:
+                assert self.ca_pem is not None
+                counts = [int(i["data"]["n_train"]) for i in infos if i.get("data")]
+                self.secure = SecureAggregation(
+                    self.training, self.ca_pem, self._parallel,
+                    self.budget.allocator, self.budget.release, counts)
             # Every host is asked every round: one that was down rejoins when back.
             available = list(self.clients)
             if self.resume_from is not None:
@@ -364,7 +419,7 @@ class Coordinator:
         for attempt in range(1, attempts + 1):
             chosen = self._sample(available, round_number, attempt)
             try:
-                new_weights, fit = self.fit_round(weights, round_number, chosen)
+                new_weights, fit = self.fit_round(weights, round_number, chosen, attempt)
                 return new_weights, fit, attempt
             except RoundShort as short:
                 if attempt == attempts:
@@ -430,6 +485,24 @@ class Coordinator:
             self._checkpoint(round_number, new_weights)
         self.on_round(record)
         return record, new_weights
+
+
+def _check_secure_aggregation(training: TrainingSettings, strategy: object,
+                              ca_pem: bytes | None) -> None:
+    """Refuse settings that would need to see single updates."""
+    problems = []
+    if not needs_only_the_mean(strategy):
+        problems.append(f"strategy {training.strategy} needs every single update")
+    if training.privacy == "central":
+        problems.append("central DP clips single updates (use privacy: local)")
+    if training.compression != "float32":
+        problems.append("masked updates cannot be compressed (use compression: float32)")
+    if training.max_update_norm > 0:
+        problems.append("max_update_norm bounds single updates (set it to 0)")
+    if ca_pem is None:
+        problems.append("hosts' keys cannot be checked without the project CA")
+    if problems:
+        raise TrainingError("training.secure_aggregation: " + "; ".join(problems))
 
 
 def _plain_settings(training: TrainingSettings) -> dict[str, Any]:

@@ -72,5 +72,6 @@ def train_workspace(
     coordinator = Coordinator(clients, training, run,
                               task_search_path=[workspace.paths.tasks],
                               on_round=on_round, on_message=on_message,
-                              resume_from=checkpoint, eval_data=eval_data)
+                              resume_from=checkpoint, eval_data=eval_data,
+                              ca_pem=workspace.paths.ca_cert.read_bytes())
     return coordinator.train()

@@ -86,13 +86,20 @@ def pack_update(spec: UplinkSpec, global_weights: Sequence[np.ndarray],
     """
     if not spec.sends_delta:
         return [np.asarray(w) for w in trained], None
+    return spec.codec().encode(local_delta(spec, global_weights, trained, noise_rng), rng,
+                               feedback)
+
+
+def local_delta(spec: UplinkSpec, global_weights: Sequence[np.ndarray],
+                trained: Sequence[np.ndarray],
+                noise_rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """trained - global in float32, clipped and noised first under local DP."""
     if spec.local_clip_norm > 0:
         trained = privatize_locally(global_weights, trained, spec.local_clip_norm,
                                     spec.local_noise_multiplier,
                                     noise_rng or np.random.default_rng())
-    delta = [np.asarray(t, np.float32) - np.asarray(g, np.float32)
-             for g, t in zip(global_weights, trained)]
-    return spec.codec().encode(delta, rng, feedback)
+    return [np.asarray(t, np.float32) - np.asarray(g, np.float32)
+            for g, t in zip(global_weights, trained)]
 
 
 def unpack_update(codec: Codec, header: Any, arrays: Sequence[np.ndarray],

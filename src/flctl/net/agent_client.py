@@ -86,6 +86,22 @@ class AgentClient:
         return EvalReply(float(reply.meta["loss"]), int(reply.meta["num_examples"]),
                          dict(reply.meta.get("metrics", {})), float(reply.meta.get("compute_s", 0)))
 
+    def secagg_step(self, kind: str, meta: dict[str, Any]) -> dict[str, Any]:
+        """One key-exchange step of a secure-aggregation round (advertise, share, unmask)."""
+        return self._client.request(Message(kind, dict(meta))).meta
+
+    def secure_fit(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
+                   config: dict[str, Any], round_id: str, shares: dict[str, Any],
+                   allocate: Allocator | None = None,
+                   heartbeat_s: float | None = None) -> FitReply:
+        """Fit and get back only the masked update (one uint32 vector)."""
+        request = Message("secagg_fit", {"task": task, "task_params": dict(task_params),
+                                         "config": dict(config), "round_id": round_id,
+                                         "shares": shares}, list(weights))
+        reply = self._client.request(request, allocate, heartbeat_s=heartbeat_s)
+        return FitReply(reply.arrays, int(reply.meta["num_examples"]),
+                        dict(reply.meta.get("metrics", {})), float(reply.meta.get("compute_s", 0)))
+
     def abort(self) -> None:
         """Cut the connection from another thread (a blocked recv wakes up)."""
         self._client.abort()

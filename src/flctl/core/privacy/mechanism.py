@@ -53,14 +53,13 @@ import numpy as np
 
 from flctl.core.aggregation import CHUNK, all_finite, narrow_in_place, update_distance
 from flctl.core.privacy.accountant import PrivacyError, check_noise_multiplier
+from flctl.core.strategies import FedAvg, needs_only_the_mean
 from flctl.core.strategies.base import (
     Strategy,
     StrategyError,
     StrategyState,
     check_num_examples,
 )
-from flctl.core.strategies.fedavg import FedAvg
-from flctl.core.strategies.serveropt import ServerOptStrategy
 
 # The strategy-state key that carries the secret noise seed through checkpoints.
 NOISE_SEED_KEY = "dp_noise_seed"
@@ -301,7 +300,7 @@ class CentralDP:
 
     def __init__(self, inner: Strategy, clip_norm: float, noise_multiplier: float,
                  expected_participants: int, noise_seed: int | None = None) -> None:
-        if not isinstance(inner, (FedAvg, ServerOptStrategy)):
+        if not needs_only_the_mean(inner):
             raise PrivacyError(f"central DP needs a FedAvg-family strategy (fedavg, fedprox, "
                                f"fedavgm, fedadagrad, fedadam, fedyogi), not "
                                f"{getattr(inner, 'name', type(inner).__name__)!r}")

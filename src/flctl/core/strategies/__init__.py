@@ -23,6 +23,7 @@ from flctl.core.strategies.fedprox import FedProx
 from flctl.core.strategies.fedtrimmedavg import FedTrimmedAvg
 from flctl.core.strategies.fedyogi import FedYogi
 from flctl.core.strategies.krum import Krum, MultiKrum
+from flctl.core.strategies.serveropt import ServerOptStrategy
 
 STRATEGIES: dict[str, type] = {
     cls.name: cls
@@ -33,7 +34,14 @@ STRATEGIES: dict[str, type] = {
 __all__ = ["STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedAvgRound",
            "FedMedian", "FedProx", "FedTrimmedAvg", "FedYogi", "Krum", "MultiKrum",
            "RoundAggregator", "StatelessStrategy", "Strategy", "StrategyError",
-           "StrategyState", "make_strategy"]
+           "StrategyState", "make_strategy", "needs_only_the_mean"]
+
+
+def needs_only_the_mean(strategy: object) -> bool:
+    """True for the FedAvg family, whose step depends only on the round's weighted
+    mean update: the strategies central DP and secure aggregation can serve
+    (median, trimmed mean and Krum need every single update)."""
+    return isinstance(strategy, (FedAvg, ServerOptStrategy))
 
 
 def make_strategy(name: str, params: dict | None = None) -> Strategy:

@@ -1,0 +1,78 @@
+"""The host's side of secure aggregation: one SecAggClient per round.
+
+A round takes four requests (advertise keys, share them, fit and send the
+masked update, unmask); the client object carrying the round's secrets
+lives here between them, in memory only. The host signs its keys with its
+own TLS key, which never leaves it, and checks every peer's certificate
+against the project CA, so a coordinator cannot slip in keys of its own.
+Only the last few rounds are kept: an abandoned round's secrets are dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flctl.core.agentconfig import AgentConfig
+from flctl.core.secagg import FixedPointParams, SecAggClient, flatten
+from flctl.errors import FlctlError
+
+ROUNDS_KEPT = 4
+
+
+class SecureRounds:
+    def __init__(self, config: AgentConfig) -> None:
+        self.host = config.name
+        self._config = config
+        self._lock = threading.Lock()
+        self._clients: OrderedDict[str, SecAggClient] = OrderedDict()
+
+    def _credentials(self) -> tuple[bytes, bytes, bytes]:
+        c = self._config
+        return Path(c.key).read_bytes(), Path(c.cert).read_bytes(), Path(c.ca_cert).read_bytes()
+
+    def _client(self, meta: dict[str, Any]) -> tuple[str, SecAggClient]:
+        round_id = str(meta.get("round_id"))
+        with self._lock:
+            client = self._clients.get(round_id)
+        if client is None:
+            raise FlctlError(f"secure aggregation round {round_id!r} is unknown here "
+                             f"(never advertised, finished, or forgotten after a restart)")
+        return round_id, client
+
+    def advertise(self, meta: dict[str, Any]) -> dict[str, Any]:
+        round_id = str(meta.get("round_id"))
+        params = FixedPointParams.from_dict(meta.get("params") or {})
+        client = SecAggClient(self.host, round_id, *self._credentials(), params)
+        with self._lock:
+            self._clients[round_id] = client
+            while len(self._clients) > ROUNDS_KEPT:
+                self._clients.popitem(last=False)
+        return client.advertise()
+
+    def share(self, meta: dict[str, Any]) -> dict[str, Any]:
+        _, client = self._client(meta)
+        return {"boxes": client.share(meta.get("roster") or {})}
+
+    def open_shares(self, meta: dict[str, Any]) -> SecAggClient:
+        """Before training: a round whose shares do not open is refused up front."""
+        _, client = self._client(meta)
+        client.receive_shares(meta.get("shares") or {})
+        return client
+
+    @staticmethod
+    def mask(client: SecAggClient, delta: list[np.ndarray], num_examples: int) -> np.ndarray:
+        return client.masked_input(flatten(delta), float(num_examples))
+
+    def unmask(self, meta: dict[str, Any]) -> dict[str, Any]:
+        round_id, client = self._client(meta)
+        try:
+            return client.unmask(list(meta.get("dropped") or []),
+                                 list(meta.get("survivors") or []))
+        finally:
+            with self._lock:  # answered (or refused) once: the secrets go
+                self._clients.pop(round_id, None)

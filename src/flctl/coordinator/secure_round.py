@@ -1,0 +1,146 @@
+"""A round under secure aggregation: the coordinator relays keys and learns
+only the sum of the hosts' updates.
+
+Four fan-outs over the round's hosts: advertise signed keys, share them
+(Shamir shares, encrypted host to host), fit and send masked updates
+(summed modulo 2^32 as they arrive, one vector held), unmask. Hosts that
+drop after sharing keys are recovered as long as `threshold` hosts answer
+the unmask request; below that the round fails with nothing learnt, and
+the caller may run it again with fresh keys.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from flctl.core.secagg import FixedPointParams, PeerError, SecAggServer, unflatten
+from flctl.core.settings import TrainingSettings
+from flctl.errors import TrainingError
+from flctl.net.agent_client import AgentClient, FitReply
+from flctl.net.framing import Allocator
+
+# (clients, call, timeout) -> (results by host, failure reasons by host)
+Parallel = Callable[[Sequence[AgentClient], Callable[[AgentClient], Any], float | None],
+                    tuple[dict[str, Any], dict[str, str]]]
+# (client, shares for it, allocate) -> the masked update
+SecureFit = Callable[[AgentClient, dict[str, Any], Allocator], FitReply]
+AllocatorFactory = Callable[[list[bool]], Allocator]
+Release = Callable[[list[bool]], None]
+
+MAX_WEIGHT_BOUND = 2 ** 20
+
+
+def weight_bound(example_counts: Sequence[int]) -> float:
+    """The power of two at or above the largest host's example count: weights
+    n / bound are then exact in fixed point (see core.secagg.fixedpoint)."""
+    largest = max([1, *example_counts])
+    return float(min(MAX_WEIGHT_BOUND, 2 ** math.ceil(math.log2(largest))))
+
+
+@dataclass
+class SecureOutcome:
+    weights: list[np.ndarray]  # global + the survivors' weighted mean update
+    examples: int
+    participants: list[str]
+    dropped: dict[str, str] = field(default_factory=dict)
+    losses: list[tuple[float, int]] = field(default_factory=list)
+    compute: list[float] = field(default_factory=list)
+    clipped: dict[str, int] = field(default_factory=dict)  # coordinates cut to the clip
+
+
+class SecureAggregation:
+    def __init__(self, training: TrainingSettings, ca_pem: bytes, parallel: Parallel,
+                 allocator: AllocatorFactory, release: Release,
+                 example_counts: Sequence[int]) -> None:
+        self.training = training
+        self.ca_pem = ca_pem
+        self.parallel = parallel
+        self.allocator = allocator
+        self.release = release
+        self.params = FixedPointParams(weight_bound=weight_bound(example_counts))
+
+    def fit(self, weights: list[np.ndarray], round_id: str, clients: Sequence[AgentClient],
+            secure_fit: SecureFit) -> SecureOutcome:
+        t = self.training
+        server = SecAggServer([c.name for c in clients], round_id, t.secagg_threshold or None,
+                              self.params, ca_pem=self.ca_pem)
+        dropped: dict[str, str] = {}
+
+        def collect(results: dict[str, Any], failures: dict[str, str],
+                    take: Callable[[str, Any], None]) -> None:
+            dropped.update(failures)
+            for name, value in sorted(results.items()):
+                try:
+                    take(name, value)
+                except PeerError as exc:
+                    dropped[name] = exc.message
+
+        def step(kind: str, meta: Callable[[AgentClient], dict[str, Any]]
+                 ) -> Callable[[AgentClient], dict[str, Any]]:
+            return lambda c: c.secagg_step(kind, {"round_id": round_id, **meta(c)})
+
+        def among(names: Sequence[str]) -> list[AgentClient]:
+            return [c for c in clients if c.name in names]
+
+        adverts, failures = self.parallel(
+            clients, step("secagg_advertise", lambda c: {"params": self.params.to_dict()}),
+            t.deadline_s)
+        collect(adverts, failures, server.collect_advertisement)
+        roster = server.roster()
+        boxes, failures = self.parallel(
+            among(server.roster_hosts), step("secagg_share", lambda c: {"roster": roster}),
+            t.deadline_s)
+        collect(boxes, failures, lambda name, reply: server.collect_shares(name, reply["boxes"]))
+        routed = server.route_shares()
+
+        lock = threading.Lock()
+        closed = threading.Event()
+        outcome = SecureOutcome(weights, 0, [])
+        size = sum(int(w.size) for w in weights) + 1  # the update, then its weight
+
+        def fit_one(client: AgentClient) -> None:
+            held: list[bool] = []
+            try:
+                reply = secure_fit(client, routed[client.name], self.allocator(held))
+                masked = reply.weights[0] if len(reply.weights) == 1 else None
+                if masked is None or masked.dtype != np.uint32 or masked.shape != (size,):
+                    raise TrainingError(f"masked update rejected: expected one uint32 vector "
+                                        f"of {size} values")
+                with lock:
+                    if closed.is_set():
+                        raise TrainingError("reply after the deadline")
+                    server.collect_masked(client.name, masked)
+                    outcome.losses.append((float(reply.metrics.get("train_loss", math.nan)),
+                                           reply.num_examples))
+                    outcome.compute.append(reply.compute_s)
+                    clipped = reply.metrics.get("secagg_clipped")
+                    if isinstance(clipped, int) and clipped > 0:
+                        outcome.clipped[client.name] = clipped
+            finally:
+                self.release(held)
+
+        _, failures = self.parallel(among(sorted(routed)), fit_one, t.deadline_s)
+        with lock:
+            closed.set()
+        dropped.update(failures)
+        request = server.unmask_request()
+        answers, failures = self.parallel(
+            among(request["survivors"]),
+            step("secagg_unmask", lambda c: {"dropped": request["dropped"],
+                                             "survivors": request["survivors"]}),
+            t.deadline_s)
+        collect(answers, failures, server.collect_unmask)
+        result = server.finish()
+        mean = unflatten(result.mean().astype(np.float32), weights)
+        outcome.weights = [(g + d).astype(g.dtype, copy=False) for g, d in zip(weights, mean)]
+        outcome.examples = int(round(result.examples_total))
+        outcome.participants = sorted(result.survivors)
+        # a survivor that missed only the unmask request still counts (others held its shares)
+        outcome.dropped = {k: v for k, v in dropped.items() if k not in result.survivors}
+        return outcome
