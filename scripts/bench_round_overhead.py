@@ -19,6 +19,8 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flctl.coordinator.records import create_run_dir
@@ -37,11 +39,12 @@ FLOWER_SECONDS = {1_000_000: 12.0, 10_000_000: 21.0}
 ECHO_TASK = Path(__file__).with_name("echo_task.py")
 
 
-def measure(root: Path, n_params: int, rounds: int) -> dict:
+def measure(root: Path, n_params: int, rounds: int, **overrides: object) -> dict:
+    """Train `rounds` rounds of the echo task; median figures of the steady rounds."""
     workspace = load_workspace(root)
     training = workspace.settings.with_training(
         task="echo_task:EchoTask", task_params={"n_params": n_params}, rounds=rounds,
-        eval_every=10_000, deadline_s=600.0).training
+        eval_every=10_000, deadline_s=600.0, **overrides).training
     context = workspace_context(workspace)
     limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes)
     clients = [AgentClient(e, context, timeout=600, limits=limits)
@@ -49,7 +52,8 @@ def measure(root: Path, n_params: int, rounds: int) -> dict:
     records = []
     coordinator = Coordinator(clients, training, create_run_dir(workspace.paths.runs),
                               task_search_path=[workspace.paths.tasks],
-                              on_round=records.append)
+                              on_round=records.append,
+                              ca_pem=workspace.paths.ca_cert.read_bytes())
     coordinator.train()
     # The last round also evaluates; the first warms up connections.
     steady = records[1:-1] if len(records) > 2 else records
@@ -65,6 +69,27 @@ def measure(root: Path, n_params: int, rounds: int) -> dict:
     }
 
 
+@contextmanager
+def echo_federation(hosts: int) -> Iterator[Path]:
+    """A workspace of `hosts` deployed local agents with the echo task; torn down after."""
+    with tempfile.TemporaryDirectory(prefix="flctl-bench-") as tmp:
+        root = Path(tmp)
+        settings = Settings(agent=AgentSettings(port=free_port_block(hosts)))
+        init_workspace(root, local_hosts=hosts, settings=settings)
+        (root / "flctl.yaml").write_text(render_settings(settings))
+        shutil.copy(ECHO_TASK, root / "tasks" / "echo_task.py")
+        workspace = load_workspace(root)
+        results = engine.deploy(workspace, list(workspace.inventory.hosts),
+                                verify=lambda h, e: info_probe(workspace)(e))
+        failed = [(r.host, r.error) for r in results if r.status in ("failed", "unreachable")]
+        try:
+            if failed:
+                raise SystemExit(f"deploy failed: {failed}")
+            yield root
+        finally:
+            engine.teardown(workspace, list(workspace.inventory.hosts))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--hosts", type=int, default=8)
@@ -72,23 +97,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="flctl-bench-") as tmp:
-        root = Path(tmp)
-        settings = Settings(agent=AgentSettings(port=free_port_block(args.hosts)))
-        init_workspace(root, local_hosts=args.hosts, settings=settings)
-        (root / "flctl.yaml").write_text(render_settings(settings))
-        shutil.copy(ECHO_TASK, root / "tasks" / "echo_task.py")
-        workspace = load_workspace(root)
-        results = engine.deploy(workspace, list(workspace.inventory.hosts),
-                                verify=lambda h, e: info_probe(workspace)(e))
-        failed = [r for r in results if r.status in ("failed", "unreachable")]
-        if failed:
-            print(f"deploy failed: {[(r.host, r.error) for r in failed]}", file=sys.stderr)
-            return 1
-        try:
-            figures = [measure(root, p, args.rounds) for p in args.params]
-        finally:
-            engine.teardown(workspace, list(workspace.inventory.hosts))
+    with echo_federation(args.hosts) as root:
+        figures = [measure(root, p, args.rounds) for p in args.params]
     for figure in figures:
         target = TARGETS.get(figure["n_params"])
         flower = FLOWER_SECONDS.get(figure["n_params"])
