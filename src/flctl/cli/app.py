@@ -130,10 +130,14 @@ def status(
     """Show every host's agent, load, memory and disk at a glance."""
     workspace = load_workspace(workspace_dir)
     rows = gather_status(workspace, _selected(workspace, limit), info_probe(workspace, 5.0))
+    runs = list_runs(workspace.paths.runs)
+    latest = runs[-1] if runs else None
     if json_output:
-        render.emit_json({"hosts": rows})
+        render.emit_json({"hosts": rows, "latest_run": latest.as_dict() if latest else None})
     else:
         render.out.print(render.status_table(rows))
+        if latest is not None:
+            render.out.print(render.latest_run_line(latest))
     down = [r["host"] for r in rows if not r["reachable"]]
     if down:
         raise HostError(f"unreachable: {', '.join(down)}")
@@ -197,6 +201,8 @@ def _summary_document(summary: RunSummary) -> dict[str, Any]:
         "hosts": summary.hosts,
         "accuracy": summary.accuracy,
         "eval_loss": summary.eval_loss,
+        "epsilon": summary.epsilon,
+        "delta": summary.delta,
         "seconds": round(summary.seconds, 3),
         "history": [r.as_dict() for r in summary.history],
     }
@@ -207,6 +213,9 @@ def _print_summary(summary: RunSummary) -> None:
     render.out.print(
         f"[green]trained[/] {summary.rounds} rounds on {len(summary.hosts)} hosts in "
         f"{summary.seconds:.1f}s, federated accuracy {accuracy}")
+    if summary.epsilon is not None:
+        render.out.print(f"privacy spent: epsilon {summary.epsilon:.3g} at delta "
+                         f"{summary.delta:g}")
     render.out.print(f"weights: {summary.final_weights}")
 
 
@@ -235,6 +244,19 @@ def train(
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Aggregation strategy."),
     task: Optional[str] = typer.Option(None, "--task", help="logreg, mlp or pkg.mod:Class."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init and sampling."),
+    compression: Optional[str] = typer.Option(
+        None, "--compression", help="Update encoding: float32, float16, int8 or topk."),
+    secure_aggregation: Optional[bool] = typer.Option(
+        None, "--secure-aggregation/--no-secure-aggregation",
+        help="The coordinator learns only the sum of each round's updates (SecAgg+)."),
+    privacy: Optional[str] = typer.Option(
+        None, "--privacy", help="Differential privacy: none, central or local (DP-FedAvg)."),
+    noise_multiplier: Optional[float] = typer.Option(
+        None, "--noise-multiplier", help="DP noise std as a multiple of --clip-norm."),
+    clip_norm: Optional[float] = typer.Option(
+        None, "--clip-norm", help="DP: L2 bound on each host's update."),
+    target_epsilon: Optional[float] = typer.Option(
+        None, "--target-epsilon", help="DP: stop before epsilon would exceed this."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of the run directory."),
     json_output: bool = JsonOpt,
 ) -> None:
@@ -249,7 +271,11 @@ def train(
                                     fraction=fraction, min_hosts=min_hosts,
                                     min_hosts_to_start=min_hosts_to_start, deadline_s=deadline,
                                     round_retries=round_retries, heartbeat_s=heartbeat,
-                                    strategy=strategy, task=task, seed=seed)
+                                    strategy=strategy, task=task, seed=seed,
+                                    compression=compression,
+                                    secure_aggregation=secure_aggregation, privacy=privacy,
+                                    noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                                    target_epsilon=target_epsilon)
     if run is not None and not resume:
         raise ConfigError(f"a run name ({run}) is only taken with --resume")
     if resume and set(overrides) - {"rounds"}:

@@ -118,12 +118,22 @@ def _tunnel_cell(row: dict[str, Any]) -> str:
 
 def runs_table(infos: Sequence[RunInfo]) -> Table:
     table = Table(title="runs")
-    for column in ("run", "state", "rounds", "accuracy", "hosts"):
+    for column in ("run", "state", "rounds", "accuracy", "epsilon", "hosts"):
         table.add_column(column)
     for info in infos:
-        colour = {"finished": "green", "interrupted": "yellow"}.get(info.state, "dim")
-        planned = "?" if info.rounds_planned is None else str(info.rounds_planned)
-        table.add_row(info.run_id, f"[{colour}]{info.state}[/]", f"{info.rounds_done}/{planned}",
-                      "-" if info.accuracy is None else f"{100 * info.accuracy:.2f}%",
-                      str(len(info.hosts)))
+        table.add_row(*run_cells(info), str(len(info.hosts)))
     return table
+
+
+def run_cells(info: RunInfo) -> list[str]:
+    colour = {"finished": "green", "interrupted": "yellow"}.get(info.state, "dim")
+    planned = "?" if info.rounds_planned is None else str(info.rounds_planned)
+    return [info.run_id, f"[{colour}]{info.state}[/]", f"{info.rounds_done}/{planned}",
+            "-" if info.accuracy is None else f"{100 * info.accuracy:.2f}%",
+            "-" if info.epsilon is None else f"{info.epsilon:.3g}"]
+
+
+def latest_run_line(info: RunInfo) -> str:
+    run, state, rounds, accuracy, epsilon = run_cells(info)
+    privacy = "" if info.epsilon is None else f", privacy spent epsilon {epsilon}"
+    return f"latest run {run}: {state}, round {rounds}, accuracy {accuracy}{privacy}"

@@ -73,6 +73,8 @@ class RunSummary:
     eval_loss: float | None
     seconds: float
     history: list[RoundRecord] = field(default_factory=list)
+    epsilon: float | None = None  # DP runs: (epsilon, delta) spent
+    delta: float | None = None
 
 
 RoundCallback = Callable[[RoundRecord], None]
@@ -404,7 +406,8 @@ class Coordinator:
             digest = self.run.save_final(weights, manifest)
             return RunSummary(self.run.run_id, self.run.path, manifest["rounds"],
                               [c.name for c in self.clients], self.run.path / "final.npz",
-                              digest, accuracy, eval_loss, time.perf_counter() - started, history)
+                              digest, accuracy, eval_loss, time.perf_counter() - started, history,
+                              manifest["epsilon"], manifest["delta"])
         finally:
             for client in self.clients:
                 client.close()
