@@ -71,6 +71,7 @@ def test_central_dp_reports_epsilon_every_round_and_stops_at_the_target(workspac
     assert epsilons[-1] <= 20.0 and len(epsilons) < 20  # stopped before the budget ran out
     status = run_cli("status", "-w", str(workspace), "--json").json()
     assert status["latest_run"]["epsilon"] == pytest.approx(epsilons[-1])
+    assert status["latest_run"]["delta"] == run["history"][-1]["delta"] == 1e-5
     assert run_cli("status", "-w", str(workspace)).stdout.count("privacy spent epsilon") == 1
 
 

@@ -53,7 +53,7 @@ def recap_table(results: Sequence[HostResult], title: str) -> Table:
 def round_table() -> Table:
     table = Table(title="federated rounds")
     for column, justify in (("round", "right"), ("hosts", "right"), ("train loss", "right"),
-                            ("eval loss", "right"), ("accuracy", "right"),
+                            ("eval loss", "right"), ("accuracy", "right"), ("epsilon", "right"),
                             ("seconds", "right"), ("bytes", "right"), ("dropped", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     return table
@@ -70,7 +70,8 @@ def add_round_row(table: Table, record: RoundRecord) -> None:
         num(record.train_loss, ".4f"),
         num(record.eval_loss, ".4f"),
         "-" if record.accuracy is None else f"{100 * record.accuracy:.2f}%",
-        f"{record.seconds:.2f}",
+        num(record.epsilon, ".3g"),
+        f"{record.seconds:.2f}" + (f" ({record.attempts} tries)" if record.attempts > 1 else ""),
         human_bytes(record.bytes_sent + record.bytes_received),
         dropped,
     )
@@ -135,5 +136,6 @@ def run_cells(info: RunInfo) -> list[str]:
 
 def latest_run_line(info: RunInfo) -> str:
     run, state, rounds, accuracy, epsilon = run_cells(info)
-    privacy = "" if info.epsilon is None else f", privacy spent epsilon {epsilon}"
+    privacy = "" if info.epsilon is None else (
+        f", privacy spent epsilon {epsilon} at delta {info.delta:g}")
     return f"latest run {run}: {state}, round {rounds}, accuracy {accuracy}{privacy}"

@@ -163,13 +163,14 @@ class RunInfo:
     accuracy: float | None
     hosts: list[str]
     started: float
-    epsilon: float | None = None  # DP runs: privacy spent so far (at the run's delta)
+    epsilon: float | None = None  # DP runs: privacy spent so far, at `delta`
+    delta: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "path": str(self.path), "state": self.state,
                 "rounds_done": self.rounds_done, "rounds_planned": self.rounds_planned,
                 "accuracy": self.accuracy, "hosts": self.hosts, "started": self.started,
-                "epsilon": self.epsilon}
+                "epsilon": self.epsilon, "delta": self.delta}
 
 
 def read_metrics(run: RunDir) -> list[dict[str, Any]]:
@@ -184,20 +185,20 @@ def describe_run(run: RunDir) -> RunInfo:
     history = read_metrics(run)
     accuracy = next((r["accuracy"] for r in reversed(history) if r.get("accuracy") is not None),
                     None)
-    epsilon = next((r["epsilon"] for r in reversed(history) if r.get("epsilon") is not None),
-                   None)
+    spent = next((r for r in reversed(history) if r.get("epsilon") is not None), {})
+    epsilon, delta = spent.get("epsilon"), spent.get("delta")
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         return RunInfo(run.run_id, run.path, "finished", int(manifest["rounds"]),
                        int(manifest["rounds"]), manifest.get("accuracy", accuracy),
                        list(manifest.get("hosts", [])), run.path.stat().st_mtime,
-                       manifest.get("epsilon", epsilon))
+                       manifest.get("epsilon", epsilon), manifest.get("delta", delta))
     if state_path.exists():
         state = json.loads(state_path.read_text())
         planned = (state.get("training") or {}).get("rounds")
         return RunInfo(run.run_id, run.path, "interrupted", int(state["round"]), planned,
                        accuracy, list(state.get("hosts", [])), run.path.stat().st_mtime,
-                       epsilon)
+                       epsilon, delta)
     return RunInfo(run.run_id, run.path, "empty", 0, None, None, [], run.path.stat().st_mtime)
 
 

@@ -55,7 +55,8 @@ class RoundRecord:
     central_loss: float | None = None
     central_accuracy: float | None = None
     attempts: int = 1  # > 1 when the round was re-run for lack of replies
-    epsilon: float | None = None  # DP: privacy spent so far, at training.dp_delta
+    epsilon: float | None = None  # DP: privacy spent so far, at `delta`
+    delta: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -480,6 +481,7 @@ class Coordinator:
             central_accuracy=None if central_accuracy is None else float(central_accuracy),
             attempts=attempts,
             epsilon=epsilon,
+            delta=t.dp_delta if self.privacy.enabled else None,
         )
         # Metrics first: a crash in between leaves a metrics line past the
         # checkpoint, which resume drops, rather than a round with no line.
