@@ -19,7 +19,7 @@ from flctl.core.strategies import Strategy
 
 
 def hosts_per_round(training: TrainingSettings, hosts: int) -> int:
-    """How many hosts a round asks (see Coordinator._sample)."""
+    """How many hosts a round asks: the fraction, at least min_hosts, at most all."""
     return min(hosts, max(training.min_hosts, math.ceil(training.fraction * hosts)))
 
 

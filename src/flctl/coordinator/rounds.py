@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from flctl.coordinator.privacy import PrivacyLedger
+from flctl.coordinator.privacy import PrivacyLedger, hosts_per_round
 from flctl.coordinator.records import Checkpoint, RunDir
 from flctl.coordinator.secure_round import SecureAggregation
 from flctl.core.aggregation import update_distance
@@ -186,7 +186,7 @@ class Coordinator:
 
     def _sample(self, available: list[AgentClient], round_number: int,
                 attempt: int = 1) -> list[AgentClient]:
-        count = max(self.training.min_hosts, math.ceil(self.training.fraction * len(available)))
+        count = hosts_per_round(self.training, len(available))
         if count >= len(available):
             return list(available)
         # A re-run draws afresh (the first draw may hold the dead hosts); the
