@@ -6,9 +6,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from flctl.core.settings import AgentSettings, Settings, render_settings
 from flctl.net.ports import free_port_block
@@ -54,3 +55,18 @@ def deploy_json(root: Path, *extra: str) -> dict[str, Any]:
 
 def by_host(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {h["host"]: h for h in document["hosts"]}
+
+
+def deployed_local_workspace(root: Path, hosts: int,
+                             prepare: Callable[[Path], None] = lambda root: None,
+                             ) -> Iterator[Path]:
+    """A workspace of `hosts` local agents, `prepare`d and deployed; torn down when
+    the generator ends. Module fixtures `yield from` it."""
+    assert run_cli("init", str(root), "--local", str(hosts)).returncode == 0
+    use_ports(root, hosts)
+    prepare(root)
+    assert run_cli("deploy", "-w", str(root)).returncode == 0
+    try:
+        yield root
+    finally:
+        run_cli("teardown", "-w", str(root))

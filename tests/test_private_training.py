@@ -8,19 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli, use_ports
+from helpers import deployed_local_workspace, run_cli
 
 HOSTS = 4
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("private")
-    assert run_cli("init", str(root), "--local", str(HOSTS)).returncode == 0
-    use_ports(root, HOSTS)
-    assert run_cli("deploy", "-w", str(root)).returncode == 0
-    yield root
-    run_cli("teardown", "-w", str(root))
+    yield from deployed_local_workspace(tmp_path_factory.mktemp("private"), HOSTS)
 
 
 def train(root: Path, *flags: str) -> dict:

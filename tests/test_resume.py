@@ -16,7 +16,7 @@ import pytest
 
 from flctl.coordinator.records import load_weights
 
-from helpers import run_cli, use_ports
+from helpers import deployed_local_workspace, run_cli
 
 HOSTS = 4
 ROUNDS = 40
@@ -24,12 +24,7 @@ ROUNDS = 40
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("resume")
-    assert run_cli("init", str(root), "--local", str(HOSTS)).returncode == 0
-    use_ports(root, HOSTS)
-    assert run_cli("deploy", "-w", str(root)).returncode == 0
-    yield root
-    run_cli("teardown", "-w", str(root))
+    yield from deployed_local_workspace(tmp_path_factory.mktemp("resume"), HOSTS)
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli, use_ports
+from helpers import deployed_local_workspace, run_cli
 
 HOSTS = 8
 ROUNDS = 20
@@ -42,20 +42,18 @@ class Hostile(LogRegTask):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("hostile")
-    assert run_cli("init", str(root), "--local", str(HOSTS)).returncode == 0
-    use_ports(root, HOSTS)
-    (root / "tasks" / "hostile.py").write_text(HOSTILE_TASK)
-    assert run_cli("deploy", "-w", str(root)).returncode == 0
-    status = run_cli("status", "-w", str(root), "--json").json()
-    sizes = {row["host"]: row["n_train"] for row in status["hosts"]}
-    # hosts chosen by name before any result is seen; the task knows them by size
-    bad = [sizes["local2"], sizes["local3"]]
-    assert list(sizes.values()).count(bad[0]) == list(sizes.values()).count(bad[1]) == 1
-    text = (root / "flctl.yaml").read_text().replace("task: logreg", "task: hostile:Hostile")
-    (root / "flctl.yaml").write_text(text)
-    yield root, bad
-    run_cli("teardown", "-w", str(root))
+    def ship_task(root: Path) -> None:
+        (root / "tasks" / "hostile.py").write_text(HOSTILE_TASK)
+
+    for root in deployed_local_workspace(tmp_path_factory.mktemp("hostile"), HOSTS, ship_task):
+        status = run_cli("status", "-w", str(root), "--json").json()
+        sizes = {row["host"]: row["n_train"] for row in status["hosts"]}
+        # hosts chosen by name before any result is seen; the task knows them by size
+        bad = [sizes["local2"], sizes["local3"]]
+        assert list(sizes.values()).count(bad[0]) == list(sizes.values()).count(bad[1]) == 1
+        text = (root / "flctl.yaml").read_text().replace("task: logreg", "task: hostile:Hostile")
+        (root / "flctl.yaml").write_text(text)
+        yield root, bad
 
 
 def train(root: Path, strategy: str, params: dict, bad: list[int], norm_bound: float) -> float:

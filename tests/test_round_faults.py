@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli, use_ports
+from helpers import deployed_local_workspace, run_cli
 
 HOSTS = 4
 SLEEPY_TASK = '''
@@ -38,13 +38,8 @@ class Sleepy(LogRegTask):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("faults")
-    assert run_cli("init", str(root), "--local", str(HOSTS)).returncode == 0
-    use_ports(root, HOSTS)
-    (root / "tasks" / "sleepy.py").write_text(SLEEPY_TASK)
-    assert run_cli("deploy", "-w", str(root)).returncode == 0
-    yield root
-    run_cli("teardown", "-w", str(root))
+    yield from deployed_local_workspace(tmp_path_factory.mktemp("faults"), HOSTS,
+                                        prepare=lambda root: (root / "tasks" / "sleepy.py").write_text(SLEEPY_TASK))
 
 
 def sizes(root: Path) -> dict[str, int]:
@@ -60,27 +55,33 @@ def write_task_settings(root: Path, params: dict, deadline: float) -> None:
     (root / "flctl.yaml").write_text(text)
 
 
+def agent_pid(root: Path, host: str) -> int:
+    return int((root / ".flctl" / "hosts" / host / "agent.pid").read_text())
+
+
+def train_into_round_two(root: Path, run_id: str, *flags: str) -> subprocess.Popen:
+    """Start `flctl train --json` and return once its second round's fits are
+    under way (every fit sleeps, see write_task_settings)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flctl", "train", "-w", str(root), "--run-id", run_id, "--json",
+         *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    metrics = root / "runs" / run_id / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.02)
+    time.sleep(0.3)
+    return process
+
+
 def test_an_agent_killed_mid_round_is_dropped_then_rejoins(workspace: Path) -> None:
     everyone = sorted(sizes(workspace).values())
     original = (workspace / "flctl.yaml").read_text()
     # every host takes 0.8 s per fit, so a round is long enough to kill one in it
     write_task_settings(workspace, {"slow_sizes": everyone, "delay": 0.8}, 30.0)
     try:
-        run = workspace / "runs" / "killed"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flctl", "train", "-w", str(workspace), "--rounds", "6",
-             "--run-id", "killed", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-        victim = workspace / ".flctl" / "hosts" / "local2" / "agent.pid"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            done = (run / "metrics.jsonl").read_text().count("\n") if (
-                run / "metrics.jsonl").exists() else 0
-            if done >= 1:
-                break
-            time.sleep(0.02)
-        time.sleep(0.3)  # round 2 is under way: its fits are sleeping
-        os.kill(int(victim.read_text()), signal.SIGKILL)
+        process = train_into_round_two(workspace, "killed", "--rounds", "6")
+        os.kill(agent_pid(workspace, "local2"), signal.SIGKILL)
         out, err = process.communicate(timeout=120)
         assert process.returncode == 0, err
         history = json.loads(out)["history"]
@@ -113,17 +114,10 @@ def test_a_frozen_agent_is_dropped_by_heartbeat_long_before_the_deadline(
     everyone = sorted(sizes(workspace).values())
     original = (workspace / "flctl.yaml").read_text()
     write_task_settings(workspace, {"slow_sizes": everyone, "delay": 0.8}, 120.0)
-    victim = int((workspace / ".flctl" / "hosts" / "local3" / "agent.pid").read_text())
+    victim = agent_pid(workspace, "local3")
     try:
-        run = workspace / "runs" / "frozen"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flctl", "train", "-w", str(workspace), "--rounds", "2",
-             "--run-id", "frozen", "--heartbeat", "0.5", "--round-retries", "0", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (run / "metrics.jsonl").exists():
-            time.sleep(0.02)
-        time.sleep(0.3)  # round 2 is under way: its fits are sleeping
+        process = train_into_round_two(workspace, "frozen", "--rounds", "2",
+                                       "--heartbeat", "0.5", "--round-retries", "0")
         os.kill(victim, signal.SIGSTOP)
         out, err = process.communicate(timeout=60)
         assert process.returncode == 0, err
@@ -142,17 +136,9 @@ def test_a_round_short_of_min_hosts_is_run_again_once_the_agent_is_back(
     original = (workspace / "flctl.yaml").read_text()
     write_task_settings(workspace, {"slow_sizes": everyone, "delay": 0.8}, 30.0)
     try:
-        run = workspace / "runs" / "retried"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flctl", "train", "-w", str(workspace), "--rounds", "3",
-             "--run-id", "retried", "--min-hosts", str(HOSTS), "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (run / "metrics.jsonl").exists():
-            time.sleep(0.02)
-        time.sleep(0.3)  # round 2 is under way
-        victim = workspace / ".flctl" / "hosts" / "local2" / "agent.pid"
-        os.kill(int(victim.read_text()), signal.SIGKILL)
+        process = train_into_round_two(workspace, "retried", "--rounds", "3",
+                                       "--min-hosts", str(HOSTS))
+        os.kill(agent_pid(workspace, "local2"), signal.SIGKILL)
         out, err = process.communicate(timeout=120)
         assert process.returncode == 0, err
         history = json.loads(out)["history"]
