@@ -449,3 +449,34 @@ def test_secure_aggregation_refuses_settings_that_need_single_updates(
         training = TrainingSettings(task="meantask:MeanTask", secure_aggregation=True, **extra)
         with pytest.raises(TrainingError, match=reason):
             federation.coordinator(training)
+
+
+def test_a_central_dp_run_resumed_from_its_checkpoint_draws_the_same_noise(
+        federation: Federation) -> None:
+    """The noise seed is secret (not training.seed) and lives in the checkpoint, so
+    a run killed after round 2 and resumed ends bit for bit where it would have."""
+    import shutil
+
+    from flctl.coordinator.records import RunDir, load_checkpoint
+
+    training = TrainingSettings(task="meantask:MeanTask", rounds=3, privacy="central",
+                                clip_norm=0.5, noise_multiplier=1.0, eval_every=10)
+    snapshot = federation.root / "runs" / "killed-after-2"
+
+    def keep_round_two(record) -> None:
+        if record.round == 2:
+            shutil.copytree(coordinator.run.path, snapshot)  # what kill -9 would leave
+
+    coordinator = federation.coordinator(training, on_round=keep_round_two)
+    full = coordinator.train()
+    run = RunDir(snapshot)
+    clients = [AgentClient(e, federation.context, timeout=30) for e in federation.endpoints]
+    resumed = Coordinator(clients, training, run, task_search_path=[federation.root / "tasks"],
+                          resume_from=load_checkpoint(run),
+                          ca_pem=(federation.root / "ca.crt").read_bytes()).train()
+    a, b = load_weights(full.final_weights), load_weights(resumed.final_weights)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert resumed.epsilon == pytest.approx(full.epsilon) and full.epsilon is not None
+    # and a fresh run draws other noise: the seed is not derived from settings
+    other = federation.coordinator(training).train()
+    assert not np.array_equal(load_weights(other.final_weights)[0], a[0])
