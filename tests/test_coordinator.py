@@ -71,7 +71,7 @@ def gone_before_unmask(service: AgentService):
 
 class Federation:
     def __init__(self, root: Path, sizes: list[int], frozen: tuple[int, ...] = (),
-                 leaves: tuple[int, ...] = ()) -> None:
+                 leaves: tuple[int, ...] = (), spread: float = 1.0) -> None:
         self.root = root
         ca_key, ca_cert = pki.make_ca("test CA")
         (root / "ca.crt").write_bytes(ca_cert)
@@ -89,7 +89,7 @@ class Federation:
             key, cert = pki.issue_certificate(ca_key, ca_cert, name, [name], ["127.0.0.1"])
             (root / f"{name}.key").write_bytes(key)
             (root / f"{name}.crt").write_bytes(cert)
-            x = np.full((size, 3), float(index), dtype=np.float32)
+            x = np.full((size, 3), spread * index, dtype=np.float32)
             x[:, 1] = np.arange(size) / size  # update coordinates stay below 1
             save_dataset(Dataset(x, np.zeros(size, dtype=np.int64)), root / f"{name}.npz")
             self.means.append(x.mean(axis=0))
@@ -480,3 +480,20 @@ def test_a_central_dp_run_resumed_from_its_checkpoint_draws_the_same_noise(
     # and a fresh run draws other noise: the seed is not derived from settings
     other = federation.coordinator(training).train()
     assert not np.array_equal(load_weights(other.final_weights)[0], a[0])
+
+
+def test_secure_aggregation_on_a_sparse_secagg_plus_graph(tmp_path: Path) -> None:
+    """16 hosts, 6 neighbours each: masks and shares stay inside neighbourhoods
+    of 7, and the sum is still the weighted mean of all 16 updates."""
+    sizes = [10 + 5 * i for i in range(16)]
+    fed = Federation(tmp_path, sizes, spread=0.1)  # updates inside the fixed-point range
+    try:
+        training = TrainingSettings(task="meantask:MeanTask", rounds=1, secure_aggregation=True,
+                                    secagg_neighbours=6)
+        summary = fed.coordinator(training).train()
+        weights = np.array(sizes, dtype=np.float64)
+        expected = sum(n * m for n, m in zip(weights, fed.means)) / weights.sum()
+        np.testing.assert_allclose(load_weights(summary.final_weights)[0], expected, atol=1e-5)
+        assert len(summary.history[0].participants) == 16
+    finally:
+        fed.close()

@@ -1,4 +1,5 @@
-"""Secure aggregation core: exact sums, dropouts, masking quality, tampering, primitives."""
+"""Secure aggregation core: exact sums, dropouts, masking quality, tampering, primitives;
+SecAgg+ sparse graphs with per-neighbourhood thresholds."""
 
 from __future__ import annotations
 
@@ -12,19 +13,24 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from flctl.core import pki
 from flctl.core.aggregation import weighted_average
 from flctl.core.secagg import (
     FixedPointError,
     FixedPointParams,
+    NeighbourhoodError,
     PeerError,
     SecAggClient,
     SecAggError,
     SecAggResult,
     SecAggServer,
     decode,
+    default_neighbours,
     default_threshold,
+    effective_degree,
     encode,
     encode_weighted,
     flatten,
@@ -32,10 +38,13 @@ from flctl.core.secagg import (
     shamir,
     unflatten,
 )
+from flctl.core.secagg.graph import disconnection_bound, round_graph
 from flctl.core.secagg.keys import advert_message
 from flctl.errors import FlctlError
 
 HOSTS = [f"host{i}" for i in range(8)]
+SPARSE_HOSTS = [f"node{i:02d}" for i in range(16)]
+DEGREE = 6  # neighbourhoods of 7; default threshold 5
 ROUND = "round-7"
 # weight_bound a power of two <= 2^frac_bits: integer example counts are exact weights.
 PARAMS = FixedPointParams(frac_bits=20, clip=8.0, weight_bound=1024.0)
@@ -48,7 +57,7 @@ def ca() -> tuple[bytes, bytes]:
 
 @pytest.fixture(scope="module")
 def creds(ca: tuple[bytes, bytes]) -> dict[str, tuple[bytes, bytes]]:
-    return {h: pki.issue_certificate(*ca, h) for h in HOSTS}
+    return {h: pki.issue_certificate(*ca, h) for h in HOSTS + SPARSE_HOSTS}
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +66,42 @@ def updates() -> dict[str, np.ndarray]:
     return {h: rng.normal(0, 0.05, 20_000).astype(np.float32) for h in HOSTS}
 
 
+@pytest.fixture(scope="module")
+def sparse_updates() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(11)
+    return {h: rng.normal(0, 0.05, 3_000).astype(np.float32) for h in SPARSE_HOSTS}
+
+
 WEIGHTS = {h: w for h, w in zip(HOSTS, [1000, 3, 517, 64, 999, 250, 1, 731])}
+WEIGHTS.update({h: 40 + 61 * i for i, h in enumerate(SPARSE_HOSTS)})
+
+
+def start_round(creds: dict[str, tuple[bytes, bytes]], ca_pem: bytes, names: list[str], *,
+                server: SecAggServer | None = None, degree: int = 0
+                ) -> tuple[SecAggServer, dict[str, SecAggClient], dict]:
+    """Advertise stage; clients are told the degree and threshold up front."""
+    server = server or SecAggServer(names, ROUND, params=PARAMS, ca_pem=ca_pem, degree=degree)
+    told = server.advertise_request()
+    clients = {h: SecAggClient(h, ROUND, *creds[h], ca_pem, PARAMS, degree=told["degree"],
+                               threshold=told["threshold"]) for h in names}
+    for host, client in clients.items():
+        server.collect_advertisement(host, client.advertise())
+    return server, clients, server.roster()
 
 
 def run_round(creds: dict[str, tuple[bytes, bytes]], ca_pem: bytes,
-              updates: dict[str, np.ndarray], *, gone_after_advertise: Iterable[str] = (),
-              gone_before_masked: Iterable[str] = (), gone_before_unmask: Iterable[str] = (),
-              server: SecAggServer | None = None) -> tuple[SecAggServer, SecAggResult]:
-    """Drive one round in process; hosts in the gone_* sets stop answering at that stage."""
-    names = sorted(updates)
-    server = server or SecAggServer(names, ROUND, params=PARAMS, ca_pem=ca_pem)
-    clients = {h: SecAggClient(h, ROUND, *creds[h], ca_pem, PARAMS) for h in names}
-    for host, client in clients.items():
-        server.collect_advertisement(host, client.advertise())
-    roster = server.roster()
+              updates: dict[str, np.ndarray], *, server: SecAggServer | None = None,
+              degree: int = 0, **gone: Iterable[str]) -> tuple[SecAggServer, SecAggResult]:
+    server, clients, roster = start_round(creds, ca_pem, sorted(updates), server=server,
+                                          degree=degree)
+    return server, finish_round(server, clients, roster, updates, **gone)
+
+
+def finish_round(server: SecAggServer, clients: dict[str, SecAggClient], roster: dict,
+                 updates: dict[str, np.ndarray], *, gone_after_advertise: Iterable[str] = (),
+                 gone_before_masked: Iterable[str] = (),
+                 gone_before_unmask: Iterable[str] = ()) -> SecAggResult:
+    """Drive the rest of a round; hosts in the gone_* sets stop answering at that stage."""
     for host, client in clients.items():
         if host not in gone_after_advertise:
             server.collect_shares(host, client.share(roster))
@@ -84,7 +115,7 @@ def run_round(creds: dict[str, tuple[bytes, bytes]], ca_pem: bytes,
         if host not in gone_before_unmask:
             server.collect_unmask(host, clients[host].unmask(request["dropped"],
                                                              request["survivors"]))
-    return server, server.finish()
+    return server.finish()
 
 
 def weighted_reference(updates: dict[str, np.ndarray], hosts: Iterable[str]) -> np.ndarray:
@@ -116,7 +147,7 @@ def test_weighted_fedavg_matches_the_plain_average_within_the_fixed_point_bound(
     error = np.abs(result.mean() - reference).max()
     assert error <= bound
     assert bound < 1e-5  # the bound itself is small enough to be useful
-    assert result.examples_total == sum(WEIGHTS.values())
+    assert result.examples_total == sum(WEIGHTS[h] for h in HOSTS)
     # Same answer as the project's plain FedAvg (float32 output adds its own rounding).
     plain = weighted_average([[big[h]] for h in HOSTS], [WEIGHTS[h] for h in HOSTS])[0]
     assert np.abs(result.mean() - plain).max() <= bound + 2e-8
@@ -362,6 +393,164 @@ def test_params_that_could_overflow_are_refused() -> None:
         FixedPointParams(frac_bits=30, clip=4.0)
 
 
+# -- SecAgg+: a sparse k-regular graph --------------------------------------------------
+
+
+def ring_offsets(server: SecAggServer, host: str) -> set[int]:
+    """Ring distances (signed) from `host` to its neighbours."""
+    assert server.graph is not None
+    ring = server.graph.ring
+    n, i = len(ring), ring.index(host)
+    return {(ring.index(peer) - i + n // 2) % n - n // 2 for peer in server.graph.neighbours(host)}
+
+
+def test_the_sparse_graph_is_k_regular_shared_and_fixed_by_the_round(creds, ca) -> None:
+    server, clients, roster = start_round(creds, ca[1], SPARSE_HOSTS, degree=DEGREE)
+    graph = server.graph
+    assert graph is not None and roster["degree"] == DEGREE and roster["threshold"] == 5
+    # A Harary graph on a shuffled ring: +-1..+-3 ring steps for everyone, 48 edges.
+    assert all(len(graph.neighbours(h)) == DEGREE for h in SPARSE_HOSTS)
+    assert all(ring_offsets(server, h) == {-3, -2, -1, 1, 2, 3} for h in SPARSE_HOSTS)
+    assert len(graph.edges()) == 16 * DEGREE // 2
+    assert all(a in graph.adjacency[b] for a, b in graph.edges())
+    assert sorted(graph.ring) == SPARSE_HOSTS and list(graph.ring) != SPARSE_HOSTS
+    # Every client derives the same graph from the roster, and shares with its neighbours only.
+    for host, client in clients.items():
+        boxes = client.share(roster)
+        assert client.graph == graph
+        assert sorted(boxes) == graph.neighbours(host)
+    # The same round id and keys give the same ring; another round id another ring.
+    keys_of = {h: tuple(base64.b64decode(roster["hosts"][h][field])
+                        for field in ("c_pk", "s_pk", "b_commit")) for h in SPARSE_HOSTS}
+    assert round_graph(ROUND, keys_of, DEGREE) == graph
+    other = round_graph("round-8", keys_of, DEGREE)
+    assert other.ring != graph.ring and other.edges() != graph.edges()
+    # One host's fresh keys move the ring too: the server cannot know it before the adverts.
+    changed = dict(keys_of, node03=(bytes(32), bytes(32), bytes(32)))
+    assert round_graph(ROUND, changed, DEGREE).ring != graph.ring
+
+
+def test_sparse_sum_is_exact_and_hosts_only_deal_with_their_neighbours(
+        creds, ca, sparse_updates) -> None:
+    server, clients, roster = start_round(creds, ca[1], SPARSE_HOSTS, degree=DEGREE)
+    graph = server.graph
+    for host, client in clients.items():
+        server.collect_shares(host, client.share(roster))
+    routed = server.route_shares()
+    for host, boxes in routed.items():
+        assert sorted(boxes) == graph.neighbours(host)
+        clients[host].receive_shares(boxes)
+    for host in SPARSE_HOSTS:
+        server.collect_masked(host, clients[host].masked_input(sparse_updates[host],
+                                                               WEIGHTS[host]))
+    request = server.unmask_request()
+    for host in SPARSE_HOSTS:
+        answer = clients[host].unmask(request["dropped"], request["survivors"])
+        # Asked about all 16, a host answers for its own neighbourhood of 7 only.
+        assert sorted(answer["b_shares"]) == graph.neighbourhood(host)
+        server.collect_unmask(host, answer)
+    result = server.finish()
+    reference = weighted_reference(sparse_updates, SPARSE_HOSTS)
+    assert np.abs(result.mean() - reference).max() <= mean_error_bound(16, SPARSE_HOSTS)
+    assert result.examples_total == sum(WEIGHTS[h] for h in SPARSE_HOSTS)
+    assert server.stage == "done" and holds_no_vector(server)
+
+
+def spread_dropouts(server: SecAggServer) -> dict[str, list[str]]:
+    """Four of 16 hosts gone, a quarter of the ring apart: every neighbourhood keeps >= 5."""
+    ring = server.graph.ring
+    return {"gone_after_advertise": [ring[12]], "gone_before_masked": [ring[0], ring[8]],
+            "gone_before_unmask": [ring[4]]}
+
+
+def test_spread_out_dropouts_still_give_the_survivors_sum(creds, ca, sparse_updates) -> None:
+    server, clients, roster = start_round(creds, ca[1], SPARSE_HOSTS, degree=DEGREE)
+    gone = spread_dropouts(server)
+    result = finish_round(server, clients, roster, sparse_updates, **gone)
+    senders = sorted(set(SPARSE_HOSTS) - set(gone["gone_after_advertise"])
+                     - set(gone["gone_before_masked"]))
+    assert result.survivors == senders and result.dropped == sorted(gone["gone_before_masked"])
+    error = np.abs(result.mean() - weighted_reference(sparse_updates, senders)).max()
+    assert error <= mean_error_bound(len(senders), senders)
+    # The pattern was tight: some neighbourhood answered with exactly the threshold.
+    answered = set(senders) - set(gone["gone_before_unmask"])
+    fewest = min(len(set(server.graph.neighbourhood(h)) & answered) for h in senders)
+    assert fewest == server.threshold == 5
+
+
+@pytest.mark.parametrize("stage,what", [
+    ("gone_after_advertise", "sent key shares"),
+    ("gone_before_masked", "sent masked input"),
+    ("gone_before_unmask", "answered the unmask request"),
+])
+def test_one_short_neighbourhood_fails_the_round_and_names_its_host(
+        creds, ca, sparse_updates, stage, what) -> None:
+    server, clients, roster = start_round(creds, ca[1], SPARSE_HOSTS, degree=DEGREE)
+    ring = server.graph.ring
+    victim = ring[0]
+    # Three of the victim's six neighbours go (ring steps -3, +1, +3); no other
+    # neighbourhood loses more than two, and 13 of 16 hosts are still there.
+    gone = [ring[13], ring[1], ring[3]]
+    with pytest.raises(NeighbourhoodError) as info:
+        finish_round(server, clients, roster, sparse_updates, **{stage: gone})
+    assert info.value.hosts == [victim]
+    assert f"the neighbourhood of {victim} fell short: only 4 of its 7 hosts {what};" \
+           f" the threshold is 5" in info.value.message
+    assert server.stage == "failed" and holds_no_vector(server)
+    # The complete graph (threshold 11 of 16) rides out the very same dropouts.
+    server, clients, roster = start_round(creds, ca[1], SPARSE_HOSTS)
+    assert server.threshold == 11
+    result = finish_round(server, clients, roster, sparse_updates, **{stage: gone})
+    assert len(result.survivors) == (16 if stage == "gone_before_unmask" else 13)
+
+
+def test_clients_refuse_a_threshold_at_most_half_a_neighbourhood(creds, ca) -> None:
+    _, _, roster = start_round(creds, ca[1], SPARSE_HOSTS, degree=DEGREE)
+
+    def share(edit: dict, **told: int) -> dict:
+        """node00 (a fresh client, its advert swapped in) offered an edited roster."""
+        me = SecAggClient("node00", ROUND, *creds["node00"], ca[1], PARAMS, **told)
+        hosts = {**roster["hosts"], "node00": me.advertise()}
+        return me.share({**roster, "hosts": hosts, **edit})
+
+    assert len(share({})) == DEGREE
+    with pytest.raises(SecAggError, match=r"threshold 3 is unsafe for neighbourhoods of 7"
+                                          r" hosts .*more than half of one"):
+        share({"threshold": 3})
+    assert len(share({"threshold": 4})) == DEGREE  # 4 of 7 is a majority
+    with pytest.raises(SecAggError, match="threshold 8 is unsafe"):  # above a neighbourhood
+        share({"threshold": 8})
+    # Told degree 6 and threshold 5 at advertise time, a client holds the roster to them.
+    assert len(share({}, degree=6, threshold=5)) == DEGREE
+    with pytest.raises(SecAggError, match="neighbour degree 8 differs from the 6 announced"):
+        share({"degree": 8}, degree=6, threshold=5)
+    with pytest.raises(SecAggError, match="threshold 6 differs from the 5 announced"):
+        share({"threshold": 6}, degree=6, threshold=5)
+    with pytest.raises(SecAggError, match="neighbour degree must be a whole number"):
+        share({"degree": -2})
+    with pytest.raises(SecAggError, match="threshold 3 is unsafe for neighbourhoods of 7"):
+        SecAggServer(SPARSE_HOSTS, ROUND, threshold=3, degree=DEGREE)
+
+
+def test_degree_rules_and_the_default_degree() -> None:
+    assert [effective_degree(k, 16) for k in (0, 1, 5, 6, 14, 15, 99)] == [15, 2, 6, 6, 14, 15, 15]
+    assert effective_degree(6, 7) == 6 and effective_degree(5, 6) == 5  # both complete
+    assert [default_neighbours(n) for n in (2, 8, 13)] == [1, 7, 12]  # small: complete
+    assert [default_neighbours(n) for n in (14, 16, 32, 100, 255, 1000)] == \
+        [6, 6, 12, 26, 32, 36]
+    # The default is the smallest even degree whose ring stays connected, up to 2^-40,
+    # when a random third of the hosts is gone (and at least 6).
+    for n in (32, 100, 255):
+        k = default_neighbours(n)
+        assert disconnection_bound(n, k, n // 3) <= 2.0 ** -40 < \
+            disconnection_bound(n, k - 2, n // 3)
+    # The default threshold is a 2/3 majority of each neighbourhood; 16 hosts, degree 6:
+    server = SecAggServer(SPARSE_HOSTS, ROUND, degree=6)
+    assert server.threshold == default_threshold(7) == 5
+    assert server.advertise_request() == {"round": ROUND, "degree": 6, "threshold": 5,
+                                          "params": FixedPointParams().to_dict()}
+
+
 # -- primitives ------------------------------------------------------------------------
 
 
@@ -414,11 +603,25 @@ def test_flatten_unflatten_round_trip() -> None:
         unflatten(vector[:-1], template)
 
 
-def test_prg_is_chacha20_deterministic_and_seed_sensitive() -> None:
-    # RFC 8439 appendix A.1, test vector 1: all-zero key, nonce and counter.
-    first = prg.expand(bytes(32), 4).astype("<u4").tobytes().hex()
-    assert first == "76b8e0ada0f13d90405d6ae55386bd28"
+def test_prg_is_aes128_ctr_deterministic_and_seed_sensitive() -> None:
+    # NIST SP 800-38A appendix F.5.1, CTR-AES128.Encrypt: keystream XOR plaintext.
+    key = bytes.fromhex("2b7e151628aed2a6abf7158809cf4f3c")
+    counter = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")
+    plaintext = bytes.fromhex(
+        "6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51"
+        "30c81c46a35ce411e5fbc1191a0a52eff69f2445df4f9b17ad2b417be66c3710")
+    stream = np.zeros(16, np.uint32)
+    prg.add_keystream(stream, key, counter, +1)
+    ciphertext = bytes(a ^ b for a, b in zip(stream.astype("<u4").tobytes(), plaintext))
+    assert ciphertext.hex() == (
+        "874d6191b620e3261bef6864990db6ce9806f66b7970fdff8617187bb9fffdff"
+        "5ae4df3edbd5d35e5b4f09020db03eab1e031dda2fbe03d1792170a0f3009cee")
+    # A 32-byte seed becomes key and counter through HKDF-SHA256, as documented.
     seed, other = bytes(range(32)), bytes(range(1, 33))
+    material = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"flctl-secagg/v1 prg aes-128-ctr").derive(seed)
+    reference = Cipher(algorithms.AES(material[:16]), modes.CTR(material[16:])).encryptor()
+    assert prg.expand(seed, 8).astype("<u4").tobytes() == reference.update(bytes(32))
     long = prg.expand(seed, 70_000)  # crosses an internal chunk boundary
     assert np.array_equal(long, prg.expand(seed, 70_000))
     assert np.array_equal(long[:100], prg.expand(seed, 100))
@@ -429,6 +632,8 @@ def test_prg_is_chacha20_deterministic_and_seed_sensitive() -> None:
     assert not np.array_equal(acc, np.arange(70_000, dtype=np.uint32))
     prg.add_mask(acc, seed, -1)
     assert np.array_equal(acc, np.arange(70_000, dtype=np.uint32))
+    with pytest.raises(ValueError, match="32 bytes"):
+        prg.expand(bytes(16), 4)
 
 
 def test_every_payload_survives_a_json_round_trip(creds, ca, updates) -> None:

@@ -47,7 +47,10 @@ class SecureRounds:
     def advertise(self, meta: dict[str, Any]) -> dict[str, Any]:
         round_id = str(meta.get("round_id"))
         params = FixedPointParams.from_dict(meta.get("params") or {})
-        client = SecAggClient(self.host, round_id, *self._credentials(), params)
+        # Degree and threshold are fixed before any key is seen; the roster must repeat them.
+        client = SecAggClient(self.host, round_id, *self._credentials(), params,
+                              degree=_optional_int(meta.get("degree")),
+                              threshold=_optional_int(meta.get("threshold")))
         with self._lock:
             self._clients[round_id] = client
             while len(self._clients) > ROUNDS_KEPT:
@@ -76,3 +79,11 @@ class SecureRounds:
         finally:
             with self._lock:  # answered (or refused) once: the secrets go
                 self._clients.pop(round_id, None)
+
+
+def _optional_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FlctlError(f"secure aggregation: expected an integer, got {value!r}")
+    return value

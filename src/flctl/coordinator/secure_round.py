@@ -19,7 +19,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from flctl.core.secagg import FixedPointParams, PeerError, SecAggServer, unflatten
+from flctl.core.secagg import (
+    FixedPointParams,
+    PeerError,
+    SecAggServer,
+    default_neighbours,
+    unflatten,
+)
 from flctl.core.settings import TrainingSettings
 from flctl.errors import TrainingError
 from flctl.net.agent_client import AgentClient, FitReply
@@ -68,8 +74,11 @@ class SecureAggregation:
     def fit(self, weights: list[np.ndarray], round_id: str, clients: Sequence[AgentClient],
             secure_fit: SecureFit) -> SecureOutcome:
         t = self.training
+        # SecAgg+: each host masks with and shares among its k graph neighbours
+        degree = t.secagg_neighbours or default_neighbours(len(clients))
         server = SecAggServer([c.name for c in clients], round_id, t.secagg_threshold or None,
-                              self.params, ca_pem=self.ca_pem)
+                              self.params, ca_pem=self.ca_pem, degree=degree)
+        announced = server.advertise_request()
         dropped: dict[str, str] = {}
 
         def collect(results: dict[str, Any], failures: dict[str, str],
@@ -89,7 +98,7 @@ class SecureAggregation:
             return [c for c in clients if c.name in names]
 
         adverts, failures = self.parallel(
-            clients, step("secagg_advertise", lambda c: {"params": self.params.to_dict()}),
+            clients, step("secagg_advertise", lambda c: announced),
             t.deadline_s)
         collect(adverts, failures, server.collect_advertisement)
         roster = server.roster()

@@ -120,7 +120,10 @@ class TrainingSettings:
     target_epsilon: float = 0.0
     # The coordinator learns only the sum of the round's updates (SecAgg+).
     secure_aggregation: bool = False
-    # Survivors needed to unmask a round (0 = two thirds of the round's hosts).
+    # SecAgg+ graph: each host masks with k neighbours (0 = chosen from the host
+    # count: every other host below 14 hosts, O(log n) above).
+    secagg_neighbours: int = 0
+    # Hosts of each neighbourhood (k + 1) needed to unmask (0 = two thirds).
     secagg_threshold: int = 0
 
     def __post_init__(self) -> None:
@@ -263,6 +266,7 @@ _TRAINING_FIELDS: dict[str, Check] = {
     "dp_delta": lambda v, s: expect_float(v, s, above=0.0, maximum=0.1),
     "target_epsilon": lambda v, s: expect_float(v, s, minimum=0.0),
     "secure_aggregation": expect_bool,
+    "secagg_neighbours": lambda v, s: expect_int(v, s, minimum=0),
     "secagg_threshold": lambda v, s: expect_int(v, s, minimum=0),
 }
 _LIMIT_FIELDS: dict[str, Check] = {
@@ -360,7 +364,8 @@ _COMMENTS = {
     "training.dp_delta": "DP: delta of the reported (epsilon, delta)",
     "training.target_epsilon": "DP: stop before epsilon exceeds this (0: no limit)",
     "training.secure_aggregation": "coordinator sees only the sum (SecAgg+)",
-    "training.secagg_threshold": "survivors needed to unmask (0: 2/3 of hosts)",
+    "training.secagg_neighbours": "SecAgg+ neighbours per host (0: by host count)",
+    "training.secagg_threshold": "neighbourhood hosts needed to unmask (0: 2/3)",
     "limits.max_message_mb": "largest accepted protocol message",
 }
 

@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from flctl.core.secagg import keys, prg, shamir
 from flctl.core.secagg.fixedpoint import FixedPointError, FixedPointParams, encode_weighted
+from flctl.core.secagg.graph import CommunicationGraph, check_degree, round_graph
 from flctl.core.secagg.keys import PeerError, PeerKeys, SecAggError, b64decode, b64encode
 from flctl.core.secagg.protocol import (
     NeighbourFn,
     check_round,
-    complete_graph,
     host_list,
     mask_sign,
     share_index,
@@ -31,19 +31,37 @@ _STAGES = ("advertise", "share", "receive", "masked", "unmask", "done")
 
 
 class SecAggClient:
-    """Call advertise -> share -> receive_shares -> masked_input -> unmask."""
+    """Call advertise -> share -> receive_shares -> masked_input -> unmask.
+
+    The graph comes from the roster: its neighbour `degree` (0: complete) and
+    threshold travel there, and the client derives the ring itself (graph.py).
+    `degree` and `threshold` given here are what the coordinator announced with
+    the advertise request, before anyone's keys were known; the roster must then
+    repeat them, so the server cannot pick them after seeing the keys (which
+    decide the ring). Left as None they are taken from the roster unchecked.
+    Either way the client refuses a threshold that is not more than half of
+    every neighbourhood. `neighbours` replaces the derived graph with a fixed
+    symmetric function (both sides must use the same one; degree must be 0).
+    """
 
     def __init__(self, host: str, round_id: str | int, signing_key_pem: bytes, cert_pem: bytes,
                  ca_pem: bytes, params: FixedPointParams | None = None, *,
-                 neighbours: NeighbourFn = complete_graph) -> None:
+                 neighbours: NeighbourFn | None = None, degree: int | None = None,
+                 threshold: int | None = None) -> None:
         self.host = host
         self.round_id = str(round_id)
         self.params = params or FixedPointParams()
         self.clipped = 0  # coordinates clipped by masked_input
+        self.graph: CommunicationGraph | None = None  # known once the roster is in
         self._signing_key_pem = signing_key_pem
         self._cert_pem = cert_pem
         self._ca_pem = ca_pem
+        if neighbours is not None and degree:
+            raise SecAggError("secure aggregation: give either a neighbour function or a"
+                              " neighbour degree, not both")
         self._neighbours = neighbours
+        self._announced_degree = None if degree is None else check_degree(degree)
+        self._announced_threshold = threshold
         self._c_sk = X25519PrivateKey.generate()
         self._s_sk = X25519PrivateKey.generate()
         self._b = os.urandom(prg.SEED_BYTES)
@@ -74,6 +92,18 @@ class SecAggClient:
                 "s_pk": b64encode(s_pk), "b_commit": b64encode(b_commit),
                 "cert": self._cert_pem.decode("ascii"), "signature": b64encode(signature)}
 
+    def _graph_terms(self, roster: dict[str, Any]) -> tuple[int, int]:
+        """(degree, threshold) from the roster, refused if they differ from the announced."""
+        degree = check_degree(roster.get("degree"))
+        threshold = roster.get("threshold")
+        announced = ((self._announced_degree, degree, "neighbour degree"),
+                     (self._announced_threshold, threshold, "threshold"))
+        for expected, got, what in announced:
+            if expected is not None and got != expected:
+                raise SecAggError(f"secure aggregation: the roster's {what} {got!r} differs"
+                                  f" from the {expected} announced for round {self.round_id}")
+        return degree, threshold  # type: ignore[return-value]
+
     def share(self, roster: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """Verify every peer, then one encrypted share box per neighbour (keyed by name)."""
         self._enter("share")
@@ -84,14 +114,19 @@ class SecAggClient:
         adverts = roster.get("hosts")
         if not isinstance(adverts, dict) or self.host not in adverts:
             raise SecAggError(f"secure aggregation: the roster does not list {self.host}")
+        degree, self._threshold = self._graph_terms(roster)
         self._hosts = sorted(adverts)
-        self._threshold = roster.get("threshold")  # type: ignore[assignment]
-        validate_threshold(self._threshold, len(self._hosts))
+        # Every advert, not only the neighbours': their keys seed the ring, so an
+        # unchecked one would let the server steer it.
         self._peers = {h: keys.verify_advert(h, adverts[h], self.round_id, self._ca_pem)
                        for h in self._hosts}
         if (self._peers[self.host].c_pk, self._peers[self.host].s_pk) != self._own_keys():
             raise PeerError(self.host, "the roster carries keys this host did not make")
-        group = self._neighbours(self.host, self._hosts)
+        self.graph = round_graph(
+            self.round_id, {h: (p.c_pk, p.s_pk, p.b_commit) for h, p in self._peers.items()},
+            degree, self._neighbours)
+        validate_threshold(self._threshold, len(self._hosts), self.graph.neighbourhood_sizes())
+        group = self.graph.neighbours(self.host)
         xs = [share_index(self._hosts, h) for h in [self.host, *group]]
         s_shares = shamir.split(self._s_sk.private_bytes_raw(), self._threshold, xs)
         b_shares = shamir.split(self._b, self._threshold, xs)
@@ -107,7 +142,8 @@ class SecAggClient:
     def receive_shares(self, incoming: dict[str, dict[str, Any]]) -> None:
         """Open the boxes the server routed; their senders are the peers masked with."""
         self._enter("receive")
-        group = set(self._neighbours(self.host, self._hosts))
+        assert self.graph is not None
+        group = set(self.graph.neighbours(self.host))
         x = share_index(self._hosts, self.host)
         size = shamir.SHARE_BYTES
         for sender, payload in incoming.items():
@@ -124,8 +160,9 @@ class SecAggClient:
             self._held[sender] = (shamir.Share.from_bytes(x, plain[:size], self._threshold),
                                   shamir.Share.from_bytes(x, plain[size:], self._threshold))
         if len(self._held) < self._threshold:
-            raise SecAggError(f"secure aggregation: only {len(self._held)} hosts shared keys"
-                              f" with {self.host}; the threshold is {self._threshold}")
+            raise SecAggError(f"secure aggregation: only {len(self._held)} hosts of"
+                              f" {self.host}'s neighbourhood shared keys with it; the threshold"
+                              f" is {self._threshold}")
 
     def masked_input(self, update: np.ndarray, weight: float) -> np.ndarray:
         """y = [encode(q*update), k] + PRG(b) +- PRG(s_uv) for every peer that shared."""
@@ -140,8 +177,11 @@ class SecAggClient:
         return y
 
     def unmask(self, dropped: list[str], survivors: list[str]) -> dict[str, Any]:
-        """Shares of s_sk for `dropped`, of b for `survivors`; answered once, never both."""
+        """Shares of s_sk for `dropped`, of b for `survivors`, for the hosts of this
+        host's neighbourhood (the lists name the whole round); answered once, never
+        both for one host."""
         self._enter("unmask")
+        assert self.graph is not None
         dropped = host_list(dropped, "dropped")
         survivors = host_list(survivors, "survivors")
         both = set(dropped) & set(survivors)
@@ -151,13 +191,21 @@ class SecAggClient:
         if self.host not in survivors:
             raise SecAggError(f"secure aggregation: {self.host} sent its input but is not"
                               f" listed as a survivor")
-        unknown = [h for h in dropped + survivors if h not in self._held]
+        strangers = [h for h in dropped + survivors if h not in self.graph.adjacency]
+        if strangers:
+            raise SecAggError(f"secure aggregation: {strangers[0]} is not in the roster of"
+                              f" round {self.round_id}")
+        mine = self.graph.neighbourhood(self.host)
+        unknown = [h for h in dropped + survivors if h in mine and h not in self._held]
         if unknown:
             raise SecAggError(f"secure aggregation: {unknown[0]} never shared keys with"
                               f" {self.host}")
-        if len(survivors) < self._threshold:
-            raise SecAggError(f"secure aggregation: refusing to unmask with {len(survivors)}"
-                              f" survivors; the threshold is {self._threshold}")
+        near = [h for h in survivors if h in self._held]
+        if len(near) < self._threshold:
+            where = "" if self.graph.complete else f" in {self.host}'s neighbourhood"
+            raise SecAggError(f"secure aggregation: refusing to unmask with {len(near)}"
+                              f" survivors{where}; the threshold is {self._threshold}")
         return {"host": self.host, "round": self.round_id,
-                "s_sk_shares": {h: b64encode(self._held[h][0].y_bytes()) for h in dropped},
-                "b_shares": {h: b64encode(self._held[h][1].y_bytes()) for h in survivors}}
+                "s_sk_shares": {h: b64encode(self._held[h][0].y_bytes())
+                                for h in dropped if h in self._held},
+                "b_shares": {h: b64encode(self._held[h][1].y_bytes()) for h in near}}

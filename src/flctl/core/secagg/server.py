@@ -1,12 +1,17 @@
 """The coordinator's side of a secure-aggregation round (see protocol.py for the flow).
 
 The server only relays and sums: it never sees an unmasked input, only the
-masked modular sum, and it learns the plain sum only when at least
-`threshold` survivors answer the unmask request. Any failure (too few hosts
-at any stage, a secret that cannot be reconstructed) wipes the running sum
-and leaves the object in the "failed" stage, so there is never a partial
-result to read. Masked inputs are folded into one uint32 sum as they arrive:
-server memory is one vector whatever the number of hosts.
+masked modular sum, and it learns the plain sum only when, for every host
+whose mask must go, at least `threshold` hosts of that host's neighbourhood
+answer the unmask request (with the complete graph: `threshold` survivors).
+Any failure (too few hosts at any stage, overall or in one neighbourhood,
+a secret that cannot be reconstructed) wipes the running sum and leaves the
+object in the "failed" stage, so there is never a partial result to read;
+a short neighbourhood raises `NeighbourhoodError` naming its host(s), as
+early as the shortage is known (route_shares or unmask_request when hosts
+dropped, finish when answers are missing). Masked inputs are folded into one
+uint32 sum as they arrive: server memory is one vector whatever the number
+of hosts.
 """
 
 from __future__ import annotations
@@ -20,16 +25,30 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from flctl.core.secagg import keys, prg, shamir
 from flctl.core.secagg.fixedpoint import FixedPointParams, decode_weighted
+from flctl.core.secagg.graph import (
+    CommunicationGraph,
+    check_degree,
+    effective_degree,
+    graph_from_function,
+    round_graph,
+)
 from flctl.core.secagg.keys import PeerError, SecAggError, b64decode
 from flctl.core.secagg.protocol import (
     NeighbourFn,
     check_round,
-    complete_graph,
     default_threshold,
     mask_sign,
     share_index,
     validate_threshold,
 )
+
+
+class NeighbourhoodError(SecAggError):
+    """A needed secret cannot be rebuilt: too few of its owner's neighbourhood took part."""
+
+    def __init__(self, message: str, hosts: Sequence[str]) -> None:
+        super().__init__(message)
+        self.hosts = list(hosts)  # every host whose neighbourhood fell short
 
 
 @dataclass
@@ -54,22 +73,39 @@ class SecAggResult:
 
 class SecAggServer:
     """collect_advertisement* -> roster -> collect_shares* -> route_shares ->
-    collect_masked* -> unmask_request -> collect_unmask* -> finish."""
+    collect_masked* -> unmask_request -> collect_unmask* -> finish.
+
+    `degree` is the neighbour degree k of the SecAgg+ graph (0: complete, as
+    is any k >= n - 1; an odd k is raised to the next even one). `threshold`
+    is per neighbourhood (the host and its k neighbours); None picks
+    `default_threshold` of that size. Send `advertise_request()` with the
+    advertise step so clients can hold the roster to it.
+    """
 
     def __init__(self, hosts: Sequence[str], round_id: str | int, threshold: int | None = None,
                  params: FixedPointParams | None = None, *, ca_pem: bytes | None = None,
-                 neighbours: NeighbourFn = complete_graph) -> None:
+                 neighbours: NeighbourFn | None = None, degree: int = 0) -> None:
         self.hosts = sorted(set(hosts))
         self.round_id = str(round_id)
-        self.threshold = default_threshold(len(self.hosts)) if threshold is None else threshold
-        validate_threshold(self.threshold, len(self.hosts))
+        if neighbours is not None and degree:
+            raise SecAggError("secure aggregation: give either a neighbour function or a"
+                              " neighbour degree, not both")
+        self.degree = check_degree(degree)
+        self._neighbours = neighbours
+        if neighbours is not None:
+            planned = graph_from_function(self.hosts, neighbours).neighbourhood_sizes()
+        else:
+            planned = {effective_degree(self.degree, len(self.hosts)) + 1}
+        self.threshold = default_threshold(max(planned)) if threshold is None else threshold
+        validate_threshold(self.threshold, len(self.hosts), planned)
         self.params = params or FixedPointParams()
         self.params.check_capacity(len(self.hosts))
         self.stage = "advertise"
+        self.graph: CommunicationGraph | None = None  # fixed by roster()
         self._ca_pem = ca_pem
-        self._neighbours = neighbours
         self._adverts: dict[str, dict[str, Any]] = {}
         self._mask_keys: dict[str, tuple[bytes, bytes]] = {}  # host -> (s_pk, b_commit)
+        self._graph_keys: dict[str, tuple[bytes, bytes, bytes]] = {}  # + c_pk: seeds the ring
         self._boxes: dict[str, dict[str, dict[str, Any]]] = {}  # recipient -> sender -> box
         self._sharers: set[str] = set()
         self._masked: set[str] = set()
@@ -88,20 +124,48 @@ class SecAggServer:
         if host is not None and host not in members:
             raise PeerError(host, f"is not a participant of the '{stage}' stage")
 
-    def _fail(self, message: str) -> SecAggError:
+    def _fail(self, message: str, short: Sequence[str] = ()) -> SecAggError:
         self.stage = "failed"
         self._sum = None
         self._answers.clear()
-        return SecAggError(f"secure aggregation round {self.round_id} failed: {message}")
+        text = f"secure aggregation round {self.round_id} failed: {message}"
+        return NeighbourhoodError(text, short) if short else SecAggError(text)
 
     def _need(self, count: int, what: str) -> None:
         if count < self.threshold:
             raise self._fail(f"only {count} of {len(self.hosts)} hosts {what};"
                              f" the threshold is {self.threshold}")
 
+    def _need_each(self, counts: dict[str, int], what: str) -> None:
+        """Fail, naming them, if any of these hosts' secrets has fewer than t holders."""
+        assert self.graph is not None
+        short = sorted(h for h, count in counts.items() if count < self.threshold)
+        if short:
+            host = short[0]
+            also = f" (also short: {', '.join(short[1:])})" if len(short) > 1 else ""
+            raise self._fail(
+                f"the neighbourhood of {host} fell short: only {counts[host]} of its"
+                f" {len(self.graph.neighbourhood(host))} hosts {what}; the threshold is"
+                f" {self.threshold}{also}", short)
+
+    def _within(self, host: str, group: set[str], *, itself: bool) -> int:
+        """How many of `host`'s neighbours (and itself, if `itself`) are in `group`."""
+        assert self.graph is not None
+        around = self.graph.adjacency[host] | ({host} if itself else set())
+        return len(around & group)
+
+    def _needed_dropped(self) -> list[str]:
+        """Dropped hosts whose pair masks are in the sum: those with a masked neighbour."""
+        return [h for h in self._dropped if self._within(h, self._masked, itself=False)]
+
     @property
     def roster_hosts(self) -> list[str]:
         return sorted(self._adverts)
+
+    def advertise_request(self) -> dict[str, Any]:
+        """What the advertise step tells clients, before any keys are known."""
+        return {"round": self.round_id, "params": self.params.to_dict(),
+                "degree": self.degree, "threshold": self.threshold}
 
     # -- advertise -----------------------------------------------------------------
     def collect_advertisement(self, host: str, advert: dict[str, Any]) -> None:
@@ -112,17 +176,25 @@ class SecAggServer:
             keys.verify_advert(host, advert, self.round_id, self._ca_pem)
         elif not isinstance(advert, dict) or advert.get("host") != host:
             raise PeerError(host, "advertisement is not from this host")
-        self._mask_keys[host] = (
-            b64decode(advert.get("s_pk"), host, "s_pk", keys.KEY_BYTES),
-            b64decode(advert.get("b_commit"), host, "b_commit", keys.KEY_BYTES))
+        c_pk = b64decode(advert.get("c_pk"), host, "c_pk", keys.KEY_BYTES)
+        s_pk = b64decode(advert.get("s_pk"), host, "s_pk", keys.KEY_BYTES)
+        b_commit = b64decode(advert.get("b_commit"), host, "b_commit", keys.KEY_BYTES)
+        self._mask_keys[host] = (s_pk, b_commit)
+        self._graph_keys[host] = (c_pk, s_pk, b_commit)
         self._adverts[host] = advert
 
     def roster(self) -> dict[str, Any]:
         """Close the advertise stage; what every advertised host receives."""
         self._expect("advertise")
         self._need(len(self._adverts), "advertised keys")
+        try:
+            graph = round_graph(self.round_id, self._graph_keys, self.degree, self._neighbours)
+            validate_threshold(self.threshold, len(graph.hosts), graph.neighbourhood_sizes())
+        except SecAggError as exc:
+            raise self._fail(exc.message) from exc
+        self.graph = graph
         self.stage = "share"
-        return {"round": self.round_id, "threshold": self.threshold,
+        return {"round": self.round_id, "threshold": self.threshold, "degree": self.degree,
                 "params": self.params.to_dict(), "hosts": dict(self._adverts)}
 
     # -- share ---------------------------------------------------------------------
@@ -130,7 +202,8 @@ class SecAggServer:
         self._expect("share", host, self._adverts)
         if host in self._sharers:
             raise PeerError(host, "sent shares twice")
-        expected = set(self._neighbours(host, self.roster_hosts))
+        assert self.graph is not None
+        expected = set(self.graph.neighbours(host))
         if set(boxes) != expected:
             missing = sorted(expected - set(boxes)) or sorted(set(boxes) - expected)
             raise PeerError(host, f"share boxes do not match its neighbours ({missing[0]!r})")
@@ -147,6 +220,8 @@ class SecAggServer:
         """Close the share stage: recipient -> {sender: box}, for the hosts that shared."""
         self._expect("share")
         self._need(len(self._sharers), "sent key shares")
+        self._need_each({h: self._within(h, self._sharers, itself=True) for h in self._sharers},
+                        "sent key shares")
         self.stage = "masked"
         return {r: {s: b for s, b in self._boxes.get(r, {}).items() if s in self._sharers}
                 for r in sorted(self._sharers)}
@@ -173,6 +248,10 @@ class SecAggServer:
         self._need(len(self._masked), "sent masked input")
         self._survivors = sorted(self._masked)
         self._dropped = sorted(self._sharers - self._masked)
+        holders = {h: self._within(h, self._masked, itself=True) for h in self._survivors}
+        holders.update({h: self._within(h, self._masked, itself=False)
+                        for h in self._needed_dropped()})
+        self._need_each(holders, "sent masked input")
         self.stage = "unmask"
         return {"round": self.round_id, "dropped": list(self._dropped),
                 "survivors": list(self._survivors)}
@@ -186,8 +265,11 @@ class SecAggServer:
             raise PeerError(host, "unmask answer is not from this host")
         check_round(answer, self.round_id, f"unmask answer from {host}")
         s_part, b_part = answer.get("s_sk_shares"), answer.get("b_shares")
+        assert self.graph is not None
+        mine = set(self.graph.neighbourhood(host))
         if not isinstance(s_part, dict) or not isinstance(b_part, dict) \
-                or not set(s_part) <= set(self._dropped) or not set(b_part) <= set(self._survivors):
+                or not set(s_part) <= set(self._dropped) & mine \
+                or not set(b_part) <= set(self._survivors) & mine:
             raise PeerError(host, "unmask answer names hosts it was not asked about")
         x = share_index(self.roster_hosts, host)
         try:
@@ -221,6 +303,10 @@ class SecAggServer:
         """Remove every mask and decode; raises (and keeps nothing) below the threshold."""
         self._expect("unmask")
         self._need(len(self._answers), "answered the unmask request")
+        shares = {h: sum(h in a["b"] for a in self._answers.values()) for h in self._survivors}
+        shares.update({h: sum(h in a["s_sk"] for a in self._answers.values())
+                       for h in self._needed_dropped()})
+        self._need_each(shares, "answered the unmask request")
         try:
             return self._unmask()
         except Exception as exc:  # a bad share (or a bug) must not leave a sum behind
@@ -233,9 +319,10 @@ class SecAggServer:
         total = self._sum
         for host in self._survivors:
             prg.add_mask(total, self._reconstruct(host, "b"), -1)
-        for gone in self._dropped:
+        assert self.graph is not None
+        for gone in self._needed_dropped():
             s_sk = X25519PrivateKey.from_private_bytes(self._reconstruct(gone, "s_sk"))
-            for host in self._neighbours(gone, self.roster_hosts):
+            for host in self.graph.neighbours(gone):
                 if host in self._masked:
                     seed = keys.mask_seed(s_sk, self._mask_keys[host][0], self.round_id,
                                           gone, host)
