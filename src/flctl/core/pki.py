@@ -35,7 +35,7 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _load_key(key_pem: bytes) -> ec.EllipticCurvePrivateKey:
+def load_private_key(key_pem: bytes) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as exc:
@@ -80,7 +80,7 @@ def make_private_key() -> bytes:
 def make_ca(common_name: str, days: int = 3650) -> tuple[bytes, bytes]:
     """Self-signed project CA; path_length=0 so it can only sign leaves."""
     key_pem = make_private_key()
-    key = _load_key(key_pem)
+    key = load_private_key(key_pem)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = _now()
     cert = (
@@ -109,7 +109,7 @@ def make_ca(common_name: str, days: int = 3650) -> tuple[bytes, bytes]:
 def make_csr(key_pem: bytes, common_name: str, dns_names: Sequence[str] = (),
              ip_addresses: Sequence[str] = ()) -> bytes:
     """A CSR made on the host that owns the key, so only the CSR has to travel."""
-    key = _load_key(key_pem)
+    key = load_private_key(key_pem)
     builder = x509.CertificateSigningRequestBuilder().subject_name(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     )
@@ -122,7 +122,7 @@ def make_csr(key_pem: bytes, common_name: str, dns_names: Sequence[str] = (),
 def sign_csr(ca_key_pem: bytes, ca_cert_pem: bytes, csr_pem: bytes, days: int = 825) -> bytes:
     """Issue a leaf for a CSR. Only CN and SANs are taken from the CSR; all other
     extensions are ours, so a crafted CSR cannot ask for CA powers."""
-    ca_key = _load_key(ca_key_pem)
+    ca_key = load_private_key(ca_key_pem)
     ca_cert = _load_cert(ca_cert_pem)
     try:
         csr = x509.load_pem_x509_csr(csr_pem)

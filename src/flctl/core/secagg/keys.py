@@ -25,14 +25,14 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
-from flctl.core.pki import verify_issued_by
+from flctl.core.pki import PKIError, load_private_key, verify_issued_by
 from flctl.errors import FlctlError
 
 KEY_BYTES = 32
@@ -92,12 +92,11 @@ def commit_seed(round_id: str, host: str, seed: bytes) -> bytes:
 
 
 def sign(signing_key_pem: bytes, message: bytes) -> bytes:
+    """ECDSA-SHA256 with the host's own TLS key (peers check it with its certificate)."""
     try:
-        key = serialization.load_pem_private_key(signing_key_pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise SecAggError(f"cannot load the signing key: {exc}") from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise SecAggError("the signing key is not an EC private key")
+        key = load_private_key(signing_key_pem)
+    except PKIError as exc:
+        raise SecAggError(f"cannot use the signing key: {exc.message}") from exc
     return key.sign(message, ec.ECDSA(hashes.SHA256()))
 
 
