@@ -33,6 +33,10 @@ from flctl.errors import FlctlError
 log = logging.getLogger("flctl.agent")
 
 TaskKey = tuple[str, str]
+# What a fit sends back: the arrays, and the encoding header when they are an encoded delta.
+SentUpdate = tuple[list[np.ndarray], dict[str, Any] | None]
+Sender = Callable[[UplinkSpec, dict[str, Any], list[np.ndarray], list[np.ndarray], int],
+                  SentUpdate]
 
 
 class AgentService:
@@ -136,27 +140,43 @@ class AgentService:
             self._tasks[key] = task
         return task
 
-    def _fit(self, request: Message) -> Message:
+    def _train(self, request: Message, send: Sender, *, secure: bool = False,
+               ) -> tuple[SentUpdate, dict[str, Any]]:
+        """Fit under the train lock, then turn the result into what goes back
+        (`send`); returns that and the reply's metadata."""
         data = self._require_data()
         task = self._task(request.meta)
         config = dict(request.meta.get("config") or {})
         uplink = UplinkSpec.from_config(config.pop("uplink", {}))
-        global_weights = [np.array(w) for w in request.arrays] if uplink.sends_delta else []
+        # the change a host made needs the model it started from (a task may train in place)
+        start = [np.array(w) for w in request.arrays] if secure or uplink.sends_delta else []
         with self._train_lock:
             self.state = "training"
             started = time.perf_counter()
             try:
                 weights, num_examples, metrics = task.fit(list(request.arrays), data, config)
-                rng = host_rng(int(config.get("seed", 0)), int(config.get("round", 0)),
-                               self.config.name)
-                arrays, encoding = pack_update(uplink, global_weights, weights, rng,
-                                               self._feedback_state(request.meta, uplink))
+                sent = send(uplink, config, start, weights, int(num_examples))
             finally:
                 self.state = "idle"
             compute_s = time.perf_counter() - started
-        self._served(config)
-        meta = {"num_examples": int(num_examples), "metrics": _plain(metrics),
-                "compute_s": compute_s}
+        with self._state_lock:
+            round_number = config.get("round")
+            if isinstance(round_number, int):
+                self.last_round = round_number
+            self.rounds_served += 1
+            self._save_state()
+        return sent, {"num_examples": int(num_examples), "metrics": _plain(metrics),
+                      "compute_s": compute_s}
+
+    def _fit(self, request: Message) -> Message:
+        def send(uplink: UplinkSpec, config: dict[str, Any], start: list[np.ndarray],
+                 weights: list[np.ndarray], num_examples: int) -> SentUpdate:
+            rng = host_rng(int(config.get("seed", 0)), int(config.get("round", 0)),
+                           self.config.name)
+            return pack_update(uplink, start, weights, rng,
+                               self._feedback_state(request.meta, uplink))
+
+        (arrays, encoding), meta = self._train(request, send)
         if encoding is not None:
             meta["encoding"] = encoding
         return Message("fit_result", meta, arrays)
@@ -164,35 +184,16 @@ class AgentService:
     def _secure_fit(self, request: Message) -> Message:
         """Train, then send only the masked change: the coordinator can unmask
         the sum of a round's updates, never this one."""
-        data = self._require_data()
-        task = self._task(request.meta)
-        config = dict(request.meta.get("config") or {})
-        uplink = UplinkSpec.from_config(config.pop("uplink", {}))
         client = self.secure.open_shares(request.meta)
-        global_weights = [np.array(w) for w in request.arrays]
-        with self._train_lock:
-            self.state = "training"
-            started = time.perf_counter()
-            try:
-                weights, num_examples, metrics = task.fit(list(request.arrays), data, config)
-                delta = local_delta(uplink, global_weights, weights)
-                masked = self.secure.mask(client, delta, int(num_examples))
-            finally:
-                self.state = "idle"
-            compute_s = time.perf_counter() - started
-        self._served(config)
-        metrics = {**_plain(metrics), "secagg_clipped": client.clipped}
-        return Message("secagg_masked", {
-            "num_examples": int(num_examples), "metrics": metrics, "compute_s": compute_s},
-            [masked])
 
-    def _served(self, config: dict[str, Any]) -> None:
-        with self._state_lock:
-            round_number = config.get("round")
-            if isinstance(round_number, int):
-                self.last_round = round_number
-            self.rounds_served += 1
-            self._save_state()
+        def send(uplink: UplinkSpec, config: dict[str, Any], start: list[np.ndarray],
+                 weights: list[np.ndarray], num_examples: int) -> SentUpdate:
+            masked = self.secure.mask(client, local_delta(uplink, start, weights), num_examples)
+            return [masked], None
+
+        (arrays, _), meta = self._train(request, send, secure=True)
+        meta["metrics"]["secagg_clipped"] = client.clipped
+        return Message("secagg_masked", meta, arrays)
 
     def _feedback_state(self, meta: dict[str, Any], uplink: UplinkSpec) -> ErrorFeedback | None:
         if not uplink.sends_delta:
