@@ -388,13 +388,28 @@ def weighted_mean(federation: Federation, hosts: list[int]) -> np.ndarray:
 
 
 def test_secure_aggregation_equals_fedavg_within_fixed_point_error(
-        federation: Federation) -> None:
+        federation: Federation, monkeypatch: pytest.MonkeyPatch) -> None:
+    replies = []
+    secure_fit = AgentClient.secure_fit
+
+    def spy(self, *args, **kwargs):
+        replies.append(secure_fit(self, *args, **kwargs))
+        return replies[-1]
+
+    monkeypatch.setattr(AgentClient, "secure_fit", spy)
     training = TrainingSettings(task="meantask:MeanTask", rounds=2, secure_aggregation=True)
     summary = federation.coordinator(training).train()
+    # what the coordinator got from each host: one masked vector, no per-host metrics
+    assert len(replies) == 6
+    assert all(len(r.weights) == 1 and r.weights[0].dtype == np.uint32 for r in replies)
+    assert all(r.metrics == {"secagg_clipped": 0} for r in replies)
     [result] = load_weights(summary.final_weights)
     # 2^-21 per host and coordinate, divided by the summed weight (100/128)
     np.testing.assert_allclose(result, weighted_mean(federation, [0, 1, 2]), atol=1e-5)
-    assert summary.history[-1].participants == ["h0", "h1", "h2"]
+    record = summary.history[-1]
+    assert record.participants == ["h0", "h1", "h2"]
+    # the loss travels inside the masked vector too: only its weighted mean is learnt
+    assert record.train_loss == pytest.approx(weighted_mean(federation, [0, 1, 2]).sum(), abs=1e-5)
 
 
 def test_secure_aggregation_recovers_a_host_that_left_after_its_masked_update(

@@ -35,8 +35,8 @@ log = logging.getLogger("flctl.agent")
 TaskKey = tuple[str, str]
 # What a fit sends back: the arrays, and the encoding header when they are an encoded delta.
 SentUpdate = tuple[list[np.ndarray], dict[str, Any] | None]
-Sender = Callable[[UplinkSpec, dict[str, Any], list[np.ndarray], list[np.ndarray], int],
-                  SentUpdate]
+Sender = Callable[[UplinkSpec, dict[str, Any], list[np.ndarray], list[np.ndarray], int,
+                   dict[str, Any]], SentUpdate]
 
 
 class AgentService:
@@ -155,7 +155,7 @@ class AgentService:
             started = time.perf_counter()
             try:
                 weights, num_examples, metrics = task.fit(list(request.arrays), data, config)
-                sent = send(uplink, config, start, weights, int(num_examples))
+                sent = send(uplink, config, start, weights, int(num_examples), metrics)
             finally:
                 self.state = "idle"
             compute_s = time.perf_counter() - started
@@ -170,7 +170,8 @@ class AgentService:
 
     def _fit(self, request: Message) -> Message:
         def send(uplink: UplinkSpec, config: dict[str, Any], start: list[np.ndarray],
-                 weights: list[np.ndarray], num_examples: int) -> SentUpdate:
+                 weights: list[np.ndarray], num_examples: int,
+                 metrics: dict[str, Any]) -> SentUpdate:
             rng = host_rng(int(config.get("seed", 0)), int(config.get("round", 0)),
                            self.config.name)
             return pack_update(uplink, start, weights, rng,
@@ -182,17 +183,20 @@ class AgentService:
         return Message("fit_result", meta, arrays)
 
     def _secure_fit(self, request: Message) -> Message:
-        """Train, then send only the masked change: the coordinator can unmask
-        the sum of a round's updates, never this one."""
+        """Train, then send only the masked change, with the training loss riding
+        in the same masked vector: the coordinator learns the sums, never this
+        host's update or loss."""
         client = self.secure.open_shares(request.meta)
 
         def send(uplink: UplinkSpec, config: dict[str, Any], start: list[np.ndarray],
-                 weights: list[np.ndarray], num_examples: int) -> SentUpdate:
-            masked = self.secure.mask(client, local_delta(uplink, start, weights), num_examples)
-            return [masked], None
+                 weights: list[np.ndarray], num_examples: int,
+                 metrics: dict[str, Any]) -> SentUpdate:
+            loss = np.array([float(metrics.get("train_loss", 0.0))], np.float32)
+            delta = local_delta(uplink, start, weights)
+            return [self.secure.mask(client, [*delta, loss], num_examples)], None
 
         (arrays, _), meta = self._train(request, send, secure=True)
-        meta["metrics"]["secagg_clipped"] = client.clipped
+        meta["metrics"] = {"secagg_clipped": client.clipped}  # per-host metrics stay here
         return Message("secagg_masked", meta, arrays)
 
     def _feedback_state(self, meta: dict[str, Any], uplink: UplinkSpec) -> ErrorFeedback | None:

@@ -247,11 +247,10 @@ class Coordinator:
                             f"aggregation range +-{self.secure.params.clip:g} and were clipped")
         aggregator = self.strategy.start_round(weights, round_number)
         aggregator.add("secure-sum", outcome.weights, outcome.examples)
-        total = sum(n for _, n in outcome.losses)
         return aggregator.result(), {
             "participants": outcome.participants,
             "dropped": outcome.dropped,
-            "train_loss": sum(loss * n for loss, n in outcome.losses) / total if total else None,
+            "train_loss": outcome.train_loss,
             "max_compute_s": max(outcome.compute, default=0.0),
         }
 

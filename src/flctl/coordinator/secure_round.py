@@ -55,7 +55,7 @@ class SecureOutcome:
     examples: int
     participants: list[str]
     dropped: dict[str, str] = field(default_factory=dict)
-    losses: list[tuple[float, int]] = field(default_factory=list)
+    train_loss: float | None = None  # the survivors' example-weighted mean, from the secure sum
     compute: list[float] = field(default_factory=list)
     clipped: dict[str, int] = field(default_factory=dict)  # coordinates cut to the clip
 
@@ -111,7 +111,8 @@ class SecureAggregation:
         lock = threading.Lock()
         closed = threading.Event()
         outcome = SecureOutcome(weights, 0, [])
-        size = sum(int(w.size) for w in weights) + 1  # the update, then its weight
+        # the update, the host's training loss, then its weight
+        size = sum(int(w.size) for w in weights) + 2
 
         def fit_one(client: AgentClient) -> None:
             held: list[bool] = []
@@ -125,8 +126,6 @@ class SecureAggregation:
                     if closed.is_set():
                         raise TrainingError("reply after the deadline")
                     server.collect_masked(client.name, masked)
-                    outcome.losses.append((float(reply.metrics.get("train_loss", math.nan)),
-                                           reply.num_examples))
                     outcome.compute.append(reply.compute_s)
                     clipped = reply.metrics.get("secagg_clipped")
                     if isinstance(clipped, int) and clipped > 0:
@@ -146,7 +145,9 @@ class SecureAggregation:
             t.deadline_s)
         collect(answers, failures, server.collect_unmask)
         result = server.finish()
-        mean = unflatten(result.mean().astype(np.float32), weights)
+        mean = result.mean()
+        outcome.train_loss = float(mean[-1])
+        mean = unflatten(mean[:-1].astype(np.float32), weights)
         outcome.weights = [(g + d).astype(g.dtype, copy=False) for g, d in zip(weights, mean)]
         outcome.examples = int(round(result.examples_total))
         outcome.participants = sorted(result.survivors)
