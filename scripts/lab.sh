@@ -269,7 +269,9 @@ start_holder() {  # NAME -> holder pid once its mounts are in place
         </dev/null >>"$hd/holder.log" 2>&1 9<&- &
     pid=$!
     deadline=$(( ${EPOCHSECONDS} + READY_TIMEOUT ))
-    until [[ -s $hd/state/holder.pid ]]; do
+    # Ready once it has written its pid AND exec'd sleep: holder_pid checks the
+    # command, and on a loaded machine the exec can lag the pid file.
+    until [[ -s $hd/state/holder.pid ]] && holder_pid "$name" >/dev/null; do
         alive "$pid" || { cat "$hd/holder.log" >&2; die "$name: namespace set-up failed"; }
         (( EPOCHSECONDS < deadline )) || die "$name: namespace set-up timed out"
         sleep 0.01
