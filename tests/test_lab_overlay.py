@@ -108,6 +108,17 @@ def test_training_runs_over_the_overlay(lab: Lab) -> None:
     assert all(len(r["participants"]) == HOSTS for r in summary["history"])
 
 
+def test_secure_aggregation_over_the_overlay(lab: Lab) -> None:
+    """The hosts sign their round keys with the keys deploy made on them and check
+    each other's certificates; the coordinator only relays and sums."""
+    plain = run_cli("train", "-w", str(lab.workspace), "--rounds", "3", "--json", timeout=300)
+    secure = run_cli("train", "-w", str(lab.workspace), "--rounds", "3", "--json",
+                     "--secure-aggregation", timeout=300)
+    assert secure.returncode == 0, secure.stderr
+    assert all(len(r["participants"]) == HOSTS for r in secure.json()["history"])
+    assert secure.json()["accuracy"] == pytest.approx(plain.json()["accuracy"], abs=0.005)
+
+
 def test_agent_port_is_closed_on_the_underlay(lab: Lab) -> None:
     port = agent_port(lab)
     target = lab.hosts[0]
