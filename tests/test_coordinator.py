@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from flctl.agent.service import AgentService
+from flctl.coordinator.budget import MemoryBudget
 from flctl.coordinator.records import create_run_dir, load_weights
-from flctl.coordinator.rounds import Coordinator, MemoryBudget
+from flctl.coordinator.rounds import Coordinator
 from flctl.core import pki
 from flctl.core.agentconfig import AgentConfig
 from flctl.core.data import Dataset, save_dataset

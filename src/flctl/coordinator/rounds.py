@@ -21,15 +21,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from flctl.coordinator.budget import MemoryBudget
 from flctl.coordinator.privacy import PrivacyLedger, hosts_per_round
 from flctl.coordinator.records import Checkpoint, RunDir
-from flctl.coordinator.secure_round import SecureAggregation
+from flctl.coordinator.secure_round import SecureAggregation, check_secure_settings
 from flctl.core.aggregation import update_distance
 from flctl.core.data import Dataset
-from flctl.core.messages import ArraySpec
 from flctl.core.secagg import SecAggError
 from flctl.core.settings import TrainingSettings
-from flctl.core.strategies import make_strategy, needs_only_the_mean
+from flctl.core.strategies import make_strategy
 from flctl.core.tasks import BUILTIN_TASKS, Task, check_weights, load_task
 from flctl.core.uplink import UplinkSpec, unpack_update
 from flctl.errors import FlctlError, TrainingError
@@ -104,26 +104,6 @@ class RoundShort(TrainingError):
     """Fewer than training.min_hosts updates arrived; the round may be re-run."""
 
 
-class MemoryBudget:
-    """Bounds how many received updates exist at once."""
-
-    def __init__(self, slots: int) -> None:
-        self._slots = threading.BoundedSemaphore(max(1, slots))
-
-    def allocator(self, held: list[bool]) -> Callable[[list[ArraySpec]], list[np.ndarray]]:
-        def allocate(specs: list[ArraySpec]) -> list[np.ndarray]:
-            self._slots.acquire()
-            held.append(True)
-            return [np.empty(spec.shape, spec.dtype) for spec in specs]
-
-        return allocate
-
-    def release(self, held: list[bool]) -> None:
-        while held:
-            held.pop()
-            self._slots.release()
-
-
 class Coordinator:
     def __init__(
         self,
@@ -151,7 +131,7 @@ class Coordinator:
         self.ca_pem = ca_pem
         self.secure: SecureAggregation | None = None  # set up once the hosts are known
         if training.secure_aggregation:
-            _check_secure_aggregation(training, self.strategy, ca_pem)
+            check_secure_settings(training, self.strategy, ca_pem)
         self.clients = list(clients)
         self.training = training
         self.run = run
@@ -489,24 +469,6 @@ class Coordinator:
             self._checkpoint(round_number, new_weights)
         self.on_round(record)
         return record, new_weights
-
-
-def _check_secure_aggregation(training: TrainingSettings, strategy: object,
-                              ca_pem: bytes | None) -> None:
-    """Refuse settings that would need to see single updates."""
-    problems = []
-    if not needs_only_the_mean(strategy):
-        problems.append(f"strategy {training.strategy} needs every single update")
-    if training.privacy == "central":
-        problems.append("central DP clips single updates (use privacy: local)")
-    if training.compression != "float32":
-        problems.append("masked updates cannot be compressed (use compression: float32)")
-    if training.max_update_norm > 0:
-        problems.append("max_update_norm bounds single updates (set it to 0)")
-    if ca_pem is None:
-        problems.append("hosts' keys cannot be checked without the project CA")
-    if problems:
-        raise TrainingError("training.secure_aggregation: " + "; ".join(problems))
 
 
 def _plain_settings(training: TrainingSettings) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from flctl.core.secagg import (
     unflatten,
 )
 from flctl.core.settings import TrainingSettings
+from flctl.core.strategies import needs_only_the_mean
 from flctl.errors import TrainingError
 from flctl.net.agent_client import AgentClient, FitReply
 from flctl.net.framing import Allocator
@@ -154,3 +155,21 @@ class SecureAggregation:
         # a survivor that missed only the unmask request still counts (others held its shares)
         outcome.dropped = {k: v for k, v in dropped.items() if k not in result.survivors}
         return outcome
+
+
+def check_secure_settings(training: TrainingSettings, strategy: object,
+                              ca_pem: bytes | None) -> None:
+    """Refuse settings that would need to see single updates."""
+    problems = []
+    if not needs_only_the_mean(strategy):
+        problems.append(f"strategy {training.strategy} needs every single update")
+    if training.privacy == "central":
+        problems.append("central DP clips single updates (use privacy: local)")
+    if training.compression != "float32":
+        problems.append("masked updates cannot be compressed (use compression: float32)")
+    if training.max_update_norm > 0:
+        problems.append("max_update_norm bounds single updates (set it to 0)")
+    if ca_pem is None:
+        problems.append("hosts' keys cannot be checked without the project CA")
+    if problems:
+        raise TrainingError("training.secure_aggregation: " + "; ".join(problems))
