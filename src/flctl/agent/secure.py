@@ -22,6 +22,7 @@ from flctl.core.secagg import FixedPointParams, SecAggClient, flatten
 from flctl.errors import FlctlError
 
 ROUNDS_KEPT = 4
+ROUND_IDS_REMEMBERED = 4096
 
 
 class SecureRounds:
@@ -30,6 +31,10 @@ class SecureRounds:
         self._config = config
         self._lock = threading.Lock()
         self._clients: OrderedDict[str, SecAggClient] = OrderedDict()
+        # A round id is advertised once: fresh keys for a round already played
+        # would let a coordinator collect two masked inputs and two sets of
+        # shares for it.
+        self._seen: OrderedDict[str, None] = OrderedDict()
 
     def _credentials(self) -> tuple[bytes, bytes, bytes]:
         c = self._config
@@ -46,6 +51,13 @@ class SecureRounds:
 
     def advertise(self, meta: dict[str, Any]) -> dict[str, Any]:
         round_id = str(meta.get("round_id"))
+        with self._lock:
+            if round_id in self._seen:
+                raise FlctlError(f"secure aggregation round {round_id!r} was already "
+                                 f"advertised here; a round's keys are made once")
+            self._seen[round_id] = None
+            while len(self._seen) > ROUND_IDS_REMEMBERED:
+                self._seen.popitem(last=False)
         params = FixedPointParams.from_dict(meta.get("params") or {})
         # Degree and threshold are fixed before any key is seen; the roster must repeat them.
         client = SecAggClient(self.host, round_id, *self._credentials(), params,
