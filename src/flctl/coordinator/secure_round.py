@@ -62,6 +62,9 @@ class SecureOutcome:
 
 
 class SecureAggregation:
+    """Runs secure rounds for one training run; fixed-point settings are chosen once
+    from the hosts' example counts, keys are fresh every round (and every retry)."""
+
     def __init__(self, training: TrainingSettings, ca_pem: bytes, parallel: Parallel,
                  allocator: AllocatorFactory, release: Release,
                  example_counts: Sequence[int]) -> None:
@@ -158,7 +161,7 @@ class SecureAggregation:
 
 
 def check_secure_settings(training: TrainingSettings, strategy: object,
-                              ca_pem: bytes | None) -> None:
+                          ca_pem: bytes | None) -> None:
     """Refuse settings that would need to see single updates."""
     problems = []
     if not needs_only_the_mean(strategy):
