@@ -173,7 +173,7 @@ def _run_training(workspace: Workspace, overrides: dict[str, Any], limit: Option
     settings = workspace.settings.with_training(**overrides)
     hosts = _selected(workspace, limit)
     resume_args = {"resume": resume, "resume_rounds": overrides.get("rounds")}
-    table = render.round_table()
+    table = render.round_table(privacy=settings.training.privacy != "none")
 
     def note(text: str) -> None:
         render.err.print(f"[yellow]{text}[/]")
@@ -358,7 +358,7 @@ def runs_show(
         render.emit_json({**info.as_dict(), "history": history})
         return
     render.out.print(render.runs_table([info]))
-    table = render.round_table()
+    table = render.round_table(privacy=any(r.get("epsilon") is not None for r in history))
     for record in history:
         render.add_round_row(table, RoundRecord(**record))
     render.out.print(table)

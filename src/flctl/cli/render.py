@@ -50,10 +50,12 @@ def recap_table(results: Sequence[HostResult], title: str) -> Table:
     return table
 
 
-def round_table() -> Table:
+def round_table(privacy: bool = False) -> Table:
+    """The per-round table; an epsilon column only for runs with differential privacy."""
     table = Table(title="federated rounds")
     for column, justify in (("round", "right"), ("hosts", "right"), ("train loss", "right"),
-                            ("eval loss", "right"), ("accuracy", "right"), ("epsilon", "right"),
+                            ("eval loss", "right"), ("accuracy", "right"),
+                            *((("epsilon", "right"),) if privacy else ()),
                             ("seconds", "right"), ("bytes", "right"), ("dropped", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     return table
@@ -70,7 +72,8 @@ def add_round_row(table: Table, record: RoundRecord) -> None:
         num(record.train_loss, ".4f"),
         num(record.eval_loss, ".4f"),
         "-" if record.accuracy is None else f"{100 * record.accuracy:.2f}%",
-        num(record.epsilon, ".3g"),
+        *((num(record.epsilon, ".3g"),) if any(c.header == "epsilon" for c in table.columns)
+          else ()),
         f"{record.seconds:.2f}" + (f" ({record.attempts} tries)" if record.attempts > 1 else ""),
         human_bytes(record.bytes_sent + record.bytes_received),
         dropped,
