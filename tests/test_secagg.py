@@ -232,12 +232,7 @@ def test_a_masked_vector_looks_uniform_and_the_bare_encoding_does_not(creds, ca)
     runs; the bare encoding fails them by ten orders of magnitude."""
     rng = np.random.default_rng(3)
     update = rng.normal(0, 0.05, 100_000).astype(np.float32)
-    names = HOSTS[:3]
-    server = SecAggServer(names, ROUND, params=PARAMS)
-    clients = {h: SecAggClient(h, ROUND, *creds[h], ca[1], PARAMS) for h in names}
-    for host, client in clients.items():
-        server.collect_advertisement(host, client.advertise())
-    roster = server.roster()
+    server, clients, roster = start_round(creds, ca[1], HOSTS[:3])
     for host, client in clients.items():
         server.collect_shares(host, client.share(roster))
     for host, boxes in server.route_shares().items():
