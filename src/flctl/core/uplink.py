@@ -29,6 +29,8 @@ from flctl.errors import FlctlError
 
 @dataclass(frozen=True)
 class UplinkSpec:
+    """How hosts send their updates this run (from training settings, via the fit config)."""
+
     compression: str = "float32"
     compression_params: Mapping[str, Any] | None = None
     local_clip_norm: float = 0.0  # > 0: the host clips and noises its own delta
@@ -68,8 +70,9 @@ class UplinkSpec:
 
 
 def host_rng(seed: int, round_number: int, host: str) -> np.random.Generator:
-    """Randomness for one host's round (rounding, noise): reproducible on resume,
-    different for every host."""
+    """Randomness for one host's stochastic rounding: reproducible on resume,
+    different for every host. (Privacy noise never comes from here: a seed the
+    coordinator knows would let it subtract the noise.)"""
     return np.random.default_rng([seed, round_number, zlib.crc32(host.encode())])
 
 
