@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flctl.core.compression import Codec, ErrorFeedback, make_codec, wire_bytes
+from flctl.core.compression import ErrorFeedback, make_codec, wire_bytes
 from flctl.core.data import Dataset, make_federated_shards
 from flctl.core.settings import TrainingSettings
 from flctl.core.simulation import UpdateHook, accuracy_percent, simulate
 from flctl.core.tasks import LogRegTask
+from flctl.core.uplink import UplinkSpec, pack_update, unpack_update
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,12 @@ CONFIGS = [
 
 
 class CompressedUploads:
-    """The on_update hook: encode on the host, decode on the coordinator; counts bytes."""
+    """The on_update hook: what a host sends (core.uplink, as the agent does) and
+    what the coordinator rebuilds from it; counts the payload bytes."""
 
-    def __init__(self, codec: Codec, seed: int) -> None:
-        self.codec = codec
+    def __init__(self, spec: UplinkSpec, seed: int) -> None:
+        self.spec = spec
+        self.codec = spec.codec()
         self.seed = seed
         self.states: dict[int, ErrorFeedback | None] = {}
         self.bytes_per_round: dict[int, int] = {}
@@ -64,13 +67,13 @@ class CompressedUploads:
                  update: list[np.ndarray]) -> list[np.ndarray]:
         if host not in self.states:
             self.states[host] = self.codec.new_state()
-        delta = [u - g for u, g in zip(update, global_weights)]
         rng = np.random.default_rng([self.seed, host, round_number])
-        wire, header = self.codec.encode(delta, rng, self.states[host])
+        wire, header = pack_update(self.spec, global_weights, update, rng, self.states[host])
         self.bytes_per_round[round_number] = (self.bytes_per_round.get(round_number, 0)
                                               + wire_bytes(wire))
-        decoded = self.codec.decode(header, wire, [g.shape for g in global_weights])
-        return [g + d for g, d in zip(global_weights, decoded)]
+        if header is None:  # float32: the weights as trained
+            return wire
+        return unpack_update(self.codec, header, wire, global_weights)
 
 
 def run(config: Config, data: list[tuple[list[Dataset], Dataset]], seeds: list[int],
@@ -78,7 +81,7 @@ def run(config: Config, data: list[tuple[list[Dataset], Dataset]], seeds: list[i
     """(mean upload bytes per round, mean pooled test accuracy %) over the seeds."""
     byte_counts, accuracies = [], []
     for seed, (shards, pooled) in zip(seeds, data):
-        hook: UpdateHook = CompressedUploads(make_codec(config.codec, config.params), seed)
+        hook: UpdateHook = CompressedUploads(UplinkSpec(config.codec, config.params), seed)
         weights = simulate(shards, training=training, seed=seed, on_update=hook)
         byte_counts += list(hook.bytes_per_round.values())
         accuracies.append(accuracy_percent(weights, pooled))

@@ -10,6 +10,7 @@ Only the last few rounds are kept: an abandoned round's secrets are dropped.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -36,7 +37,10 @@ class SecureRounds:
         # shares for it.
         self._seen: OrderedDict[str, None] = OrderedDict()
 
+    @functools.cached_property
     def _credentials(self) -> tuple[bytes, bytes, bytes]:
+        """Key, certificate and CA, read once: the TLS context holds the same files
+        for the agent's lifetime (deploy restarts the agent when they change)."""
         c = self._config
         return Path(c.key).read_bytes(), Path(c.cert).read_bytes(), Path(c.ca_cert).read_bytes()
 
@@ -60,7 +64,7 @@ class SecureRounds:
                 self._seen.popitem(last=False)
         params = FixedPointParams.from_dict(meta.get("params") or {})
         # Degree and threshold are fixed before any key is seen; the roster must repeat them.
-        client = SecAggClient(self.host, round_id, *self._credentials(), params,
+        client = SecAggClient(self.host, round_id, *self._credentials, params,
                               degree=_optional_int(meta.get("degree")),
                               threshold=_optional_int(meta.get("threshold")))
         with self._lock:

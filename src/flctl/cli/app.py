@@ -20,7 +20,7 @@ from rich.markup import escape
 from flctl import __version__
 from flctl.cli import render
 from flctl.cli.progress import HostProgress
-from flctl.coordinator.records import RunDir, describe_run, list_runs, read_metrics
+from flctl.coordinator.records import RunDir, describe_run, latest_run, list_runs, read_metrics
 from flctl.coordinator.rounds import RoundRecord, RunSummary
 from flctl.coordinator.session import info_probe, train_workspace
 from flctl.core.settings import AgentSettings, Settings
@@ -130,8 +130,7 @@ def status(
     """Show every host's agent, load, memory and disk at a glance."""
     workspace = load_workspace(workspace_dir)
     rows = gather_status(workspace, _selected(workspace, limit), info_probe(workspace, 5.0))
-    runs = list_runs(workspace.paths.runs)
-    latest = runs[-1] if runs else None
+    latest = latest_run(workspace.paths.runs)
     if json_output:
         render.emit_json({"hosts": rows, "latest_run": latest.as_dict() if latest else None})
     else:

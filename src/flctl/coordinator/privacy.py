@@ -62,8 +62,7 @@ class PrivacyLedger:
         if self.accountant is None:
             return None
         self.accountant.compose(*self.step)
-        epsilon = self.accountant.epsilon(self.training.dp_delta)
-        return epsilon if math.isfinite(epsilon) else None
+        return self.epsilon()
 
     def epsilon(self) -> float | None:
         if self.accountant is None or self.accountant.steps == 0:

@@ -207,3 +207,11 @@ def list_runs(runs_root: Path) -> list[RunInfo]:
         return []
     return sorted((describe_run(RunDir(p)) for p in runs_root.iterdir() if p.is_dir()),
                   key=lambda info: info.started)
+
+
+def latest_run(runs_root: Path) -> RunInfo | None:
+    """The newest run, reading only its own files (status wants just this one)."""
+    if not runs_root.is_dir():
+        return None
+    paths = [p for p in runs_root.iterdir() if p.is_dir()]
+    return describe_run(RunDir(max(paths, key=lambda p: p.stat().st_mtime))) if paths else None

@@ -398,23 +398,23 @@ class Coordinator:
                           ) -> tuple[list[np.ndarray], dict[str, Any], int]:
         """Fit a round; re-run it while too few replies arrive and retries are left."""
         t = self.training
-        attempts = t.round_retries + 1
-        for attempt in range(1, attempts + 1):
+        attempt = 1
+        while True:
             chosen = self._sample(available, round_number, attempt)
             try:
                 new_weights, fit = self.fit_round(weights, round_number, chosen, attempt)
                 return new_weights, fit, attempt
             except RoundShort as short:
-                if attempt == attempts:
+                if attempt > t.round_retries:
                     last = (f"the run stops after round {round_number - 1}; continue it "
                             f"later with `flctl train --resume {self.run.run_id}`"
                             if round_number > 1 else "the run stops")
-                    raise TrainingError(f"{short.message}; tried {attempts} time(s), "
+                    raise TrainingError(f"{short.message}; tried {attempt} time(s), "
                                         f"{last}") from None
                 self.on_message(f"{short.message}; running it again in {t.retry_wait_s:g} s "
                                 f"(retry {attempt} of {t.round_retries})")
                 time.sleep(t.retry_wait_s)
-        raise AssertionError("unreachable")
+            attempt += 1
 
     def _checkpoint(self, round_number: int, weights: list[np.ndarray]) -> None:
         self.run.save_checkpoint(round_number, weights, {
