@@ -4,7 +4,7 @@ Kept for provenance: flctl ships the resulting `digits.npz` so that neither the
 workstation nor the hosts need scikit-learn at run time. Re-running it must
 reproduce the bundled file's arrays bit for bit.
 
-Usage: python scripts/make_digits.py [--out src/flctl/data/digits.npz]
+Usage: python scripts/make_digits.py [--out flctl/data/digits.npz]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "src" / "flctl" / "data" / "digits.npz"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "flctl" / "data" / "digits.npz"
 
 
 def main() -> None:

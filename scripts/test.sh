@@ -23,7 +23,7 @@ VENV=${FLCTL_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
 
-"$VENV/bin/ruff" check src tests scripts
+"$VENV/bin/ruff" check flctl tests scripts
 set +e
 "$VENV/bin/python" -m pytest -q "$@"
 status=$?

@@ -199,7 +199,7 @@ def test_prepare_needs_a_source_tree(tmp_path: Path) -> None:
 
 def copy_project(target: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    shutil.copytree(ROOT / "src", target / "src", ignore=ignore)
+    shutil.copytree(ROOT / "flctl", target / "flctl", ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, target / name)
@@ -218,9 +218,9 @@ def test_source_change_makes_a_new_flctl_wheel(bundle: Bundle, tmp_path: Path) -
     assert {w.name: w.sha256 for w in first.wheels if w.project != "flctl"} == \
         {w.name: w.sha256 for w in bundle.wheels if w.project != "flctl"}
     assert not (project / "build").exists()  # the build never writes into the checkout
-    assert not list((project / "src").glob("*.egg-info"))
+    assert not list(project.glob("*.egg-info"))
 
-    module = project / "src" / "flctl" / "deploy" / "bundle.py"
+    module = project / "flctl" / "deploy" / "bundle.py"
     module.write_text(module.read_text() + "\n# changed\n")
     results: list[Bundle] = []
     threads = [threading.Thread(target=lambda: results.append(prepare_bundle(

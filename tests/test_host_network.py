@@ -502,7 +502,7 @@ def _lab_hostctl(lab: Lab, host: str, *args: str, input_text: str = "") -> dict[
 
 def _stage_source(lab: Lab, host: str) -> None:
     """Copy this checkout's flctl package into the host's private /opt."""
-    package = Path(__file__).resolve().parents[1] / "src"
+    package = Path(__file__).resolve().parents[1]
     archive = subprocess.run(["tar", "-C", str(package), "--exclude=__pycache__", "-c", "flctl"],
                              capture_output=True, check=True).stdout
     done = subprocess.run(lab.ssh_command(host, f"mkdir -p {LAB_SOURCE} && "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "flctl"
+SRC = Path(__file__).resolve().parents[1] / "flctl"
 
 LAYER = {"core": 0, "errors": 0, "data": 0, "net": 1, "agent": 2, "coordinator": 2,
          "deploy": 2, "workspace": 2, "cli": 3, "__main__": 3}

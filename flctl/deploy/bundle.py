@@ -46,7 +46,7 @@ MIN_PYTHON = (3, 9)
 MANYLINUX_TAGS = ("manylinux2014", "manylinux_2_17", "manylinux_2_24", "manylinux_2_26",
                   "manylinux_2_27", "manylinux_2_28")
 ARCHITECTURES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
-# Files that go into flctl's wheel besides src/: their change means a new wheel.
+# Files that go into flctl's wheel besides flctl/: their change means a new wheel.
 PROJECT_FILES = ("pyproject.toml", "setup.cfg", "setup.py", "MANIFEST.in", "README.md",
                  "README.rst", "LICENSE", "LICENSE.txt")
 BUILD_HISTORY = 3           # flctl wheels kept in the cache (for deploys still uploading)
@@ -172,15 +172,15 @@ def _locked(path: Path) -> Iterator[None]:
 def _project_root(project_root: Path | None) -> Path:
     if project_root is not None:
         root = Path(project_root).resolve()
-        if not (root / "pyproject.toml").is_file() or not (root / "src" / "flctl").is_dir():
+        if not (root / "pyproject.toml").is_file() or not (root / "flctl").is_dir():
             raise BundleError(f"{root} is not a flctl source tree (no pyproject.toml "
-                              "and src/flctl)")
+                              "and flctl/)")
         return root
     import flctl
 
     package = Path(flctl.__file__).resolve().parent
-    root = package.parent.parent
-    if package.parent.name == "src" and (root / "pyproject.toml").is_file():
+    root = package.parent
+    if (package.parent / "pyproject.toml").is_file():
         return root
     raise BundleError(
         "flctl is installed without its source tree, and hosts without internet need "
@@ -192,7 +192,7 @@ def _project_root(project_root: Path | None) -> Path:
 def _source_files(root: Path) -> list[str]:
     """The files flctl's wheel is made of, relative to `root`, sorted."""
     found = [name for name in PROJECT_FILES if (root / name).is_file()]
-    for path in (root / "src").rglob("*"):
+    for path in (root / "flctl").rglob("*"):
         relative = path.relative_to(root)
         parts = relative.parts
         if (path.is_dir() or "__pycache__" in parts
