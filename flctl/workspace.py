@@ -4,6 +4,7 @@
     inventory.yaml    hosts
     pki/              project CA and the coordinator's certificate (keys 0600)
     tasks/            the user's own task modules (optional; shipped to hosts)
+    wheels.lock       the wheels deploy ships to hosts, with their sha256
     data/             demo shards for local hosts (init --local)
     runs/<id>/        checkpoints, metrics, final weights
     .flctl/           state of local hosts (their agents' files)
@@ -21,6 +22,7 @@ from flctl.core.data import make_federated_shards, save_dataset
 from flctl.core.fsutil import atomic_write, write_secret
 from flctl.core.inventory import Inventory, load_inventory, render_local_inventory
 from flctl.core.settings import Settings, load_settings, render_settings
+from flctl.core.wheellock import LOCK_FILE, WheelLock, parse_lock
 from flctl.errors import WorkspaceError
 
 SETTINGS_FILE = "flctl.yaml"
@@ -66,6 +68,11 @@ class WorkspacePaths:
         return self.root / "known_hosts"
 
     @property
+    def wheel_lock(self) -> Path:
+        """The wheels deploy ships to hosts, pinned with their sha256 (flctl.core.wheellock)."""
+        return self.root / LOCK_FILE
+
+    @property
     def runs(self) -> Path:
         return self.root / "runs"
 
@@ -102,6 +109,17 @@ def load_workspace(root: Path) -> Workspace:
     settings = load_settings(paths.settings)
     inventory = load_inventory(paths.inventory, settings.overlay.subnet, base_dir=paths.root)
     return Workspace(paths, settings, inventory)
+
+
+def read_wheel_lock(paths: WorkspacePaths) -> WheelLock:
+    """The workspace's wheel lock; empty before the first deploy to an SSH host."""
+    try:
+        text = paths.wheel_lock.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return WheelLock()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkspaceError(f"cannot read {paths.wheel_lock}: {exc}") from None
+    return parse_lock(text, str(paths.wheel_lock))
 
 
 def example_inventory() -> str:

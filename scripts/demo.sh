@@ -13,5 +13,6 @@ if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c "import ensurepip" 2
 fi
 VENV=${FLCTL_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e .
+rm -rf build ./*.egg-info  # setuptools' build/ keeps deleted modules and would ship them
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check .
 exec "$VENV/bin/flctl" demo "$@"

@@ -26,14 +26,18 @@
 # never touched. Addresses come only from 198.18.0.0/15.
 #
 # Environment: FLCTL_LAB_DIR (lab folder), FLCTL_PYTHON (python with flctl
-# installed, default python3), FLCTL_LAB_OWNER (pid recorded as the lab's owner,
+# installed; default this checkout's .venv/bin/python, which scripts/test.sh
+# and scripts/demo.sh make, else python3), FLCTL_LAB_OWNER (pid recorded as the lab's owner,
 # used by tests/lab.py to recognise a lab left behind by a dead test run).
 # Exit codes: 0 ok, 1 failure, 2 usage, 3 a lab is already up.
 set -euo pipefail
 umask 022
 
 LAB_DIR=${FLCTL_LAB_DIR:-/tmp/flctl-lab}
-PYTHON=${FLCTL_PYTHON:-python3}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -n ${FLCTL_PYTHON:-} ]]; then PYTHON=$FLCTL_PYTHON
+elif [[ -x $REPO/.venv/bin/python ]]; then PYTHON=$REPO/.venv/bin/python
+else PYTHON=python3; fi
 BRIDGE=flctl-br0
 BRIDGE_MAC=02:f1:c7:00:00:01   # locally administered
 HUB_IP=198.18.0.1
@@ -333,7 +337,7 @@ wait_all() {  # WHAT PID...: wait for background jobs, fail if any failed
 # Non-IID shards of the bundled digits, written into each host's /var/lib
 # upper layer before the overlay is mounted.
 write_shards() {
-    "$PYTHON" - "$LAB_DIR" "$DATA_PATH" "${HOST_NAMES[@]}" <<'EOF'
+    (cd / && exec "$PYTHON" - "$LAB_DIR" "$DATA_PATH" "${HOST_NAMES[@]}") <<'EOF'
 import sys
 from pathlib import Path
 
@@ -355,7 +359,7 @@ EOF
 # by the real loader.
 make_workspace() {
     local dir=$1
-    "$PYTHON" - "$dir" "$LAB_DIR" "$OVERLAY_SUBNET" "$DATA_PATH" "${HOST_NAMES[@]}" <<'EOF'
+    (cd / && exec "$PYTHON" - "$dir" "$LAB_DIR" "$OVERLAY_SUBNET" "$DATA_PATH" "${HOST_NAMES[@]}") <<'EOF'
 import dataclasses
 import ipaddress
 import sys
@@ -423,6 +427,8 @@ cmd_up() {
         die "up: the number of hosts must be 1..$MAX_HOSTS (got '${count}')"
     [[ $(id -u) == 0 ]] || die "the lab needs root (network namespaces, mounts, sshd)"
     [[ -x $SSHD ]] || die "$SSHD not found: install openssh-server"
+    (cd / && "$PYTHON" -c 'import flctl') 2>/dev/null ||
+        die "$PYTHON cannot import flctl: run scripts/test.sh (it makes .venv) or set FLCTL_PYTHON to a python with flctl installed"
     check_lab_dir
     if [[ -n $dir ]]; then
         dir=$(realpath -m -- "$dir")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine: system packages (when
-# root), a venv with flctl and its test tools, then ruff and pytest.
+# root), a venv with flctl installed as users install it (a wheel, not an
+# editable checkout) and its test tools, then ruff and pytest.
 # Usage: scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,11 +22,16 @@ fi
 
 VENV=${FLCTL_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+rm -rf build ./*.egg-info  # setuptools' build/ keeps deleted modules and would ship them
+# Not editable: the tests, the CLI they start and every deploy they run use
+# the installed copy, so what passes here is what `pip install flctl` gives.
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check '.[test]'
 
 "$VENV/bin/ruff" check flctl tests scripts
 set +e
-"$VENV/bin/python" -m pytest -q "$@"
+# pytest's own script (not `python -m pytest`, which would put this checkout's
+# flctl/ first on sys.path); tests/test_install.py checks the import.
+FLCTL_EXPECT_INSTALLED=1 "$VENV/bin/pytest" -q "$@"
 status=$?
 set -e
 if [ "$status" = 5 ]; then

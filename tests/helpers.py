@@ -25,9 +25,16 @@ class CliResult:
         return json.loads(self.stdout)
 
 
+def flctl_command() -> list[str]:
+    """The installed `flctl` script beside this interpreter, as a user runs it
+    (`python -m flctl` from this checkout would import the checkout instead)."""
+    script = Path(sys.executable).parent / "flctl"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "flctl"]
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 180) -> CliResult:
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
-    done = subprocess.run([sys.executable, "-m", "flctl", *args], capture_output=True,
+    done = subprocess.run([*flctl_command(), *args], capture_output=True,
                           text=True, cwd=cwd, timeout=timeout, env=env,
                           stdin=subprocess.DEVNULL)
     return CliResult(done.returncode, done.stdout, done.stderr)

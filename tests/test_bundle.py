@@ -8,20 +8,24 @@ tests of a run and kept between runs, so only a first run downloads.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
+import flctl
+from flctl.core.wheellock import LockedWheel, LockTarget, WheelLock, parse_lock
 from flctl.deploy.bundle import (
-    RUNTIME_REQUIREMENTS,
+    RUNTIME_PROJECTS,
     Bundle,
     BundleError,
     WheelFile,
@@ -33,7 +37,8 @@ from flctl.deploy.bundle import (
     venv_python,
     wheels_dir,
 )
-from flctl.errors import FlctlError
+from flctl.deploy.ownwheel import own_source, own_wheel, wheel_bytes
+from flctl.errors import ConfigError, FlctlError
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(tempfile.gettempdir()) / "flctl-test-wheel-cache"
@@ -173,7 +178,7 @@ def test_bundle_holds_wheels_for_the_target(bundle: Bundle) -> None:
     assert (bundle.python_tag, bundle.platform_tag) == host_tags(platform.python_version(),
                                                                  platform.machine())
     projects = {wheel.project for wheel in bundle.wheels}
-    assert {"flctl", "installer", *(r.lower() for r in RUNTIME_REQUIREMENTS)} <= projects
+    assert {"flctl", "installer", *(r.lower() for r in RUNTIME_PROJECTS)} <= projects
     assert not {"typer", "rich", "paramiko"} & projects  # CLI-only dependencies stay home
     for wheel in bundle.wheels:
         assert wheel.path.name == wheel.name and wheel.path.is_file()
@@ -182,58 +187,89 @@ def test_bundle_holds_wheels_for_the_target(bundle: Bundle) -> None:
         assert python in (bundle.python_tag, "py3") or python.startswith(bundle.python_tag)
         assert plat == "any" or platform.machine() in plat and "manylinux" in plat
     assert bundle.digest == bundle_digest(bundle.wheels)
+    # the version bounds are flctl's own (pyproject), not a second list
+    numpy_bound = next(r for r in bundle.requirements if r.lower().startswith("numpy"))
+    assert numpy_bound in {r.replace(" ", "") for r in metadata.requires("flctl") or ()}
 
 
 def test_warm_prepare_is_fast_and_identical(bundle: Bundle) -> None:
     started = time.perf_counter()
-    again = prepare_bundle(platform.python_version(), platform.machine(), CACHE)
+    again = prepare_bundle(platform.python_version(), platform.machine(), CACHE,
+                           bundle.lock_target())
     elapsed = time.perf_counter() - started
     assert again == bundle
     assert elapsed < 0.5, f"warm prepare_bundle took {elapsed:.3f} s"
 
 
-def test_prepare_needs_a_source_tree(tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="not a flctl source tree"):
-        prepare_bundle(HERE_PYTHON, "x86_64", tmp_path / "cache", project_root=tmp_path)
+def test_the_lock_pins_what_is_shipped(bundle: Bundle, tmp_path: Path) -> None:
+    """A locked target is fetched again exactly (pip checks every sha256 against the
+    lock), even into an empty cache; a wheel that hashes differently is refused."""
+    locked = bundle.lock_target()
+    lock = WheelLock({bundle.target: locked})
+    assert parse_lock(lock.render(), "wheels.lock") == lock
+    empty = tmp_path / "empty-cache"
+    again = prepare_bundle(platform.python_version(), platform.machine(), empty, locked)
+    assert {(w.name, w.sha256) for w in again.wheels} == {(w.name, w.sha256)
+                                                          for w in bundle.wheels}
+    numpy = next(w for w in locked.wheels if w.project == "numpy")
+    forged = LockTarget(locked.requirements, tuple(
+        LockedWheel(w.name, "0" * 64) if w is numpy else w for w in locked.wheels))
+    with pytest.raises(BundleError, match="does not match the sha256 in wheels.lock"):
+        prepare_bundle(platform.python_version(), platform.machine(), tmp_path / "other",
+                       forged)
 
 
-def copy_project(target: Path) -> Path:
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    shutil.copytree(ROOT / "flctl", target / "flctl", ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
-        if (ROOT / name).exists():
-            shutil.copy(ROOT / name, target / name)
-    return target
+def test_a_lock_for_other_requirements_is_resolved_again(bundle: Bundle) -> None:
+    stale = LockTarget(("numpy",), bundle.lock_target().wheels)
+    again = prepare_bundle(platform.python_version(), platform.machine(), CACHE, stale)
+    assert again.requirements == bundle.requirements != stale.requirements
 
 
-@pytest.mark.slow
-def test_source_change_makes_a_new_flctl_wheel(bundle: Bundle, tmp_path: Path) -> None:
-    project = copy_project(tmp_path / "project")
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    deps_dir = bundle.wheel("numpy").path.parent  # reuse the downloads: no network here
-    shutil.copytree(deps_dir, cache / deps_dir.name, copy_function=os.link)
+@pytest.mark.parametrize("text,field", [
+    ("[]", None),
+    ('{"lock_version": 7, "targets": {}}', "lock_version"),
+    ('{"lock_version": 1, "targets": {"cp311-x86_64": {"requirements": ["numpy"], '
+     '"wheels": {"../../etc/passwd": "' + "a" * 64 + '"}}}}',
+     "targets.cp311-x86_64.wheels.../../etc/passwd"),
+    ('{"lock_version": 1, "targets": {"cp311-x86_64": {"requirements": ["numpy"], '
+     '"wheels": {"numpy-2.0-cp311-cp311-manylinux2014_x86_64.whl": "beef"}}}}',
+     "targets.cp311-x86_64.wheels.numpy-2.0-cp311-cp311-manylinux2014_x86_64.whl"),
+])
+def test_a_bad_lock_is_one_clear_error(text: str, field: str | None) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_lock(text, "ws/wheels.lock")
+    assert caught.value.message.startswith("ws/wheels.lock")
+    assert caught.value.field == field
 
-    first = prepare_bundle(platform.python_version(), platform.machine(), cache, project)
-    assert {w.name: w.sha256 for w in first.wheels if w.project != "flctl"} == \
-        {w.name: w.sha256 for w in bundle.wheels if w.project != "flctl"}
-    assert not (project / "build").exists()  # the build never writes into the checkout
-    assert not list(project.glob("*.egg-info"))
 
-    module = project / "flctl" / "deploy" / "bundle.py"
-    module.write_text(module.read_text() + "\n# changed\n")
-    results: list[Bundle] = []
-    threads = [threading.Thread(target=lambda: results.append(prepare_bundle(
-        platform.python_version(), platform.machine(), cache, project))) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(results) == 2 and results[0] == results[1]  # two deploys, one build
-    changed = results[0]
-    assert changed.digest != first.digest
-    assert changed.wheel("flctl").sha256 != first.wheel("flctl").sha256
-    assert len(list(cache.glob("flctl-*"))) == 2
+# ------------------------------------------------------------- flctl's own wheel
+
+
+def copy_package(target: Path) -> Path:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(Path(flctl.__file__).resolve().parent, target / "flctl", ignore=ignore)
+    return target / "flctl"
+
+
+def test_own_wheel_is_the_running_flctl_and_deterministic(tmp_path: Path) -> None:
+    package = copy_package(tmp_path / "copy")
+    source = own_source(package)
+    first, again = wheel_bytes(source), wheel_bytes(source)
+    digest = source.digest()
+    assert first == again  # same files, same bytes, same sha256 in the lock
+    with zipfile.ZipFile(io.BytesIO(first)) as archive:
+        names = archive.namelist()
+        record = archive.read(f"{source.dist_info}/RECORD").decode()
+        entry_points = archive.read(f"{source.dist_info}/entry_points.txt").decode()
+    assert "flctl/agent/main.py" in names and "flctl/data/digits.npz" in names
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    assert "flctl-agent = flctl.agent.main:main" in entry_points
+    assert all(line.split(",")[0] in names for line in record.splitlines())
+    (package / "deploy" / "bundle.py").write_text("# changed\n", encoding="utf-8")
+    changed = own_source(package)
+    assert changed.digest() != digest and wheel_bytes(changed) != first
+    path, sha = own_wheel(tmp_path / "cache", changed)
+    assert sha == sha256_of(path) and path.name == f"flctl-{flctl.__version__}-py3-none-any.whl"
 
 
 @pytest.mark.slow

@@ -44,10 +44,13 @@ def _why_not() -> str | None:
 _REASON = _why_not()
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
-# Lab hosts have a private /tmp (where a CI clone may live), so they get their
-# own copy of flctl's source and run it with their own python3.
+# Throwaway namespaces share this machine's files: they run the flctl this
+# test run uses (installed in its venv). Lab hosts have a private /tmp (where
+# a CI clone may live), so they get their own copy of flctl's package and run
+# it with the host's python3, which has no flctl of its own.
+HOSTCTL = (sys.executable, "-m", "flctl.agent.hostctl")
 LAB_SOURCE = "/opt/flctl-src"
-HOSTCTL = ("env", f"PYTHONPATH={LAB_SOURCE}", "python3", "-m", "flctl.agent.hostctl")
+LAB_HOSTCTL = ("env", f"PYTHONPATH={LAB_SOURCE}", "python3", "-m", "flctl.agent.hostctl")
 HUB_OVERLAY = "198.19.0.1"
 HOST_OVERLAY = "198.19.0.11"
 WG_PORT = 51820
@@ -99,7 +102,7 @@ class Netns:
     def run(self, *cmd: str, input_text: str | None = None, timeout: float = 30,
             check: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run([*self.prefix(), *cmd], capture_output=True, text=True,
-                              input=input_text, timeout=timeout,
+                              input=input_text, timeout=timeout, cwd="/",
                               stdin=None if input_text is not None else subprocess.DEVNULL)
         if check and done.returncode != 0:
             raise AssertionError(f"{cmd} failed ({done.returncode}): {done.stdout}{done.stderr}")
@@ -494,7 +497,7 @@ def _connects(lab: Lab, source: str | None, address: str, port: int) -> str:
 
 def _lab_hostctl(lab: Lab, host: str, *args: str, input_text: str = "") -> dict[str, Any]:
     """hostctl over a NEW SSH connection, as deploy runs it."""
-    done = subprocess.run(lab.ssh_command(host, *HOSTCTL, *args), input=input_text,
+    done = subprocess.run(lab.ssh_command(host, *LAB_HOSTCTL, *args), input=input_text,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"{host}: hostctl {args[0]}: {done.stdout}{done.stderr}"
     return dict(json.loads(done.stdout))

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -262,7 +263,8 @@ def test_down_leaves_nothing_behind(tmp_path: Path) -> None:
 
 @lab_lock()    # the raw lab.sh calls below must not meet another test run's lab
 def test_lab_up_clears_a_dead_runs_lab_but_not_a_hand_made_one() -> None:
-    env = dict(os.environ, FLCTL_LAB_OWNER="999999999:1")   # a test run that died
+    env = dict(os.environ, FLCTL_LAB_OWNER="999999999:1",   # a test run that died
+               FLCTL_PYTHON=sys.executable)
     left = subprocess.run(["bash", str(LAB_SCRIPT), "up", "1"], capture_output=True,
                           text=True, env=env, timeout=120)
     assert left.returncode == 0, left.stderr
@@ -273,7 +275,9 @@ def test_lab_up_clears_a_dead_runs_lab_but_not_a_hand_made_one() -> None:
         lab.down()
 
     by_hand = subprocess.run(["bash", str(LAB_SCRIPT), "up", "1"], capture_output=True,
-                             text=True, env=dict(os.environ, FLCTL_LAB_OWNER=""), timeout=120)
+                             text=True, env=dict(os.environ, FLCTL_LAB_OWNER="",
+                                                        FLCTL_PYTHON=sys.executable),
+                             timeout=120)
     assert by_hand.returncode == 0, by_hand.stderr
     try:
         with pytest.raises(LabError, match="by hand"):

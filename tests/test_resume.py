@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 from flctl.coordinator.records import load_weights
 
-from helpers import deployed_local_workspace, run_cli
+from helpers import deployed_local_workspace, flctl_command, run_cli
 
 HOSTS = 4
 ROUNDS = 40
@@ -42,7 +41,7 @@ def test_resume_after_kill_9_gives_identical_weights(workspace: Path, strategy: 
     assert full.returncode == 0, full.stderr
 
     cut = workspace / "runs" / f"interrupted-{strategy}"
-    process = subprocess.Popen([sys.executable, "-m", "flctl", *args, "--run-id", cut.name],
+    process = subprocess.Popen([*flctl_command(), *args, "--run-id", cut.name],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

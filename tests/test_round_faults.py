@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import deployed_local_workspace, run_cli
+from helpers import deployed_local_workspace, flctl_command, run_cli
 
 HOSTS = 4
 SLEEPY_TASK = '''
@@ -63,7 +62,7 @@ def train_into_round_two(root: Path, run_id: str, *flags: str) -> subprocess.Pop
     """Start `flctl train --json` and return once its second round's fits are
     under way (every fit sleeps, see write_task_settings)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "flctl", "train", "-w", str(root), "--run-id", run_id, "--json",
+        [*flctl_command(), "train", "-w", str(root), "--run-id", run_id, "--json",
          *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     metrics = root / "runs" / run_id / "metrics.jsonl"

@@ -17,6 +17,7 @@ import typer
 from rich.live import Live
 from rich.markup import escape
 
+import flctl as flctl_package
 from flctl import __version__
 from flctl.cli import render
 from flctl.cli.progress import HostProgress
@@ -24,6 +25,7 @@ from flctl.coordinator.records import RunDir, describe_run, latest_run, list_run
 from flctl.coordinator.rounds import RoundRecord, RunSummary
 from flctl.coordinator.session import info_probe, train_workspace
 from flctl.core.settings import AgentSettings, Settings
+from flctl.core.text import clean_text
 from flctl.deploy import engine
 from flctl.deploy.logs import agent_log
 from flctl.deploy.overlay import HubNotRoot
@@ -385,30 +387,51 @@ def logs(
 
 
 @app.command()
-def version() -> None:
-    """Print the flctl version."""
+def version(json_output: bool = JsonOpt) -> None:
+    """Print the flctl version (with --json: also where it is installed)."""
+    if json_output:
+        render.emit_json({"version": __version__, "python": sys.version.split()[0],
+                          "location": str(Path(flctl_package.__file__).resolve().parent)})
+        return
     render.out.print(__version__)
 
 
+def _usage_error(exc: BaseException) -> tuple[str, int] | None:
+    """A command-line usage error as (one line, exit code); None for anything else.
+
+    Typer raises click's exceptions, or since 0.26 those of its own copy of
+    click (no `click` module at all): both carry `exit_code` and
+    `format_message()`, so they are told apart by that, not by an import.
+    """
+    format_message = getattr(exc, "format_message", None)
+    exit_code = getattr(exc, "exit_code", None)
+    if not callable(format_message) or not isinstance(exit_code, int):
+        return None
+    message = " ".join(str(format_message()).split())
+    command = getattr(getattr(exc, "ctx", None), "command_path", None) or "flctl"
+    return f"{message} (see `{command} --help`)", exit_code
+
+
 def main() -> None:
-    """Entry point: expected errors become one red line and an exit code."""
+    """Entry point: expected errors and usage errors become one red line and an exit code."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except FlctlError as exc:
-        render.err.print(f"[red]error:[/] {escape(exc.message)}", soft_wrap=True)
+        render.err.print(f"[red]error:[/] {escape(clean_text(exc.message))}", soft_wrap=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         render.err.print("[red]interrupted[/]")
         sys.exit(EXIT_INTERRUPTED)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        render.err.print("[red]aborted[/]")
-        sys.exit(EXIT_INTERRUPTED)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except Exception as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `flctl`: the help is the answer
+            sys.stdout.write(str(exc.format_message()) + "\n")  # type: ignore[attr-defined]
+            sys.exit(0)
+        usage = _usage_error(exc)
+        if usage is None:
+            raise
+        line, exit_code = usage
+        render.err.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
+        sys.exit(exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -8,6 +8,7 @@ Secrets get their mode before any byte is written, never after.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -49,3 +50,25 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_hex(data: bytes | str) -> str:
+    """The sha256 of `data` (text as UTF-8), in hex: how flctl names file contents."""
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def file_sha256(path: Path | str) -> str:
+    """sha256_hex of a file's contents, read in blocks (wheels run to tens of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256_or_none(path: Path | str) -> str | None:
+    """file_sha256, or None when the file cannot be read (a fact: "not there")."""
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None

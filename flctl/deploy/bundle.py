@@ -1,26 +1,30 @@
 """The agent's offline install kit: wheels for one host Python and architecture.
 
-Hosts have no internet, so the operator's machine (which can reach PyPI)
-prepares everything a host needs: flctl's own wheel, built from the source
-tree, and binary wheels of the agent's runtime dependencies for the host's
-Python version and CPU. Deploy uploads them, and a POSIX sh script checks
-their sha256 on the host before PyPA's `installer` unpacks them into a
-fresh venv, so nothing on the host ever reaches out. (`installer` rather
-than pip: it installs the fixed, already-resolved set of wheels in about
-0.7 s where pip needs 3-7 s, and deploy runs it on every host at once.)
+Hosts have no internet, so the operator's machine (which can reach its
+package index) prepares everything a host needs: flctl's own wheel, made
+from the flctl that is running (flctl.deploy.ownwheel), and binary wheels
+of the agent's runtime dependencies for the host's Python version and CPU.
+Which wheels those are is pinned, with their sha256, in the workspace's
+wheel lock (flctl.core.wheellock): the first deploy to a new target
+resolves and records them, later ones fetch exactly those again (pip
+checks the hashes) and refuse anything else. Deploy uploads them, and a
+POSIX sh script checks their sha256 on the host before PyPA's `installer`
+unpacks them into a fresh venv, so nothing on the host ever reaches out.
+(`installer` rather than pip: it installs the fixed, already-resolved set
+of wheels in about 0.7 s where pip needs 3-7 s, and deploy runs it on every
+host at once.)
 
-Both halves are cached under the caller's cache dir, keyed so that a warm
-prepare touches neither the network nor a build: dependency wheels by
-(Python X.Y, architecture, requirement list), flctl's wheel by a hash of
-its source files. A bundle's digest names its exact contents, so deploy
-can tell from one small file on the host whether it is already installed.
+Downloaded wheels are cached under their file names, which carry project
+and version, each beside a note of its sha256 and size; a warm prepare
+touches neither the network nor a build. A bundle's digest names its exact
+contents, so deploy can tell from one small file on the host whether it is
+already installed.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import re
 import shlex
@@ -28,15 +32,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
+from flctl.core.fsutil import atomic_write, file_sha256
+from flctl.core.wheellock import LockedWheel, LockTarget, normalize_project, target_key
+from flctl.deploy.ownwheel import DISTRIBUTION, own_wheel
 from flctl.errors import FlctlError
 
-# What the agent imports on a host (the CLI's typer/rich/paramiko stay home).
-RUNTIME_REQUIREMENTS: tuple[str, ...] = ("numpy", "cryptography", "PyYAML")
+# What the agent imports on a host (the CLI's typer/rich/paramiko stay home);
+# their version bounds come from flctl's own metadata.
+RUNTIME_PROJECTS: tuple[str, ...] = ("numpy", "cryptography", "PyYAML")
 # Shipped so that the venv never needs ensurepip, which Debian splits out into
 # python3-venv: `python3 -m venv --without-pip` works on every CPython >= 3.3,
 # and `installer` runs straight from its wheel on sys.path.
@@ -46,13 +55,7 @@ MIN_PYTHON = (3, 9)
 MANYLINUX_TAGS = ("manylinux2014", "manylinux_2_17", "manylinux_2_24", "manylinux_2_26",
                   "manylinux_2_27", "manylinux_2_28")
 ARCHITECTURES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
-# Files that go into flctl's wheel besides flctl/: their change means a new wheel.
-PROJECT_FILES = ("pyproject.toml", "setup.cfg", "setup.py", "MANIFEST.in", "README.md",
-                 "README.rst", "LICENSE", "LICENSE.txt")
-BUILD_HISTORY = 3           # flctl wheels kept in the cache (for deploys still uploading)
 PIP_TIMEOUT = 900.0
-# Fixed zip timestamps (1980-01-01) so the same source makes the same wheel bytes.
-SOURCE_DATE_EPOCH = "315532800"
 
 
 class BundleError(FlctlError):
@@ -68,7 +71,7 @@ class WheelFile:
     @property
     def project(self) -> str:
         """Normalized distribution name ("pyyaml" for PyYAML-6.0-...whl)."""
-        return re.sub(r"[-_.]+", "-", self.name.split("-", 1)[0]).lower()
+        return normalize_project(self.name.split("-", 1)[0])
 
 
 @dataclass(frozen=True)
@@ -77,13 +80,23 @@ class Bundle:
     platform_tag: str    # "manylinux2014_x86_64"
     wheels: tuple[WheelFile, ...]
     digest: str          # sha256 over the sorted (name, sha256) pairs
+    requirements: tuple[str, ...] = ()
+
+    @property
+    def target(self) -> str:
+        """The wheel lock's key for this bundle ("cp311-x86_64")."""
+        return target_key(self.python_tag, self.platform_tag.split("_", 1)[1])
 
     def wheel(self, project: str) -> WheelFile:
-        wanted = re.sub(r"[-_.]+", "-", project).lower()
+        wanted = normalize_project(project)
         for wheel in self.wheels:
             if wheel.project == wanted:
                 return wheel
         raise BundleError(f"bundle has no wheel for {project}")
+
+    def lock_target(self) -> LockTarget:
+        return LockTarget(self.requirements,
+                          tuple(LockedWheel(w.name, w.sha256) for w in self.wheels))
 
 
 def wheels_dir(remote_dir: str = "/opt/flctl") -> str:
@@ -129,29 +142,58 @@ def host_tags(python_version: str, machine: str) -> tuple[str, str]:
     return f"cp{major}{minor}", f"manylinux2014_{_architecture(machine)}"
 
 
+def host_target(python_version: str, machine: str) -> str:
+    """The wheel lock's key for a host: ("3.11.2", "amd64") -> "cp311-x86_64"."""
+    major, minor = _python_xy(python_version)
+    return target_key(f"cp{major}{minor}", _architecture(machine))
+
+
+def agent_requirements() -> tuple[str, ...]:
+    """What the agent needs on a host, with the version bounds flctl itself declares."""
+    wanted = {normalize_project(p) for p in RUNTIME_PROJECTS}
+    found: dict[str, str] = {}
+    for line in metadata.requires(DISTRIBUTION) or ():
+        spec, _, marker = line.partition(";")
+        match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", spec)
+        if match and not marker.strip() and normalize_project(match.group(1)) in wanted:
+            found[normalize_project(match.group(1))] = spec.strip().replace(" ", "")
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise BundleError(f"flctl's metadata does not require {', '.join(missing)}: "
+                          "reinstall flctl")
+    return tuple(sorted(found.values(), key=str.lower)) + BOOTSTRAP_REQUIREMENTS
+
+
 # --------------------------------------------------------------- preparing
 
 
 def prepare_bundle(python_version: str, machine: str, cache_dir: Path,
-                   project_root: Path | None = None) -> Bundle:
+                   locked: LockTarget | None = None) -> Bundle:
     """The wheels for a host running CPython `python_version` on `machine`.
 
-    Downloads (from the operator's package index) and builds only what the
-    cache lacks; a warm call reads a few small files and hashes the source.
+    With `locked` (this target's entry of the workspace's wheel lock, made
+    for the same requirements) exactly those dependency wheels are used,
+    fetched again only if the cache lacks them, and refused unless their
+    sha256 matches. Without it they are resolved from the package index.
+    A warm call reads the package files and a few small notes.
     """
     python_tag, platform_tag = host_tags(python_version, machine)
     major, minor = _python_xy(python_version)
     arch = _architecture(machine)
-    root = _project_root(project_root)
-    source_files = _source_files(root)
-    source_key = _source_digest(root, source_files)
+    requirements = agent_requirements()
     cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / ".lock"):  # parallel deploys: one builds, the others wait and reuse
-        deps = _dependency_wheels(cache, f"{major}.{minor}", python_tag, arch)
-        own = _flctl_wheel(cache, root, source_files, source_key)
+    own_path, own_sha = own_wheel(cache)
+    platforms = [f"{tag}_{arch}" for tag in MANYLINUX_TAGS]
+    with _locked(cache / ".lock"):  # parallel deploys: one downloads, the others reuse
+        if locked is not None and tuple(locked.requirements) == requirements:
+            deps = _fetch_pinned(cache, f"{major}.{minor}", platforms,
+                                 locked.without(DISTRIBUTION))
+        else:
+            deps = _resolve(cache, f"{major}.{minor}", platforms, requirements)
+    own = WheelFile(own_path, own_sha, own_path.name)
     wheels = tuple(sorted((own, *deps), key=lambda w: w.name))
-    return Bundle(python_tag, platform_tag, wheels, bundle_digest(wheels))
+    return Bundle(python_tag, platform_tag, wheels, bundle_digest(wheels), requirements)
 
 
 def bundle_digest(wheels: tuple[WheelFile, ...] | list[WheelFile]) -> str:
@@ -169,201 +211,104 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _project_root(project_root: Path | None) -> Path:
-    if project_root is not None:
-        root = Path(project_root).resolve()
-        if not (root / "pyproject.toml").is_file() or not (root / "flctl").is_dir():
-            raise BundleError(f"{root} is not a flctl source tree (no pyproject.toml "
-                              "and flctl/)")
-        return root
-    import flctl
-
-    package = Path(flctl.__file__).resolve().parent
-    root = package.parent
-    if (package.parent / "pyproject.toml").is_file():
-        return root
-    raise BundleError(
-        "flctl is installed without its source tree, and hosts without internet need "
-        "flctl's wheel built from it: install flctl from a checkout (pip install -e DIR) "
-        "and deploy from there"
-    )
+def _files_dir(cache: Path) -> Path:
+    return cache / "files"
 
 
-def _source_files(root: Path) -> list[str]:
-    """The files flctl's wheel is made of, relative to `root`, sorted."""
-    found = [name for name in PROJECT_FILES if (root / name).is_file()]
-    for path in (root / "flctl").rglob("*"):
-        relative = path.relative_to(root)
-        parts = relative.parts
-        if (path.is_dir() or "__pycache__" in parts
-                or any(part.endswith(".egg-info") for part in parts)
-                or path.suffix in (".pyc", ".pyo")):
-            continue
-        found.append(relative.as_posix())
-    return sorted(found)
-
-
-def _source_digest(root: Path, files: list[str]) -> str:
-    digest = hashlib.sha256()
-    for name in files:
-        data = (root / name).read_bytes()
-        digest.update(f"{name}\0{len(data)}\0".encode())
-        digest.update(data)
-    return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_manifest(directory: Path) -> dict[str, object] | None:
+def _cached(cache: Path, name: str, sha256: str | None = None) -> WheelFile | None:
+    """A cached wheel whose note (sha256 and size) still matches the file."""
+    path = _files_dir(cache) / name
     try:
-        manifest = json.loads((directory / "manifest.json").read_text())
+        sha, size = (path.parent / f"{name}.sha256").read_text().split()
+        if path.stat().st_size != int(size):
+            return None
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def _wheels_from_manifest(directory: Path, manifest: dict[str, object]) -> list[WheelFile] | None:
-    """The manifest's wheels if they are all still there with their recorded sizes."""
-    listed = manifest.get("wheels")
-    if not isinstance(listed, dict) or not listed:
+    if sha256 is not None and sha != sha256:
         return None
-    wheels = []
-    for name, record in listed.items():
-        path = directory / name
-        try:
-            sha, size = record
-            if path.stat().st_size != size:
-                return None
-        except (OSError, TypeError, ValueError):
-            return None
-        wheels.append(WheelFile(path, sha, name))
-    return wheels
+    return WheelFile(path, sha, name)
 
 
-def _publish(staging: Path, final: Path, manifest: dict[str, object]) -> None:
-    """Write the manifest last and swap the directory in, so a crash never leaves a
-    half-filled cache entry that looks complete."""
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+def _keep(cache: Path, downloaded: Path) -> WheelFile:
+    """Move a downloaded wheel into the cache with its note (note last)."""
+    sha = file_sha256(downloaded)
+    target = _files_dir(cache) / downloaded.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(downloaded, target)
+    atomic_write(target.parent / f"{downloaded.name}.sha256", f"{sha} {target.stat().st_size}\n")
+    return WheelFile(target, sha, target.name)
 
 
-def _run_pip(args: list[str], what: str, env: dict[str, str] | None = None) -> None:
+def _run_pip(args: list[str], what: str) -> None:
     command = [sys.executable, "-m", "pip", *args]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT,
-                              stdin=subprocess.DEVNULL, env=env)
+                              stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise BundleError(f"{what}: pip took longer than {PIP_TIMEOUT:g} s") from None
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines()
                  if line.strip() and not line.startswith("WARNING")]
+        hashes = [line.strip() for line in lines if "sha256" in line and "Got" in line]
         reason = lines[-1].strip() if lines else f"pip exited with {done.returncode}"
+        if hashes or "HASHES" in done.stderr:
+            reason = ("a wheel from the package index does not match the sha256 in "
+                      "wheels.lock; refusing it (remove its target from wheels.lock "
+                      "only if you trust the new file)")
         raise BundleError(f"{what}: {reason}")
 
 
-def _dependency_wheels(cache: Path, python_xy: str, python_tag: str,
-                       arch: str) -> list[WheelFile]:
-    requirements = sorted(RUNTIME_REQUIREMENTS + BOOTSTRAP_REQUIREMENTS)
-    platforms = [f"{tag}_{arch}" for tag in MANYLINUX_TAGS]
-    final = cache / f"deps-{python_tag}-{arch}"
-    manifest = _read_manifest(final)
-    if manifest is not None and manifest.get("requirements") == requirements \
-            and manifest.get("platforms") == platforms:
-        wheels = _wheels_from_manifest(final, manifest)
-        if wheels is not None:
-            return wheels
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache))
+def _pip_download(python_xy: str, platforms: Sequence[str], args: Sequence[str],
+                  dest: Path, what: str) -> list[Path]:
+    platform_args = [arg for platform in platforms for arg in ("--platform", platform)]
+    _run_pip(["download", "--only-binary=:all:", "--disable-pip-version-check", "--no-input",
+              "--python-version", python_xy, "--implementation", "cp", *platform_args,
+              "--dest", str(dest), *args], what)
+    return sorted(path for path in dest.iterdir() if path.suffix == ".whl")
+
+
+def _resolve(cache: Path, python_xy: str, platforms: Sequence[str],
+             requirements: Sequence[str]) -> list[WheelFile]:
+    """Resolve `requirements` on the package index; the chosen wheels go into the cache."""
+    staging = Path(tempfile.mkdtemp(prefix=".resolve-", dir=cache))
+    what = f"downloading wheels for CPython {python_xy} on {platforms[0].split('_', 1)[1]}"
     try:
-        platform_args = [arg for platform in platforms for arg in ("--platform", platform)]
-        _run_pip(["download", "--only-binary=:all:", "--disable-pip-version-check",
-                  "--no-input", "--python-version", python_xy, "--implementation", "cp",
-                  *platform_args, "--dest", str(staging), *requirements],
-                 f"downloading wheels for CPython {python_xy} on {arch}")
-        files = sorted(path for path in staging.iterdir() if path.suffix == ".whl")
+        files = _pip_download(python_xy, platforms, list(requirements), staging, what)
         if not files:
-            raise BundleError(f"pip downloaded no wheels for CPython {python_xy} on {arch}")
-        manifest = {
-            "requirements": requirements,
-            "platforms": platforms,
-            "wheels": {p.name: [_file_sha256(p), p.stat().st_size] for p in files},
-        }
-        _publish(staging, final, manifest)
+            raise BundleError(f"{what}: pip downloaded no wheels")
+        return [_keep(cache, path) for path in files]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    wheels = _wheels_from_manifest(final, manifest)
-    assert wheels is not None
-    return wheels
 
 
-def _flctl_wheel(cache: Path, root: Path, files: list[str], source_key: str) -> WheelFile:
-    final = cache / f"flctl-{source_key[:24]}"
-    manifest = _read_manifest(final)
-    if manifest is not None and manifest.get("source") == source_key:
-        wheels = _wheels_from_manifest(final, manifest)
-        if wheels is not None and len(wheels) == 1:
-            return wheels[0]
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache))
-    try:
-        with tempfile.TemporaryDirectory(prefix="flctl-wheel-src-") as tree:
-            # Build from a copy of exactly the hashed files: the wheel then matches its key,
-            # and setuptools' build/ and egg-info never land in the user's checkout.
-            for name in files:
-                target = Path(tree) / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(root / name, target)
-            _build_wheel(Path(tree), staging)
-        built = [p for p in staging.iterdir() if p.suffix == ".whl"]
-        if len(built) != 1:
-            raise BundleError(f"building flctl's wheel made {len(built)} wheels, expected 1")
-        manifest = {
-            "source": source_key,
-            "wheels": {built[0].name: [_file_sha256(built[0]), built[0].stat().st_size]},
-        }
-        _publish(staging, final, manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _prune_builds(cache, keep=final)
-    wheels = _wheels_from_manifest(final, manifest)
-    assert wheels is not None
-    return wheels[0]
-
-
-def _can_build_without_isolation() -> bool:
-    """True when this interpreter's setuptools can build a wheel by itself (no download)."""
-    try:
-        import setuptools
-    except ImportError:
-        return False
-    version = tuple(int(p) for p in re.findall(r"\d+", setuptools.__version__)[:2])
-    if version >= (70, 1):  # bdist_wheel moved into setuptools
-        return True
-    try:
-        import wheel  # noqa: F401
-    except ImportError:
-        return False
-    return version >= (61, 0)
-
-
-def _build_wheel(tree: Path, out: Path) -> None:
-    env = dict(os.environ, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH)
-    isolation = [] if not _can_build_without_isolation() else ["--no-build-isolation"]
-    _run_pip(["wheel", "--no-deps", "--disable-pip-version-check", "--no-input", *isolation,
-              "--wheel-dir", str(out), str(tree)], "building flctl's wheel", env)
-
-
-def _prune_builds(cache: Path, keep: Path) -> None:
-    builds = sorted((p for p in cache.glob("flctl-*") if p.is_dir() and p != keep),
-                    key=lambda p: p.stat().st_mtime, reverse=True)
-    for stale in builds[BUILD_HISTORY - 1:]:
-        shutil.rmtree(stale, ignore_errors=True)
+def _fetch_pinned(cache: Path, python_xy: str, platforms: Sequence[str],
+                  locked: Sequence[LockedWheel]) -> list[WheelFile]:
+    """Exactly the locked wheels: from the cache, else from the index with pip
+    checking each sha256 (--require-hashes); nothing else is taken."""
+    found = {w.name: _cached(cache, w.name, w.sha256) for w in locked}
+    missing = [w for w in locked if found[w.name] is None]
+    if missing:
+        staging = Path(tempfile.mkdtemp(prefix=".pinned-", dir=cache))
+        try:
+            requirements = staging / "requirements.txt"
+            requirements.write_text("".join(f"{w.project}=={w.version} --hash=sha256:{w.sha256}\n"
+                                            for w in missing))
+            what = f"fetching the locked wheels for CPython {python_xy}"
+            files = _pip_download(python_xy, platforms,
+                                  ["--no-deps", "--require-hashes", "-r", str(requirements)],
+                                  staging, what)
+            for path in files:
+                kept = _keep(cache, path)
+                if kept.name in found:
+                    found[kept.name] = kept
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    absent = sorted(name for name, wheel in found.items() if wheel is None)
+    if absent:
+        raise BundleError(f"the package index no longer offers the locked wheel(s) "
+                          f"{', '.join(absent)}; remove the target from wheels.lock to "
+                          "resolve it again")
+    return [wheel for wheel in found.values() if wheel is not None]
 
 
 # ------------------------------------------------------------------ on the host

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from flctl.core import pki
 from flctl.core.agentconfig import AgentConfig, render_agent_config
+from flctl.core.fsutil import atomic_write
 from flctl.core.inventory import Host
 from flctl.core.layout import (
     REMOTE_STATE_ROOT,
@@ -38,7 +39,7 @@ from flctl.deploy.install import (
 )
 from flctl.deploy.overlay import Hub
 from flctl.errors import FlctlError
-from flctl.workspace import Workspace
+from flctl.workspace import Workspace, read_wheel_lock
 
 ProgressFn = Callable[[str, str], None]
 VerifyFn = Callable[[Host, Endpoint], dict[str, Any]]
@@ -416,7 +417,7 @@ def deploy(
         check=check,
         verify=verify,
         options=connect_options(workspace, accept_new_host_keys),
-        bundles=bundles or BundleCache(),
+        bundles=bundles or BundleCache(lock=read_wheel_lock(workspace.paths)),
         task_files=workspace_task_files(workspace.paths.tasks),
         hub=Hub(workspace),
         confirm_new_connection=confirm_new_connection,
@@ -430,6 +431,9 @@ def deploy(
         results.append(_hub_step(ctx, overlay_jobs, progress))
     with ThreadPoolExecutor(max_workers=max(1, min(forks, len(jobs) or 1))) as pool:
         list(pool.map(HostDeploy.verify, jobs.values()))  # after the hub is up
+    lock = None if check else ctx.bundles.updated_lock()
+    if lock is not None:
+        atomic_write(workspace.paths.wheel_lock, lock.render())
     return results
 
 

@@ -1,9 +1,9 @@
 """Installing the agent on an SSH host that has no internet.
 
 The operator's machine prepares wheels for the host's Python and
-architecture (cached); deploy uploads only the wheels the host lacks,
-the host checks their sha256, and pip installs them offline into a venv
-under /opt/flctl. The bundle digest written there is how a second deploy
+architecture (pinned in the workspace's wheel lock, cached); deploy uploads
+only the wheels the host lacks, the host checks their sha256, and PyPA's
+installer unpacks them offline into a venv under /opt/flctl. The bundle digest written there is how a second deploy
 knows there is nothing to do.
 """
 
@@ -16,7 +16,8 @@ from typing import Callable
 
 from flctl.core.facts import bootstrap_script, host_unfit_reason, parse_key_values
 from flctl.core.inventory import Host
-from flctl.deploy.bundle import Bundle, install_script, prepare_bundle
+from flctl.core.wheellock import WheelLock, merged
+from flctl.deploy.bundle import Bundle, host_target, install_script, prepare_bundle
 from flctl.deploy.connector import Connector
 from flctl.deploy.hostcmd import StepFailed
 
@@ -33,19 +34,32 @@ def default_cache_dir() -> Path:
 
 
 class BundleCache:
-    """One bundle per (Python X.Y, arch) per deploy run, shared by host threads."""
+    """One bundle per (Python X.Y, arch) per deploy run, shared by host threads.
 
-    def __init__(self, cache_dir: Path | None = None) -> None:
+    Reads this workspace's wheel lock and remembers what each target came to,
+    so deploy can record it (`updated_lock`) once all hosts are done.
+    """
+
+    def __init__(self, cache_dir: Path | None = None, lock: WheelLock | None = None) -> None:
         self.cache_dir = cache_dir or default_cache_dir()
+        self.wheel_lock = lock or WheelLock()
         self._lock = threading.Lock()
-        self._bundles: dict[tuple[str, str], Bundle] = {}
+        self._bundles: dict[str, Bundle] = {}
 
     def get(self, python_version: str, arch: str) -> Bundle:
-        key = (".".join(python_version.split(".")[:2]), arch)
+        key = host_target(python_version, arch)
         with self._lock:
             if key not in self._bundles:
-                self._bundles[key] = prepare_bundle(python_version, arch, self.cache_dir)
+                self._bundles[key] = prepare_bundle(python_version, arch, self.cache_dir,
+                                                    self.wheel_lock.targets.get(key))
             return self._bundles[key]
+
+    def updated_lock(self) -> WheelLock | None:
+        """The lock with every target this run prepared; None if nothing changed."""
+        with self._lock:
+            updates = [(key, bundle.lock_target()) for key, bundle in self._bundles.items()]
+        lock = merged(self.wheel_lock, updates)
+        return None if lock.render() == self.wheel_lock.render() else lock
 
 
 def gather_bootstrap_facts(connector: Connector, host: Host) -> dict[str, str]:

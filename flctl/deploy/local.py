@@ -13,6 +13,9 @@ from flctl.deploy.connector import CommandResult, CommandTimeout
 
 
 class LocalConnector:
+    """Runs commands here, from /: `python -m flctl...` then imports the installed
+    flctl, never a `flctl/` folder that happens to be in the caller's directory."""
+
     def __init__(self, host_name: str, python: str = sys.executable) -> None:
         self.host_name = host_name
         self.python = python
@@ -21,7 +24,7 @@ class LocalConnector:
         try:
             done = subprocess.run(
                 list(argv), capture_output=True, text=True, timeout=timeout,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, cwd="/",
             )
         except subprocess.TimeoutExpired:
             raise CommandTimeout(f"{self.host_name}: {argv[0]} ran past {timeout:.0f}s") from None
@@ -42,7 +45,7 @@ class LocalConnector:
     def stream(self, argv: Sequence[str], on_line: Callable[[str], None],
                stop: threading.Event | None = None) -> int:
         process = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, text=True)
+                                   stdin=subprocess.DEVNULL, text=True, cwd="/")
         assert process.stdout is not None
         try:
             for line in process.stdout:
