@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import shutil
 from dataclasses import dataclass
 from importlib import resources
@@ -22,12 +24,12 @@ from flctl.core.data import make_federated_shards, save_dataset
 from flctl.core.fsutil import atomic_write, write_secret
 from flctl.core.inventory import Inventory, load_inventory, render_local_inventory
 from flctl.core.settings import Settings, load_settings, render_settings
+from flctl.core.tasks import BUILTIN_TASKS
 from flctl.core.wheellock import LOCK_FILE, WheelLock, parse_lock
 from flctl.errors import WorkspaceError
 
 SETTINGS_FILE = "flctl.yaml"
 INVENTORY_FILE = "inventory.yaml"
-COORDINATOR_NAME = "coordinator"
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,16 @@ class WorkspacePaths:
         return self.pki / "coordinator.key"
 
     @property
+    def crl(self) -> Path:
+        """The CA's revocation list: the coordinator loads it, deploy ships it to agents."""
+        return self.pki / "ca.crl"
+
+    @property
+    def issued(self) -> Path:
+        """Every certificate the CA issued, and which were revoked (deploy.certificates)."""
+        return self.pki / "issued.json"
+
+    @property
     def known_hosts(self) -> Path:
         """SSH host keys flctl trusts for this workspace's hosts."""
         return self.root / "known_hosts"
@@ -71,6 +83,11 @@ class WorkspacePaths:
     def wheel_lock(self) -> Path:
         """The wheels deploy ships to hosts, pinned with their sha256 (flctl.core.wheellock)."""
         return self.root / LOCK_FILE
+
+    @property
+    def overlay_addresses(self) -> Path:
+        """Each deployed host's overlay address: hosts keep theirs when others join."""
+        return self.state / "overlay-addresses.json"
 
     @property
     def runs(self) -> Path:
@@ -107,8 +124,39 @@ def load_workspace(root: Path) -> Workspace:
             f"{paths.settings} not found: run `flctl init` first or pass --workspace DIR"
         )
     settings = load_settings(paths.settings)
-    inventory = load_inventory(paths.inventory, settings.overlay.subnet, base_dir=paths.root)
+    inventory = load_inventory(paths.inventory, settings.overlay.subnet, base_dir=paths.root,
+                               previous_overlay=deployed_overlay_addresses(paths))
     return Workspace(paths, settings, inventory)
+
+
+def deployed_overlay_addresses(paths: WorkspacePaths) -> dict[str, ipaddress.IPv4Address]:
+    """The overlay addresses hosts had at the last deploy (deploy records them; a
+    workspace from before that record has them in the hub's peer list)."""
+    for path, key in ((paths.overlay_addresses, None),
+                      (paths.state / "wg" / "peers.json", "overlay_ip")):
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        found: dict[str, ipaddress.IPv4Address] = {}
+        for name, value in (document.items() if isinstance(document, dict) else ()):
+            text = value.get(key) if key and isinstance(value, dict) else value
+            try:
+                found[str(name)] = ipaddress.IPv4Address(str(text))
+            except ValueError:
+                continue
+        return found
+    return {}
+
+
+def record_overlay_addresses(paths: WorkspacePaths, hosts: dict[str, str]) -> None:
+    """Remember deployed hosts' overlay addresses (merged with earlier ones)."""
+    exists = paths.overlay_addresses.exists()
+    known = {name: str(ip) for name, ip in deployed_overlay_addresses(paths).items()} \
+        if exists else {}
+    merged = {**known, **hosts}
+    if merged != known or not exists:
+        atomic_write(paths.overlay_addresses, json.dumps(merged, indent=2, sort_keys=True))
 
 
 def read_wheel_lock(paths: WorkspacePaths) -> WheelLock:
@@ -156,17 +204,25 @@ def init_workspace(
     if project is not None:
         chosen = Settings(project=project, overlay=chosen.overlay, agent=chosen.agent,
                           training=chosen.training, limits=chosen.limits)
-    atomic_write(paths.settings, render_settings(chosen))
     if local_hosts:
-        atomic_write(paths.inventory, _local_inventory(paths, local_hosts, alpha, seed))
+        inventory, shapes = _local_inventory(paths, local_hosts, alpha, seed)
+        if chosen.training.task in BUILTIN_TASKS:
+            # the model's shape comes from settings, never from a host: write the
+            # demo data's, which this machine just made
+            chosen = chosen.with_training(task_params={**shapes,
+                                                       **chosen.training.task_params})
+        atomic_write(paths.inventory, inventory)
     else:
         atomic_write(paths.inventory, example_inventory())
+    atomic_write(paths.settings, render_settings(chosen))
     _make_pki(paths, chosen.project)
     paths.tasks.mkdir(exist_ok=True)
     return paths
 
 
-def _local_inventory(paths: WorkspacePaths, count: int, alpha: float, seed: int) -> str:
+def _local_inventory(paths: WorkspacePaths, count: int, alpha: float,
+                     seed: int) -> tuple[str, dict[str, int]]:
+    """inventory.yaml for `count` local hosts with demo shards, and the data's shape."""
     shards, pooled = make_federated_shards(count, alpha=alpha, seed=seed)
     entries = []
     for index, shard in enumerate(shards, start=1):
@@ -174,7 +230,8 @@ def _local_inventory(paths: WorkspacePaths, count: int, alpha: float, seed: int)
         save_dataset(shard, paths.data / f"{name}.npz")
         entries.append((name, f"data/{name}.npz"))
     save_dataset(pooled, paths.data / "pooled.npz")
-    return render_local_inventory(entries)
+    shapes = {"n_features": pooled.n_features, "n_classes": pooled.n_classes}
+    return render_local_inventory(entries), shapes
 
 
 def _make_pki(paths: WorkspacePaths, project: str) -> None:
@@ -182,6 +239,6 @@ def _make_pki(paths: WorkspacePaths, project: str) -> None:
     ca_key, ca_cert = pki.make_ca(f"flctl {project} CA")
     write_secret(paths.ca_key, ca_key)
     atomic_write(paths.ca_cert, ca_cert)
-    key, cert = pki.issue_certificate(ca_key, ca_cert, COORDINATOR_NAME, [COORDINATOR_NAME])
+    key, cert = pki.coordinator_certificate(ca_key, ca_cert)
     write_secret(paths.coordinator_key, key)
     atomic_write(paths.coordinator_cert, cert)

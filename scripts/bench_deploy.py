@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from flctl.coordinator.session import info_probe  # noqa: E402
 from flctl.deploy import engine  # noqa: E402
 from flctl.deploy.install import BundleCache  # noqa: E402
+from flctl.deploy.results import HostResult  # noqa: E402
 from flctl.workspace import Workspace, load_workspace  # noqa: E402
 
 from lab import lab_available, lab_up  # noqa: E402
@@ -45,8 +46,8 @@ def operator_cpu_s() -> float:
 CPU: dict[str, tuple[float, float]] = {}
 
 
-def timed(action: Callable[[], list[engine.HostResult]],
-          label: str) -> tuple[float, list[engine.HostResult]]:
+def timed(action: Callable[[], list[HostResult]],
+          label: str) -> tuple[float, list[HostResult]]:
     machine0, operator0 = machine_cpu_s(), operator_cpu_s()
     started = time.perf_counter()
     results = action()

@@ -365,6 +365,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
+from flctl.core.data import load_digits
 from flctl.core.fsutil import atomic_write
 from flctl.core.settings import load_settings, render_settings
 from flctl.workspace import init_workspace, load_workspace
@@ -375,6 +376,10 @@ init_workspace(root, force=True)  # what `flctl init DIR --force` does
 settings_file = root / "flctl.yaml"
 settings = load_settings(settings_file)
 overlay = dataclasses.replace(settings.overlay, subnet=ipaddress.IPv4Network(subnet))
+# the model's shape is the operator's to set: the lab's shards are the digits
+x, y = load_digits()
+settings = settings.with_training(task_params={"n_features": int(x.shape[1]),
+                                               "n_classes": int(y.max()) + 1})
 atomic_write(settings_file, render_settings(dataclasses.replace(settings, overlay=overlay)))
 
 lines = [

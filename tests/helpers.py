@@ -53,6 +53,15 @@ def use_ports(workspace: Path, count: int) -> int:
     return base
 
 
+def set_training(workspace: Path, **values: Any) -> None:
+    """Change training settings in a workspace's flctl.yaml (validated like the file).
+    The task itself is fixed at deploy: change it before deploying."""
+    from flctl.core.settings import load_settings
+
+    path = workspace / "flctl.yaml"
+    path.write_text(render_settings(load_settings(path).with_training(**values)))
+
+
 def deploy_json(root: Path, *extra: str) -> dict[str, Any]:
     """`flctl deploy --json`, with its exit code under "code"."""
     result = run_cli("deploy", "-w", str(root), "--json", *extra, timeout=600)

@@ -22,7 +22,7 @@ def rounds(tmp_path: Path) -> SecureRounds:
     config = AgentConfig(name="h0", project="t", bind_address="127.0.0.1", port=0,
                          ca_cert=str(tmp_path / "ca.crt"), cert=str(tmp_path / "h0.crt"),
                          key=str(tmp_path / "h0.key"), data_path=str(tmp_path / "d.npz"),
-                         state_file=str(tmp_path / "s.json"), task_path=())
+                         state_file=str(tmp_path / "s.json"))
     return SecureRounds(config)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flctl.agent.service import AgentService
+from flctl.agent.requests import RequestHandler
 from flctl.coordinator.budget import MemoryBudget
 from flctl.coordinator.records import create_run_dir, load_weights
 from flctl.coordinator.rounds import Coordinator
@@ -18,6 +18,7 @@ from flctl.core import pki
 from flctl.core.agentconfig import AgentConfig
 from flctl.core.data import Dataset, save_dataset
 from flctl.core.layout import Endpoint
+from flctl.core.messages import Message
 from flctl.core.settings import TrainingSettings
 from flctl.errors import FlctlError, TrainingError
 from flctl.net.agent_client import AgentClient
@@ -61,7 +62,7 @@ class FrozenServer(FrameServer):
         return self._handle(request, peer)
 
 
-def gone_before_unmask(service: AgentService):
+def gone_before_unmask(service: RequestHandler):
     """A host that sends its masked update and then drops out of the round."""
     def handle(request, peer):
         if request.kind == "secagg_unmask":
@@ -70,15 +71,23 @@ def gone_before_unmask(service: AgentService):
     return handle
 
 
+def tampered(handle, change):
+    """A host that answers `change(request, honest reply)` instead of the honest reply."""
+    def handler(request, peer):
+        return change(request, handle(request, peer))
+    return handler
+
+
 class Federation:
     def __init__(self, root: Path, sizes: list[int], frozen: tuple[int, ...] = (),
-                 leaves: tuple[int, ...] = (), spread: float = 1.0) -> None:
+                 leaves: tuple[int, ...] = (), spread: float = 1.0,
+                 task: str = "meantask:MeanTask", tamper: dict | None = None) -> None:
         self.root = root
         ca_key, ca_cert = pki.make_ca("test CA")
         (root / "ca.crt").write_bytes(ca_cert)
         (root / "tasks").mkdir()
         (root / "tasks" / "meantask.py").write_text(MEAN_TASK)
-        key, cert = pki.issue_certificate(ca_key, ca_cert, "coordinator", ["coordinator"])
+        key, cert = pki.coordinator_certificate(ca_key, ca_cert)
         (root / "c.key").write_bytes(key)
         (root / "c.crt").write_bytes(cert)
         self.context = client_context(root / "ca.crt", root / "c.crt", root / "c.key")
@@ -98,12 +107,14 @@ class Federation:
                                  ca_cert=str(root / "ca.crt"), cert=str(root / f"{name}.crt"),
                                  key=str(root / f"{name}.key"), data_path=str(root / f"{name}.npz"),
                                  state_file=str(root / f"{name}.state"),
-                                 task_path=(str(root / "tasks"),))
+                                 task=task, tasks_dir=str(root / "tasks"))
             server_class = FrozenServer if index in frozen else FrameServer
+            handler = gone_before_unmask(RequestHandler(config)) if index in leaves \
+                else RequestHandler(config).handle
+            if tamper and index in tamper:
+                handler = tampered(handler, tamper[index])
             server = server_class("127.0.0.1", 0, server_context(root / "ca.crt",
-                                 root / f"{name}.crt", root / f"{name}.key"),
-                                 gone_before_unmask(AgentService(config)) if index in leaves
-                                 else AgentService(config).handle)
+                                 root / f"{name}.crt", root / f"{name}.key"), handler)
             server.start()
             self.servers.append(server)
             self.endpoints.append(Endpoint(name, "127.0.0.1", "127.0.0.1", server.address[1], name))
@@ -111,7 +122,7 @@ class Federation:
     def coordinator(self, training: TrainingSettings, **kwargs) -> Coordinator:
         clients = [AgentClient(e, self.context, timeout=30) for e in self.endpoints]
         return Coordinator(clients, training, create_run_dir(self.root / "runs"),
-                           task_search_path=[self.root / "tasks"],
+                           tasks_dir=self.root / "tasks",
                            ca_pem=(self.root / "ca.crt").read_bytes(), **kwargs)
 
     def close(self) -> None:
@@ -313,7 +324,7 @@ def test_starting_needs_min_hosts_to_start_but_rounds_only_min_hosts(
         federation: Federation) -> None:
     federation.servers[0].stop()
     strict = TrainingSettings(task="meantask:MeanTask", rounds=1, min_hosts_to_start=3)
-    with pytest.raises(TrainingError, match="only 2 of 3 hosts answer; "
+    with pytest.raises(TrainingError, match="only 2 of 3 hosts answer and can take part; "
                                             "training.min_hosts_to_start is 3"):
         federation.coordinator(strict).train()
     quorum = TrainingSettings(task="meantask:MeanTask", rounds=1, min_hosts_to_start=2,
@@ -487,7 +498,7 @@ def test_a_central_dp_run_resumed_from_its_checkpoint_draws_the_same_noise(
     full = coordinator.train()
     run = RunDir(snapshot)
     clients = [AgentClient(e, federation.context, timeout=30) for e in federation.endpoints]
-    resumed = Coordinator(clients, training, run, task_search_path=[federation.root / "tasks"],
+    resumed = Coordinator(clients, training, run, tasks_dir=federation.root / "tasks",
                           resume_from=load_checkpoint(run),
                           ca_pem=(federation.root / "ca.crt").read_bytes()).train()
     a, b = load_weights(full.final_weights), load_weights(resumed.final_weights)
@@ -513,3 +524,92 @@ def test_secure_aggregation_on_a_sparse_secagg_plus_graph(tmp_path: Path) -> Non
         assert len(summary.history[0].participants) == 16
     finally:
         fed.close()
+
+
+# ---------------------------------------------------------------- hostile hosts
+
+
+def _meta(reply: Message, **changes) -> Message:
+    return Message(reply.kind, {**reply.meta, **changes}, reply.arrays)
+
+
+def test_a_host_cannot_set_the_model_size(tmp_path: Path) -> None:
+    """An info claiming two billion classes leaves that host out; the model's shape
+    is the operator's (the built-in task needs it in settings)."""
+    def huge(request, reply):
+        if request.kind == "info" and reply.meta.get("data"):
+            return _meta(reply, data={**reply.meta["data"], "n_classes": 2_000_000_000})
+        return reply
+
+    fed = Federation(tmp_path, [10, 30, 60], task="logreg", tamper={1: huge})
+    messages: list[str] = []
+    try:
+        with pytest.raises(TrainingError, match="task_params needs n_features and n_classes"):
+            fed.coordinator(TrainingSettings(task="logreg", rounds=1)).train()
+        training = TrainingSettings(task="logreg", rounds=1, min_hosts=2,
+                                    task_params={"n_features": 3, "n_classes": 1})
+        summary = fed.coordinator(training, on_message=messages.append).train()
+    finally:
+        fed.close()
+    assert summary.hosts == ["h0", "h1", "h2"] and summary.history[0].participants == ["h0", "h2"]
+    assert any("h1: its labels go up to 1999999999" in m for m in messages)
+    assert [list(s) for s in json.loads((summary.run_dir / "manifest.json").read_text())[
+        "shapes"]] == [[3, 1], [1]]
+
+
+def test_counts_and_metrics_are_held_to_what_discovery_saw(tmp_path: Path) -> None:
+    """One host inflating its example count (to dominate FedAvg) or reporting an
+    impossible accuracy (to trigger target_accuracy) is refused, not believed."""
+    def inflate(request, reply):
+        if reply.kind == "fit_result":
+            return _meta(reply, num_examples=10**9)
+        if reply.kind == "eval_result":
+            return _meta(reply, metrics={"accuracy": 5.0})
+        return reply
+
+    fed = Federation(tmp_path, [10, 30, 60], tamper={2: inflate})
+    messages: list[str] = []
+    try:
+        training = TrainingSettings(task="meantask:MeanTask", rounds=2)
+        summary = fed.coordinator(training, on_message=messages.append).train()
+    finally:
+        fed.close()
+    for record in summary.history:
+        assert record.participants == ["h0", "h1"]
+        assert "claims 1000000000 examples" in record.dropped["h2"]
+    assert summary.accuracy == 1.0      # the honest hosts' figure; h2's 5.0 would make it 3.4
+    assert any("h2: evaluation rejected: accuracy 5.0" in m for m in messages)
+    # the result is the honest hosts' weighted mean
+    expected = (fed.means[0] * 10 + fed.means[1] * 30) / 40
+    with np.load(summary.final_weights) as final:
+        np.testing.assert_allclose(final[final.files[0]], expected, rtol=1e-5)
+
+
+def test_a_reply_of_the_wrong_layout_takes_no_memory(tmp_path: Path) -> None:
+    """Array specs are checked before the coordinator reserves a buffer for them."""
+    def oversized(request, reply):
+        if reply.kind == "fit_result":
+            return Message(reply.kind, reply.meta, [np.zeros(50_000_000, np.uint8)])
+        return reply
+
+    fed = Federation(tmp_path, [10, 30, 60], tamper={0: oversized})
+    try:
+        coordinator = fed.coordinator(TrainingSettings(task="meantask:MeanTask", rounds=1))
+        taken: list[list] = []
+        real = coordinator.budget.allocator
+
+        def watching(held, expect=None):
+            allocate = real(held, expect)
+
+            def spy(specs):
+                buffers = allocate(specs)
+                taken.append([tuple(s.shape) for s in specs])
+                return buffers
+            return spy
+
+        coordinator.budget.allocator = watching  # type: ignore[method-assign]
+        summary = coordinator.train()
+    finally:
+        fed.close()
+    assert "are not the model's" in summary.history[0].dropped["h0"]
+    assert all((50_000_000,) not in shapes for shapes in taken)   # never allocated

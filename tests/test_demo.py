@@ -41,4 +41,4 @@ def test_demo_trains_within_three_points_of_central(tmp_path: Path) -> None:
     assert federated >= central - MAX_GAP
 
     # the demo stops its agents: nothing is left running
-    assert not list((tmp_path / "demo" / ".flctl" / "hosts").glob("*/supervisor.pid"))
+    assert not list((tmp_path / "demo" / ".flctl" / "hosts").glob("*/run/supervisor.pid"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import sys
@@ -64,10 +65,24 @@ def test_process_uptime_handles_spaces_in_comm() -> None:
 def test_agent_config_roundtrip_is_deterministic() -> None:
     config = AgentConfig(name="a", project="p", bind_address="127.0.0.1", port=7443,
                          ca_cert="/c", cert="/d", key="/k", data_path="/data.npz",
-                         state_file="/s", task_path=("/t",))
+                         state_file="/s", task="m:T", tasks_dir="/t", crl="/c.crl", user="flctl")
     text = render_agent_config(config)
     assert render_agent_config(config) == text
     assert parse_agent_config(text, "agent.json") == config
+    # a file an older flctl wrote still starts its agent until deploy rewrites it
+    old = text.replace('"tasks_dir": "/t"', '"task_path": ["/t"]')
+    assert parse_agent_config(old, "agent.json").tasks_dir is None
+
+
+@pytest.mark.parametrize("field,value", [("port", "7443"), ("name", None), ("user", 3),
+                                         ("max_message_mb", True)])
+def test_agent_config_checks_types(field: str, value: object) -> None:
+    config = AgentConfig(name="a", project="p", bind_address="127.0.0.1", port=7443,
+                         ca_cert="/c", cert="/d", key="/k", data_path="/data.npz", state_file="/s")
+    document = json.loads(render_agent_config(config))
+    document[field] = value
+    with pytest.raises(ConfigError, match=f"agent.json: {field}: expected"):
+        parse_agent_config(json.dumps(document), "agent.json")
 
 
 def test_agent_config_rejects_unknown_keys() -> None:

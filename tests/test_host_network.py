@@ -48,9 +48,9 @@ pytestmark = [pytest.mark.lab, pytest.mark.skipif(_REASON is not None, reason=_R
 # test run uses (installed in its venv). Lab hosts have a private /tmp (where
 # a CI clone may live), so they get their own copy of flctl's package and run
 # it with the host's python3, which has no flctl of its own.
-HOSTCTL = (sys.executable, "-m", "flctl.agent.hostctl")
+HOSTCTL = (sys.executable, "-m", "flctl.agent.host_helper")
 LAB_SOURCE = "/opt/flctl-src"
-LAB_HOSTCTL = ("env", f"PYTHONPATH={LAB_SOURCE}", "python3", "-m", "flctl.agent.hostctl")
+LAB_HOSTCTL = ("env", f"PYTHONPATH={LAB_SOURCE}", "python3", "-m", "flctl.agent.host_helper")
 HUB_OVERLAY = "198.19.0.1"
 HOST_OVERLAY = "198.19.0.11"
 WG_PORT = 51820
@@ -414,6 +414,32 @@ class TestFirewall:
         assert status["rolled_back_at"] is not None and status["armed"] is None
         assert netns.hostctl("fw-confirm", "--state", state) == {"disarmed": False,
                                                                  "rolled_back": True}
+
+    def test_armed_before_the_tunnel_a_new_interface_is_undone_too(
+            self, netns: Netns, tmp_path: Path) -> None:
+        """Deploy arms the rollback before it touches the tunnel: unconfirmed, the
+        host drops the interface that did not exist before, and restores the table.
+        (A veth stands in for the tunnel: this kernel has no dummy or WireGuard module.)"""
+        state = str(tmp_path / "fw")
+        armed = netns.hostctl("fw-arm", "--state", state, "--timeout", "1.5",
+                              "--new-interface", "fl-new")
+        netns.run("ip", "link", "add", "fl-new", "type", "veth", "peer", "name", "fl-new-p")
+        applied = netns.hostctl("fw-apply", "--ruleset", str(_ruleset(tmp_path)),
+                                "--state", state, "--timeout", "1.5")
+        assert applied["changed"] is True and _table(netns) is not None
+        assert _wait_for(lambda: netns.run("ip", "link", "show", "fl-new",
+                                           check=False).returncode != 0, 8)
+        assert _wait_for(lambda: _table(netns) is None, 8)          # no table before: none after
+        assert not _alive(armed["armed"])
+        assert netns.hostctl("fw-status", "--state", state)["rolled_back_at"] is not None
+
+    def test_a_confirmed_new_interface_stays(self, netns: Netns, tmp_path: Path) -> None:
+        state = str(tmp_path / "fw")
+        netns.hostctl("fw-arm", "--state", state, "--timeout", "1.5", "--new-interface", "fl-keep")
+        netns.run("ip", "link", "add", "fl-keep", "type", "veth", "peer", "name", "fl-keep-p")
+        assert netns.hostctl("fw-confirm", "--state", state)["disarmed"] is True
+        time.sleep(2.0)
+        assert netns.run("ip", "link", "show", "fl-keep", check=False).returncode == 0
 
     def test_confirm_disarms(self, netns: Netns, tmp_path: Path) -> None:
         state = str(tmp_path / "fw")

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from flctl.core.inventory import (
-    assign_overlay_addresses,
     load_inventory,
-    overlay_home_slot,
     parse_inventory,
     render_local_inventory,
 )
+from flctl.core.overlay_addresses import assign_overlay_addresses, overlay_home_slot
 from flctl.core.yamlsrc import LineDict, load_yaml
 from flctl.errors import ConfigError
 
@@ -158,7 +157,7 @@ def test_example_file_at_repo_root_loads(workspace: Path) -> None:
     assert set(inv.groups["gpu"]) == {"alpha"}
     # Every host var appears in the example, so it documents all of them.
     text = (REPO / "inventory.example.yaml").read_text()
-    from flctl.core.inventory import HOST_VARS
+    from flctl.core.host_vars import HOST_VARS
     for var in HOST_VARS:
         assert re.search(rf"^\s+{var}:", text, re.M), var
 
@@ -451,3 +450,39 @@ def test_fixture_dir_is_copyable(tmp_path: Path) -> None:
         load_inventory(dst, SUBNET)
     assert str(info.value) == (f"{dst}:6: hosts.alpha.ssh_prot: unknown key "
                                "(did you mean 'ssh_port'?)")
+
+
+def test_an_ssh_address_inside_the_overlay_is_refused() -> None:
+    """The tunnel would capture SSH to that host (and deploy's confirmation with it)."""
+    text = ("all:\n  hosts:\n    alpha:\n      ssh_host: 10.213.0.40\n"
+            "      data_path: /d.npz\n")
+    with pytest.raises(ConfigError) as refused:
+        parse_inventory(text, "inventory.yaml", SUBNET)
+    message = refused.value.message
+    assert message.startswith("inventory.yaml:4: hosts.alpha.ssh_host: 10.213.0.40 is inside")
+    assert "overlay.subnet" in message
+    parse_inventory(text.replace("10.213.0.40", "10.214.0.40"), "inventory.yaml", SUBNET)
+
+
+@pytest.mark.parametrize("name", ["coordinator", "hub"])
+def test_reserved_host_names(name: str) -> None:
+    text = f"all:\n  hosts:\n    {name}:\n      ssh_host: h\n      data_path: /d.npz\n"
+    with pytest.raises(ConfigError, match=f"hosts.{name}: '{name}' is reserved"):
+        parse_inventory(text, "inventory.yaml", SUBNET)
+
+
+def test_adding_a_host_never_moves_a_deployed_one(tmp_path: Path) -> None:
+    """A new host whose home slot is taken by a deployed host probes on; with the
+    deploy's record, even a name that sorts first cannot take a deployed address."""
+    crowded = ipaddress.IPv4Network("10.213.0.0/29")        # 5 addresses
+    deployed = _addresses(["n1", "n2", "n3", "n4"], crowded)
+    newcomer = next(f"a{i}" for i in range(1000)
+                    if overlay_home_slot(f"a{i}", 5) == int(deployed["n1"]) - 2 - int(
+                        crowded.network_address))
+    without_record = _addresses(["n1", "n2", "n3", "n4", newcomer], crowded)
+    assert without_record["n1"] != deployed["n1"]             # what the issue saw
+    text = _inventory_text(["n1", "n2", "n3", "n4", newcomer])
+    kept = {h.name: h.overlay_ip for h in parse_inventory(
+        text, "inventory.yaml", crowded, tmp_path, previous_overlay=deployed).hosts}
+    assert all(kept[name] == address for name, address in deployed.items())
+    assert kept[newcomer] not in deployed.values()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flctl.core.renderers import cron_file_name, interface_name
 from flctl.core.settings import (
     LimitSettings,
     Settings,
@@ -23,7 +24,7 @@ from flctl.core.settings import (
 )
 from flctl.workspace import load_workspace
 
-from helpers import by_host, deploy_json, run_cli
+from helpers import by_host, deploy_json, run_cli, set_training
 from lab import Lab, lab_available, lab_up
 
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(lab_available() is not None,
@@ -78,13 +79,13 @@ def test_agent_runs_from_the_offline_venv_with_its_own_key(lab: Lab) -> None:
 
 
 def test_redeploy_changes_nothing_and_uploads_nothing(lab: Lab) -> None:
-    pids = {h: remote(lab, h, f"cat /var/lib/flctl/{h}/supervisor.pid") for h in lab.hosts}
+    pids = {h: remote(lab, h, f"cat /var/lib/flctl/{h}/run/supervisor.pid") for h in lab.hosts}
     started = time.monotonic()
     again = deploy_json(lab.workspace)
     elapsed = time.monotonic() - started
     assert again["code"] == 0
     assert [(h["status"], h["changed"]) for h in again["hosts"]] == [("ok", 0)] * (HOSTS + 1)
-    assert {h: remote(lab, h, f"cat /var/lib/flctl/{h}/supervisor.pid") for h in lab.hosts} == pids
+    assert {h: remote(lab, h, f"cat /var/lib/flctl/{h}/run/supervisor.pid") for h in lab.hosts} == pids
     assert elapsed < 15
 
 
@@ -114,12 +115,12 @@ def test_train_three_rounds_over_ssh_deployed_agents(lab: Lab) -> None:
 
 def test_killed_agent_comes_back(lab: Lab) -> None:
     host = lab.hosts[1]
-    old = remote(lab, host, f"cat /var/lib/flctl/{host}/agent.pid")
+    old = remote(lab, host, f"cat /var/lib/flctl/{host}/run/agent.pid")
     lab.exec(host, "kill", "-9", old)
     deadline = time.monotonic() + 30
     new = old
     while time.monotonic() < deadline:
-        new = remote(lab, host, f"cat /var/lib/flctl/{host}/agent.pid 2>/dev/null || true")
+        new = remote(lab, host, f"cat /var/lib/flctl/{host}/run/agent.pid 2>/dev/null || true")
         if new and new != old:
             status = run_cli("status", "-w", str(lab.workspace), "--json", "--limit", host)
             if status.returncode == 0 and by_host(status.json())[host]["agent"] == "idle":
@@ -128,6 +129,62 @@ def test_killed_agent_comes_back(lab: Lab) -> None:
     assert new != old
     row = by_host(run_cli("status", "-w", str(lab.workspace), "--json").json())[host]
     assert row["agent"] == "idle" and str(row["agent_pid"]) == new
+
+
+def test_the_agent_runs_unprivileged(lab: Lab) -> None:
+    """Agent and supervisor run as the system user `flctl` with no capabilities; the
+    agent reads its data and its key (it answers with its data's size over mutual
+    TLS), and can write neither /etc nor what deploy configured it with."""
+    rows = by_host(run_cli("status", "-w", str(lab.workspace), "--json").json())
+    for host in lab.hosts:
+        assert rows[host]["agent"] == "idle" and rows[host]["n_train"] > 0
+        for pidfile in ("agent.pid", "supervisor.pid"):
+            pid = remote(lab, host, f"cat /var/lib/flctl/{host}/run/{pidfile}")
+            uid = remote(lab, host, f"stat -c %u /proc/{pid}")
+            assert uid != "0" and remote(lab, host, f"id -nu {uid}") == "flctl"
+            capabilities = remote(lab, host, f"awk '/^CapEff/ {{print $2}}' /proc/{pid}/status")
+            assert int(capabilities, 16) == 0
+        assert remote(lab, host, f"stat -c '%U %a' /var/lib/flctl/{host}/agent.key") == \
+            "flctl 600"
+        for target in ("/etc/flctl-probe", f"/var/lib/flctl/{host}/agent.json",
+                       f"/var/lib/flctl/{host}/planted"):
+            denied = lab.exec(host, "runuser", "-u", "flctl", "--", "sh", "-c",
+                              f"echo x >> {target}", check=False)
+            assert denied.returncode != 0 and "Permission denied" in denied.stderr, target
+        assert remote(lab, host, "ls /etc/flctl-probe 2>/dev/null; true") == ""
+
+
+def test_after_a_reboot_table_tunnel_and_agent_come_back_in_order(lab: Lab) -> None:
+    """Simulate a reboot: kill the host's flctl processes, delete its tunnel and
+    its table, then run what boot runs (the @reboot line deploy installed, as the
+    lab has no systemd): the agent answers again, through the tunnel, guarded."""
+    host = lab.hosts[0]
+    workspace = load_workspace(lab.workspace)
+    interface = interface_name(workspace.settings.project)
+    cron = f"/etc/cron.d/{cron_file_name(workspace.settings.project)}"
+    boot_line = remote(lab, host, f"tail -n 1 {cron}")
+    assert boot_line.startswith("@reboot root ")
+    for pidfile in ("supervisor.pid", "agent.pid"):
+        lab.exec(host, "sh", "-c", f"kill -9 $(cat /var/lib/flctl/{host}/run/{pidfile})")
+    lab.exec(host, "ip", "link", "delete", "dev", interface)
+    lab.exec(host, "nft", "delete", "table", "inet", "flctl")
+    down = by_host(run_cli("status", "-w", str(lab.workspace), "--json").json())[host]
+    assert down["agent"] != "idle"
+    lab.exec(host, "sh", "-c", boot_line.removeprefix("@reboot root "), timeout=120)
+    assert "table inet flctl" in remote(lab, host, "nft list tables")
+    assert remote(lab, host, f"ip -brief link show {interface}").startswith(interface)
+    deadline = time.monotonic() + 60
+    row = down
+    while time.monotonic() < deadline:
+        row = by_host(run_cli("status", "-w", str(lab.workspace), "--json").json())[host]
+        if row["agent"] == "idle":
+            break
+        time.sleep(0.5)
+    assert row["agent"] == "idle", row
+    boot_log = remote(lab, host, f"cat /var/lib/flctl/{host}/boot.log")
+    order = json.loads(boot_log.strip().splitlines()[-1])
+    assert list(order) == ["firewall", "tunnel", "agent"] and order["agent"] == "started"
+    assert deploy_json(lab.workspace)["code"] == 0   # and deploy finds it all in place
 
 
 def test_changing_one_setting_changes_only_what_depends_on_it(lab: Lab) -> None:
@@ -164,22 +221,27 @@ def test_a_users_task_module_is_shipped_and_trained(lab: Lab) -> None:
         "class Tiny(LogRegTask):\n"
         "    \"\"\"The built-in model, under the user's own module name.\"\"\"\n"
     )
+    settings = lab.workspace / "flctl.yaml"
+    original = settings.read_text()
+    set_training(lab.workspace, task="tiny_task:Tiny")   # the task is fixed at deploy
     try:
         shipped = deploy_json(lab.workspace)
         for row in host_rows(shipped):
             changed = {s["name"] for s in row["steps"] if s["changed"]}
-            assert changed == {"task code", "agent"}, row
+            assert changed == {"task code", "agent config", "agent"}, row
         for host in lab.hosts:
             assert "class Tiny" in remote(lab, host, f"cat /var/lib/flctl/{host}/tasks/tiny_task.py")
-        trained = run_cli("train", "-w", str(lab.workspace), "--rounds", "1", "--task",
-                          "tiny_task:Tiny", "--json", timeout=300)
+        trained = run_cli("train", "-w", str(lab.workspace), "--rounds", "1", "--json",
+                          timeout=300)
         assert trained.returncode == 0, trained.stderr
         assert trained.json()["accuracy"] > 0.3
     finally:
         (tasks / "tiny_task.py").unlink()
+        settings.write_text(original)
     removed = deploy_json(lab.workspace)
     for row in host_rows(removed):
-        assert {s["name"] for s in row["steps"] if s["changed"]} == {"task code", "agent"}
+        assert {s["name"] for s in row["steps"] if s["changed"]} == \
+            {"task code", "agent config", "agent"}
     for host in lab.hosts:
         assert remote(lab, host, f"find /var/lib/flctl/{host}/tasks -name '*.py'") == ""
 
@@ -200,7 +262,7 @@ def test_become_deploys_through_sudo_as_a_plain_user(lab: Lab) -> None:
         assert first["code"] == 0, first
         assert first["hosts"][0]["status"] == "changed"
         owner = remote(lab, host, f"stat -c '%U %a' /var/lib/flctl/{host}/agent.key /opt/flctl")
-        assert owner.splitlines() == ["root 600", "root 755"]
+        assert owner.splitlines() == ["flctl 600", "root 755"]   # the agent's user owns its key
         again = deploy_json(lab.workspace, "--limit", host)
         assert again["code"] == 0 and again["hosts"][0]["changed"] == 0
         status = by_host(run_cli("status", "-w", str(lab.workspace), "--json").json())[host]
@@ -242,7 +304,7 @@ def test_an_unreachable_host_is_reported_while_others_deploy(lab: Lab) -> None:
         assert result["code"] == 5
         rows = by_host(result)
         assert rows[down]["status"] == "unreachable" and rows[down]["error"]
-        assert all(rows[h]["status"] == "ok" for h in lab.hosts if h != down)
+        assert all(rows[h]["status"] == "ok" for h in lab.hosts if h != down), rows
         assert time.monotonic() - started < 60
     finally:
         lab.start_host(down)

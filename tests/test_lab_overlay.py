@@ -154,7 +154,7 @@ def test_unconfirmed_firewall_change_rolls_back(lab: Lab) -> None:
     results = engine.deploy(workspace, [host], confirm_new_connection=refuse,
                             rollback_after_s=2.0)
     row = next(r for r in results if r.host == target)
-    assert row.status == "failed" and "restores its previous rules" in row.error
+    assert row.status == "failed" and "restores its previous firewall table" in row.error
     assert remote(lab, target, "nft list table inet flctl") != before  # applied, unconfirmed
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:

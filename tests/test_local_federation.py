@@ -83,12 +83,12 @@ def test_agent_keys_are_made_on_the_host_and_private(workspace) -> None:
 
 def test_redeploy_changes_nothing(workspace) -> None:
     root, _ = workspace
-    pids = [(host_dir(root, f"local{i + 1}") / "supervisor.pid").read_text() for i in range(HOSTS)]
+    pids = [(host_dir(root, f"local{i + 1}") / "run" / "supervisor.pid").read_text() for i in range(HOSTS)]
     again = run_cli("deploy", "-w", str(root), "--json")
     assert again.returncode == 0, again.stderr
     hosts = again.json()["hosts"]
     assert [(h["status"], h["changed"]) for h in hosts] == [("ok", 0)] * HOSTS
-    after = [(host_dir(root, f"local{i + 1}") / "supervisor.pid").read_text() for i in range(HOSTS)]
+    after = [(host_dir(root, f"local{i + 1}") / "run" / "supervisor.pid").read_text() for i in range(HOSTS)]
     assert after == pids
 
 
@@ -156,12 +156,11 @@ def test_train_saves_weights_manifest_and_metrics(workspace) -> None:
 
 def test_killed_agent_is_restarted_by_its_supervisor(workspace) -> None:
     root, base = workspace
-    directory = host_dir(root, "local3")
-    old = int((directory / "agent.pid").read_text())
+    pidfile = host_dir(root, "local3") / "run" / "agent.pid"
+    old = int(pidfile.read_text())
     os.kill(old, signal.SIGKILL)
-    new = wait_for(lambda: (int((directory / "agent.pid").read_text())
-                            if (directory / "agent.pid").exists() else 0) not in (0, old)
-                   and int((directory / "agent.pid").read_text()))
+    new = wait_for(lambda: (int(pidfile.read_text()) if pidfile.exists() else 0) not in (0, old)
+                   and int(pidfile.read_text()))
     assert pid_alive(new) and not pid_alive(old)
 
     def answers():
@@ -239,7 +238,7 @@ def test_teardown_removes_everything_and_is_repeatable(tmp_path: Path) -> None:
     pids = []
     for name in ("local1", "local2"):
         for pidfile in ("supervisor.pid", "agent.pid"):
-            pids.append(int((host_dir(tmp_path, name) / pidfile).read_text()))
+            pids.append(int((host_dir(tmp_path, name) / "run" / pidfile).read_text()))
     first = run_cli("teardown", "-w", str(tmp_path), "--json")
     assert first.returncode == 0, first.stderr
     assert [h["status"] for h in first.json()["hosts"]] == ["changed", "changed"]

@@ -216,7 +216,7 @@ def write_module(directory, name, body):
     (directory / f"{name}.py").write_text(textwrap.dedent(body))
 
 
-def test_load_user_task_from_search_path(tmp_path):
+def test_load_user_task_from_the_tasks_folder(tmp_path):
     write_module(tmp_path, "flctl_usertask_ok", """
         import numpy as np
         class Mean:
@@ -230,9 +230,53 @@ def test_load_user_task_from_search_path(tmp_path):
                 return 0.0, data.n_train, {"accuracy": 1.0}
         """)
     before = list(sys.path)
-    task = load_task("flctl_usertask_ok:Mean", {"scale": 3.0}, search_path=[tmp_path])
+    task = load_task("flctl_usertask_ok:Mean", {"scale": 3.0}, tasks_dir=tmp_path)
     assert sys.path == before
     assert task.init(0)[0].tolist() == [3.0, 3.0]
+    # imported inside the folder's own package: the global name stays free
+    assert "flctl_usertask_ok" not in sys.modules
+
+
+def test_a_task_comes_only_from_the_shipped_folder(tmp_path):
+    """`subprocess:Popen` (the reported attack) or any installed module is not a task:
+    the name must resolve to a file in the tasks folder, and a same-named file there
+    never replaces the installed module."""
+    marker = tmp_path / "MARKER"
+    for name in ("subprocess:Popen", "os:system", "json:JSONDecoder", "flctl.core.tasks:LogRegTask"):
+        with pytest.raises(TaskError, match="no module"):
+            load_task(name, {"args": ["touch", str(marker)]}, tasks_dir=tmp_path)
+    assert not marker.exists()
+    write_module(tmp_path, "json", """
+        class Task:
+            def init(self, seed): return []
+            def fit(self, weights, data, config): return weights, 1, {}
+            def evaluate(self, weights, data, config): return 0.0, 1, {}
+        """)
+    import json
+
+    load_task("json:Task", tasks_dir=tmp_path)
+    assert sys.modules["json"] is json and hasattr(json, "dumps")   # the real one stays
+    with pytest.raises(TaskError, match="no tasks folder"):
+        load_task("json:Task")
+
+
+def test_a_task_must_be_a_class_before_anything_is_called(tmp_path):
+    marker = tmp_path / "CALLED"
+    write_module(tmp_path, "flctl_usertask_fn", f"""
+        def factory(**params):
+            open({str(marker)!r}, "w").close()
+            return object()
+        class NoEvaluate:
+            def __init__(self):
+                open({str(marker)!r}, "w").close()
+            def init(self, seed): return []
+            def fit(self, weights, data, config): return weights, 1, {{}}
+        """)
+    with pytest.raises(TaskError, match="is not a class"):
+        load_task("flctl_usertask_fn:factory", tasks_dir=tmp_path)
+    with pytest.raises(TaskError, match="lacks method.*evaluate"):
+        load_task("flctl_usertask_fn:NoEvaluate", tasks_dir=tmp_path)
+    assert not marker.exists()
 
 
 def test_load_task_errors_are_one_clear_line(tmp_path):
@@ -245,16 +289,17 @@ def test_load_task_errors_are_one_clear_line(tmp_path):
     write_module(tmp_path, "flctl_usertask_broken", "import flctl_no_such_dependency\n")
     cases = [
         ("nosuch", "unknown task 'nosuch'.*logreg, mlp"),
-        ("flctl_no_such_module:Task", "no module named 'flctl_no_such_module'"),
-        ("flctl_usertask_broken:Task", "no module named 'flctl_no_such_dependency'"),
+        ("flctl_no_such_module:Task", "no module 'flctl_no_such_module' in the tasks folder"),
+        ("flctl_usertask_broken:Task", "No module named 'flctl_no_such_dependency'"),
         ("flctl_usertask_bad:Missing", "has no 'Missing'"),
         ("flctl_usertask_bad:NOT_A_CLASS", "is not a class"),
         ("flctl_usertask_bad:NoFit", "lacks method"),
         (":Cls", "expected 'module:Class'"),
+        ("a b:Cls", "expected 'module:Class'"),
     ]
     for name, pattern in cases:
         with pytest.raises(TaskError, match=pattern) as info:
-            load_task(name, search_path=[tmp_path])
+            load_task(name, tasks_dir=tmp_path)
         assert "\n" not in str(info.value)
     with pytest.raises(TaskError, match="bad params"):
         load_task("logreg", {"layers": 3})

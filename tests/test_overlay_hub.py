@@ -37,7 +37,7 @@ def test_not_root_says_exactly_what_to_run(hub: Hub, monkeypatch: pytest.MonkeyP
     with pytest.raises(HubNotRoot) as caught:
         hub.apply(PEERS)
     message = caught.value.message
-    assert f"sudo {sys.executable} -m flctl.agent.hostctl wg-up --config {hub.config_path}" \
+    assert f"sudo {sys.executable} -m flctl.agent.host_helper wg-up --config {hub.config_path}" \
         in message
     assert caught.value.exit_code != 0
     assert hub.config_path.stat().st_mode & 0o777 == 0o600  # ready for that command
@@ -67,11 +67,11 @@ def test_no_peers_and_no_interface_is_nothing_to_do(hub: Hub) -> None:
 
 def test_the_cli_exits_7_with_the_hubs_message_when_it_needs_root() -> None:
     from flctl.cli.app import _host_failures
-    from flctl.deploy.engine import HostResult
+    from flctl.deploy.results import HostResult
 
     rows = [HostResult("lab1", status="changed"),
             HostResult("hub", status="failed", error="the hub interface fl-demo needs root: run "
-                       "`sudo python -m flctl.agent.hostctl wg-up --config X`", exit_code=7)]
+                       "`sudo python -m flctl.agent.host_helper wg-up --config X`", exit_code=7)]
     with pytest.raises(HubNotRoot) as caught:
         _host_failures(rows, "deploy")
     assert caught.value.exit_code == 7 and "sudo" in caught.value.message

@@ -1,4 +1,4 @@
-"""Project PKI: CA shape, leaf extensions, CSR tampering, issuer verification."""
+"""Project PKI: CA shape, leaf roles, CSR checks, issuer verification, revocation."""
 
 from __future__ import annotations
 
@@ -77,18 +77,32 @@ def test_leaf_sans_subject_and_validity(ca: tuple[bytes, bytes]) -> None:
     assert _cert(cert_pem).public_key() == public
 
 
-def test_leaf_usages_are_both_server_and_client(ca: tuple[bytes, bytes]) -> None:
-    _, cert_pem = pki.issue_certificate(*ca, "coordinator")
-    cert = _cert(cert_pem)
+def _usages(cert_pem: bytes) -> set:
+    return set(_ext(_cert(cert_pem), x509.ExtendedKeyUsage).value)
+
+
+def test_leaves_have_one_role_each(ca: tuple[bytes, bytes]) -> None:
+    """The coordinator may only be a client, a host only a server: a host's
+    certificate can never open a connection an agent would serve."""
+    _, coordinator = pki.coordinator_certificate(*ca)
+    _, host = pki.issue_certificate(*ca, "alpha", ["alpha"])
+    assert _usages(coordinator) == {ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert _usages(host) == {ExtendedKeyUsageOID.SERVER_AUTH}
+    assert pki.certificate_role(coordinator) == pki.ROLE_COORDINATOR
+    assert pki.certificate_role(host) == pki.ROLE_HOST
+    # a client-only certificate under another name is not the coordinator
+    _, impostor = pki.issue_certificate(*ca, "alpha", role=pki.ROLE_COORDINATOR)
+    assert pki.certificate_role(impostor) is None
+    cert = _cert(coordinator)
     assert _ext(cert, x509.BasicConstraints).value.ca is False
     ku = _ext(cert, x509.KeyUsage).value
     assert ku.digital_signature and not ku.key_cert_sign and not ku.crl_sign
-    eku = _ext(cert, x509.ExtendedKeyUsage).value
-    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     aki = _ext(cert, x509.AuthorityKeyIdentifier).value
     ca_ski = _ext(_cert(ca[1]), x509.SubjectKeyIdentifier).value
     assert aki.key_identifier == ca_ski.digest
-    assert pki.certificate_info(cert_pem)["dns_names"] == []
+    # DER (what a TLS peer presents) reads the same
+    der = cert.public_bytes(serialization.Encoding.DER)
+    assert pki.certificate_role(der) == pki.ROLE_COORDINATOR
 
 
 def test_serials_are_random(ca: tuple[bytes, bytes]) -> None:
@@ -106,13 +120,41 @@ def test_verify_issued_by_rejects_foreign_ca(ca, foreign_ca) -> None:
 
 def test_csr_flow_keeps_key_local(ca: tuple[bytes, bytes]) -> None:
     host_key = pki.make_private_key()
-    csr = pki.make_csr(host_key, "agent-3", ip_addresses=["198.19.0.3"])
+    csr = pki.make_csr(host_key, "agent-3", ["agent-3"], ip_addresses=["198.19.0.3"])
     assert b"PRIVATE KEY" not in csr
-    cert_pem = pki.sign_csr(*ca, csr, days=30)
+    cert_pem = pki.sign_csr(*ca, csr, host="agent-3", dns_names=["agent-3"],
+                            ip_addresses=["198.19.0.3"], days=30)
     info = pki.certificate_info(cert_pem)
     assert (info["subject_cn"], info["ip_addresses"]) == ("agent-3", ["198.19.0.3"])
+    assert info["role"] == pki.ROLE_HOST
     public = serialization.load_pem_private_key(host_key, password=None).public_key()
     assert _cert(cert_pem).public_key() == public
+
+
+@pytest.mark.parametrize("cn,dns,ips,complaint", [
+    ("coordinator", ["coordinator"], [], "asks for the name 'coordinator'"),
+    ("beta", ["beta"], ["198.19.0.3"], "asks for the name 'beta'"),
+    ("alpha", ["alpha", "*.example.org"], ["198.19.0.3"], r"\*\.example\.org"),
+    ("alpha", ["alpha"], ["198.19.0.3", "10.0.0.1"], "10.0.0.1"),
+    ("alpha", ["coordinator"], ["198.19.0.3"], "coordinator"),
+])
+def test_the_ca_signs_only_what_deploy_expects(ca, cn, dns, ips, complaint) -> None:
+    """A CSR for another CN or with extra SANs is refused, naming the host."""
+    csr = pki.make_csr(pki.make_private_key(), cn, dns, ips)
+    with pytest.raises(pki.PKIError, match=complaint) as refused:
+        pki.sign_csr(*ca, csr, host="alpha", dns_names=["alpha"], ip_addresses=["198.19.0.3"])
+    assert refused.value.message.startswith("alpha: ")
+
+
+def test_a_csr_with_other_name_kinds_is_refused(ca) -> None:
+    key = serialization.load_pem_private_key(pki.make_private_key(), password=None)
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name.from_rfc4514_string("CN=alpha"))
+           .add_extension(x509.SubjectAlternativeName(
+               [x509.UniformResourceIdentifier("https://evil.example")]), critical=False)
+           .sign(key, pki._HASH()).public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(pki.PKIError, match="alpha: .*UniformResourceIdentifier"):
+        pki.sign_csr(*ca, csr, host="alpha", dns_names=["alpha"], ip_addresses=[])
 
 
 def test_tampered_csr_is_refused(ca: tuple[bytes, bytes]) -> None:
@@ -122,8 +164,8 @@ def test_tampered_csr_is_refused(ca: tuple[bytes, bytes]) -> None:
     tampered_der = der.replace(b"agent-1", b"agent-9")
     tampered = x509.load_der_x509_csr(tampered_der).public_bytes(serialization.Encoding.PEM)
     with pytest.raises(pki.PKIError, match="signature"):
-        pki.sign_csr(*ca, tampered)
-    pki.sign_csr(*ca, csr_pem)  # the untampered one is fine
+        pki.sign_csr(*ca, tampered, host="agent-9", dns_names=[], ip_addresses=[])
+    pki.sign_csr(*ca, csr_pem, host="agent-1", dns_names=[], ip_addresses=[])
 
 
 def test_csr_cannot_request_ca_powers(ca: tuple[bytes, bytes]) -> None:
@@ -132,11 +174,26 @@ def test_csr_cannot_request_ca_powers(ca: tuple[bytes, bytes]) -> None:
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name.from_rfc4514_string("CN=evil"))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(key, pki._HASH())
         .public_bytes(serialization.Encoding.PEM)
     )
-    cert = _cert(pki.sign_csr(*ca, csr))
+    cert_pem = pki.sign_csr(*ca, csr, host="evil", dns_names=[], ip_addresses=[])
+    cert = _cert(cert_pem)
     assert _ext(cert, x509.BasicConstraints).value.ca is False
+    assert _usages(cert_pem) == {ExtendedKeyUsageOID.SERVER_AUTH}   # its own usage is ignored
+
+
+def test_expiry_and_revocation(ca: tuple[bytes, bytes], foreign_ca) -> None:
+    _, soon = pki.issue_certificate(*ca, "alpha", days=10)
+    assert 9.9 < pki.days_left(soon) <= 10
+    _, revoked = pki.issue_certificate(*ca, "beta")
+    serial = pki.certificate_info(revoked)["serial"]
+    crl = pki.make_crl(*ca, [serial])
+    assert pki.revoked_serials(crl, ca[1]) == {serial}
+    assert pki.revoked_serials(pki.make_crl(*ca, []), ca[1]) == frozenset()
+    with pytest.raises(pki.PKIError, match="not signed by the project CA"):
+        pki.revoked_serials(pki.make_crl(*foreign_ca, [serial]), ca[1])
 
 
 def test_bad_inputs_raise_pki_error(ca: tuple[bytes, bytes]) -> None:
@@ -146,6 +203,7 @@ def test_bad_inputs_raise_pki_error(ca: tuple[bytes, bytes]) -> None:
     with pytest.raises(pki.PKIError):
         pki.certificate_info(b"garbage")
     with pytest.raises(pki.PKIError):
-        pki.sign_csr(*ca, b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n")
+        pki.sign_csr(*ca, b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+                     host="x", dns_names=[], ip_addresses=[])
     with pytest.raises(pki.PKIError):
         pki.make_csr(b"not a key", "x")

@@ -9,12 +9,11 @@ sends its change flipped and scaled by -10, with its true example count.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from helpers import deployed_local_workspace, run_cli
+from helpers import deployed_local_workspace, run_cli, set_training
 
 HOSTS = 8
 ROUNDS = 20
@@ -43,7 +42,9 @@ class Hostile(LogRegTask):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory):
     def ship_task(root: Path) -> None:
+        # the task is fixed at deploy; which hosts misbehave is a parameter
         (root / "tasks" / "hostile.py").write_text(HOSTILE_TASK)
+        set_training(root, task="hostile:Hostile")
 
     for root in deployed_local_workspace(tmp_path_factory.mktemp("hostile"), HOSTS, ship_task):
         status = run_cli("status", "-w", str(root), "--json").json()
@@ -51,20 +52,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
         # hosts chosen by name before any result is seen; the task knows them by size
         bad = [sizes["local2"], sizes["local3"]]
         assert list(sizes.values()).count(bad[0]) == list(sizes.values()).count(bad[1]) == 1
-        text = (root / "flctl.yaml").read_text().replace("task: logreg", "task: hostile:Hostile")
-        (root / "flctl.yaml").write_text(text)
         yield root, bad
 
 
 def train(root: Path, strategy: str, params: dict, bad: list[int], norm_bound: float) -> float:
-    text = (root / "flctl.yaml").read_text()
-    lines = [line for line in text.splitlines() if not line.lstrip().startswith(
-        ("task_params:", "strategy_params:", "max_update_norm:"))]
-    lines = [line + f"\n  task_params: {json.dumps({'bad_sizes': bad})}"
-             f"\n  strategy_params: {json.dumps(params)}"
-             f"\n  max_update_norm: {norm_bound}"
-             if line.lstrip().startswith("task:") else line for line in lines]
-    (root / "flctl.yaml").write_text("\n".join(lines) + "\n")
+    set_training(root, task_params={"bad_sizes": bad}, strategy_params=params,
+                 max_update_norm=norm_bound)
     result = run_cli("train", "-w", str(root), "--strategy", strategy, "--rounds", str(ROUNDS),
                      "--json", timeout=300)
     assert result.returncode == 0, result.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import deployed_local_workspace, flctl_command, run_cli
+from helpers import deployed_local_workspace, flctl_command, run_cli, set_training
 
 HOSTS = 4
 SLEEPY_TASK = '''
@@ -35,10 +35,16 @@ class Sleepy(LogRegTask):
 '''
 
 
+def ship_sleepy(root: Path) -> None:
+    """The task is fixed at deploy: ship and choose it before deploying."""
+    (root / "tasks" / "sleepy.py").write_text(SLEEPY_TASK)
+    set_training(root, task="sleepy:Sleepy")
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory):
     yield from deployed_local_workspace(tmp_path_factory.mktemp("faults"), HOSTS,
-                                        prepare=lambda root: (root / "tasks" / "sleepy.py").write_text(SLEEPY_TASK))
+                                        prepare=ship_sleepy)
 
 
 def sizes(root: Path) -> dict[str, int]:
@@ -47,15 +53,11 @@ def sizes(root: Path) -> dict[str, int]:
 
 
 def write_task_settings(root: Path, params: dict, deadline: float) -> None:
-    text = (root / "flctl.yaml").read_text()
-    text = text.replace("task: logreg", "task: sleepy:Sleepy")
-    text = text.replace("task_params: {}", f"task_params: {json.dumps(params)}")
-    text = text.replace("deadline_s: 300.0", f"deadline_s: {deadline}")
-    (root / "flctl.yaml").write_text(text)
+    set_training(root, task_params=params, deadline_s=deadline)
 
 
 def agent_pid(root: Path, host: str) -> int:
-    return int((root / ".flctl" / "hosts" / host / "agent.pid").read_text())
+    return int((root / ".flctl" / "hosts" / host / "run" / "agent.pid").read_text())
 
 
 def train_into_round_two(root: Path, run_id: str, *flags: str) -> subprocess.Popen:

@@ -33,12 +33,17 @@ class Certs:
         self._write("ca.crt", self.ca)
         self._pair("agent", *pki.issue_certificate(ca_key, self.ca, "agent-1",
                                                    ["localhost"], [LOOPBACK]))
-        self._pair("coord", *pki.issue_certificate(ca_key, self.ca, "coordinator"))
+        self._pair("coord", *pki.coordinator_certificate(ca_key, self.ca))
+        self._pair("host2", *pki.issue_certificate(ca_key, self.ca, "agent-2", ["agent-2"]))
+        self._pair("revoked", *pki.coordinator_certificate(ca_key, self.ca))
+        revoked = pki.certificate_info(self.path("revoked.crt").read_bytes())["serial"]
+        self._write("ca.crl", pki.make_crl(ca_key, self.ca, [revoked]))
         # Same CN as the real CA: only the signature tells them apart.
         foreign_key, foreign_ca = pki.make_ca("flctl test CA")
         self._write("foreign-ca.crt", foreign_ca)
         self._pair("foreign", *pki.issue_certificate(foreign_key, foreign_ca, "coordinator",
-                                                     ["localhost"], [LOOPBACK]))
+                                                     ["localhost"], [LOOPBACK],
+                                                     role=pki.ROLE_COORDINATOR))
 
     def _write(self, name: str, data: bytes) -> Path:
         path = self.root / name
@@ -52,8 +57,9 @@ class Certs:
     def path(self, name: str) -> Path:
         return self.root / name
 
-    def server_ctx(self) -> ssl.SSLContext:
-        return server_context(self.path("ca.crt"), self.path("agent.crt"), self.path("agent.key"))
+    def server_ctx(self, crl: bool = False) -> ssl.SSLContext:
+        return server_context(self.path("ca.crt"), self.path("agent.crt"), self.path("agent.key"),
+                              self.path("ca.crl") if crl else None)
 
     def client_ctx(self, who: str = "coord", trust: str = "ca.crt") -> ssl.SSLContext:
         return client_context(self.path(trust), self.path(f"{who}.crt"), self.path(f"{who}.key"))
@@ -171,6 +177,41 @@ def test_allocate_returning_wrong_buffers_is_refused() -> None:
             recv_message(b, allocate=lambda specs: [np.zeros(4, dtype=np.float64)])
 
 
+def test_a_trickled_body_cannot_hold_its_buffer() -> None:
+    """Once buffers are reserved for a body, it must keep up a minimum rate: a peer
+    sending a byte now and then (never silent for a whole timeout) is cut off."""
+    a, b = socket.socketpair()
+    with a, b:
+        msg = Message("m", {}, [np.zeros(1 << 16, dtype=np.uint8)])
+        a.sendall(encode_head(msg))
+        b.settimeout(5)
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.wait(0.05):
+                try:
+                    a.send(b"\0")
+                except OSError:
+                    return
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        limits = Limits(min_body_rate=1 << 20, body_grace_s=0.3)
+        started = time.monotonic()
+        try:
+            with pytest.raises(ProtocolError, match="too slowly"):
+                recv_message(b, limits)
+        finally:
+            stop.set()
+            thread.join()
+        assert time.monotonic() - started < 3
+        # an honest body at full speed is unaffected by the floor
+        c, d = socket.socketpair()
+        with c, d:
+            send_message(c, msg)
+            assert recv_message(d, limits)[0].arrays[0].nbytes == 1 << 16
+
+
 def test_clean_and_dirty_eof() -> None:
     a, b = socket.socketpair()
     a.close()
@@ -269,6 +310,66 @@ def test_foreign_ca_client_is_refused(server: FrameServer, certs: Certs) -> None
     assert isinstance(info.value.__cause__, (ssl.SSLError, ConnectionError, ConnectionClosed))
     assert wait_for(lambda: server.handshake_failures_total == 1)
     assert server.handler_recorder.calls == []  # type: ignore[attr-defined]
+
+
+def test_a_host_certificate_cannot_be_a_client(server: FrameServer, certs: Certs) -> None:
+    """Another host's certificate (server auth only) fails the handshake with an agent."""
+    client = client_for(server, certs, who="host2")
+    with pytest.raises(TransportError):
+        client.connect()
+        client.request(Message("ack"))
+    assert wait_for(lambda: server.handshake_failures_total == 1)
+    assert server.handler_recorder.calls == []  # type: ignore[attr-defined]
+
+
+def test_the_agent_serves_only_the_coordinator_role(certs: Certs) -> None:
+    """Even a peer OpenSSL lets through (here: a client-only certificate under a
+    host's name) is refused before a request is read, and logged."""
+    ca_key, ca = pki.make_ca("role test CA")
+    root = certs.root / "roles"
+    root.mkdir(exist_ok=True)
+    for name, (key, cert) in {
+            "agent": pki.issue_certificate(ca_key, ca, "agent-1", ["localhost"], [LOOPBACK]),
+            "coord": pki.coordinator_certificate(ca_key, ca),
+            "impostor": pki.issue_certificate(ca_key, ca, "agent-2", role=pki.ROLE_COORDINATOR),
+    }.items():
+        (root / f"{name}.key").write_bytes(key)
+        (root / f"{name}.crt").write_bytes(cert)
+    (root / "ca.crt").write_bytes(ca)
+    from flctl.agent.main import coordinator_only
+
+    handler = Recorder()
+    srv = FrameServer(LOOPBACK, 0, server_context(root / "ca.crt", root / "agent.crt",
+                                                  root / "agent.key"),
+                      handler, handshake_timeout=5.0, authorize=coordinator_only)
+    srv.start()
+    try:
+        def client(who: str) -> FrameClient:
+            ctx = client_context(root / "ca.crt", root / f"{who}.crt", root / f"{who}.key")
+            return FrameClient(*srv.address, ctx, server_hostname=LOOPBACK, timeout=10)
+
+        with pytest.raises(RemoteError, match="only the coordinator may send requests"):
+            client("impostor").request(Message("ack"))
+        assert srv.unauthorized_total == 1 and handler.calls == []
+        with client("coord") as ok:
+            assert ok.request(Message("ack")).kind == "ack"
+    finally:
+        srv.stop()
+
+
+def test_a_revoked_certificate_is_refused(certs: Certs) -> None:
+    srv = FrameServer(LOOPBACK, 0, certs.server_ctx(crl=True), Recorder(), handshake_timeout=5.0)
+    srv.start()
+    try:
+        revoked = client_for(srv, certs, who="revoked")
+        with pytest.raises(TransportError):
+            revoked.connect()
+            revoked.request(Message("ack"))
+        assert wait_for(lambda: srv.handshake_failures_total == 1)
+        with client_for(srv, certs) as fine:   # the CRL does not stop the others
+            assert fine.request(Message("ack")).kind == "ack"
+    finally:
+        srv.stop()
 
 
 def test_client_without_certificate_is_refused(server: FrameServer, certs: Certs) -> None:

@@ -9,6 +9,12 @@ deploy calls over a *new* SSH connection: if the new rules had cut SSH, no
 new connection would get in, nothing would confirm, and the host would go
 back to its previous table by itself. Only the table `inet flctl` is ever
 read or written.
+
+Deploy arms the timer (`arm`) before it touches the tunnel too: a tunnel
+interface that did not exist before is deleted by the same rollback. Where
+systemd runs, the timer is a transient systemd unit (systemd-run), not a
+child of the SSH session: logind may kill a session's processes when it
+ends, which is exactly what happens when a bad change cuts SSH.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flctl.agent.launcher import init_system
+from flctl.agent.proc import is_alive, matching_pid, pid_from_file
 from flctl.core.facts import normalise_nft_listing, parse_nft_counter
 from flctl.core.fsutil import atomic_write
 from flctl.core.renderers import NFT_DROP_COUNTER, NFT_FAMILY, NFT_TABLE
@@ -35,6 +43,8 @@ TABLE = f"{NFT_FAMILY} {NFT_TABLE}"
 ROLLBACK_FILE = "rollback.nft"
 PIDFILE = "rollback.pid"
 APPLIED_FILE = "applied.json"
+TUNNEL_UNDO_FILE = "tunnel-undo"   # an interface the rollback deletes (it is new)
+UNIT_FILE = "rollback.unit"        # the transient systemd unit of the timer, if any
 ROLLED_BACK_FILE = "rolled-back"
 TIMER_LOG = "rollback.log"
 LOCK_FILE = "lock"
@@ -52,6 +62,7 @@ ABSENT = f"table {TABLE} {{}}\ndelete table {TABLE}\n"
 _TIMER_SCRIPT = """\
 sleep "$1" || exit 0
 if "$3" -f "$2/rollback.nft"; then date +%s > "$2/rolled-back"; fi
+if [ -s "$2/tunnel-undo" ]; then ip link delete dev "$(cat "$2/tunnel-undo")"; rm -f "$2/tunnel-undo"; fi
 [ "$(cat "$2/rollback.pid" 2>/dev/null)" = "$$" ] && rm -f "$2/rollback.pid"
 exit 0
 """
@@ -105,45 +116,74 @@ def _timer_pid(state_dir: Path) -> int | None:
     """The armed timer's pid, if it is alive and really ours: its command is
     our script for this state dir and it lives in this network namespace
     (PIDs can be shared with other namespaces, and get reused)."""
+    pid = pid_from_file(state_dir / PIDFILE)
+    if pid is None or not matching_pid(pid, [TIMER_TAG.encode(),
+                                             str(state_dir.resolve()).encode()],
+                                       same_netns=True):
+        return None
+    return pid
+
+
+def timer_command(state_dir: Path, timeout_s: float, nft: str) -> list[str]:
+    """The rollback timer's argv: $0 is TIMER_TAG, so _timer_pid recognises it."""
+    return ["sh", "-c", _TIMER_SCRIPT, TIMER_TAG, f"{timeout_s:g}", str(state_dir.resolve()), nft]
+
+
+def systemd_timer_command(unit: str, argv: list[str]) -> list[str]:
+    """The same timer as a transient systemd service, outside the SSH session."""
+    return ["systemd-run", f"--unit={unit}", "--collect", "--quiet",
+            "--property=KillMode=control-group", "--", *argv]
+
+
+def _timer_unit(state_dir: Path) -> str:
+    """A fresh unit name per timer: a re-arm starts the new one before the old goes."""
+    return f"flctl-rollback-{_sha256(str(state_dir.resolve()))[:12]}-{time.time_ns()}"
+
+
+def _unit_of(state_dir: Path) -> str | None:
+    """The systemd unit of the armed timer, if it was armed through systemd."""
     try:
-        pid = int((state_dir / PIDFILE).read_text().strip())
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        same_netns = os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
-    except (OSError, ValueError):
+        return (state_dir / UNIT_FILE).read_text().strip() or None
+    except OSError:
         return None
-    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-        return None
-    ours = TIMER_TAG.encode() in argv and str(state_dir.resolve()).encode() in argv
-    return pid if ours and same_netns else None
 
 
 def _arm(state_dir: Path, timeout_s: float) -> int:
-    with open(state_dir / TIMER_LOG, "ab") as log:
-        timer = subprocess.Popen(
-            ["sh", "-c", _TIMER_SCRIPT, TIMER_TAG, f"{timeout_s:g}", str(state_dir.resolve()),
-             shutil.which("nft") or "nft"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            close_fds=True, cwd="/",
-        )
-    atomic_write(state_dir / PIDFILE, f"{timer.pid}\n", 0o600)
-    return timer.pid
+    argv = timer_command(state_dir, timeout_s, shutil.which("nft") or "nft")
+    if init_system() == "systemd" and shutil.which("systemd-run"):
+        unit = _timer_unit(state_dir)
+        started = subprocess.run(systemd_timer_command(unit, argv), capture_output=True,
+                                 text=True, timeout=COMMAND_TIMEOUT_S)
+        if started.returncode != 0:
+            raise FirewallError(f"systemd-run: {started.stderr.strip() or 'failed'}")
+        shown = subprocess.run(["systemctl", "show", "-p", "MainPID", "--value", unit],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        if not shown.isdigit() or int(shown) == 0:
+            raise FirewallError(f"the rollback timer {unit} did not start")
+        atomic_write(state_dir / UNIT_FILE, unit + "\n", 0o600)
+        pid = int(shown)
+    else:
+        with open(state_dir / TIMER_LOG, "ab") as log:
+            timer = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     start_new_session=True, close_fds=True, cwd="/")
+        (state_dir / UNIT_FILE).unlink(missing_ok=True)
+        pid = timer.pid
+    atomic_write(state_dir / PIDFILE, f"{pid}\n", 0o600)
+    return pid
 
 
-def _disarm(pid: int) -> None:
-    """End the timer's whole session (sh and its sleep) and wait for it."""
+def _disarm(pid: int, unit: str | None) -> None:
+    """End the timer (its systemd unit, or its whole session: sh and its sleep)
+    and wait for it."""
+    if unit is not None:
+        subprocess.run(["systemctl", "stop", unit], capture_output=True,
+                       timeout=COMMAND_TIMEOUT_S)
     try:
         os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         return
     deadline = time.monotonic() + KILL_WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return
-        if state in ("Z", "X"):
-            return
+    while time.monotonic() < deadline and is_alive(pid):
         time.sleep(0.01)
 
 
@@ -163,6 +203,40 @@ def _locked(state_dir: Path) -> Iterator[None]:
 # ------------------------------------------------------------------ public API
 
 
+def _save_rollback(state_dir: Path, pending: int | None) -> None:
+    """The state to go back to. With a timer still pending, the saved file is the
+    last *confirmed* state and must be kept, not the unconfirmed one."""
+    if pending is None or not (state_dir / ROLLBACK_FILE).exists():
+        current = current_table()
+        restore = ABSENT if current is None else ABSENT + "\n" + current
+        atomic_write(state_dir / ROLLBACK_FILE, restore, 0o600)
+        check(state_dir / ROLLBACK_FILE)
+
+
+def arm(state_dir: Path, timeout_s: float, new_interface: str | None = None) -> int:
+    """Arm the rollback before a change that is not (only) the table: the saved
+    table comes back, and `new_interface` (one about to be created) is deleted,
+    unless `confirm` runs first. Returns the timer's pid."""
+    if timeout_s <= 0:
+        raise FirewallError("the rollback timeout must be positive")
+    with _locked(state_dir):
+        pending, pending_unit = _timer_pid(state_dir), _unit_of(state_dir)
+        _save_rollback(state_dir, pending)
+        if new_interface is not None and not Path(f"/sys/class/net/{new_interface}").exists():
+            atomic_write(state_dir / TUNNEL_UNDO_FILE, new_interface + "\n", 0o600)
+        (state_dir / ROLLED_BACK_FILE).unlink(missing_ok=True)
+        armed = _arm(state_dir, timeout_s)
+        if pending is not None:
+            _disarm(pending, pending_unit)
+        return armed
+
+
+def load_table(ruleset_path: Path) -> None:
+    """Load flctl's table as it is (at boot: no rollback, nothing to confirm)."""
+    check(ruleset_path)
+    _nft_checked("-f", str(ruleset_path))
+
+
 def apply_with_rollback(ruleset_path: Path, state_dir: Path, timeout_s: float) -> dict[str, Any]:
     """Load `ruleset_path` with a rollback armed first.
 
@@ -179,20 +253,15 @@ def apply_with_rollback(ruleset_path: Path, state_dir: Path, timeout_s: float) -
     with _locked(state_dir):
         ruleset = ruleset_path.read_bytes()
         current = current_table()
-        pending = _timer_pid(state_dir)
+        pending, pending_unit = _timer_pid(state_dir), _unit_of(state_dir)
         if _applied(state_dir) == {"ruleset_sha256": _sha256(ruleset),
                                    "table_sha256": _listing_sha(current)}:
             return {"changed": False, "armed": pending}
-        if pending is None or not (state_dir / ROLLBACK_FILE).exists():
-            # The state to go back to. With a timer still pending, the saved file
-            # is the last *confirmed* state and must be kept, not the unconfirmed one.
-            restore = ABSENT if current is None else ABSENT + "\n" + current
-            atomic_write(state_dir / ROLLBACK_FILE, restore, 0o600)
-            check(state_dir / ROLLBACK_FILE)
+        _save_rollback(state_dir, pending)
         (state_dir / ROLLED_BACK_FILE).unlink(missing_ok=True)
         armed = _arm(state_dir, timeout_s)          # the new timer first, then the old one goes
         if pending is not None:
-            _disarm(pending)
+            _disarm(pending, pending_unit)
         _nft_checked("-f", str(ruleset_path))
         atomic_write(state_dir / APPLIED_FILE, json.dumps(
             {"ruleset_sha256": _sha256(ruleset), "table_sha256": _listing_sha(current_table())}), 0o600)
@@ -217,11 +286,13 @@ def confirm(state_dir: Path) -> bool:
         pid = _timer_pid(state_dir)
         if pid is None:
             return False
-        _disarm(pid)
-        (state_dir / PIDFILE).unlink(missing_ok=True)
+        _disarm(pid, _unit_of(state_dir))
+        for name in (PIDFILE, UNIT_FILE):
+            (state_dir / name).unlink(missing_ok=True)
         if (state_dir / ROLLED_BACK_FILE).exists():
             return False
-        (state_dir / ROLLBACK_FILE).unlink(missing_ok=True)
+        for name in (ROLLBACK_FILE, TUNNEL_UNDO_FILE):
+            (state_dir / name).unlink(missing_ok=True)
         return True
 
 
@@ -230,12 +301,20 @@ def rollback_now(state_dir: Path) -> bool:
     with _locked(state_dir):
         pid = _timer_pid(state_dir)
         if pid is not None:
-            _disarm(pid)
-            (state_dir / PIDFILE).unlink(missing_ok=True)
+            _disarm(pid, _unit_of(state_dir))
+            for name in (PIDFILE, UNIT_FILE):
+                (state_dir / name).unlink(missing_ok=True)
         saved = state_dir / ROLLBACK_FILE
         if not saved.exists():
             return False
         _nft_checked("-f", str(saved))
+        undo = state_dir / TUNNEL_UNDO_FILE
+        if undo.exists():
+            interface = undo.read_text().strip()
+            if interface and Path(f"/sys/class/net/{interface}").exists():
+                subprocess.run(["ip", "link", "delete", "dev", interface], capture_output=True,
+                               timeout=COMMAND_TIMEOUT_S)
+            undo.unlink()
         atomic_write(state_dir / ROLLED_BACK_FILE, f"{int(time.time())}\n", 0o600)
         saved.unlink()
         return True
@@ -249,8 +328,9 @@ def remove(state_dir: Path | None = None) -> bool:
         with _locked(state_dir):
             pid = _timer_pid(state_dir)
             if pid is not None:
-                _disarm(pid)
-            for name in (PIDFILE, ROLLBACK_FILE, APPLIED_FILE, ROLLED_BACK_FILE, TIMER_LOG):
+                _disarm(pid, _unit_of(state_dir))
+            for name in (PIDFILE, UNIT_FILE, ROLLBACK_FILE, APPLIED_FILE, ROLLED_BACK_FILE,
+                         TIMER_LOG, TUNNEL_UNDO_FILE):
                 (state_dir / name).unlink(missing_ok=True)
     present = table_present()
     if present:

@@ -13,18 +13,31 @@ import sys
 import threading
 from pathlib import Path
 
-from flctl.agent.service import AgentService
+from flctl.agent.requests import RequestHandler
+from flctl.core import pki
 from flctl.core.agentconfig import parse_agent_config
 from flctl.core.messages import Limits
 from flctl.errors import FlctlError
-from flctl.net.server import FrameServer
+from flctl.net.server import FrameServer, PeerInfo
 from flctl.net.tls import server_context
+
+
+def coordinator_only(peer: PeerInfo) -> str | None:
+    """Only the coordinator commands an agent. TLS already refuses a host
+    certificate as a client (its usage is server auth only); this refuses
+    anything that is not exactly the coordinator's role, whatever OpenSSL let by."""
+    role = pki.certificate_role(peer.certificate) if peer.certificate else None
+    if role == pki.ROLE_COORDINATOR:
+        return None
+    return (f"only the coordinator may send requests; this peer's certificate is "
+            f"{'a ' + role + ' certificate' if role else 'not a coordinator certificate'}")
 
 
 def build_server(config_path: Path) -> FrameServer:
     config = parse_agent_config(config_path.read_text(), str(config_path))
-    service = AgentService(config)
-    context = server_context(Path(config.ca_cert), Path(config.cert), Path(config.key))
+    service = RequestHandler(config)
+    context = server_context(Path(config.ca_cert), Path(config.cert), Path(config.key),
+                             Path(config.crl) if config.crl else None)
     limits = Limits(max_body_bytes=config.max_message_mb << 20)
     return FrameServer(
         config.bind_address,
@@ -33,6 +46,7 @@ def build_server(config_path: Path) -> FrameServer:
         service.handle,
         limits=limits,
         logger=logging.getLogger("flctl.agent.server"),
+        authorize=coordinator_only,
     )
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flctl.agent.proc import command_line, matching_pid
 from flctl.core.facts import WgQuickConfig, parse_wg_dump, parse_wg_quick_config
 from flctl.core.fsutil import write_secret
 from flctl.core.renderers import is_wg_key, render_wg_sync_config
@@ -124,10 +125,6 @@ def userspace_pid(interface: str) -> int | None:
     The PID namespace may be shared with other network namespaces (the lab),
     each with a wireguard-go of the same interface name: match the namespace.
     """
-    try:
-        own_netns = os.stat("/proc/self/ns/net").st_ino
-    except OSError:
-        return None
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -135,16 +132,12 @@ def userspace_pid(interface: str) -> int | None:
             with open(f"/proc/{entry.name}/comm") as handle:
                 if handle.read().strip() != USERSPACE_COMM:
                     continue
-            with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
-                argv = handle.read().split(b"\0")
-            if os.stat(f"/proc/{entry.name}/ns/net").st_ino != own_netns:
-                continue
-            with open(f"/proc/{entry.name}/stat") as handle:
-                state = handle.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state not in ("Z", "X") and interface.encode() in argv[1:]:
-            return int(entry.name)
+        pid = int(entry.name)
+        if matching_pid(pid, [interface.encode()], same_netns=True) and \
+                interface.encode() in command_line(pid)[1:]:
+            return pid
     return None
 
 

@@ -8,6 +8,7 @@ more hosts failed or were unreachable; 6 training could not complete;
 
 from __future__ import annotations
 
+import datetime
 import sys
 import tempfile
 from pathlib import Path
@@ -27,8 +28,10 @@ from flctl.coordinator.session import info_probe, train_workspace
 from flctl.core.settings import AgentSettings, Settings
 from flctl.core.text import clean_text
 from flctl.deploy import engine
+from flctl.deploy.certificates import CertificateStore
 from flctl.deploy.logs import agent_log
 from flctl.deploy.overlay import HubNotRoot
+from flctl.deploy.results import HostResult
 from flctl.deploy.status import gather_status
 from flctl.errors import ConfigError, FlctlError, HostError, WorkspaceError
 from flctl.net.ports import free_port_block
@@ -59,7 +62,7 @@ def _selected(workspace: Workspace, limit: Optional[list[str]]) -> list:
     return workspace.inventory.select(limit) if limit else list(workspace.inventory.hosts)
 
 
-def _host_failures(results: list[engine.HostResult], verb: str) -> None:
+def _host_failures(results: list[HostResult], verb: str) -> None:
     bad = [r for r in results if r.status in ("failed", "unreachable")]
     hub = next((r for r in bad if r.host == "hub" and r.exit_code == HubNotRoot.exit_code), None)
     if hub is not None and hub.error:
@@ -95,7 +98,7 @@ def init(
 
 
 def _deploy(workspace: Workspace, limit: Optional[list[str]], check: bool, forks: int,
-            json_output: bool, accept_new: bool = False) -> list[engine.HostResult]:
+            json_output: bool, accept_new: bool = False) -> list[HostResult]:
     hosts = _selected(workspace, limit)
     probe = info_probe(workspace)
     with HostProgress([h.name for h in hosts], "deploy", enabled=not json_output) as view:
@@ -177,18 +180,28 @@ def _run_training(workspace: Workspace, overrides: dict[str, Any], limit: Option
     table = render.round_table(privacy=settings.training.privacy != "none")
 
     def note(text: str) -> None:
-        render.err.print(f"[yellow]{text}[/]")
+        render.err.print(render.literal(text, "yellow"))
 
     if json_output:
         return train_workspace(workspace, settings.training, hosts, run_id=run_id,
                                on_message=note, **resume_args)
-    with Live(table, console=render.err, refresh_per_second=8):
-        def on_round(record: RoundRecord) -> None:
-            render.add_round_row(table, record)
+    # The live table appears with the first round: a run that cannot start
+    # ends with its one error line, not an empty table above it.
+    live: list[Live] = []
 
+    def on_round(record: RoundRecord) -> None:
+        render.add_round_row(table, record)
+        if not live:
+            live.append(Live(table, console=render.err, refresh_per_second=8))
+            live[0].start()
+
+    try:
         summary = train_workspace(workspace, settings.training, hosts, run_id=run_id,
                                   on_round=on_round, on_message=note, **resume_args)
-    render.err.print()
+    finally:
+        if live:
+            live[0].stop()
+            render.err.print()
     return summary
 
 
@@ -365,6 +378,96 @@ def runs_show(
     render.out.print(table)
 
 
+pki_app = typer.Typer(help="The project's certificates: list them, rotate them all, revoke "
+                             "a host's.", no_args_is_help=True)
+app.add_typer(pki_app, name="pki")
+
+
+def _certificate_rows(store: CertificateStore) -> list[dict[str, Any]]:
+    rows = []
+    for entry in store.certificates():
+        try:
+            expires = datetime.datetime.fromisoformat(entry["not_after"])
+            days = (expires - datetime.datetime.now(datetime.timezone.utc)).days
+        except (KeyError, TypeError, ValueError):
+            days = None
+        rows.append({**entry, "days_left": days})
+    return rows
+
+
+@pki_app.command("status")
+def pki_status(workspace_dir: Path = WorkspaceOpt, json_output: bool = JsonOpt) -> None:
+    """Every certificate the project CA issued: role, days left, revoked or not."""
+    workspace = load_workspace(workspace_dir)
+    store = CertificateStore(workspace.paths)
+    rows = _certificate_rows(store)
+    reason = store.coordinator_reason()
+    if json_output:
+        render.emit_json({"certificates": rows, "coordinator_renewal_due": reason})
+        return
+    render.out.print(render.certificates_table(rows))
+    if reason is not None:
+        render.out.print(f"[yellow]the coordinator's certificate will be renewed by the next "
+                         f"`flctl deploy`:[/] {escape(reason)}")
+
+
+@pki_app.command("rotate")
+def pki_rotate(
+    workspace_dir: Path = WorkspaceOpt,
+    forks: int = ForksOpt,
+    accept_new: bool = AcceptNewOpt,
+    json_output: bool = JsonOpt,
+) -> None:
+    """Reissue every leaf certificate now: a new coordinator key and certificate, and
+    new keys and certificates on every host in one deploy. The old ones are
+    revoked at once; a host this deploy misses stays refused until deployed again."""
+    workspace = load_workspace(workspace_dir)
+    store = CertificateStore(workspace.paths)
+    store.request_rotation()
+    store.renew_coordinator(revoke_old=True)
+    results = _deploy(workspace, None, False, forks, json_output, accept_new)
+    if json_output:
+        render.emit_json({"rotated": True, "hosts": [r.as_dict() for r in results]})
+    else:
+        render.out.print(render.recap_table(results, "pki rotate"))
+    _host_failures(results, "pki rotate")
+
+
+@pki_app.command("revoke")
+def pki_revoke(
+    host: str = typer.Argument(..., help="The host whose certificate is revoked."),
+    workspace_dir: Path = WorkspaceOpt,
+    forks: int = ForksOpt,
+    accept_new: bool = AcceptNewOpt,
+    json_output: bool = JsonOpt,
+) -> None:
+    """Revoke HOST's certificate: the coordinator refuses it at once, and the
+    revocation list goes to every other host now. HOST gets a new key and
+    certificate at its next deploy; remove it from inventory.yaml to keep it out."""
+    workspace = load_workspace(workspace_dir)
+    store = CertificateStore(workspace.paths)
+    serials = store.revoke_name(host, "revoked by the operator")
+    if not serials:
+        raise ConfigError(f"no current certificate of {host!r} in {workspace.paths.issued}: "
+                          f"nothing to revoke (see `flctl pki status`)")
+    others = [h for h in workspace.inventory.hosts if h.name != host]
+    results = _deploy(workspace, [h.name for h in others], False, forks, json_output,
+                      accept_new) if others else []
+    document = {"host": host, "revoked_serials": [format(s, "x") for s in serials],
+                "hosts": [r.as_dict() for r in results]}
+    if json_output:
+        render.emit_json(document)
+    else:
+        render.out.print(f"[green]revoked[/] {escape(host)}: serial "
+                         f"{', '.join(document['revoked_serials'])}")
+        if results:
+            render.out.print(render.recap_table(results, "revocation list pushed"))
+        if host in workspace.inventory.names:
+            render.out.print(f"{escape(host)} is still in the inventory: its next deploy gives "
+                             "it a new key and certificate; remove it to keep it out")
+    _host_failures(results, "pki revoke")
+
+
 @app.command()
 def logs(
     host: str = typer.Argument(..., help="Host name from the inventory."),
@@ -377,7 +480,8 @@ def logs(
     target = workspace.inventory.host(host)
 
     def show(line: str) -> None:
-        sys.stdout.write(line + "\n")
+        # the host's log, as text: escape sequences in it never reach the terminal
+        sys.stdout.write(clean_text(line) + "\n")
         sys.stdout.flush()
 
     code = agent_log(target, str(workspace.paths.state), engine.connect_options(workspace),

@@ -1,4 +1,10 @@
-"""Rich tables and JSON output. The only module besides app.py that prints."""
+"""Rich tables and JSON output. The only module besides app.py that prints.
+
+Anything that came from a host (errors, states, versions, reasons, log
+lines) is shown as a rich Text, never parsed as markup, with control
+characters removed (flctl.core.text): a host cannot restyle, garble or
+crash the operator's terminal.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,12 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from flctl.coordinator.records import RunInfo
 from flctl.coordinator.rounds import RoundRecord
-from flctl.deploy.engine import HostResult
+from flctl.core.text import clean_text
+from flctl.deploy.results import HostResult
 
 # Results go to stdout; progress, logs and errors to stderr, so `--json`
 # output stays one clean document for scripts.
@@ -20,6 +28,11 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 STATUS_STYLE = {"ok": "green", "changed": "yellow", "failed": "red", "unreachable": "red"}
+
+
+def literal(value: Any, style: str = "") -> Text:
+    """Host-supplied text, shown as it is (no markup, no control characters)."""
+    return Text(clean_text(value), style=style)
 
 
 def emit_json(document: Any) -> None:
@@ -46,7 +59,8 @@ def recap_table(results: Sequence[HostResult], title: str) -> Table:
         detail = result.error or ", ".join(
             f"{s.name} ({s.detail})" if s.detail else s.name for s in result.steps if s.changed
         ) or "nothing to do"
-        table.add_row(result.host, f"[{style}]{result.status}[/]", str(result.changed), detail)
+        table.add_row(literal(result.host), literal(result.status, style), str(result.changed),
+                      literal(detail))
     return table
 
 
@@ -76,7 +90,7 @@ def add_round_row(table: Table, record: RoundRecord) -> None:
           else ()),
         f"{record.seconds:.2f}" + (f" ({record.attempts} tries)" if record.attempts > 1 else ""),
         human_bytes(record.bytes_sent + record.bytes_received),
-        dropped,
+        literal(dropped),
     )
 
 
@@ -97,27 +111,29 @@ def status_table(rows: Sequence[dict[str, Any]]) -> Table:
         if tunnels:
             tunnel = (_tunnel_cell(row),)
         table.add_row(
-            row["host"], f"[{colour}]{agent}[/]", *tunnel,
+            literal(row["host"]), literal(agent, colour), *tunnel,
             "-" if uptime is None else f"{uptime:.0f}s",
             data,
             "-" if row.get("last_round") is None else str(row["last_round"]),
             "-" if not load else f"{load[0]:.2f}",
             human_bytes(row.get("mem_available_bytes")),
             human_bytes(row.get("disk_free_bytes")),
-            row.get("error") or row.get("data_error") or "",
+            literal(row.get("error") or row.get("data_error") or ""),
         )
     return table
 
 
-def _tunnel_cell(row: dict[str, Any]) -> str:
+def _tunnel_cell(row: dict[str, Any]) -> Text:
     state = row.get("tunnel")
     if state is None:
-        return "-"
+        return Text("-")
     age = row.get("handshake_age_s")
     colour = "green" if state == "up" else "red" if state == "down" else "yellow"
     detail = "never" if age is None and state != "unknown" else ("" if age is None else f"{age}s ago")
     moved = human_bytes((row.get("tunnel_rx_bytes") or 0) + (row.get("tunnel_tx_bytes") or 0))
-    return f"[{colour}]{state}[/] {detail} {moved if state != 'unknown' else ''}".strip()
+    cell = literal(state, colour)
+    cell.append(f" {detail} {moved if state != 'unknown' else ''}".rstrip())
+    return cell
 
 
 def runs_table(infos: Sequence[RunInfo]) -> Table:
@@ -142,3 +158,18 @@ def latest_run_line(info: RunInfo) -> str:
     privacy = "" if info.epsilon is None else (
         f", privacy spent epsilon {epsilon} at delta {info.delta:g}")
     return f"latest run {run}: {state}, round {rounds}, accuracy {accuracy}{privacy}"
+
+
+def certificates_table(rows: Sequence[dict[str, Any]]) -> Table:
+    table = Table(title="certificates issued by the project CA")
+    for column in ("name", "role", "serial", "days left", "state"):
+        table.add_column(column)
+    for row in rows:
+        days = row.get("days_left")
+        revoked = row.get("revoked_at")
+        state = Text(f"revoked ({row.get('revocation_reason') or 'no reason'})", "red") \
+            if revoked else (Text("expiring", "yellow") if days is not None and days < 30
+                             else Text("valid", "green"))
+        table.add_row(Text(str(row.get("cn"))), Text(str(row.get("role") or "-")),
+                      Text(str(row.get("serial"))[:16]), "-" if days is None else str(days), state)
+    return table

@@ -24,18 +24,27 @@ import numpy as np
 from flctl.coordinator.budget import MemoryBudget
 from flctl.coordinator.privacy import PrivacyLedger, hosts_per_round
 from flctl.coordinator.records import Checkpoint, RunDir
+from flctl.coordinator.replies import (
+    HostProfile,
+    HostRefused,
+    check_evaluation,
+    check_fit_counts,
+    check_info,
+    deployed_task_mismatch,
+    expect_encoded,
+    expect_weights,
+    shape_params,
+)
 from flctl.coordinator.secure_round import SecureAggregation, check_secure_settings
 from flctl.core.aggregation import update_distance
 from flctl.core.data import Dataset
 from flctl.core.secagg import SecAggError
 from flctl.core.settings import TrainingSettings
 from flctl.core.strategies import make_strategy
-from flctl.core.tasks import BUILTIN_TASKS, Task, check_weights, load_task
+from flctl.core.tasks import Task, check_weights, load_task
 from flctl.core.uplink import UplinkSpec, unpack_update
 from flctl.errors import FlctlError, TrainingError
 from flctl.net.agent_client import AgentClient, FitReply
-
-SHAPE_PARAMS = ("n_features", "n_classes")
 
 
 @dataclass
@@ -82,24 +91,6 @@ RoundCallback = Callable[[RoundRecord], None]
 MessageCallback = Callable[[str], None]
 
 
-def resolve_task_params(task: str, params: dict[str, Any],
-                        infos: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Builtin tasks need input and class counts; take them from the hosts' data."""
-    resolved = dict(params)
-    if task not in BUILTIN_TASKS:
-        return resolved
-    shapes = [info["data"] for info in infos if info.get("data")]
-    if not shapes:
-        return resolved
-    features = {s["n_features"] for s in shapes}
-    if "n_features" not in resolved:
-        if len(features) != 1:
-            raise TrainingError(f"hosts disagree on the number of features: {sorted(features)}")
-        resolved["n_features"] = features.pop()
-    resolved.setdefault("n_classes", max(s["n_classes"] for s in shapes))
-    return resolved
-
-
 class RoundShort(TrainingError):
     """Fewer than training.min_hosts updates arrived; the round may be re-run."""
 
@@ -111,7 +102,7 @@ class Coordinator:
         training: TrainingSettings,
         run: RunDir,
         *,
-        task_search_path: Sequence[Path] = (),
+        tasks_dir: Path | None = None,
         inflight_updates: int = 2,
         on_round: RoundCallback = lambda record: None,
         on_message: MessageCallback = lambda text: None,
@@ -135,7 +126,9 @@ class Coordinator:
         self.clients = list(clients)
         self.training = training
         self.run = run
-        self.task_search_path = list(task_search_path)
+        self.tasks_dir = tasks_dir
+        self.profiles: dict[str, HostProfile] = {}  # from discovery: what each host may claim
+        self.refused: set[str] = set()  # hosts whose info could not be used
         self.budget = MemoryBudget(inflight_updates)
         self.on_round = on_round
         self.on_message = on_message
@@ -178,20 +171,44 @@ class Coordinator:
 
     # ------------------------------------------------------------ phases
     def discover(self) -> list[dict[str, Any]]:
+        """Ask every host for its info; keep those whose answer checks out.
+
+        Fixes, per host, the bounds its replies must keep (HostProfile).
+        """
         infos, failures = self._parallel(self.clients, lambda c: c.info(), timeout=30.0)
         for name, reason in sorted(failures.items()):
             self.on_message(f"{name}: not answering ({reason})")
+        mismatch = deployed_task_mismatch(infos, self.training)
+        if mismatch is not None:
+            raise TrainingError(mismatch)
+        # the model's shape: the run's own on resume, else from the settings (one
+        # clear line when they lack it)
+        self.task_params = (dict(self.resume_from.state["task_params"]) if self.resume_from
+                            else shape_params(self.training, list(infos.values())))
+        for name in sorted(infos):
+            try:
+                self.profiles[name] = check_info(name, infos[name], self.training,
+                                                 self.task_params)
+            except HostRefused as exc:
+                self.refused.add(name)
+                self.on_message(f"left out: {exc.message}")
         t = self.training
         needed = max(t.min_hosts_to_start, t.min_hosts)
-        if len(infos) < needed:
+        if len(self.profiles) < needed:
             which = ("training.min_hosts_to_start" if t.min_hosts_to_start >= t.min_hosts
                      else "training.min_hosts")
             raise TrainingError(
-                f"only {len(infos)} of {len(self.clients)} hosts answer; {which} is {needed}")
-        for name, info in infos.items():
-            if info.get("data") is None:
-                raise TrainingError(f"{name}: agent has no data ({info.get('data_error')})")
-        return [infos[c.name] for c in self.clients if c.name in infos]
+                f"only {len(self.profiles)} of {len(self.clients)} hosts answer and can take "
+                f"part; {which} is {needed}")
+        return [infos[c.name] for c in self.clients if c.name in self.profiles]
+
+    def _profile(self, client: AgentClient) -> HostProfile:
+        """The host's profile; a host that missed discovery is asked now, once."""
+        profile = self.profiles.get(client.name)
+        if profile is None:
+            profile = check_info(client.name, client.info(), self.training, self.task_params)
+            self.profiles[client.name] = profile
+        return profile
 
     def _fit_config(self, round_number: int) -> dict[str, Any]:
         t = self.training
@@ -250,9 +267,12 @@ class Coordinator:
         def fit_one(client: AgentClient) -> int:
             held: list[bool] = []
             try:
+                expect = expect_encoded(weights) if self.uplink.sends_delta \
+                    else expect_weights(weights)
                 reply: FitReply = client.fit(weights, t.task, self.task_params, config,
-                                             allocate=self.budget.allocator(held),
+                                             allocate=self.budget.allocator(held, expect),
                                              heartbeat_s=t.heartbeat_s or None)
+                check_fit_counts(self._profile(client), reply.num_examples, reply.metrics)
                 update = self._read_update(reply, weights)
                 check_weights(update, weights)
                 if t.max_update_norm > 0:
@@ -310,6 +330,14 @@ class Coordinator:
                                  heartbeat_s=self.training.heartbeat_s or None),
             timeout=self.training.deadline_s,
         )
+        for name in sorted(replies):
+            reply = replies[name]
+            try:
+                check_evaluation(self._profile(next(c for c in clients if c.name == name)),
+                                 reply.loss, reply.num_examples, reply.metrics)
+            except TrainingError as exc:
+                self.on_message(f"{name}: {exc.message}")
+                del replies[name]
         total = sum(r.num_examples for r in replies.values())
         if not total:
             return None, None
@@ -324,19 +352,16 @@ class Coordinator:
         started = time.perf_counter()
         try:
             infos = self.discover()
+            # Every round asks every host but those whose info was refused: one that
+            # was down at the start rejoins when it is back (its info checked then).
+            available = [c for c in self.clients if c.name not in self.refused]
             if self.training.secure_aggregation:
                 assert self.ca_pem is not None
                 counts = [int(i["data"]["n_train"]) for i in infos if i.get("data")]
                 self.secure = SecureAggregation(
                     self.training, self.ca_pem, self._parallel,
                     self.budget.allocator, self.budget.release, counts)
-            # Every host is asked every round: one that was down rejoins when back.
-            available = list(self.clients)
-            if self.resume_from is not None:
-                self.task_params = dict(self.resume_from.state["task_params"])
-            else:
-                self.task_params = resolve_task_params(t.task, dict(t.task_params), infos)
-            self.task = load_task(t.task, self.task_params, search_path=self.task_search_path)
+            self.task = load_task(t.task, self.task_params, self.tasks_dir)
             if self.resume_from is not None:
                 weights = self.resume_from.weights
                 self.strategy.load_state(self.resume_from.strategy_state)

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from flctl.coordinator.replies import expect_vector
+from flctl.core.messages import ArraySpec
 from flctl.core.secagg import (
     FixedPointParams,
     PeerError,
@@ -37,7 +39,7 @@ Parallel = Callable[[Sequence[AgentClient], Callable[[AgentClient], Any], float 
                     tuple[dict[str, Any], dict[str, str]]]
 # (client, shares for it, allocate) -> the masked update
 SecureFit = Callable[[AgentClient, dict[str, Any], Allocator], FitReply]
-AllocatorFactory = Callable[[list[bool]], Allocator]
+AllocatorFactory = Callable[[list[bool], Callable[[list[ArraySpec]], None]], Allocator]
 Release = Callable[[list[bool]], None]
 
 MAX_WEIGHT_BOUND = 2 ** 20
@@ -121,11 +123,9 @@ class SecureAggregation:
         def fit_one(client: AgentClient) -> None:
             held: list[bool] = []
             try:
-                reply = secure_fit(client, routed[client.name], self.allocator(held))
-                masked = reply.weights[0] if len(reply.weights) == 1 else None
-                if masked is None or masked.dtype != np.uint32 or masked.shape != (size,):
-                    raise TrainingError(f"masked update rejected: expected one uint32 vector "
-                                        f"of {size} values")
+                reply = secure_fit(client, routed[client.name],
+                                   self.allocator(held, expect_vector(size)))
+                masked = reply.weights[0]
                 with lock:
                     if closed.is_set():
                         raise TrainingError("reply after the deadline")

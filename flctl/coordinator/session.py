@@ -16,10 +16,17 @@ from flctl.core.settings import TrainingSettings
 from flctl.net.agent_client import AgentClient, coordinator_context
 from flctl.workspace import Workspace
 
+# A reply's arrays must arrive at 1 MiB/s at least (after a 10 s grace) once the
+# coordinator has reserved memory for them: far below any real link (the lab's
+# wireguard-go moves ~40 MB/s), far above a host that trickles bytes to hold a slot.
+MIN_BODY_RATE = float(1 << 20)
+SOCKET_GRACE_S = 5.0
+
 
 def workspace_context(workspace: Workspace) -> ssl.SSLContext:
     p = workspace.paths
-    return coordinator_context(p.ca_cert, p.coordinator_cert, p.coordinator_key)
+    return coordinator_context(p.ca_cert, p.coordinator_cert, p.coordinator_key,
+                               p.crl if p.crl.exists() else None)
 
 
 def endpoints_for(workspace: Workspace, hosts: Sequence[Host]) -> list[Endpoint]:
@@ -65,12 +72,16 @@ def train_workspace(
     else:
         run = create_run_dir(workspace.paths.runs, run_id)
     context = workspace_context(workspace)
-    limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes)
-    clients = [AgentClient(e, context, timeout=training.deadline_s, limits=limits)
+    limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes,
+                    min_body_rate=MIN_BODY_RATE)
+    # The round's deadline is the coordinator's to enforce (it aborts late hosts
+    # and names the reason); a socket timeout a little past it is only a backstop.
+    clients = [AgentClient(e, context, timeout=training.deadline_s + SOCKET_GRACE_S,
+                           limits=limits)
                for e in endpoints_for(workspace, hosts)]
     eval_data = load_dataset(workspace.root / training.eval_file) if training.eval_file else None
     coordinator = Coordinator(clients, training, run,
-                              task_search_path=[workspace.paths.tasks],
+                              tasks_dir=workspace.paths.tasks,
                               on_round=on_round, on_message=on_message,
                               resume_from=checkpoint, eval_data=eval_data,
                               ca_pem=workspace.paths.ca_cert.read_bytes())

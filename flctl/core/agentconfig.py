@@ -2,13 +2,15 @@
 
 Deploy decides whether a restart is needed by comparing the rendered text
 with what is on the host, so rendering must be deterministic (sorted keys,
-no timestamps).
+no timestamps). What the agent runs is fixed here, at deploy: `task` is a
+built-in task or a `module:Class` from the shipped `tasks_dir`, and a
+request naming any other task is refused.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from flctl.errors import ConfigError
@@ -25,14 +27,22 @@ class AgentConfig:
     key: str
     data_path: str
     state_file: str
-    task_path: tuple[str, ...] = field(default_factory=tuple)
+    task: str = "logreg"
+    tasks_dir: str | None = None
+    crl: str | None = None
+    # The system user the agent runs as on its host; None: whoever starts it
+    # (local hosts run as the operator).
+    user: str | None = None
     max_message_mb: int = 2048
 
 
+# Keys an older flctl wrote; read and dropped so its agent starts until the
+# next deploy rewrites the file.
+_RETIRED_KEYS = frozenset({"task_path"})
+
+
 def render_agent_config(config: AgentConfig) -> str:
-    data = asdict(config)
-    data["task_path"] = list(config.task_path)
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+    return json.dumps(asdict(config), indent=2, sort_keys=True) + "\n"
 
 
 def parse_agent_config(text: str, source: str) -> AgentConfig:
@@ -43,11 +53,21 @@ def parse_agent_config(text: str, source: str) -> AgentConfig:
     if not isinstance(data, dict):
         raise ConfigError("expected a JSON object", file=source)
     known = set(AgentConfig.__dataclass_fields__)
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known - _RETIRED_KEYS)
     if unknown:
         raise ConfigError("unknown key", file=source, field=unknown[0])
+    values = {k: v for k, v in data.items() if k in known}
+    for name, spec in AgentConfig.__dataclass_fields__.items():
+        if name not in values:
+            continue
+        value = values[name]
+        wanted = int if spec.type == "int" else str
+        optional = "None" in str(spec.type)
+        if (value is None and not optional) or (value is not None and (
+                isinstance(value, bool) or not isinstance(value, wanted))):
+            raise ConfigError(f"expected {'an integer' if wanted is int else 'a string'}",
+                              file=source, field=name)
     try:
-        data["task_path"] = tuple(data.get("task_path", ()))
-        return AgentConfig(**data)
+        return AgentConfig(**values)
     except TypeError as exc:
         raise ConfigError(str(exc), file=source) from None

@@ -9,6 +9,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
+from flctl.core.layout import AGENT_USER
+
 TCP_LISTEN_STATE = "0A"
 
 
@@ -57,10 +59,31 @@ def parse_os_release(text: str) -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of /proc/PID/stat flctl uses."""
+
+    state: str          # R, S, D, Z (zombie), X (dead), ...
+    ppid: int
+    start_ticks: int    # since boot, in clock ticks
+
+    @property
+    def alive(self) -> bool:
+        """Running or sleeping: a zombie (Z) or dead (X) process is gone, even
+        while its pid can still be signalled (PID 1 may reap it late)."""
+        return self.state not in ("Z", "X")
+
+
+def parse_proc_stat(text: str) -> ProcStat:
+    """/proc/PID/stat; the command name (field 2) may hold spaces and ')' so
+    the fields are counted from the last ')'."""
+    after_comm = text.rsplit(")", 1)[1].split()
+    return ProcStat(after_comm[0], int(after_comm[1]), int(after_comm[19]))
+
+
 def process_uptime_s(proc_stat: str, system_uptime_s: float, clock_ticks: int) -> float:
     """Seconds a process has run, from /proc/PID/stat and /proc/uptime."""
-    after_comm = proc_stat.rsplit(")", 1)[1].split()
-    start_ticks = int(after_comm[19])
+    start_ticks = parse_proc_stat(proc_stat).start_ticks
     return max(0.0, system_uptime_s - start_ticks / clock_ticks)
 
 
@@ -73,10 +96,11 @@ MIN_DISK_FREE_BYTES = 512 * 1024 * 1024
 SUPPORTED_ARCHES = ("x86_64", "aarch64")
 
 
-def bootstrap_script(python: str, install_dir: str) -> str:
+def bootstrap_script(python: str, install_dir: str, agent_user: str = AGENT_USER) -> str:
     """POSIX sh that reports what deploy must know before installing."""
     return f"""\
 PY={python}
+id -u {agent_user} >/dev/null 2>&1 && echo "agent_user=yes" || echo "agent_user=no"
 echo "arch=$(uname -m)"
 if command -v "$PY" >/dev/null 2>&1; then
   echo "python=$("$PY" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"

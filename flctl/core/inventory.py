@@ -15,28 +15,25 @@ renumber it (renumbering would force a WireGuard change on every host).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import ipaddress
 import os
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any
 
+from flctl.core.host_vars import CHECKS, DEFAULTS, HOST_ONLY_VARS, HOST_VARS
+from flctl.core.overlay_addresses import assign_overlay_addresses, overlay_capacity
 from flctl.core.yamlsrc import (
     LineDict,
     Spot,
     check_keys,
     describe,
     did_you_mean,
-    expect_bool,
-    expect_choice,
-    expect_int,
     expect_mapping,
-    expect_str,
     load_yaml,
     yaml_scalar,
 )
@@ -45,17 +42,12 @@ from flctl.errors import ConfigError
 ALL = "all"
 LOCAL_GROUP = "local"
 GROUP_KEYS = ("hosts", "vars", "children")
-CONNECTIONS = ("ssh", "local")
 HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+# Names a host may not take: a certificate named "coordinator" would be the
+# coordinator's, and deploy's recap reports this machine's tunnel as "hub".
+RESERVED_NAMES = {"coordinator": "the coordinator's certificate name",
+                  "hub": "the WireGuard hub on this machine"}
 GROUP_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}\Z")
-# What `ssh-keygen -lf` prints: SHA256 of the key blob, base64 without padding.
-HOST_KEY_RE = re.compile(r"SHA256:([A-Za-z0-9+/]{43})=?\Z")
-# Hostnames, IPv4 and IPv6 literals; a leading '-' could pass as an ssh option.
-SSH_HOST_RE = re.compile(r"[A-Za-z0-9_:\[][A-Za-z0-9_.:%\[\]-]*\Z")
-SSH_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
-PYTHON_RE = re.compile(r"[A-Za-z0-9_./+-]+\Z")
-# Set per host only: the same value in group vars is always a conflict.
-HOST_ONLY_VARS = frozenset({"overlay_ip"})
 
 
 @dataclass(frozen=True)
@@ -139,100 +131,6 @@ class Inventory:
             if fnmatchcase(group, pattern):
                 found.update(members)
         return found
-
-
-# ---------------------------------------------------------------- host vars
-
-
-def _ssh_host(value: Any, spot: Spot) -> str:
-    text = expect_str(value, spot)
-    if not SSH_HOST_RE.match(text):
-        raise spot.error(f"not a host name or IP address: {text!r}")
-    return text
-
-
-def _ssh_user(value: Any, spot: Spot) -> str:
-    text = expect_str(value, spot)
-    if not SSH_USER_RE.match(text):
-        raise spot.error(f"not a valid user name: {text!r}")
-    return text
-
-
-def _port(value: Any, spot: Spot) -> int:
-    return expect_int(value, spot, minimum=1, maximum=65535)
-
-
-def _optional_port(value: Any, spot: Spot) -> int | None:
-    return None if value is None else _port(value, spot)
-
-
-def _optional_path(value: Any, spot: Spot) -> str | None:
-    return None if value is None else expect_str(value, spot)
-
-
-def _host_key(value: Any, spot: Spot) -> str | None:
-    if value is None:
-        return None
-    text = expect_str(value, spot)
-    match = HOST_KEY_RE.match(text)
-    if not match:
-        raise spot.error('expected "SHA256:<43 base64 characters>" as printed by '
-                         f"ssh-keygen -lf, got {text!r}")
-    return f"SHA256:{match.group(1)}"
-
-
-def _overlay_ip(value: Any, spot: Spot) -> ipaddress.IPv4Address:
-    text = expect_str(value, spot)
-    try:
-        return ipaddress.IPv4Address(text)
-    except ValueError:
-        raise spot.error(f"not an IPv4 address: {text!r}") from None
-
-
-def _labels(value: Any, spot: Spot) -> dict[str, str]:
-    mapping = expect_mapping(value, spot)
-    labels: dict[str, str] = {}
-    for key, item in mapping.items():
-        item_spot = spot.key(mapping, key)
-        if not isinstance(key, str) or not key:
-            raise item_spot.error(f"label names must be strings, got {describe(key)}")
-        labels[key] = expect_str(item, item_spot, allow_empty=True)
-    return labels
-
-
-def _python(value: Any, spot: Spot) -> str:
-    text = expect_str(value, spot)
-    if not PYTHON_RE.match(text) or text.startswith("-"):
-        raise spot.error(f"expected an interpreter name or path such as python3, got {text!r}")
-    return text
-
-
-_HOST_VARS: dict[str, Callable[[Any, Spot], Any]] = {
-    "connection": lambda v, s: expect_choice(v, s, CONNECTIONS),
-    "ssh_host": _ssh_host,
-    "ssh_port": _port,
-    "ssh_user": _ssh_user,
-    "ssh_key": _optional_path,
-    "host_key": _host_key,
-    "become": expect_bool,
-    "overlay_ip": _overlay_ip,
-    "data_path": lambda v, s: expect_str(v, s),
-    "labels": _labels,
-    "agent_port": _optional_port,
-    "python": _python,
-}
-HOST_VARS = tuple(_HOST_VARS)
-_DEFAULTS: dict[str, Any] = {
-    "connection": "ssh",
-    "ssh_host": None,
-    "ssh_port": 22,
-    "ssh_user": "root",
-    "ssh_key": None,
-    "host_key": None,
-    "become": False,
-    "agent_port": None,
-    "python": "python3",
-}
 
 
 # ---------------------------------------------------------------- parse model
@@ -338,6 +236,8 @@ class _Parser:
         if not HOST_NAME_RE.match(name):
             raise hspot.error("bad host name: use letters, digits, '_', '.' or '-', "
                               "starting with a letter or digit (at most 63)")
+        if name in RESERVED_NAMES:
+            raise hspot.error(f"{name!r} is reserved ({RESERVED_NAMES[name]}); rename the host")
         entry = self.hosts.get(name)
         if entry is None:
             entry = self.hosts[name] = _HostEntry(name, line)
@@ -359,7 +259,7 @@ class _Parser:
             var_spot = spot.key(mapping, key)
             if in_group and key in HOST_ONLY_VARS:
                 raise var_spot.error("set it on each host, not in group vars")
-            parsed[key] = _Var(_HOST_VARS[key](value, var_spot), var_spot.line or 1,
+            parsed[key] = _Var(CHECKS[key](value, var_spot), var_spot.line or 1,
                                var_spot.field or key)
         return parsed
 
@@ -466,10 +366,30 @@ def parse_inventory(text: str, source: str, overlay_subnet: ipaddress.IPv4Networ
     hosts = tuple(_build_host(source, base, entry, merged, groups,
                               explicit.get(entry.name) or assigned[entry.name])
                   for entry, merged, groups in resolved)
+    _check_ssh_outside_overlay(source, overlay_subnet, resolved)
     members: dict[str, tuple[str, ...]] = {}
     for group in parser.groups:
         members[group] = tuple(h.name for h in hosts if group == ALL or group in h.groups)
     return Inventory(source, hosts, MappingProxyType(members))
+
+
+def _check_ssh_outside_overlay(source: str, subnet: ipaddress.IPv4Network,
+                               resolved: Sequence[tuple[_HostEntry, dict[str, _Var], Any]]) -> None:
+    """An SSH address inside the overlay would be routed into the tunnel once it
+    is up: SSH to that host (and deploy's rollback confirmation) would be cut."""
+    for _entry, merged, _groups in resolved:
+        var = merged.get("ssh_host")
+        if var is None:
+            continue
+        try:
+            address = ipaddress.ip_address(str(var.value).strip("[]"))
+        except ValueError:
+            continue   # a name: resolved at connect time, not here
+        if address.version == 4 and address in subnet:
+            raise Spot(source, var.line, var.field).error(
+                f"{address} is inside the overlay subnet {subnet} (overlay.subnet in "
+                f"flctl.yaml): the tunnel would capture SSH to this host; choose another "
+                f"overlay subnet")
 
 
 def _merge_vars(layers: Sequence[Mapping[str, _Var]]) -> dict[str, _Var]:
@@ -488,7 +408,7 @@ def _merge_vars(layers: Sequence[Mapping[str, _Var]]) -> dict[str, _Var]:
 def _build_host(source: str, base: Path, entry: _HostEntry, merged: Mapping[str, _Var],
                 groups: tuple[str, ...], overlay_ip: ipaddress.IPv4Address) -> Host:
     values = {key: merged[key].value if key in merged else default
-              for key, default in _DEFAULTS.items()}
+              for key, default in DEFAULTS.items()}
     line = entry.define_line or entry.line
 
     def spot(var: str) -> Spot:
@@ -579,54 +499,6 @@ def _assign_or_explain(source: str, subnet: ipaddress.IPv4Network, names: Sequen
                           f"hosts, the inventory has {len(names) + len(explicit)}",
                           file=source, line=line)
     return assign_overlay_addresses(names, subnet, taken=explicit.values(), previous=previous)
-
-
-def overlay_capacity(subnet: ipaddress.IPv4Network) -> int:
-    """Host addresses left once network, broadcast and hub are set aside."""
-    return max(subnet.num_addresses - 3, 0)
-
-
-def assign_overlay_addresses(names: Collection[str], subnet: ipaddress.IPv4Network,
-                             taken: Collection[ipaddress.IPv4Address] = (),
-                             previous: Mapping[str, ipaddress.IPv4Address] | None = None,
-                             ) -> dict[str, ipaddress.IPv4Address]:
-    """Give each name an address derived from its hash, probing past used ones.
-
-    A name's first choice depends on the name alone, and names are placed in
-    sorted order, so file order never matters and a host only moves if a
-    newly added name collides with its slot and sorts before it. Addresses
-    in `previous` are honoured first (when free and inside the subnet), so a
-    caller that remembers past assignments never sees a host move.
-    """
-    first = int(subnet.network_address) + 2      # skip network address and hub
-    size = overlay_capacity(subnet)
-    used = {int(a) for a in taken}
-    result: dict[str, ipaddress.IPv4Address] = {}
-    pending = sorted(set(names))
-    if previous:
-        for name in pending:
-            old = previous.get(name)
-            if old is not None and first <= int(old) < first + size and int(old) not in used:
-                result[name] = ipaddress.IPv4Address(int(old))
-                used.add(int(old))
-        pending = [n for n in pending if n not in result]
-    for name in pending:
-        slot = overlay_home_slot(name, size)
-        for step in range(size):
-            candidate = first + (slot + step) % size
-            if candidate not in used:
-                used.add(candidate)
-                result[name] = ipaddress.IPv4Address(candidate)
-                break
-        else:
-            raise ConfigError(f"overlay subnet {subnet} is full: no address left for {name!r}")
-    return result
-
-
-def overlay_home_slot(name: str, size: int) -> int:
-    """The slot a name asks for first: a hash, so it ignores every other host."""
-    digest = hashlib.sha256(name.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % size if size > 0 else 0
 
 
 # ---------------------------------------------------------------- render

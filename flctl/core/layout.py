@@ -16,6 +16,9 @@ from flctl.core.settings import Settings
 
 LOOPBACK = "127.0.0.1"
 REMOTE_STATE_ROOT = PurePosixPath("/var/lib/flctl")
+# The system user agents run as on deployed hosts: not root, owns only the
+# agent's key and its run directory.
+AGENT_USER = "flctl"
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,13 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class HostPaths:
-    """Files flctl keeps on one host (for local hosts: under the workspace)."""
+    """Files flctl keeps on one host (for local hosts: under the workspace).
+
+    The root and what deploy writes (config, certificates, tasks, tunnel and
+    firewall state) belong to root; only `run_dir` and the private key belong
+    to the unprivileged agent user, so a compromised agent can change none of
+    what it is configured with.
+    """
 
     root: PurePosixPath
 
@@ -60,8 +69,39 @@ class HostPaths:
         return self.root / "tasks"
 
     @property
+    def crl(self) -> PurePosixPath:
+        return self.root / "ca.crl"
+
+    @property
+    def firewall(self) -> PurePosixPath:
+        """The nftables file deploy renders for this host."""
+        return self.root / "firewall.nft"
+
+    @property
+    def firewall_state(self) -> PurePosixPath:
+        """Rollback state of firewall changes (flctl.agent.firewall)."""
+        return self.root / "firewall"
+
+    @property
+    def wg_dir(self) -> PurePosixPath:
+        return self.root / "wg"
+
+    @property
+    def run_dir(self) -> PurePosixPath:
+        """The one directory the agent (and its supervisor) may write."""
+        return self.root / "run"
+
+    @property
     def state(self) -> PurePosixPath:
-        return self.root / "agent-state.json"
+        return self.run_dir / "agent-state.json"
+
+    @property
+    def supervisor_pid(self) -> PurePosixPath:
+        return self.run_dir / "supervisor.pid"
+
+    @property
+    def agent_pid(self) -> PurePosixPath:
+        return self.run_dir / "agent.pid"
 
 
 def agent_port(host: Host, settings: Settings, index: int) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from flctl.core.schema import Maybe, count
 from flctl.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -53,9 +54,29 @@ class Limits:
     max_body_bytes: int = 4 << 30
     max_arrays: int = 4096
     max_ndim: int = 8
+    # Once buffers are allocated for a body, it must arrive within
+    # body_grace_s + bytes / min_body_rate (0: no floor), so a peer that
+    # trickles bytes cannot keep a receiver's memory reserved.
+    min_body_rate: float = 0.0
+    body_grace_s: float = 10.0
 
 
 DEFAULT_LIMITS = Limits()
+
+# A data set larger than this is a claim, not a data set.
+MAX_EXAMPLES = 2**40
+# An agent's `info` answer, as far as anyone reads it (status, discovery).
+INFO_SPEC = {
+    "name": str,
+    "task": Maybe(str),
+    "version": Maybe(str),
+    "state": Maybe(str),
+    "data": Maybe({"n_train": count(MAX_EXAMPLES), "n_test": count(MAX_EXAMPLES),
+                   "n_features": count(MAX_EXAMPLES), "n_classes": count(MAX_EXAMPLES)}),
+    "data_error": Maybe(str),
+    "last_round": Maybe(count()),
+    "rounds_served": Maybe(count()),
+}
 
 
 @dataclass

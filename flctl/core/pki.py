@@ -1,17 +1,28 @@
 """Project CA and certificates for mutual TLS between coordinator and agents.
 
-Every flctl peer is both a TLS server and client of the same project CA, so
-leaf certificates carry both SERVER_AUTH and CLIENT_AUTH. Keys are generated
-where they are used (the CSR flow) so private keys never travel. ECDSA P-256
-keeps handshakes cheap on hundreds of hosts. Everything is PEM bytes so the
-callers decide where (and with which permissions) things are written.
+Two roles, told apart by what a certificate may be used for:
+
+* the coordinator: CN `coordinator`, extended key usage *client auth only*.
+  It is the only identity an agent serves (TLS checks the usage at the
+  handshake; the agent checks the role again before it reads a request).
+* hosts: CN and SANs = the host's inventory name and addresses, *server
+  auth only*, so a host certificate can never open a connection an agent
+  would accept, whoever holds its key. Hosts also sign their
+  secure-aggregation keys with it.
+
+The CA signs a host's CSR only for the exact name and addresses deploy
+expects for that host. Revocation is a CRL signed by the CA, loaded by the
+coordinator and every agent. Keys are generated where they are used (the
+CSR flow) so private keys never travel. ECDSA P-256 keeps handshakes cheap
+on hundreds of hosts. Everything is PEM bytes so the callers decide where
+(and with which permissions) things are written.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -24,7 +35,15 @@ from flctl.errors import FlctlError
 
 _HASH = hashes.SHA256
 # Backdate validity a little so peers with slightly skewed clocks accept new certs.
-_CLOCK_SKEW = datetime.timedelta(minutes=5)
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+
+COORDINATOR_CN = "coordinator"
+ROLE_COORDINATOR = "coordinator"
+ROLE_HOST = "host"
+LEAF_DAYS = 825                 # what browsers accept for a leaf; deploy renews long before
+RENEW_BEFORE_DAYS = 30          # deploy reissues a leaf with less validity left than this
+_ROLE_USAGE = {ROLE_COORDINATOR: ExtendedKeyUsageOID.CLIENT_AUTH,
+               ROLE_HOST: ExtendedKeyUsageOID.SERVER_AUTH}
 
 
 class PKIError(FlctlError):
@@ -45,9 +64,12 @@ def load_private_key(key_pem: bytes) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _load_cert(cert_pem: bytes) -> x509.Certificate:
+def _load_cert(cert: bytes) -> x509.Certificate:
+    """A certificate from PEM, or from DER (what a TLS peer presents)."""
     try:
-        return x509.load_pem_x509_certificate(cert_pem)
+        if cert.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(cert)
+        return x509.load_der_x509_certificate(cert)
     except ValueError as exc:
         raise PKIError(f"cannot load certificate: {exc}") from exc
 
@@ -89,7 +111,7 @@ def make_ca(common_name: str, days: int = 3650) -> tuple[bytes, bytes]:
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
@@ -119,35 +141,22 @@ def make_csr(key_pem: bytes, common_name: str, dns_names: Sequence[str] = (),
     return builder.sign(key, _HASH()).public_bytes(serialization.Encoding.PEM)
 
 
-def sign_csr(ca_key_pem: bytes, ca_cert_pem: bytes, csr_pem: bytes, days: int = 825) -> bytes:
-    """Issue a leaf for a CSR. Only CN and SANs are taken from the CSR; all other
-    extensions are ours, so a crafted CSR cannot ask for CA powers."""
+def _leaf(ca_key_pem: bytes, ca_cert_pem: bytes, public_key: Any, common_name: str,
+          dns_names: Sequence[str], ip_addresses: Sequence[str], role: str,
+          days: float) -> bytes:
+    """Issue a leaf of `role`: every field is ours, none is copied from a request."""
+    if role not in _ROLE_USAGE:
+        raise PKIError(f"unknown certificate role {role!r}")
     ca_key = load_private_key(ca_key_pem)
     ca_cert = _load_cert(ca_cert_pem)
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError as exc:
-        raise PKIError(f"cannot load CSR: {exc}") from exc
-    if not csr.is_signature_valid:
-        raise PKIError("CSR signature is invalid")
-    common_name = _cn(csr.subject)
-    if not common_name:
-        raise PKIError("CSR has no common name")
-    try:
-        san_ext: x509.SubjectAlternativeName | None = csr.extensions.get_extension_for_class(
-            x509.SubjectAlternativeName
-        ).value
-    except x509.ExtensionNotFound:
-        san_ext = None
-
     now = _now()
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
-        .public_key(csr.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
@@ -158,29 +167,79 @@ def sign_csr(ca_key_pem: bytes, ca_cert_pem: bytes, csr_pem: bytes, days: int = 
             ),
             critical=True,
         )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
+        .add_extension(x509.ExtendedKeyUsage([_ROLE_USAGE[role]]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False  # type: ignore[arg-type]
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
-    if san_ext is not None and len(san_ext) > 0:
-        builder = builder.add_extension(x509.SubjectAlternativeName(list(san_ext)), critical=False)
+    sans = _san_list(dns_names, ip_addresses)
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(ca_key, _HASH()).public_bytes(serialization.Encoding.PEM)
 
 
+def _csr_names(csr: x509.CertificateSigningRequest) -> tuple[set[str], set[str]]:
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set(), set()
+    others = [n for n in san if not isinstance(n, (x509.DNSName, x509.IPAddress))]
+    if others:
+        raise PKIError(f"asks for names of another kind ({type(others[0]).__name__})")
+    return ({str(n) for n in san.get_values_for_type(x509.DNSName)},
+            {str(ip) for ip in san.get_values_for_type(x509.IPAddress)})
+
+
+def sign_csr(ca_key_pem: bytes, ca_cert_pem: bytes, csr_pem: bytes, *, host: str,
+             dns_names: Sequence[str], ip_addresses: Sequence[str],
+             days: float = LEAF_DAYS) -> bytes:
+    """Issue `host`'s certificate for a CSR made on that host.
+
+    The CSR must ask for exactly the name and addresses deploy expects for
+    this host: another CN (`coordinator`, another host) or an extra SAN
+    (`*.example.org`) is refused, naming the host. Only its public key is
+    taken; the issued certificate is a host's (server auth only).
+    """
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise PKIError(f"{host}: cannot load its CSR: {exc}") from exc
+    if not csr.is_signature_valid:
+        raise PKIError(f"{host}: its CSR's signature is invalid")
+    common_name = _cn(csr.subject)
+    if common_name != host:
+        raise PKIError(f"{host}: its CSR asks for the name {common_name!r}, not {host!r}; "
+                       "refusing to sign it")
+    try:
+        dns, ips = _csr_names(csr)
+    except PKIError as exc:
+        raise PKIError(f"{host}: its CSR {exc.message}; refusing to sign it") from None
+    want_ips = {str(ipaddress.ip_address(ip)) for ip in ip_addresses}
+    extra = sorted((dns - set(dns_names)) | (ips - want_ips))
+    if extra:
+        raise PKIError(f"{host}: its CSR asks for names deploy does not expect for it "
+                       f"({', '.join(extra)}); refusing to sign it")
+    return _leaf(ca_key_pem, ca_cert_pem, csr.public_key(), host, list(dns_names),
+                 sorted(want_ips), ROLE_HOST, days)
+
+
 def issue_certificate(ca_key_pem: bytes, ca_cert_pem: bytes, common_name: str,
-                      dns_names: Sequence[str] = (),
-                      ip_addresses: Sequence[str] = ()) -> tuple[bytes, bytes]:
-    """Key + leaf in one step, for peers whose key is made on the workstation."""
+                      dns_names: Sequence[str] = (), ip_addresses: Sequence[str] = (), *,
+                      role: str = ROLE_HOST, days: float = LEAF_DAYS) -> tuple[bytes, bytes]:
+    """Key + leaf in one step, for peers whose key is made on this machine (the
+    coordinator; local hosts in tests)."""
     key_pem = make_private_key()
-    csr_pem = make_csr(key_pem, common_name, dns_names, ip_addresses)
-    return key_pem, sign_csr(ca_key_pem, ca_cert_pem, csr_pem)
+    public_key = load_private_key(key_pem).public_key()
+    return key_pem, _leaf(ca_key_pem, ca_cert_pem, public_key, common_name, dns_names,
+                          ip_addresses, role, days)
+
+
+def coordinator_certificate(ca_key_pem: bytes, ca_cert_pem: bytes,
+                            days: float = LEAF_DAYS) -> tuple[bytes, bytes]:
+    """The coordinator's key and certificate: the one client identity agents serve."""
+    return issue_certificate(ca_key_pem, ca_cert_pem, COORDINATOR_CN, [COORDINATOR_CN],
+                             role=ROLE_COORDINATOR, days=days)
 
 
 def _not_after(cert: x509.Certificate) -> datetime.datetime:
@@ -189,6 +248,35 @@ def _not_after(cert: x509.Certificate) -> datetime.datetime:
     if value is None:
         value = cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
     return value
+
+
+def certificate_role(cert: bytes) -> str | None:
+    """ROLE_COORDINATOR, ROLE_HOST, or None for anything else (a certificate
+    from before roles, which allowed both usages, is neither)."""
+    parsed = _load_cert(cert)
+    try:
+        usage = set(parsed.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return None
+    if usage == {ExtendedKeyUsageOID.CLIENT_AUTH} and _cn(parsed.subject) == COORDINATOR_CN:
+        return ROLE_COORDINATOR
+    if usage == {ExtendedKeyUsageOID.SERVER_AUTH}:
+        return ROLE_HOST
+    return None
+
+
+def not_before(cert: bytes) -> datetime.datetime:
+    """When the certificate became valid (issuing time minus CLOCK_SKEW)."""
+    parsed = _load_cert(cert)
+    value = getattr(parsed, "not_valid_before_utc", None)
+    if value is None:
+        value = parsed.not_valid_before.replace(tzinfo=datetime.timezone.utc)
+    return value
+
+
+def days_left(cert: bytes, now: datetime.datetime | None = None) -> float:
+    """Days until the certificate expires (negative once it has)."""
+    return (_not_after(_load_cert(cert)) - (now or _now())).total_seconds() / 86400
 
 
 def certificate_info(cert_pem: bytes) -> dict[str, Any]:
@@ -203,11 +291,46 @@ def certificate_info(cert_pem: bytes) -> dict[str, Any]:
     return {
         "subject_cn": _cn(cert.subject),
         "issuer_cn": _cn(cert.issuer),
+        "serial": cert.serial_number,
         "not_after": _not_after(cert).isoformat(),
         "dns_names": dns_names,
         "ip_addresses": ip_addresses,
+        "role": certificate_role(cert_pem),
         "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex(),
     }
+
+
+# ------------------------------------------------------------------ revocation
+
+
+def make_crl(ca_key_pem: bytes, ca_cert_pem: bytes, serials: Iterable[int]) -> bytes:
+    """The CA's revocation list (PEM). It is valid as long as the CA: OpenSSL
+    refuses every peer once a loaded CRL is past its next update, and flctl
+    reissues the list whenever it changes rather than on a schedule."""
+    ca_key = load_private_key(ca_key_pem)
+    ca_cert = _load_cert(ca_cert_pem)
+    now = _now()
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(ca_cert.subject)
+               .last_update(now - CLOCK_SKEW)
+               .next_update(_not_after(ca_cert)))
+    for serial in sorted(set(serials)):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
+    return builder.sign(ca_key, _HASH()).public_bytes(serialization.Encoding.PEM)
+
+
+def revoked_serials(crl_pem: bytes, ca_cert_pem: bytes) -> frozenset[int]:
+    """The serials a CRL revokes, once its signature is the CA's."""
+    try:
+        crl = x509.load_pem_x509_crl(crl_pem)
+    except ValueError as exc:
+        raise PKIError(f"cannot load the revocation list: {exc}") from exc
+    ca_cert = _load_cert(ca_cert_pem)
+    public_key = ca_cert.public_key()
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(public_key):  # type: ignore[arg-type]
+        raise PKIError("the revocation list is not signed by the project CA")
+    return frozenset(entry.serial_number for entry in crl)
 
 
 def verify_issued_by(cert_pem: bytes, ca_cert_pem: bytes) -> bool:

@@ -15,61 +15,150 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class UnitSpec:
+    """What a host's units need: the agent's files, its user, and the tunnel
+    and firewall it depends on (None where the host has none)."""
+
     project: str
     host: str
     python: str
     config: str
     state_dir: str
+    run_dir: str
     log: str
+    user: str | None = None
+    tunnel_config: str | None = None
+    firewall: str | None = None
+    nft: str = "/usr/sbin/nft"
 
 
 def unit_name(project: str) -> str:
     return f"flctl-agent-{project}.service"
 
 
+def tunnel_unit_name(project: str) -> str:
+    return f"flctl-tunnel-{project}.service"
+
+
+def firewall_unit_name(project: str) -> str:
+    return f"flctl-firewall-{project}.service"
+
+
 def render_systemd_unit(spec: UnitSpec) -> str:
-    """A hardened unit: restarts on failure, writes only its own state dir."""
+    """The agent: after its firewall table and tunnel, bound to the tunnel (the
+    address it listens on lives there), as its own user, writing only run_dir."""
+    after = ["network-online.target"]
+    needs = []
+    if spec.firewall:
+        after.append(firewall_unit_name(spec.project))
+        needs.append(f"Requires={firewall_unit_name(spec.project)}")
+    if spec.tunnel_config:
+        after.append(tunnel_unit_name(spec.project))
+        needs.append(f"BindsTo={tunnel_unit_name(spec.project)}")
+    user = [f"User={spec.user}", f"Group={spec.user}"] if spec.user else []
+    lines = [
+        "# Managed by flctl: changes are overwritten by `flctl deploy`.",
+        "[Unit]",
+        f"Description=flctl training agent ({spec.project}/{spec.host})",
+        f"After={' '.join(after)}",
+        "Wants=network-online.target",
+        *needs,
+        "StartLimitIntervalSec=300",
+        "StartLimitBurst=20",
+        "",
+        "[Service]",
+        "Type=simple",
+        *user,
+        f"ExecStart={spec.python} -m flctl.agent.main --config {spec.config}",
+        f"WorkingDirectory={spec.run_dir}",
+        "Restart=on-failure",
+        "RestartSec=2",
+        f"StandardOutput=append:{spec.log}",
+        f"StandardError=append:{spec.log}",
+        "UMask=0077",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "PrivateDevices=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=read-only",
+        f"ReadWritePaths={spec.run_dir}",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "RestrictNamespaces=yes",
+        "RestrictRealtime=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+        "SystemCallArchitectures=native",
+        "CapabilityBoundingSet=",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_firewall_unit(spec: UnitSpec) -> str:
+    """flctl's nftables table, loaded before the network comes up (so the agent
+    port is never open unguarded). Loading is idempotent: the file replaces
+    only the table inet flctl."""
     return f"""\
 # Managed by flctl: changes are overwritten by `flctl deploy`.
 [Unit]
-Description=flctl training agent ({spec.project}/{spec.host})
-After=network-online.target
-Wants=network-online.target
-StartLimitIntervalSec=300
-StartLimitBurst=20
+Description=flctl firewall table inet flctl ({spec.project})
+DefaultDependencies=no
+After=local-fs.target
+Before=network-pre.target
+Wants=network-pre.target
 
 [Service]
-Type=simple
-ExecStart={spec.python} -m flctl.agent.main --config {spec.config}
-WorkingDirectory={spec.state_dir}
-Restart=on-failure
-RestartSec=2
-StandardOutput=append:{spec.log}
-StandardError=append:{spec.log}
-UMask=0077
-NoNewPrivileges=yes
-PrivateTmp=yes
-PrivateDevices=yes
-ProtectSystem=strict
-ProtectHome=read-only
-ReadWritePaths={spec.state_dir}
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectClock=yes
-ProtectHostname=yes
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-SystemCallArchitectures=native
-CapabilityBoundingSet=
+Type=oneshot
+RemainAfterExit=yes
+ExecStart={spec.nft} -f {spec.firewall}
 
 [Install]
 WantedBy=multi-user.target
 """
+
+
+def render_tunnel_unit(spec: UnitSpec) -> str:
+    """The WireGuard overlay, after the firewall table; the host helper's wg-up
+    is idempotent, so starting the unit when deploy has already brought the
+    tunnel up changes nothing."""
+    helper = f"{spec.python} -m flctl.agent.host_helper"
+    return f"""\
+# Managed by flctl: changes are overwritten by `flctl deploy`.
+[Unit]
+Description=flctl WireGuard overlay ({spec.project})
+After=network-online.target {firewall_unit_name(spec.project)}
+Wants=network-online.target
+{"Requires=" + firewall_unit_name(spec.project) if spec.firewall else "# no firewall table"}
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart={helper} wg-up --config {spec.tunnel_config}
+ExecStop={helper} wg-down --config {spec.tunnel_config}
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def cron_file_name(project: str) -> str:
+    """cron ignores /etc/cron.d files whose names hold a dot."""
+    return "flctl-" + re.sub(r"[^A-Za-z0-9_-]", "-", project)
+
+
+def render_boot_cron(spec: UnitSpec) -> str:
+    """/etc/cron.d entry for hosts without systemd: at boot, the host helper
+    loads the table, brings the tunnel up and starts the agent, in that order."""
+    return (f"# Managed by flctl: changes are overwritten by `flctl deploy`.\n"
+            f"@reboot root {spec.python} -m flctl.agent.host_helper boot --root "
+            f"{spec.state_dir} >> {spec.state_dir}/boot.log 2>&1\n")
 
 
 # ------------------------------------------------------------------ WireGuard
@@ -228,21 +317,37 @@ NFT_FAMILY = "inet"
 NFT_DROP_COUNTER = "agent_dropped"
 
 
-def render_nft_ruleset(*, interface: str, hub_overlay_ip: str, agent_port: int, wg_port: int,
-                       ssh_port: int = 22) -> str:
+def render_nft_ruleset(*, interface: str | None, hub_overlay_ip: str, agent_port: int,
+                       wg_port: int | None, ssh_port: int = 22) -> str:
     """flctl's own table, loaded with `nft -f` in one transaction.
 
     Only `inet flctl` is ever named: no `flush ruleset`, so the host's other
     tables (its own firewall, Docker's, ...) are left exactly as they are.
+    With the overlay (`interface` and `wg_port` set) the agent port is open
+    only through the tunnel from the hub's overlay address; without it
+    (agent.listen: underlay) only from the coordinator's address.
     """
-    if _IFNAME_CHARS.search(interface) or not 1 <= len(interface) <= IFNAME_MAX:
+    if interface is not None and (_IFNAME_CHARS.search(interface)
+                                  or not 1 <= len(interface) <= IFNAME_MAX):
         raise ValueError(f"not an interface name: {interface!r}")
     hub = ipaddress.ip_address(hub_overlay_ip)
-    for port, what in ((agent_port, "agent_port"), (wg_port, "wg_port"), (ssh_port, "ssh_port")):
+    ports = [(agent_port, "agent_port"), (ssh_port, "ssh_port")]
+    if wg_port is not None:
+        ports.append((wg_port, "wg_port"))
+    for port, what in ports:
         _check_port(port, what)
     if agent_port == ssh_port:
         raise ValueError(f"the agent port {agent_port} is the SSH port")
     family = "ip" if hub.version == 4 else "ip6"
+    if interface is not None:
+        tunnel = (f"\t\t# WireGuard from anywhere: the tunnel authenticates its peers itself.\n"
+                  f"\t\tudp dport {wg_port} accept\n")
+        agent = (f"\t\t# The agent: only through the tunnel, only from the hub (the coordinator).\n"
+                 f'\t\tiifname "{interface}" {family} saddr {hub} tcp dport {agent_port} accept\n')
+    else:
+        tunnel = ""
+        agent = (f"\t\t# The agent: only from the coordinator's address (no overlay).\n"
+                 f"\t\t{family} saddr {hub} tcp dport {agent_port} accept\n")
     return f"""\
 # Managed by flctl: changes are overwritten by `flctl deploy`.
 # Loaded with `nft -f`: the whole file is one transaction. Only the table
@@ -266,11 +371,7 @@ table {NFT_FAMILY} {NFT_TABLE} {{
 \t\ttcp dport {ssh_port} accept
 \t\t# Packets of connections already admitted, and replies to this host's own.
 \t\tct state established,related accept
-\t\t# WireGuard from anywhere: the tunnel authenticates its peers itself.
-\t\tudp dport {wg_port} accept
-\t\t# The agent: only through the tunnel, only from the hub (the coordinator).
-\t\tiifname "{interface}" {family} saddr {hub} tcp dport {agent_port} accept
-\t\t# The agent port from anywhere else: dropped, and counted.
+{tunnel}{agent}\t\t# The agent port from anywhere else: dropped, and counted.
 \t\ttcp dport {agent_port} counter name "{NFT_DROP_COUNTER}" drop
 \t}}
 }}

@@ -337,7 +337,8 @@ _COMMENTS = {
     "agent.port": "TLS port of agents; local hosts use port + index",
     "agent.listen": "overlay | underlay (where agents bind; local hosts always 127.0.0.1)",
     "training.task": 'builtin name or "pkg.mod:Class"',
-    "training.task_params": "passed to the task constructor",
+    "training.task_params": "passed to the task constructor; the built-in tasks need "
+                            "n_features and n_classes (the model's shape is yours to set)",
     "training.strategy": "aggregation strategy",
     "training.strategy_params": "passed to the strategy constructor",
     "training.rounds": "federated rounds",

@@ -7,8 +7,13 @@ weights: the agent never needs to know the model, so users bring their own
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.machinery
+import importlib.util
+import inspect
 import numbers
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -190,18 +195,23 @@ class MLPTask(_SGDTask):
 BUILTIN_TASKS: dict[str, type] = {"logreg": LogRegTask, "mlp": MLPTask}
 
 
-def load_task(name: str, params: dict | None = None,
-              search_path: Sequence[Path] = ()) -> Task:
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+_CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def load_task(name: str, params: dict | None = None, tasks_dir: Path | None = None) -> Task:
     """Instantiate a built-in task by name, or a user's task given as "pkg.mod:Class".
 
-    `search_path` directories (where deploy put the user's code) are put in
-    front of sys.path only while importing, so they cannot shadow modules later.
+    A user's task is imported from `tasks_dir` (where deploy put the
+    workspace's tasks/) and from nowhere else (_tasks_package). What it
+    names must be a class with init, fit and evaluate before anything of it
+    is called.
     """
     params = dict(params or {})
     if name in BUILTIN_TASKS:
         cls = BUILTIN_TASKS[name]
     elif ":" in name:
-        cls = _import_class(name, search_path)
+        cls = _import_class(name, tasks_dir)
     else:
         raise TaskError(f"unknown task {name!r}: use one of {', '.join(sorted(BUILTIN_TASKS))} "
                         f"or 'module:Class'")
@@ -214,27 +224,39 @@ def load_task(name: str, params: dict | None = None,
     except Exception as exc:
         raise TaskError(f"task {name!r}: constructor failed: {type(exc).__name__}: {exc}") \
             from exc
-    missing = [m for m in REQUIRED_METHODS if not callable(getattr(task, m, None))]
-    if missing:
-        raise TaskError(f"task {name!r} lacks method(s) {', '.join(missing)}; a task needs "
-                        f"init(seed), fit(weights, data, config), evaluate(weights, data, config)")
     return task
 
 
-def _import_class(name: str, search_path: Sequence[Path]) -> type:
+def _tasks_package(folder: Path) -> str:
+    """A package whose only search path is `folder`: a user's task module is
+    imported as a submodule of it, so it can come from that folder and from
+    nowhere else, and never collides with (or replaces) a module of the same
+    name elsewhere, nor with another workspace's tasks in the same process."""
+    name = "flctl_tasks_" + hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    if name not in sys.modules:
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(folder)]
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[name] = package
+    return name
+
+
+def _import_class(name: str, tasks_dir: Path | None) -> type:
     module_name, _, class_name = name.partition(":")
-    if not module_name or not class_name:
-        raise TaskError(f"task {name!r}: expected 'module:Class'")
-    extra = [str(Path(p)) for p in search_path]
+    if not _MODULE_NAME.match(module_name) or not _CLASS_NAME.match(class_name):
+        raise TaskError(f"task {name!r}: expected 'module:Class' (Python names)")
+    if tasks_dir is None:
+        raise TaskError(f"task {name!r}: no tasks folder is deployed here")
+    folder = Path(tasks_dir).resolve()
+    top = module_name.split(".")[0]
+    if importlib.machinery.PathFinder.find_spec(top, [str(folder)]) is None:
+        raise TaskError(f"task {name!r}: no module {top!r} in the tasks folder {folder}")
+    package = _tasks_package(folder)
     saved = list(sys.path)
-    sys.path[:0] = extra
+    sys.path.insert(0, str(folder))   # the task's own plain sibling imports resolve there
     try:
         importlib.invalidate_caches()  # deploy may have just written the module
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        where = f" (searched also: {', '.join(extra)})" if extra else ""
-        raise TaskError(f"task {name!r}: no module named {exc.name or module_name!r}{where}") \
-            from exc
+        module = importlib.import_module(f"{package}.{module_name}")
     except Exception as exc:
         raise TaskError(f"task {name!r}: importing {module_name!r} failed: "
                         f"{type(exc).__name__}: {exc}") from exc
@@ -243,6 +265,10 @@ def _import_class(name: str, search_path: Sequence[Path]) -> type:
     cls = getattr(module, class_name, None)
     if cls is None:
         raise TaskError(f"task {name!r}: module {module_name!r} has no {class_name!r}")
-    if not callable(cls):
+    if not inspect.isclass(cls):
         raise TaskError(f"task {name!r}: {class_name!r} is not a class")
+    missing = [m for m in REQUIRED_METHODS if not callable(getattr(cls, m, None))]
+    if missing:
+        raise TaskError(f"task {name!r} lacks method(s) {', '.join(missing)}; a task needs "
+                        f"init(seed), fit(weights, data, config), evaluate(weights, data, config)")
     return cls

@@ -19,7 +19,7 @@ from flctl.core.inventory import Host
 from flctl.core.wheellock import WheelLock, merged
 from flctl.deploy.bundle import Bundle, host_target, install_script, prepare_bundle
 from flctl.deploy.connector import Connector
-from flctl.deploy.hostcmd import StepFailed
+from flctl.deploy.remote import StepFailed
 
 INSTALL_DIR = "/opt/flctl"
 WHEEL_DIR = f"{INSTALL_DIR}/wheels"

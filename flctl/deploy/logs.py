@@ -7,7 +7,7 @@ from typing import Callable
 
 from flctl.core.inventory import Host
 from flctl.core.layout import host_paths
-from flctl.deploy.hostcmd import ConnectOptions, connect
+from flctl.deploy.remote import ConnectOptions, connect
 
 
 def agent_log(host: Host, workspace_state: str, options: ConnectOptions, *, lines: int,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from flctl.core.fsutil import atomic_write, write_secret
 from flctl.core.renderers import WgPeer, interface_name, render_wg_config
-from flctl.deploy.hostcmd import StepFailed, hostctl
 from flctl.deploy.local import LocalConnector
+from flctl.deploy.remote import StepFailed, call_helper
 from flctl.errors import FlctlError
 from flctl.workspace import Workspace
 
@@ -75,7 +75,7 @@ class Hub:
         with self._lock:
             if self._public_key is None:
                 self.paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-                answer = hostctl(LocalConnector("hub"), "wg-key", "--dir", str(self.paths.root))
+                answer = call_helper(LocalConnector("hub"), "wg-key", "--dir", str(self.paths.root))
                 self._public_key = str(answer["public_key"])
             return self._public_key
 
@@ -146,15 +146,15 @@ class Hub:
             atomic_write(self.config_path, text, 0o600)
             raise HubNotRoot(
                 f"the hub interface {self.interface} needs root: run `sudo {sys.executable} -m "
-                f"flctl.agent.hostctl wg-up --config {self.config_path}`, then deploy again")
+                f"flctl.agent.host_helper wg-up --config {self.config_path}`, then deploy again")
         atomic_write(self.config_path, text, 0o600)
-        answer = hostctl(LocalConnector("hub"), "wg-up", "--config", str(self.config_path))
+        answer = call_helper(LocalConnector("hub"), "wg-up", "--config", str(self.config_path))
         return str(answer.get("result", "updated"))
 
     def remove(self) -> str:
         if not self.config_path.exists():
             return "unchanged"
-        hostctl(LocalConnector("hub"), "wg-down", "--config", str(self.config_path))
+        call_helper(LocalConnector("hub"), "wg-down", "--config", str(self.config_path))
         self.config_path.unlink(missing_ok=True)
         return "removed"
 
@@ -162,7 +162,7 @@ class Hub:
         """Per host: seconds since the latest handshake (-1: never) and bytes."""
         if not Path(f"/sys/class/net/{self.interface}").exists():
             return {}
-        answer = hostctl(LocalConnector("hub"), "wg-show", "--interface", self.interface)
+        answer = call_helper(LocalConnector("hub"), "wg-show", "--interface", self.interface)
         by_key = {p["public_key"]: name for name, p in self.known_peers().items()}
         out: dict[str, dict[str, int]] = {}
         for peer in answer.get("peers", []):

@@ -1,4 +1,8 @@
-"""Per-host health for `flctl status`: host facts plus the agent's own answer."""
+"""Per-host health for `flctl status`: host facts plus the agent's own answer.
+
+Both answers are schema-checked before a row is built from them: a host
+that answers nonsense gets a row saying so, the others are unaffected.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,29 @@ from typing import Any, Callable
 
 from flctl.core.inventory import Host
 from flctl.core.layout import Endpoint, agent_endpoint, host_paths
+from flctl.core.messages import INFO_SPEC
+from flctl.core.schema import Field, Maybe, SchemaError, check, count
 from flctl.deploy.connector import HostUnreachable
 from flctl.deploy.engine import connect_options
-from flctl.deploy.hostcmd import ConnectOptions, connect, hostctl
 from flctl.deploy.install import VENV_PYTHON, installed
 from flctl.deploy.overlay import Hub
+from flctl.deploy.remote import ConnectOptions, call_helper, connect
 from flctl.errors import FlctlError
 from flctl.workspace import Workspace
 
 AgentInfoFn = Callable[[Endpoint], dict[str, Any]]
+STATUS_SPEC = {
+    "service": str,
+    "service_pid": Maybe(count()),
+    "agent_pid": Maybe(count()),
+    "agent_uptime_s": Maybe(Field(float, 0)),
+    "load": [Field(float, 0)],
+    "mem_total_bytes": Maybe(count()),
+    "mem_available_bytes": Maybe(count()),
+    "disk_free_bytes": Maybe(count()),
+    "gpus": [str],
+    "interfaces": [str],
+}
 
 
 def host_status(workspace: Workspace, host: Host, index: int, agent_info: AgentInfoFn,
@@ -37,8 +55,9 @@ def host_status(workspace: Workspace, host: Host, index: int, agent_info: AgentI
         row["error"] = exc.message
         return row
     try:
-        facts = hostctl(connector, "status", "--root",
-                        str(host_paths(host, str(workspace.paths.state)).root), timeout=30)
+        facts = call_helper(connector, "status", "--root",
+                            str(host_paths(host, str(workspace.paths.state)).root), timeout=30,
+                            spec=STATUS_SPEC)
         row["reachable"] = True
         row.update({k: facts.get(k) for k in (
             "service", "service_pid", "agent_pid", "agent_uptime_s", "load", "mem_total_bytes",
@@ -52,7 +71,11 @@ def host_status(workspace: Workspace, host: Host, index: int, agent_info: AgentI
         row["agent"] = "not deployed" if row.get("agent_pid") is None else "unsupervised"
         return row
     try:
-        info = agent_info(endpoint)
+        info = check(agent_info(endpoint), INFO_SPEC, "info")
+    except SchemaError as exc:
+        row["agent"] = "bad answer"
+        row["error"] = exc.message
+        return row
     except FlctlError as exc:
         row["agent"] = "not answering"
         row["error"] = exc.message

@@ -23,8 +23,11 @@ from flctl.net.tls import client_context
 
 @dataclass(frozen=True)
 class FitReply:
+    """A fit's reply as the host sent it: counts and metrics are the host's
+    claims (Any), for the coordinator to check (flctl.coordinator.replies)."""
+
     weights: list[np.ndarray]
-    num_examples: int
+    num_examples: Any
     metrics: dict[str, Any]
     compute_s: float
     encoding: dict[str, Any] | None = None  # set when `weights` are an encoded delta
@@ -32,14 +35,29 @@ class FitReply:
 
 @dataclass(frozen=True)
 class EvalReply:
-    loss: float
-    num_examples: int
+    loss: Any
+    num_examples: Any
     metrics: dict[str, Any]
     compute_s: float
 
 
-def coordinator_context(ca_cert: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    return client_context(ca_cert, cert, key)
+def _seconds(meta: dict[str, Any]) -> float:
+    """A host's reported compute time, shown and summed but never trusted: junk is 0."""
+    value = meta.get("compute_s")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value < 1e9:
+        return 0.0
+    return float(value)
+
+
+def _metrics(meta: dict[str, Any]) -> dict[str, Any]:
+    metrics = meta.get("metrics")
+    return dict(metrics) if isinstance(metrics, dict) else {}
+
+
+def coordinator_context(ca_cert: Path, cert: Path, key: Path,
+                        crl: Path | None = None) -> ssl.SSLContext:
+    return client_context(ca_cert, cert, key, crl)
 
 
 class AgentClient:
@@ -74,17 +92,16 @@ class AgentClient:
                                   "config": dict(config)}, list(weights))
         reply = self._client.request(request, allocate, heartbeat_s=heartbeat_s)
         encoding = reply.meta.get("encoding")
-        return FitReply(reply.arrays, int(reply.meta["num_examples"]),
-                        dict(reply.meta.get("metrics", {})), float(reply.meta.get("compute_s", 0)),
-                        encoding if isinstance(encoding, dict) else None)
+        return FitReply(reply.arrays, reply.meta.get("num_examples"), _metrics(reply.meta),
+                        _seconds(reply.meta), encoding if isinstance(encoding, dict) else None)
 
     def evaluate(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
                  config: dict[str, Any], heartbeat_s: float | None = None) -> EvalReply:
         request = Message("evaluate", {"task": task, "task_params": dict(task_params),
                                        "config": dict(config)}, list(weights))
         reply = self._client.request(request, heartbeat_s=heartbeat_s)
-        return EvalReply(float(reply.meta["loss"]), int(reply.meta["num_examples"]),
-                         dict(reply.meta.get("metrics", {})), float(reply.meta.get("compute_s", 0)))
+        return EvalReply(reply.meta.get("loss"), reply.meta.get("num_examples"),
+                         _metrics(reply.meta), _seconds(reply.meta))
 
     def secagg_step(self, kind: str, meta: dict[str, Any]) -> dict[str, Any]:
         """One key-exchange step of a secure-aggregation round (advertise, share, unmask)."""
@@ -99,8 +116,8 @@ class AgentClient:
                                          "config": dict(config), "round_id": round_id,
                                          "shares": shares}, list(weights))
         reply = self._client.request(request, allocate, heartbeat_s=heartbeat_s)
-        return FitReply(reply.arrays, int(reply.meta["num_examples"]),
-                        dict(reply.meta.get("metrics", {})), float(reply.meta.get("compute_s", 0)))
+        return FitReply(reply.arrays, reply.meta.get("num_examples"), _metrics(reply.meta),
+                        _seconds(reply.meta))
 
     def abort(self) -> None:
         """Cut the connection from another thread (a blocked recv wakes up)."""

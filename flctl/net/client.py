@@ -138,8 +138,8 @@ class FrameClient:
             self._sock.settimeout(self.timeout)
         self._fresh = False
         if reply.kind == "error":
-            if reply.meta.get("protocol_error"):
-                self.close()  # the server hangs up after a protocol error
+            if reply.meta.get("protocol_error") or reply.meta.get("unauthorized"):
+                self.close()  # the server hangs up after either
             raise RemoteError(str(reply.meta.get("error", "unknown remote error")), reply.meta)
         return reply
 

@@ -8,6 +8,7 @@ caller-provided) numpy buffers. Lengths are validated before any allocation.
 from __future__ import annotations
 
 import socket
+import time
 from typing import Callable
 
 import numpy as np
@@ -53,11 +54,16 @@ def send_message(sock: socket.socket, msg: Message) -> int:
     return total
 
 
-def _recv_exact(sock: socket.socket, view: memoryview, *, frame_started: bool) -> None:
-    """Fill view completely, raising ConnectionClosed on EOF."""
+def _recv_exact(sock: socket.socket, view: memoryview, *, frame_started: bool,
+                deadline: float | None = None) -> None:
+    """Fill view completely, raising ConnectionClosed on EOF and ProtocolError
+    when `deadline` (time.monotonic) passes first."""
     got = 0
     size = view.nbytes
     while got < size:
+        if deadline is not None and time.monotonic() > deadline:
+            raise ProtocolError("the frame's body arrived too slowly (below the receiver's "
+                                "minimum rate); giving up on it")
         n = sock.recv_into(view[got:got + RECV_CHUNK] if size - got > RECV_CHUNK else view[got:])
         if n == 0:
             clean = not frame_started and got == 0
@@ -97,7 +103,10 @@ def recv_message(sock: socket.socket, limits: Limits = DEFAULT_LIMITS,
     # A frame without arrays (a heartbeat, an error) costs the caller no buffer.
     arrays = (allocate or default_allocate)(specs) if specs else []
     _check_allocated(arrays, specs)
+    deadline = (time.monotonic() + limits.body_grace_s + body_len / limits.min_body_rate
+                if limits.min_body_rate > 0 and arrays else None)
     for arr in arrays:
         if arr.nbytes:
-            _recv_exact(sock, memoryview(arr.reshape(-1).view(np.uint8)), frame_started=True)
+            _recv_exact(sock, memoryview(arr.reshape(-1).view(np.uint8)), frame_started=True,
+                        deadline=deadline)
     return Message(kind=kind, meta=meta, arrays=list(arrays)), PRELUDE_SIZE + header_len + body_len

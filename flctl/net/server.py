@@ -19,7 +19,7 @@ from typing import Callable
 from flctl.core.messages import DEFAULT_LIMITS, HEARTBEAT_KIND, Limits, Message
 from flctl.errors import FlctlError, ProtocolError
 from flctl.net.framing import Allocator, ConnectionClosed, recv_message, send_message
-from flctl.net.tls import peer_common_name
+from flctl.net.tls import peer_certificate, peer_common_name
 
 _ACCEPT_POLL_SECONDS = 0.2
 _ERROR_REPLY_TIMEOUT = 2.0
@@ -30,13 +30,17 @@ HEARTBEAT_RANGE = (0.05, 600.0)
 
 @dataclass(frozen=True)
 class PeerInfo:
-    """Who sent a request: the TCP address and the CN of its verified certificate."""
+    """Who sent a request: the TCP address and its verified certificate (CN, DER)."""
 
     address: tuple[str, int]
     common_name: str | None
+    certificate: bytes | None = None
 
 
 Handler = Callable[[Message, PeerInfo], Message]
+# Decides, once per connection after the handshake, whether this peer may send
+# requests at all: None to serve it, else the reason it is refused.
+Authorizer = Callable[[PeerInfo], "str | None"]
 
 
 def error_reply(text: str, **extra: object) -> Message:
@@ -57,7 +61,8 @@ class FrameServer:
                  limits: Limits = DEFAULT_LIMITS, handshake_timeout: float = 10.0,
                  idle_timeout: float | None = None,
                  logger: logging.Logger | None = None,
-                 allocate: Allocator | None = None, max_connections: int = 256) -> None:
+                 allocate: Allocator | None = None, max_connections: int = 256,
+                 authorize: Authorizer | None = None) -> None:
         self.host = host
         self.port = port
         self.context = context
@@ -67,6 +72,7 @@ class FrameServer:
         self.idle_timeout = idle_timeout
         self.allocate = allocate
         self.max_connections = max_connections
+        self.authorize = authorize
         self.log = logger or logging.getLogger("flctl.net.server")
 
         self.connections_total = 0
@@ -74,6 +80,7 @@ class FrameServer:
         self.handshake_failures_total = 0
         self.requests_total = 0
         self.refused_total = 0  # over max_connections
+        self.unauthorized_total = 0  # verified peers whose role may not send requests
 
         self._listener: socket.socket | None = None
         self._bound: tuple[str, int] | None = None
@@ -206,8 +213,17 @@ class FrameServer:
                     self.log.warning("TLS handshake with %s:%d failed: %s", *address, exc)
                 return
             tls.settimeout(self.idle_timeout)
-            peer = PeerInfo(address=address, common_name=peer_common_name(tls))
+            peer = PeerInfo(address=address, common_name=peer_common_name(tls),
+                            certificate=peer_certificate(tls))
             self.log.debug("peer %s (%s) connected", address, peer.common_name)
+            refusal = self.authorize(peer) if self.authorize is not None else None
+            if refusal is not None:
+                with self._lock:
+                    self.unauthorized_total += 1
+                self.log.warning("refused %s:%d (certificate %r): %s", *address,
+                                 peer.common_name, refusal)
+                self._try_send(tls, error_reply(f"refused: {refusal}", unauthorized=True))
+                return
             self._request_loop(tls, peer)
         except Exception:  # never let one connection's bug take the thread noisily
             self.log.exception("unexpected error on connection from %s:%d", *address)

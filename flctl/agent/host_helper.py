@@ -1,47 +1,53 @@
-"""Host-side half of deploy: small commands run *on* the host.
+"""The host helper: deploy's commands that run *on* the host (as root there).
 
 Deploy reaches a host only through a connector (run a command, put a file,
 get a file). Everything that must happen on the host itself (making the
-private key so it never travels, starting the supervisor detached, reading
-/proc) is one subcommand here, printing one JSON document. The same code
-serves local hosts and SSH hosts.
+private key so it never travels, creating the agent's user, starting the
+supervisor detached, the tunnel and the firewall, reading /proc) is one
+subcommand here, printing one JSON document. The same code serves local
+hosts and SSH hosts. It is the only part of flctl that keeps root on a
+host; the agent it starts does not.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from flctl import __version__
-from flctl.agent.services import init_system, listening_ports, read_text, service_for
-from flctl.core.facts import parse_loadavg, parse_meminfo, parse_os_release, process_uptime_s
-from flctl.core.fsutil import write_secret
+from flctl.agent.launcher import (
+    ensure_user,
+    init_system,
+    listening_ports,
+    read_config,
+    read_text,
+    service_for,
+    user_ids,
+)
+from flctl.agent.proc import owned_processes, proc_stat
+from flctl.core.facts import parse_loadavg, parse_meminfo, parse_os_release
+from flctl.core.fsutil import file_sha256_or_none, write_secret
 from flctl.errors import FlctlError
 
-
-def _sha256(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
+HELPER_MODULE = "flctl.agent.host_helper"
+USER_GONE_WAIT_S = 15.0
 
 
 def _uptime(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    stat = read_text(Path(f"/proc/{pid}/stat"))
+    stat = proc_stat(pid) if pid is not None else None
     uptime = read_text(Path("/proc/uptime"))
     if stat is None or uptime is None:
         return None
-    return round(process_uptime_s(stat, float(uptime.split()[0]), os.sysconf("SC_CLK_TCK")), 1)
+    seconds = float(uptime.split()[0]) - stat.start_ticks / os.sysconf("SC_CLK_TCK")
+    return round(max(0.0, seconds), 1)
 
 
 def _privilege() -> str:
@@ -52,6 +58,16 @@ def _privilege() -> str:
         if probe.returncode == 0:
             return "sudo"
     return "none"
+
+
+def _user_exists(name: str | None) -> bool | None:
+    if not name:
+        return None
+    try:
+        user_ids(name)
+        return True
+    except FlctlError:
+        return False
 
 
 def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,21 +86,24 @@ def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
         "listening_ports": sorted(listening_ports()),
         "key_exists": (root / "agent.key").exists(),
         "files": {
-            name: _sha256(root / name)
-            for name in ("agent.crt", "ca.crt", "agent.json", "firewall.nft")
+            name: file_sha256_or_none(root / name)
+            for name in ("agent.crt", "ca.crt", "ca.crl", "agent.json", "firewall.nft")
         },
-        "wg_files": {p.name: _sha256(p) for p in sorted((root / "wg").glob("*"))
+        "wg_files": {p.name: file_sha256_or_none(p) for p in sorted((root / "wg").glob("*"))
                      if p.is_file()},
+        "agent_user": args.user,
+        "agent_user_exists": _user_exists(args.user),
+        "boot_current": service.boot_current() if (root / "agent.json").exists() else False,
         "net_interfaces": sorted(os.listdir("/sys/class/net")),
         "firewall": _firewall_state(root / "firewall"),
         "cert_pem": read_text(root / "agent.crt"),
-        "tasks": {str(p.relative_to(root / "tasks")): _sha256(p)
+        "tasks": {str(p.relative_to(root / "tasks")): file_sha256_or_none(p)
                   for p in sorted((root / "tasks").rglob("*.py"))
                   if "__pycache__" not in p.parts},
         "service": service.kind,
         "service_pid": service.pid(),
         "agent_pid": service.agent_pid(),
-        "data": _data_summary(args.data) if args.data else None,
+        "data": _data_summary_as(args.data, args.user) if args.data else None,
     }
 
 
@@ -102,6 +121,32 @@ def _firewall_state(state_dir: Path) -> dict[str, Any] | None:
             "armed": state.get("armed")}
 
 
+def _data_summary_as(path: str, user: str | None) -> dict[str, Any]:
+    """The data summary as the agent's user sees it: the agent does not run as
+    root, so a file only root can read must fail here, at deploy, not at round 1."""
+    if not user or os.geteuid() != 0 or not _user_exists(user):
+        return _data_summary(path)
+    uid, gid = user_ids(user)
+    done = subprocess.run([sys.executable, "-m", HELPER_MODULE, "data-summary", "--data", path],
+                          capture_output=True, text=True, timeout=300, cwd="/",
+                          user=uid, group=gid, extra_groups=[])
+    try:
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {"path": path, "error": f"checking the data as user {user} failed: "
+                                       f"{(done.stderr.strip().splitlines() or ['?'])[-1]}"}
+    if isinstance(answer, dict) and isinstance(answer.get("data_error"), str):
+        return {"path": path, "error": f"as user {user}: {answer['data_error']}"}
+    return answer
+
+
+def cmd_data_summary(args: argparse.Namespace) -> dict[str, Any]:
+    summary = _data_summary(args.data)
+    if "error" in summary:   # an answer, not a failure: the caller reports it
+        return {"path": args.data, "data_error": summary["error"]}
+    return summary
+
+
 def _data_summary(path: str) -> dict[str, Any]:
     """Whether the host's data loads, and its size (one call with the facts:
     each host-side Python start costs ~0.1-0.3 s)."""
@@ -116,22 +161,82 @@ def _data_summary(path: str) -> dict[str, Any]:
 
 
 def cmd_csr(args: argparse.Namespace) -> dict[str, Any]:
-    """Make the agent key here (if missing) and return only a CSR."""
+    """Make the agent key here (if missing, or anew with --new-key) and return
+    only a CSR. With --owner the key belongs to the agent's user (0600)."""
     from flctl.core import pki  # cryptography costs ~0.1 s to import; only this needs it
 
     root = Path(args.root)
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    root.mkdir(parents=True, exist_ok=True, mode=0o755)
     key_path = root / "agent.key"
     created = False
-    if not key_path.exists():
+    if args.new_key or not key_path.exists():
         old_umask = os.umask(0o077)
         try:
             write_secret(key_path, pki.make_private_key())
         finally:
             os.umask(old_umask)
         created = True
+    if args.owner and os.geteuid() == 0:
+        uid, gid = user_ids(args.owner)
+        os.chown(key_path, uid, gid)
+        os.chmod(key_path, 0o600)
     csr = pki.make_csr(key_path.read_bytes(), args.cn, args.dns or (), args.ip or ())
     return {"csr_pem": csr.decode(), "key_created": created}
+
+
+def cmd_ensure_user(args: argparse.Namespace) -> dict[str, Any]:
+    changed = ensure_user(args.name)
+    uid, gid = user_ids(args.name)
+    return {"changed": changed, "user": args.name, "uid": uid, "gid": gid}
+
+
+def cmd_remove_user(args: argparse.Namespace) -> dict[str, Any]:
+    """Remove the agent's user once no deployment under the state root is left."""
+    if not _user_exists(args.name):
+        return {"changed": False}
+    state_root = Path(args.unless_used_under)
+    if state_root.is_dir() and any(state_root.iterdir()):
+        return {"changed": False, "kept": "other deployments still use it"}
+    uid = user_ids(args.name)[0]
+    # The agent was just stopped: wait until none of its processes (a zombie not yet
+    # reaped included) is left in this host's network namespace, then remove the user
+    # even if userdel sees processes of the same uid elsewhere (a shared PID
+    # namespace, as in the lab, shows other hosts' agents too).
+    deadline = time.monotonic() + USER_GONE_WAIT_S
+    while owned_processes(uid, same_netns=True) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    userdel = shutil.which("userdel") or "/usr/sbin/userdel"
+    done = subprocess.run([userdel, "--force", args.name], capture_output=True, text=True,
+                          timeout=60)
+    if done.returncode != 0:
+        raise FlctlError(f"userdel {args.name}: {done.stderr.strip() or 'failed'}")
+    return {"changed": True}
+
+
+def cmd_install_boot(args: argparse.Namespace) -> dict[str, Any]:
+    service = service_for(Path(args.root))
+    return {"result": service.install_boot(), "service": service.kind}
+
+
+def cmd_boot(args: argparse.Namespace) -> dict[str, Any]:
+    """What a host runs at boot (cron @reboot where there is no systemd): the
+    firewall table, then the tunnel, then the agent; each step idempotent."""
+    from flctl.agent.firewall import load_table
+    from flctl.agent.tunnel import tunnel_up
+
+    root = Path(args.root)
+    config = read_config(root)
+    if config is None:
+        raise FlctlError(f"{root / 'agent.json'} is missing: nothing deployed here")
+    done: dict[str, Any] = {}
+    if (root / "firewall.nft").exists():
+        load_table(root / "firewall.nft")
+        done["firewall"] = "loaded"
+    for tunnel in sorted((root / "wg").glob("*.conf")):
+        done["tunnel"] = tunnel_up(tunnel)
+    service = service_for(root)
+    done["agent"] = "started" if service.start(config.port, args.timeout) else "running"
+    return done
 
 
 def cmd_start(args: argparse.Namespace) -> dict[str, Any]:
@@ -240,6 +345,13 @@ def cmd_fw_apply(args: argparse.Namespace) -> dict[str, Any]:
     return apply_with_rollback(Path(args.ruleset), Path(args.state), args.timeout)
 
 
+def cmd_fw_arm(args: argparse.Namespace) -> dict[str, Any]:
+    """Arm the rollback before the tunnel changes (a new interface is undone too)."""
+    from flctl.agent.firewall import arm
+
+    return {"armed": arm(Path(args.state), args.timeout, args.new_interface)}
+
+
 def cmd_fw_confirm(args: argparse.Namespace) -> dict[str, Any]:
     from flctl.agent.firewall import confirm, status
 
@@ -283,6 +395,9 @@ def _add_network_commands(sub: Any) -> None:
     add("wg-show", cmd_wg_show, "--interface")
     add("fw-apply", cmd_fw_apply, "--ruleset", "--state").add_argument(
         "--timeout", type=float, required=True, help="seconds until the rollback fires")
+    fw_arm = add("fw-arm", cmd_fw_arm, "--state")
+    fw_arm.add_argument("--timeout", type=float, required=True)
+    fw_arm.add_argument("--new-interface", help="delete this interface on rollback if new")
     add("fw-confirm", cmd_fw_confirm, "--state")
     add("fw-rollback", cmd_fw_rollback, "--state")
     add("fw-remove", cmd_fw_remove).add_argument("--state")
@@ -290,7 +405,7 @@ def _add_network_commands(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flctl-hostctl")
+    parser = argparse.ArgumentParser(prog="flctl-host-helper")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Any, *, port: bool = False) -> argparse.ArgumentParser:
@@ -302,17 +417,33 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--port", type=int, required=True)
         return p
 
-    add("facts", cmd_facts).add_argument("--data", help="also check this data file loads")
+    facts = add("facts", cmd_facts)
+    facts.add_argument("--data", help="also check this data file loads")
+    facts.add_argument("--user", help="the agent's user: report it, and read the data as it")
     csr = add("csr", cmd_csr)
     csr.add_argument("--cn", required=True)
     csr.add_argument("--dns", action="append")
     csr.add_argument("--ip", action="append")
+    csr.add_argument("--owner", help="the agent's user, who owns the key")
+    csr.add_argument("--new-key", action="store_true", help="replace the key")
+    add("install-boot", cmd_install_boot)
+    add("boot", cmd_boot)
     add("start", cmd_start, port=True)
     add("restart", cmd_restart, port=True)
     add("stop", cmd_stop)
     add("remove", cmd_remove)
     add("status", cmd_status)
     add("logs", cmd_logs).add_argument("--lines", type=int, default=100)
+    user = sub.add_parser("ensure-user")
+    user.set_defaults(func=cmd_ensure_user)
+    user.add_argument("--name", required=True)
+    unuser = sub.add_parser("remove-user")
+    unuser.set_defaults(func=cmd_remove_user)
+    unuser.add_argument("--name", required=True)
+    unuser.add_argument("--unless-used-under", required=True)
+    summary = sub.add_parser("data-summary")
+    summary.set_defaults(func=cmd_data_summary)
+    summary.add_argument("--data", required=True)
     _add_network_commands(sub)
     return parser
 

@@ -1,10 +1,12 @@
 """What an agent does with each request.
 
-The agent is deliberately stateless about training: the coordinator sends
-the task spec, the global weights and the round config with every fit, so
-changing training settings never needs a redeploy. The only state kept is
-what `status` reports (last round served), persisted so it survives a
-restart by the supervisor.
+The agent is stateless about training: the coordinator sends the task's
+parameters, the global weights and the round config with every fit, so
+changing training settings never needs a redeploy. Which task runs is not
+the wire's to say: it is fixed in the agent config at deploy, and a request
+naming another task is refused. The only state kept is what `status`
+reports (last round served), persisted so it survives a restart by the
+supervisor.
 """
 
 from __future__ import annotations
@@ -27,19 +29,20 @@ from flctl.core.data import Dataset, load_dataset
 from flctl.core.fsutil import atomic_write
 from flctl.core.messages import PROTOCOL_VERSION, Message
 from flctl.core.tasks import Task, load_task
+from flctl.core.text import clean_text
 from flctl.core.uplink import UplinkSpec, host_rng, local_delta, pack_update
 from flctl.errors import FlctlError
 
 log = logging.getLogger("flctl.agent")
 
-TaskKey = tuple[str, str]
+TaskKey = str  # the task's params, as canonical JSON
 # What a fit sends back: the arrays, and the encoding header when they are an encoded delta.
 SentUpdate = tuple[list[np.ndarray], dict[str, Any] | None]
 Sender = Callable[[UplinkSpec, dict[str, Any], list[np.ndarray], list[np.ndarray], int,
                    dict[str, Any]], SentUpdate]
 
 
-class AgentService:
+class RequestHandler:
     """Turns protocol messages into task calls on the host's local data."""
 
     def __init__(self, config: AgentConfig, clock: Callable[[], float] = time.time) -> None:
@@ -111,6 +114,7 @@ class AgentService:
         return {
             "name": self.config.name,
             "project": self.config.project,
+            "task": self.config.task,
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
             "pid": os.getpid(),
@@ -131,12 +135,19 @@ class AgentService:
         return self.data
 
     def _task(self, meta: dict[str, Any]) -> Task:
-        name = str(meta.get("task", "logreg"))
+        deployed = self.config.task
+        if meta.get("task") != deployed:
+            raise FlctlError(f"task {clean_text(meta.get('task'))!r} is not deployed on this "
+                             f"host (it runs {deployed!r}): set training.task and run "
+                             f"`flctl deploy`")
         params = meta.get("task_params") or {}
-        key = (name, json.dumps(params, sort_keys=True))
+        if not isinstance(params, dict):
+            raise FlctlError("task_params must be an object")
+        key = json.dumps(params, sort_keys=True)
         task = self._tasks.get(key)
         if task is None:
-            task = load_task(name, params, search_path=[Path(p) for p in self.config.task_path])
+            tasks_dir = Path(self.config.tasks_dir) if self.config.tasks_dir else None
+            task = load_task(deployed, params, tasks_dir)
             self._tasks[key] = task
         return task
 

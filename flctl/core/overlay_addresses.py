@@ -1,0 +1,65 @@
+"""Overlay addresses: which WireGuard address each host gets.
+
+An explicit `overlay_ip`, or one derived from a hash of the host's name, so
+that adding or removing other hosts does not renumber it (renumbering would
+force new certificates, a WireGuard change and an agent restart on every
+host). A collision is resolved by probing past taken addresses; addresses
+the hosts had at the last deploy are honoured first, so a host that is
+already deployed never moves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Collection, Mapping
+
+from flctl.errors import ConfigError
+
+
+def overlay_capacity(subnet: ipaddress.IPv4Network) -> int:
+    """Host addresses left once network, broadcast and hub are set aside."""
+    return max(subnet.num_addresses - 3, 0)
+
+
+def assign_overlay_addresses(names: Collection[str], subnet: ipaddress.IPv4Network,
+                             taken: Collection[ipaddress.IPv4Address] = (),
+                             previous: Mapping[str, ipaddress.IPv4Address] | None = None,
+                             ) -> dict[str, ipaddress.IPv4Address]:
+    """Give each name an address derived from its hash, probing past used ones.
+
+    A name's first choice depends on the name alone, and names are placed in
+    sorted order, so file order never matters and a host only moves if a
+    newly added name collides with its slot and sorts before it. Addresses
+    in `previous` are honoured first (when free and inside the subnet), so a
+    caller that remembers past assignments never sees a host move.
+    """
+    first = int(subnet.network_address) + 2      # skip network address and hub
+    size = overlay_capacity(subnet)
+    used = {int(a) for a in taken}
+    result: dict[str, ipaddress.IPv4Address] = {}
+    pending = sorted(set(names))
+    if previous:
+        for name in pending:
+            old = previous.get(name)
+            if old is not None and first <= int(old) < first + size and int(old) not in used:
+                result[name] = ipaddress.IPv4Address(int(old))
+                used.add(int(old))
+        pending = [n for n in pending if n not in result]
+    for name in pending:
+        slot = overlay_home_slot(name, size)
+        for step in range(size):
+            candidate = first + (slot + step) % size
+            if candidate not in used:
+                used.add(candidate)
+                result[name] = ipaddress.IPv4Address(candidate)
+                break
+        else:
+            raise ConfigError(f"overlay subnet {subnet} is full: no address left for {name!r}")
+    return result
+
+
+def overlay_home_slot(name: str, size: int) -> int:
+    """The slot a name asks for first: a hash, so it ignores every other host."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % size if size > 0 else 0

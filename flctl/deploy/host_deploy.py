@@ -1,0 +1,324 @@
+"""One host's deploy: facts -> compare with the workspace -> change what differs.
+
+Each step compares what the host has (facts gathered by one helper call,
+schema-checked: a host's answer is never trusted) with what the workspace
+wants, and acts only on a difference; that difference is what "changed"
+means, so a second deploy reports 0 changed and uploads nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from flctl.core.agentconfig import AgentConfig, render_agent_config
+from flctl.core.fsutil import sha256_hex
+from flctl.core.inventory import Host
+from flctl.core.layout import (
+    AGENT_USER,
+    Endpoint,
+    HostPaths,
+    agent_endpoint,
+    certificate_names,
+    host_paths,
+)
+from flctl.core.schema import Field, MapOf, Maybe, count
+from flctl.core.tasks import BUILTIN_TASKS
+from flctl.deploy.certificates import CertificateStore
+from flctl.deploy.connector import Connector
+from flctl.deploy.install import BundleCache, ensure_agent_software
+from flctl.deploy.network_steps import NetworkSteps
+from flctl.deploy.overlay import Hub
+from flctl.deploy.remote import ConnectOptions, StepFailed, call_helper, connect
+from flctl.deploy.results import HostResult, StepResult, run_guarded
+from flctl.workspace import Workspace
+
+ProgressFn = Callable[[str, str], None]
+VerifyFn = Callable[[Host, Endpoint], dict[str, Any]]
+ConfirmFn = Callable[[Host, ConnectOptions, str], None]
+
+FACTS_SPEC = {
+    "flctl_version": str,
+    "python": str,
+    "arch": str,
+    "init_system": str,
+    "disk_free_bytes": count(),
+    "listening_ports": [Field(int, 0, 65535)],
+    "key_exists": bool,
+    "files": MapOf(Maybe(str)),
+    "wg_files": MapOf(Maybe(str)),
+    "net_interfaces": [str],
+    "firewall": Maybe({"present": Maybe(bool), "as_applied": Maybe(bool),
+                       "armed": Maybe(count()), "error": Maybe(str)}),
+    "cert_pem": Maybe(str),
+    "tasks": MapOf(Maybe(str)),
+    "service": str,
+    "service_pid": Maybe(count()),
+    "agent_pid": Maybe(count()),
+    "agent_user_exists": Maybe(bool),
+    "boot_current": bool,
+    "data": Maybe({"path": Maybe(str), "n_train": Maybe(count()), "n_test": Maybe(count()),
+                   "n_features": Maybe(count()), "n_classes": Maybe(count()),
+                   "error": Maybe(str)}),
+}
+CSR_SPEC = {"csr_pem": str}
+
+
+@dataclass
+class DeployContext:
+    """Everything a host's deploy needs from the workspace, read once."""
+
+    workspace: Workspace
+    certificates: CertificateStore
+    crl: bytes
+    check: bool
+    verify: VerifyFn | None
+    options: ConnectOptions
+    bundles: BundleCache
+    task_files: dict[str, bytes]
+    hub: Hub
+    confirm_new_connection: ConfirmFn
+    rollback_after_s: float
+
+
+class HostDeploy:
+    """The steps for one host; each records whether it changed something."""
+
+    def __init__(self, ctx: DeployContext, host: Host, index: int, progress: ProgressFn) -> None:
+        self.ctx = ctx
+        self.host = host
+        self.endpoint = agent_endpoint(host, ctx.workspace.settings, index)
+        self.paths: HostPaths = host_paths(host, str(ctx.workspace.paths.state))
+        self.progress = progress
+        self.result = HostResult(host.name)
+        self.remote = host.connection == "ssh"
+        # deployed hosts run the agent as its own user; local ones as the operator
+        self.user = AGENT_USER if self.remote else None
+        self.network = NetworkSteps(self) if self.remote else None
+
+    @property
+    def wg_public_key(self) -> str | None:
+        return self.network.wg_public_key if self.network else None
+
+    def step(self, name: str, changed: bool, detail: str = "") -> None:
+        self.result.steps.append(StepResult(name, changed, detail))
+        self.progress(self.host.name, f"{name}: {'changed' if changed else 'ok'}")
+
+    def run(self) -> HostResult:
+        def action() -> None:
+            self.progress(self.host.name, "connecting")
+            connector = connect(self.host, self.ctx.options)
+            try:
+                self._apply(connector)
+            finally:
+                connector.close()
+
+        return run_guarded(self.result, action)
+
+    def _apply(self, connector: Connector) -> None:
+        if self.remote:
+            self.progress(self.host.name, "checking the host")
+            bootstrap = ensure_agent_software(connector, self.host, self.ctx.bundles,
+                                              check=self.ctx.check, step=self.step)
+            self.result.facts["host"] = bootstrap
+            if self.ctx.check and self.result.changed:
+                self.step("agent", True, "would configure and start after installing")
+                return
+            self._agent_user(connector, bootstrap)
+        self.progress(self.host.name, "gathering facts")
+        facts = self._facts(connector)
+        self._check_port(facts)
+        self._data(facts)
+        changed = self._certificate(connector, facts)
+        changed |= self._file(connector, "ca.crt", str(self.paths.ca_cert), self.ctx.certificates.ca_cert,
+                              facts["files"].get("ca.crt"))
+        changed |= self._file(connector, "revocation list", str(self.paths.crl), self.ctx.crl,
+                              facts["files"].get("ca.crl"))
+        changed |= self._task_code(connector, facts)
+        if self.network is not None:
+            self.network.apply(connector, facts)
+        config_text = render_agent_config(self._agent_config()).encode()
+        config_changed = self._file(connector, "agent config", str(self.paths.config),
+                                    config_text, facts["files"].get("agent.json"))
+        changed |= config_changed
+        if self.remote:
+            self._boot(connector, facts, config_changed or self.result.changed > 0)
+        self._service(connector, facts, changed)
+
+    def _facts(self, connector: Connector) -> dict[str, Any]:
+        args = ["facts", "--root", str(self.paths.root), "--data", self.host.data_path]
+        if self.user:
+            args += ["--user", self.user]
+        facts = call_helper(connector, *args, spec=FACTS_SPEC)
+        self.result.facts.update(facts)
+        return facts
+
+    def verify(self) -> None:
+        """After the hub is up: the agent answers over mutual TLS where the
+        coordinator will reach it."""
+        if self.ctx.check or self.ctx.verify is None or self.result.status not in ("ok", "changed"):
+            return
+
+        def action() -> None:
+            info = self.ctx.verify(self.host, self.endpoint)  # type: ignore[misc]
+            if not isinstance(info, dict) or info.get("name") != self.host.name:
+                name = info.get("name") if isinstance(info, dict) else None
+                raise StepFailed(f"verify: agent answered as {name!r}")
+            self.step("verify", False, f"agent {info.get('version')} answers on "
+                                       f"{self.endpoint.connect_address}:{self.endpoint.port}")
+
+        run_guarded(self.result, action)
+
+    # ------------------------------------------------------------ steps
+
+    def _agent_user(self, connector: Connector, bootstrap: dict[str, str]) -> None:
+        """The unprivileged user the agent runs as (made once, by the helper)."""
+        if bootstrap.get("agent_user") == "yes":
+            self.step("agent user", False, AGENT_USER)
+        elif self.ctx.check:
+            self.step("agent user", True, f"would create system user {AGENT_USER}")
+        else:
+            made = call_helper(connector, "ensure-user", "--name", AGENT_USER,
+                               spec={"changed": bool, "uid": count()})
+            self.step("agent user", made["changed"],
+                      f"created system user {AGENT_USER} (uid {made['uid']})" if made["changed"]
+                      else AGENT_USER)
+
+    def _data(self, facts: dict[str, Any]) -> None:
+        data = facts["data"]
+        if data is None or data.get("error"):
+            raise StepFailed(f"data: {(data or {}).get('error') or 'no answer'}")
+        if data.get("n_train") is None:
+            raise StepFailed("data: the host did not report its size")
+        training = self.ctx.workspace.settings.training
+        if training.task in BUILTIN_TASKS:
+            want = training.task_params
+            if want.get("n_features") is not None and data["n_features"] != want["n_features"]:
+                raise StepFailed(f"data: {data['n_features']} features per example; "
+                                 f"training.task_params.n_features is {want['n_features']}")
+            if want.get("n_classes") is not None and (data["n_classes"] or 0) > want["n_classes"]:
+                raise StepFailed(f"data: labels up to {data['n_classes'] - 1}; "
+                                 f"training.task_params.n_classes is {want['n_classes']}")
+        self.step("data", False, f"{data['n_train']} train / {data['n_test']} test examples")
+
+    def _check_port(self, facts: dict[str, Any]) -> None:
+        ours = facts.get("service_pid") is not None
+        if not ours and self.endpoint.port in facts.get("listening_ports", []):
+            raise StepFailed(f"port {self.endpoint.port} is already in use on the host "
+                             "(set agent.port in flctl.yaml or agent_port for this host)")
+
+    def _agent_config(self) -> AgentConfig:
+        settings = self.ctx.workspace.settings
+        tasks_dir = (self.ctx.workspace.paths.tasks if self.host.connection == "local"
+                     else self.paths.tasks)
+        return AgentConfig(
+            name=self.host.name,
+            project=settings.project,
+            bind_address=self.endpoint.bind_address,
+            port=self.endpoint.port,
+            ca_cert=str(self.paths.ca_cert),
+            cert=str(self.paths.cert),
+            key=str(self.paths.key),
+            crl=str(self.paths.crl),
+            data_path=self.host.data_path,
+            state_file=str(self.paths.state),
+            task=settings.training.task,
+            tasks_dir=str(tasks_dir),
+            user=self.user,
+            max_message_mb=settings.limits.max_message_mb,
+        )
+
+    def _certificate(self, connector: Connector, facts: dict[str, Any]) -> bool:
+        dns, ips = certificate_names(self.host, self.endpoint)
+        reissue = self.ctx.certificates.host_reissue(self.host.name, facts.get("cert_pem"),
+                                                     facts["key_exists"], dns, ips)
+        if reissue is None:
+            self.step("certificate", False)
+            return False
+        if self.ctx.check:
+            self.step("certificate", True, f"would issue ({reissue.reason})")
+            return True
+        args = ["csr", "--root", str(self.paths.root), "--cn", self.host.name]
+        for name in dns:
+            args += ["--dns", name]
+        for ip in ips:
+            args += ["--ip", ip]
+        if self.user:
+            args += ["--owner", self.user]
+        if reissue.new_key:
+            args.append("--new-key")
+        answer = call_helper(connector, *args, spec=CSR_SPEC)
+        cert = self.ctx.certificates.sign_host(self.host.name, answer["csr_pem"].encode(),
+                                               dns, ips)
+        connector.put(str(self.paths.cert), cert, 0o644)
+        key = ", new key" if reissue.new_key else ""
+        self.step("certificate", True, f"issued: {reissue.reason}{key}")
+        return True
+
+    def _file(self, connector: Connector, name: str, path: str, wanted: bytes,
+              current_sha: str | None) -> bool:
+        if current_sha == sha256_hex(wanted):
+            self.step(name, False)
+            return False
+        if not self.ctx.check:
+            connector.put(path, wanted, 0o644)
+        self.step(name, True, "would upload" if self.ctx.check else "uploaded")
+        return True
+
+    def _task_code(self, connector: Connector, facts: dict[str, Any]) -> bool:
+        """Ship the workspace's task modules to SSH hosts (local ones read them in place)."""
+        have: dict[str, Any] = facts.get("tasks") or {}
+        if self.host.connection == "local" or not (self.ctx.task_files or have):
+            return False
+        stale = {name: data for name, data in self.ctx.task_files.items()
+                 if have.get(name) != sha256_hex(data)}
+        extra = sorted(set(have) - set(self.ctx.task_files))
+        if not stale and not extra:
+            self.step("task code", False, f"{len(self.ctx.task_files)} files")
+            return False
+        if not self.ctx.check:
+            for name, data in stale.items():
+                connector.put(str(self.paths.tasks / name), data, 0o644)
+            for name in extra:
+                connector.run(["rm", "-f", "--", str(self.paths.tasks / name)])
+        verb = "would upload" if self.ctx.check else "uploaded"
+        self.step("task code", True, f"{verb} {len(stale)}, removed {len(extra)}")
+        return True
+
+    def _boot(self, connector: Connector, facts: dict[str, Any], maybe_stale: bool) -> None:
+        """What brings tunnel, table and agent back, in that order, after a reboot."""
+        if facts["boot_current"] and (not maybe_stale or self.ctx.check):
+            self.step("boot", False)
+            return
+        if self.ctx.check:
+            self.step("boot", True, "would install the boot units")
+            return
+        answer = call_helper(connector, "install-boot", "--root", str(self.paths.root),
+                             spec={"result": str, "service": str})
+        how = "systemd units" if answer["service"] == "systemd" else "cron @reboot"
+        if answer["result"] == "none":
+            self.step("boot", False, "no systemd and no cron: after a reboot, deploy again")
+        else:
+            self.step("boot", answer["result"] == "changed", how)
+
+    def _service(self, connector: Connector, facts: dict[str, Any], inputs_changed: bool) -> None:
+        running = facts.get("service_pid") is not None
+        if running and not inputs_changed:
+            self.step("agent", False, f"running (pid {facts['service_pid']})")
+            return
+        action = "restart" if running else "start"
+        if self.ctx.check:
+            self.step("agent", True, f"would {action}")
+            return
+        call_helper(connector, action, "--root", str(self.paths.root),
+                    "--port", str(self.endpoint.port))
+        self.step("agent", True, "started" if action == "start" else "restarted")
+
+
+def workspace_task_files(tasks_dir: Path) -> dict[str, bytes]:
+    """The user's task code, shipped to SSH hosts (relative path -> bytes)."""
+    if not tasks_dir.is_dir():
+        return {}
+    return {str(p.relative_to(tasks_dir)): p.read_bytes() for p in sorted(tasks_dir.rglob("*.py"))
+            if "__pycache__" not in p.parts}

@@ -1,0 +1,150 @@
+"""A deployed host's network: the WireGuard tunnel and flctl's nftables table,
+changed under one armed rollback so no change can lock the operator out.
+
+Plan first (what differs from the host's facts), then, if anything does:
+arm the rollback on the host (it saves the table, and notes a tunnel
+interface that is about to be created), bring the tunnel in line, load the
+table, and only then prove SSH still works with a *new* connection, which
+disarms the rollback. Should SSH be cut, nothing confirms and the host
+restores its previous table and drops the new interface by itself.
+
+With the overlay the agent port is open only through the tunnel from the
+hub; with `agent.listen: underlay` only from the coordinator's address.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from flctl.core.fsutil import sha256_hex
+from flctl.core.renderers import render_nft_ruleset
+from flctl.core.schema import Maybe, count
+from flctl.deploy.connector import Connector
+from flctl.deploy.remote import StepFailed, call_helper
+from flctl.errors import FlctlError
+
+if TYPE_CHECKING:
+    from flctl.deploy.host_deploy import HostDeploy
+
+ARMED_SPEC = {"armed": count()}
+APPLIED_SPEC = {"changed": bool, "armed": Maybe(count())}
+
+
+@dataclass
+class NetworkPlan:
+    uploads: list[tuple[str, bytes, int]] = field(default_factory=list)
+    tunnel_changed: bool = False   # the tunnel must be brought in line (wg-up)
+    tunnel_new: bool = False       # ... and its interface does not exist yet
+    firewall_changed: bool = False
+    ruleset: bytes = b""
+
+
+class NetworkSteps:
+    def __init__(self, deploy: HostDeploy) -> None:
+        self.deploy = deploy
+        self.ctx = deploy.ctx
+        self.overlay = self.ctx.workspace.settings.agent.listen == "overlay"
+        self.wg_public_key: str | None = None
+
+    def apply(self, connector: Connector, facts: dict[str, Any]) -> None:
+        d, hub, paths = self.deploy, self.ctx.hub, self.deploy.paths
+        plan = NetworkPlan()
+        if self.overlay and not self._tunnel_plan(connector, facts, plan):
+            return   # check mode, and the host has no tunnel key yet
+        self._firewall_plan(connector, facts, plan)
+        interface = f"{hub.interface} {d.host.overlay_ip}" if self.overlay else None
+        if not (plan.tunnel_changed or plan.firewall_changed):
+            if interface:
+                d.step("tunnel", False, interface)
+            d.step("firewall", False, "inet flctl")
+            return
+        if self.ctx.check:
+            if interface:
+                d.step("tunnel", plan.tunnel_changed,
+                       f"would bring up {hub.interface}" if plan.tunnel_changed else interface)
+            d.step("firewall", plan.firewall_changed,
+                   "would apply table inet flctl" if plan.firewall_changed else "inet flctl")
+            return
+        state = str(paths.firewall_state)
+        # armed before anything changes: a tunnel can cut SSH as surely as a table
+        arm = ["fw-arm", "--state", state, "--timeout", f"{self.ctx.rollback_after_s:g}"]
+        if plan.tunnel_new:
+            arm += ["--new-interface", hub.interface]
+        call_helper(connector, *arm, spec=ARMED_SPEC)
+        for path, data, mode in plan.uploads:
+            connector.put(path, data, mode)
+        if interface:
+            if plan.tunnel_changed:
+                answer = call_helper(connector, "wg-up", "--config", self._config_path(),
+                                     spec={"result": str, "implementation": Maybe(str)})
+                d.step("tunnel", True, f"{interface}: {answer['result']} "
+                                       f"({answer['implementation'] or 'wireguard'})")
+            else:
+                d.step("tunnel", False, interface)
+        call_helper(connector, "fw-apply", "--ruleset", str(paths.firewall), "--state", state,
+                    "--timeout", f"{self.ctx.rollback_after_s:g}", spec=APPLIED_SPEC)
+        try:
+            self.ctx.confirm_new_connection(d.host, self.ctx.options, state)
+        except FlctlError as exc:
+            raise StepFailed(
+                f"network: no new SSH connection after the change ({exc.message}); the host "
+                f"restores its previous firewall table (and removes a new tunnel) within "
+                f"{self.ctx.rollback_after_s:.0f} s") from None
+        d.step("firewall", plan.firewall_changed,
+               "applied table inet flctl, confirmed over a new SSH connection"
+               if plan.firewall_changed else "inet flctl; change confirmed over a new SSH "
+                                             "connection")
+
+    def _config_path(self) -> str:
+        return str(self.deploy.paths.wg_dir / f"{self.ctx.hub.interface}.conf")
+
+    def _tunnel_plan(self, connector: Connector, facts: dict[str, Any],
+                     plan: NetworkPlan) -> bool:
+        """What the host end of the overlay needs; its private key is made here, on
+        the host, and only the public key comes back. False when check mode cannot
+        go further (no key yet)."""
+        d, hub = self.deploy, self.ctx.hub
+        wg_dir = d.paths.wg_dir
+        have: dict[str, Any] = facts.get("wg_files") or {}
+        known = hub.known_peers().get(d.host.name, {})
+        if "private.key" in have and known.get("public_key"):
+            self.wg_public_key = known["public_key"]
+        elif self.ctx.check:
+            d.step("tunnel", True, "would make the host's WireGuard key and bring it up")
+            d.step("firewall", True, "would apply table inet flctl")
+            return False
+        else:
+            self.wg_public_key = call_helper(connector, "wg-key", "--dir", str(wg_dir),
+                                             spec={"public_key": str})["public_key"]
+        psk = hub.preshared_key(d.host.name)
+        if have.get("hub.psk") != sha256_hex(psk):
+            plan.uploads.append((str(wg_dir / "hub.psk"), psk, 0o600))
+        config = hub.host_config(str(d.host.overlay_ip), str(wg_dir / "private.key"),
+                                 str(wg_dir / "hub.psk"), connector.local_address()).encode()
+        if have.get(f"{hub.interface}.conf") != sha256_hex(config):
+            plan.uploads.append((self._config_path(), config, 0o600))
+        plan.tunnel_new = hub.interface not in facts.get("net_interfaces", [])
+        plan.tunnel_changed = bool(plan.uploads) or plan.tunnel_new
+        return True
+
+    def _firewall_plan(self, connector: Connector, facts: dict[str, Any],
+                       plan: NetworkPlan) -> None:
+        d, settings = self.deploy, self.ctx.workspace.settings
+        if self.overlay:
+            source, interface, wg_port = str(self.ctx.hub.overlay_ip), self.ctx.hub.interface, \
+                settings.overlay.port
+        else:
+            # the coordinator reaches the agent from where it reaches SSH
+            source, interface, wg_port = connector.local_address(), None, None
+        ruleset = render_nft_ruleset(interface=interface, hub_overlay_ip=source,
+                                     agent_port=d.endpoint.port, wg_port=wg_port,
+                                     ssh_port=d.host.ssh_port).encode()
+        loaded = facts.get("firewall") or {}
+        current = (facts["files"].get("firewall.nft") == sha256_hex(ruleset)
+                   and loaded.get("present") and loaded.get("as_applied")
+                   and not loaded.get("armed"))
+        plan.ruleset = ruleset
+        if not current:
+            plan.firewall_changed = True
+            plan.uploads.append((str(d.paths.firewall), ruleset, 0o600))

@@ -1,0 +1,67 @@
+"""Reaching a host: pick its connector, call flctl's helper on it.
+
+The host helper (flctl.agent.host_helper) answers each command with one
+JSON document. Nothing in it is trusted: an answer that is not an object,
+or lacks what the caller needs in the shape it needs, fails that host's
+step with a line naming the field, and the other hosts carry on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flctl.core.inventory import Host
+from flctl.core.schema import SchemaError, check
+from flctl.deploy.connector import Connector
+from flctl.deploy.local import LocalConnector
+from flctl.errors import FlctlError
+
+HELPER_MODULE = "flctl.agent.host_helper"
+
+
+class StepFailed(FlctlError):
+    """A deploy step failed on one host."""
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    known_hosts: Path
+    accept_new_host_keys: bool = False
+    connect_timeout: float = 10.0
+
+
+def connect(host: Host, options: ConnectOptions) -> Connector:
+    if host.connection == "local":
+        return LocalConnector(host.name)
+    from flctl.deploy.ssh import SSHConnector  # paramiko loads only when SSH is used
+
+    return SSHConnector(host, options.known_hosts, accept_new=options.accept_new_host_keys,
+                        connect_timeout=options.connect_timeout)
+
+
+def call_helper(connector: Connector, *args: str, timeout: float = 120.0,
+                spec: Any = None) -> dict[str, Any]:
+    """Run one host-side command and decode its JSON answer, checked against
+    `spec` (flctl.core.schema) when given."""
+    result = connector.run([connector.python, "-m", HELPER_MODULE, *args], timeout=timeout)
+    lines = result.stdout.strip().splitlines()
+    try:
+        answer: Any = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        answer = None
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if result.returncode != 0 or error is not None:
+        reason = error if isinstance(error, str) else \
+            (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StepFailed(f"{args[0]}: {reason}")
+    if not isinstance(answer, dict):
+        raise StepFailed(f"{args[0]}: the host's answer is not a JSON object")
+    if spec is not None:
+        try:
+            answer = check(answer, spec, args[0])
+        except SchemaError as exc:
+            raise StepFailed(f"unexpected answer from the host: {exc.message}") from None
+    return answer

@@ -1,0 +1,133 @@
+"""A host's answers are never trusted: deploy and status survive any of them.
+
+The engine runs in-process against local hosts whose helper really runs,
+except that some hosts' answers are replaced by what a broken or hostile
+host might print. Each such host fails alone, with a line naming what was
+wrong; the others are deployed as usual and nothing raises.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from flctl.core import pki
+from flctl.deploy import engine, host_deploy
+from flctl.deploy.connector import CommandResult
+from flctl.deploy.local import LocalConnector
+from flctl.workspace import load_workspace
+
+from helpers import run_cli, use_ports
+
+
+class Liar(LocalConnector):
+    """A local host whose helper answers `command` with `answer` instead."""
+
+    def __init__(self, name: str, command: str, answer: str) -> None:
+        super().__init__(name)
+        self.command, self.answer = command, answer
+
+    def run(self, argv: Sequence[str], timeout: float = 120.0) -> CommandResult:
+        if "flctl.agent.host_helper" in argv and self.command in argv:
+            return CommandResult(0, self.answer + "\n", "")
+        return super().run(argv, timeout)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path):
+    root = tmp_path / "ws"
+    assert run_cli("init", str(root), "--local", "4").returncode == 0
+    use_ports(root, 4)
+    yield root
+    run_cli("teardown", "-w", str(root))
+
+
+def deploy_with(root: Path, liars: dict[str, tuple[str, str]],
+                monkeypatch: pytest.MonkeyPatch) -> dict[str, engine.HostResult]:
+    real = host_deploy.connect
+
+    def connect(host, options):
+        if host.name in liars:
+            return Liar(host.name, *liars[host.name])
+        return real(host, options)
+
+    monkeypatch.setattr(host_deploy, "connect", connect)
+    workspace = load_workspace(root)
+    results = engine.deploy(workspace, list(workspace.inventory.hosts))
+    return {r.host: r for r in results}
+
+
+BAD_FACTS = [
+    ('["x"]', "not a JSON object"),
+    ('{"data": null}', "facts.flctl_version: missing"),
+    ('"just a string"', "not a JSON object"),
+    ("not json at all", "not a JSON object"),
+]
+
+
+def test_each_bad_answer_fails_only_its_host(workspace: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    liars = {f"local{i + 2}": ("facts", answer) for i, (answer, _) in enumerate(BAD_FACTS[:3])}
+    results = deploy_with(workspace, liars, monkeypatch)
+    assert results["local1"].status == "changed"
+    for i, (_, complaint) in enumerate(BAD_FACTS[:3]):
+        result = results[f"local{i + 2}"]
+        assert result.status == "failed" and complaint in (result.error or ""), result.error
+
+
+def test_wrong_types_and_torn_json_fail_their_host(workspace: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    good = json.loads(LocalConnector("probe").run(
+        [LocalConnector("probe").python, "-m", "flctl.agent.host_helper", "facts", "--root",
+         str(workspace / ".flctl" / "hosts" / "local1")]).stdout)
+    wrong = dict(good, listening_ports="all of them")
+    huge = dict(good, data={"n_train": "1e99"})
+    results = deploy_with(workspace, {
+        "local2": ("facts", json.dumps(wrong)),
+        "local3": ("facts", json.dumps(huge)),
+        "local4": ("facts", BAD_FACTS[3][0]),
+    }, monkeypatch)
+    assert results["local1"].status == "changed"
+    assert "facts.listening_ports: expected a list" in (results["local2"].error or "")
+    assert "facts.data.n_train: expected an integer" in (results["local3"].error or "")
+    assert "not a JSON object" in (results["local4"].error or "")
+
+
+def test_a_csr_for_another_name_is_refused_naming_the_host(
+        workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    forged = pki.make_csr(pki.make_private_key(), "coordinator", ["coordinator"]).decode()
+    wildcard = pki.make_csr(pki.make_private_key(), "local3",
+                            ["local3", "*.example.org"], ["127.0.0.1"]).decode()
+    results = deploy_with(workspace, {"local2": ("csr", json.dumps({"csr_pem": forged})),
+                                      "local3": ("csr", json.dumps({"csr_pem": wildcard}))},
+                          monkeypatch)
+    assert results["local1"].status == "changed"
+    assert results["local2"].status == "failed"
+    assert results["local2"].error.startswith("local2: its CSR asks for the name 'coordinator'")
+    assert "*.example.org" in results["local3"].error
+    issued = json.loads((workspace / "pki" / "issued.json").read_text())["certificates"]
+    assert {c["cn"] for c in issued} == {"coordinator", "local1", "local4"}
+
+
+def test_status_survives_a_host_that_answers_nonsense(workspace: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run_cli("deploy", "-w", str(workspace)).returncode == 0
+    from flctl.coordinator.session import info_probe
+    from flctl.deploy import status
+
+    real = status.connect
+
+    def connect(host, options):
+        if host.name == "local2":
+            return Liar(host.name, "status", '{"load": ["high"], "service": "x"}')
+        return real(host, options)
+
+    monkeypatch.setattr(status, "connect", connect)
+    workspace_ = load_workspace(workspace)
+    rows = {r["host"]: r for r in status.gather_status(
+        workspace_, list(workspace_.inventory.hosts), info_probe(workspace_, 5.0))}
+    assert rows["local1"]["agent"] == "idle"
+    assert rows["local2"]["reachable"] is False and "status" in rows["local2"]["error"]
