@@ -3,6 +3,12 @@
 Every write is atomic (temp + fsync + rename), so a coordinator killed at
 any instant leaves either the previous checkpoint or the new one, never a
 torn file; `--resume` depends on that.
+
+Secret strategy state (the central-DP noise seed: whoever holds it can
+subtract the noise from the published model) goes to a file of its own,
+`secret-<round>.npz`, 0600 from its first byte. A resume needs it for
+bit-exact noise, so it stays while the run is resumable and is deleted the
+moment the run's final weights are saved.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from flctl.core.fsutil import atomic_write
+from flctl.core.fsutil import atomic_write, fsync_dir, write_secret
+from flctl.core.privacy import SECRET_STATE_KEYS
 from flctl.errors import TrainingError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STRATEGY_PREFIX = "strategy-"
+SECRET_PREFIX = "secret-"
 STATE = "state.json"
 METRICS = "metrics.jsonl"
 FINAL = "final.npz"
@@ -39,6 +47,21 @@ def weights_to_npz(weights: Sequence[np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **{f"w{i:04d}": w for i, w in enumerate(weights)})
     return buffer.getvalue()
+
+
+def _state_to_npz(state: dict[str, list[np.ndarray]]) -> bytes:
+    flat = {f"{key}__{i:04d}": array for key, arrays in state.items()
+            for i, array in enumerate(arrays)}
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    return buffer.getvalue()
+
+
+def _state_from_npz(path: Path, into: dict[str, list[np.ndarray]]) -> None:
+    with np.load(path, allow_pickle=False) as archive:
+        for name in sorted(archive.files):
+            key, _, _ = name.rpartition("__")
+            into.setdefault(key, []).append(archive[name])
 
 
 def load_weights(path: Path) -> list[np.ndarray]:
@@ -60,24 +83,35 @@ class RunDir:
         """Files named by round, then the state file that points at them.
 
         A crash at any instant leaves state.json naming a complete, matching
-        pair of files (the previous round's until the new state is written);
-        older pairs are removed only after that.
+        set of files (the previous round's until the new state is written);
+        older sets are removed only after that. Secret state keys go to
+        their own 0600 file, never into the world-readable strategy file.
         """
         weights_name = f"{CHECKPOINT_PREFIX}{round_number:06d}.npz"
         strategy_name = f"{STRATEGY_PREFIX}{round_number:06d}.npz"
+        public = dict(strategy_state or {})
+        secret = {key: public.pop(key) for key in sorted(SECRET_STATE_KEYS) if key in public}
+        secret_name = f"{SECRET_PREFIX}{round_number:06d}.npz" if secret else None
         atomic_write(self.path / weights_name, weights_to_npz(weights))
-        flat = {f"{key}__{i:04d}": array for key, arrays in (strategy_state or {}).items()
-                for i, array in enumerate(arrays)}
-        buffer = io.BytesIO()
-        np.savez(buffer, **flat)
-        atomic_write(self.path / strategy_name, buffer.getvalue())
+        atomic_write(self.path / strategy_name, _state_to_npz(public))
+        if secret_name is not None:
+            write_secret(self.path / secret_name, _state_to_npz(secret))
         atomic_write(self.path / STATE, json.dumps(
             {"round": round_number, "checkpoint": weights_name, "strategy_state": strategy_name,
-             **extra}, indent=2))
+             "secret_state": secret_name, **extra}, indent=2))
+        current = (weights_name, strategy_name, secret_name)
         for old in self.path.glob("*.npz"):
-            if old.name.startswith((CHECKPOINT_PREFIX, STRATEGY_PREFIX)) and \
-                    old.name not in (weights_name, strategy_name):
+            if old.name.startswith((CHECKPOINT_PREFIX, STRATEGY_PREFIX, SECRET_PREFIX)) and \
+                    old.name not in current:
                 old.unlink(missing_ok=True)
+
+    def forget_secrets(self) -> None:
+        """Delete the secret state: the run is over, nothing may resume it."""
+        secrets_left = list(self.path.glob(f"{SECRET_PREFIX}*.npz"))
+        for old in secrets_left:
+            old.unlink(missing_ok=True)
+        if secrets_left:
+            fsync_dir(self.path)  # the deletion must outlive a crash, like the writes
 
     @property
     def checkpoint(self) -> Path:
@@ -103,6 +137,7 @@ class RunDir:
         atomic_write(self.path / FINAL, payload)
         atomic_write(self.path / MANIFEST,
                      json.dumps({**manifest, "weights_sha256": digest}, indent=2, sort_keys=True))
+        self.forget_secrets()  # final.npz exists: the run can no longer be resumed
         return digest
 
 
@@ -121,10 +156,13 @@ def load_checkpoint(run: RunDir) -> Checkpoint:
     strategy: dict[str, list[np.ndarray]] = {}
     path = run.path / state["strategy_state"]
     if path.exists():
-        with np.load(path, allow_pickle=False) as archive:
-            for name in sorted(archive.files):
-                key, _, _ = name.rpartition("__")
-                strategy.setdefault(key, []).append(archive[name])
+        _state_from_npz(path, strategy)
+    if state.get("secret_state"):
+        secret = run.path / state["secret_state"]
+        if not secret.exists():
+            raise TrainingError(f"run {run.run_id}: its secret state {secret} is missing, so "
+                                f"the run cannot be resumed exactly")
+        _state_from_npz(secret, strategy)
     return Checkpoint(int(state["round"]), load_weights(run.path / state["checkpoint"]), state,
                       strategy)
 
