@@ -32,7 +32,13 @@ from flctl.deploy.overlay import HubNotRoot
 from flctl.deploy.status import gather_status
 from flctl.errors import ConfigError, FlctlError, HostError, WorkspaceError
 from flctl.net.ports import free_port_block
-from flctl.workspace import Workspace, init_workspace, load_workspace
+from flctl.workspace import (
+    Workspace,
+    WorkspacePaths,
+    existing_workspace_files,
+    init_workspace,
+    load_workspace,
+)
 
 EXIT_INTERRUPTED = 130
 
@@ -76,20 +82,27 @@ def init(
         None, "--local", min=1, max=64,
         help="Make N local hosts (agents on this machine) with demo data shards."),
     project: Optional[str] = typer.Option(None, "--project", help="Project name."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing workspace."),
+    force: bool = typer.Option(
+        False, "--force",
+        help="Overwrite an existing workspace (its pki/ is moved to pki.backup-<UTC time>)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the demo data split."),
     json_output: bool = JsonOpt,
 ) -> None:
     """Create a workspace: flctl.yaml, inventory.yaml and a project CA under pki/."""
-    paths = init_workspace(directory, local_hosts=local, force=force, project=project, seed=seed)
+    made = init_workspace(directory, local_hosts=local, force=force, project=project, seed=seed)
+    paths, backup = made.paths, made.pki_backup
     if json_output:
         render.emit_json({"workspace": str(paths.root), "settings": str(paths.settings),
                           "inventory": str(paths.inventory), "ca_cert": str(paths.ca_cert),
-                          "local_hosts": local or 0})
+                          "local_hosts": local or 0,
+                          "pki_backup": None if backup is None else str(backup)})
         return
     render.out.print(f"[green]workspace ready[/] at {paths.root}")
     render.out.print(f"  settings  {paths.settings}\n  inventory {paths.inventory}\n"
                      f"  CA        {paths.ca_cert}")
+    if backup is not None:
+        render.out.print(f"[yellow]the old pki/ (CA key included) is kept in {backup}[/]; "
+                         "hosts deployed with it need `flctl deploy` to trust the new CA")
     render.out.print("next: edit inventory.yaml, then `flctl deploy`" if not local
                      else "next: `flctl deploy`, then `flctl train`")
 
@@ -296,14 +309,18 @@ def demo(
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Number of rounds."),
     seed: int = typer.Option(0, "--seed", help="Seed for data split, init and sampling."),
     directory: Optional[Path] = typer.Option(
-        None, "--dir", help="Keep the workspace here (default: a new temp directory)."),
+        None, "--dir", help="Keep the workspace here: a new or empty directory (default: a new "
+                            "temp directory)."),
     json_output: bool = JsonOpt,
 ) -> None:
     """Train on the UCI digits split non-IID across local agents, end to end."""
     root = directory or Path(tempfile.mkdtemp(prefix="flctl-demo-"))
+    existing = existing_workspace_files(WorkspacePaths(root.resolve()))
+    if existing:  # a demo must never replace a real workspace's CA key or inventory
+        raise WorkspaceError(f"{root} already holds a workspace ({existing[0].name}); "
+                             "`flctl demo --dir` needs a new or empty directory")
     settings = Settings(agent=AgentSettings(port=free_port_block(hosts)))
-    init_workspace(root, local_hosts=hosts, seed=seed, force=directory is not None,
-                   settings=settings)
+    init_workspace(root, local_hosts=hosts, seed=seed, settings=settings)
     workspace = load_workspace(root)
     if not json_output:
         render.err.print(f"workspace {root}: starting {hosts} local agents (mutual TLS)")
