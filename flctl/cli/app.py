@@ -1,15 +1,16 @@
 """flctl's command line. Thin: parse options, call an engine, render.
 
 Exit codes: 0 ok; 1 unexpected error; 2 invalid configuration or input;
-3 workspace missing or would be overwritten; 4 protocol error; 5 one or
-more hosts failed or were unreachable; 6 training could not complete;
-7 the WireGuard hub needs root; 130 interrupted.
+3 workspace missing, would be overwritten, or busy with another command;
+4 protocol error; 5 one or more hosts failed or were unreachable; 6 training
+could not complete; 7 the WireGuard hub needs root; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,6 +40,7 @@ from flctl.workspace import (
     init_workspace,
     load_workspace,
 )
+from flctl.workspace_lock import workspace_lock
 
 EXIT_INTERRUPTED = 130
 
@@ -63,6 +65,11 @@ AcceptNewOpt = typer.Option(
 
 def _selected(workspace: Workspace, limit: Optional[list[str]]) -> list:
     return workspace.inventory.select(limit) if limit else list(workspace.inventory.hosts)
+
+
+def _holding(workspace: Workspace, command: str) -> AbstractContextManager[None]:
+    """The workspace lock for a command that changes the workspace or its hosts."""
+    return workspace_lock(workspace.paths.state, f"flctl {command}")
 
 
 def _host_failures(results: list[engine.HostResult], verb: str) -> None:
@@ -128,7 +135,8 @@ def deploy(
 ) -> None:
     """Install and start the agent on every host; idempotent."""
     workspace = load_workspace(workspace_dir)
-    results = _deploy(workspace, limit, check, forks, json_output, accept_new)
+    with _holding(workspace, "deploy"):
+        results = _deploy(workspace, limit, check, forks, json_output, accept_new)
     if json_output:
         render.emit_json({"check": check, "hosts": [r.as_dict() for r in results]})
     else:
@@ -168,7 +176,8 @@ def teardown(
     """Stop agents and remove everything deploy put on the hosts."""
     workspace = load_workspace(workspace_dir)
     hosts = _selected(workspace, limit)
-    with HostProgress([h.name for h in hosts], "teardown", enabled=not json_output) as view:
+    with _holding(workspace, "teardown"), \
+            HostProgress([h.name for h in hosts], "teardown", enabled=not json_output) as view:
         results = engine.teardown(workspace, hosts, forks=forks, accept_new_host_keys=accept_new,
                                   progress=view.update)
     if json_output:
@@ -295,8 +304,9 @@ def train(
     if resume and set(overrides) - {"rounds"}:
         raise ConfigError("--resume continues a run with its own settings; only --rounds "
                           "may be given with it")
-    summary = _run_training(workspace, overrides, limit, run if resume else run_id,
-                            json_output, resume=resume)
+    with _holding(workspace, "train"):
+        summary = _run_training(workspace, overrides, limit, run if resume else run_id,
+                                json_output, resume=resume)
     if json_output:
         render.emit_json(_summary_document(summary))
     else:
@@ -324,13 +334,14 @@ def demo(
     workspace = load_workspace(root)
     if not json_output:
         render.err.print(f"workspace {root}: starting {hosts} local agents (mutual TLS)")
-    try:
-        results = _deploy(workspace, None, False, hosts, json_output=True)
-        _host_failures(results, "deploy")
-        overrides = _training_overrides(rounds=rounds, seed=seed)
-        summary = _run_training(workspace, overrides, None, None, json_output)
-    finally:
-        engine.teardown(workspace, list(workspace.inventory.hosts))
+    with _holding(workspace, "demo"):
+        try:
+            results = _deploy(workspace, None, False, hosts, json_output=True)
+            _host_failures(results, "deploy")
+            overrides = _training_overrides(rounds=rounds, seed=seed)
+            summary = _run_training(workspace, overrides, None, None, json_output)
+        finally:
+            engine.teardown(workspace, list(workspace.inventory.hosts))
     if json_output:
         render.emit_json({"workspace": str(root), **_summary_document(summary)})
     else:
