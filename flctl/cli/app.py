@@ -154,6 +154,7 @@ def status(
     workspace = load_workspace(workspace_dir)
     rows = gather_status(workspace, _selected(workspace, limit), info_probe(workspace, 5.0))
     latest = latest_run(workspace.paths.runs)
+    render.warn(latest.warnings if latest else ())
     if json_output:
         render.emit_json({"hosts": rows, "latest_run": latest.as_dict() if latest else None})
     else:
@@ -364,6 +365,8 @@ def runs(
         return
     workspace = load_workspace(workspace_dir)
     infos = list_runs(workspace.paths.runs)
+    for info in infos:
+        render.warn(info.warnings)
     if json_output:
         render.emit_json({"runs": [info.as_dict() for info in infos]})
     else:
@@ -382,14 +385,15 @@ def runs_show(
     if not run.path.is_dir():
         raise WorkspaceError(f"no run {run_id!r} in {workspace.paths.runs}")
     info = describe_run(run)
-    history = read_metrics(run)
+    render.warn(info.warnings)
+    history = read_metrics(run).records
     if json_output:
         render.emit_json({**info.as_dict(), "history": history})
         return
     render.out.print(render.runs_table([info]))
     table = render.round_table(privacy=any(r.get("epsilon") is not None for r in history))
     for record in history:
-        render.add_round_row(table, RoundRecord(**record))
+        render.add_round_row(table, RoundRecord.from_dict(record))
     render.out.print(table)
 
 

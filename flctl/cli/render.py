@@ -8,10 +8,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flctl.coordinator.records import RunInfo
 from flctl.coordinator.rounds import RoundRecord
+from flctl.core.text import clean_text
 from flctl.deploy.engine import HostResult
 
 # Results go to stdout; progress, logs and errors to stderr, so `--json`
@@ -25,6 +27,12 @@ STATUS_STYLE = {"ok": "green", "changed": "yellow", "failed": "red", "unreachabl
 def emit_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
+
+
+def warn(lines: Sequence[str]) -> None:
+    """Problems that did not stop the command (a torn metrics line): one yellow line each."""
+    for line in lines:
+        err.print(f"[yellow]warning:[/] {escape(clean_text(line))}", soft_wrap=True)
 
 
 def human_bytes(value: float | None) -> str:
