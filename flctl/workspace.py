@@ -3,6 +3,7 @@
     flctl.yaml        project and training settings
     inventory.yaml    hosts
     pki/              project CA and the coordinator's certificate (keys 0600)
+    pki.backup-<UTC>/ an older pki/ that `init --force` moved aside (never deleted)
     tasks/            the user's own task modules (optional; shipped to hosts)
     wheels.lock       the wheels deploy ships to hosts, with their sha256
     data/             demo shards for local hosts (init --local)
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import shutil
+import os
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -174,6 +176,19 @@ def example_inventory() -> str:
     return resources.files("flctl.data").joinpath("inventory.example.yaml").read_text()
 
 
+def existing_workspace_files(paths: WorkspacePaths) -> list[Path]:
+    """The files that make `paths.root` a workspace already (empty: free to init)."""
+    return [p for p in (paths.settings, paths.inventory, paths.pki) if p.exists()]
+
+
+@dataclass(frozen=True)
+class Initialized:
+    """A new workspace, and where the CA it replaced went (None: it replaced none)."""
+
+    paths: WorkspacePaths
+    pki_backup: Path | None = None
+
+
 def init_workspace(
     root: Path,
     *,
@@ -183,22 +198,25 @@ def init_workspace(
     settings: Settings | None = None,
     alpha: float = 0.5,
     seed: int = 0,
-) -> WorkspacePaths:
+) -> Initialized:
     """Create a workspace; refuse to clobber one unless `force`.
+
+    Even with `force` the old CA key is never destroyed: the hosts deployed
+    with it trust only it, so losing it would lock the operator out of their
+    own federation. The old pki/ is moved to a backup the result names.
 
     With `local_hosts`, every host runs on this machine and gets a shard of
     the bundled digits data split with Dirichlet label skew, so the
     workspace trains at once.
     """
     paths = WorkspacePaths(root.resolve())
-    existing = [p for p in (paths.settings, paths.inventory, paths.pki) if p.exists()]
+    existing = existing_workspace_files(paths)
     if existing and not force:
         raise WorkspaceError(
             f"{paths.root} already holds a workspace ({existing[0].name}); "
-            "pass --force to overwrite it"
+            "pass --force to overwrite it (its pki/ is kept in a backup)"
         )
-    if force and paths.pki.exists():
-        shutil.rmtree(paths.pki)
+    backup = backup_pki(paths) if force and paths.pki.exists() else None
     paths.root.mkdir(parents=True, exist_ok=True)
     chosen = settings or Settings()
     if project is not None:
@@ -217,7 +235,32 @@ def init_workspace(
     atomic_write(paths.settings, render_settings(chosen))
     _make_pki(paths, chosen.project)
     paths.tasks.mkdir(exist_ok=True)
-    return paths
+    return Initialized(paths, backup)
+
+
+def backup_pki(paths: WorkspacePaths) -> Path:
+    """Move pki/ to a new `pki.backup-<UTC time>` directory (0700) and return it.
+
+    The name is claimed with mkdir, which fails if it exists, and pki/ is then
+    renamed onto that empty directory: an earlier backup is never replaced.
+    The keys keep their 0600 mode (a rename does not touch them).
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for attempt in range(1, 1000):
+        backup = paths.root / f"pki.backup-{stamp}" if attempt == 1 else \
+            paths.root / f"pki.backup-{stamp}-{attempt}"
+        try:
+            backup.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        try:
+            os.rename(paths.pki, backup)
+        except OSError as exc:
+            backup.rmdir()
+            raise WorkspaceError(f"cannot move {paths.pki} to {backup}: {exc.strerror}") from None
+        backup.chmod(0o700)
+        return backup
+    raise WorkspaceError(f"{paths.root}: no free name for a backup of {paths.pki}")
 
 
 def _local_inventory(paths: WorkspacePaths, count: int, alpha: float,

@@ -34,6 +34,41 @@ def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
     assert (tmp_path / "ws" / "pki" / "ca.crt").read_bytes() != ca_before
 
 
+def test_init_force_keeps_the_old_ca_key_in_a_backup_it_names(tmp_path: Path) -> None:
+    """Hosts deployed with the old CA trust only it: losing its key locks the operator out."""
+    root = tmp_path / "ws"
+    assert run_cli("init", str(root), "--local", "2").returncode == 0
+    first_key = (root / "pki" / "ca.key").read_bytes()
+    forced = run_cli("init", str(root), "--local", "2", "--force", "--json")
+    assert forced.returncode == 0, forced.stderr
+    backup = Path(forced.json()["pki_backup"])
+    assert backup.parent == root.resolve() and backup.name.startswith("pki.backup-")
+    assert (backup / "ca.key").read_bytes() == first_key
+    assert (root / "pki" / "ca.key").read_bytes() != first_key
+    assert backup.stat().st_mode & 0o777 == 0o700
+    for name in ("ca.key", "coordinator.key"):
+        assert (backup / name).stat().st_mode & 0o777 == 0o600
+    second_key = (root / "pki" / "ca.key").read_bytes()
+    again = run_cli("init", str(root), "--local", "2", "--force")  # same second: a new name
+    assert again.returncode == 0, again.stderr
+    backups = sorted(root.glob("pki.backup-*"))
+    assert len(backups) == 2 and (backup / "ca.key").read_bytes() == first_key
+    newest = next(b for b in backups if b != backup)
+    assert (newest / "ca.key").read_bytes() == second_key
+    assert str(newest) in " ".join(again.stdout.split())  # the message names it
+
+
+def test_demo_dir_refuses_an_existing_workspace(tmp_path: Path) -> None:
+    assert run_cli("init", str(tmp_path), "--local", "2").returncode == 0
+    ca_key = (tmp_path / "pki" / "ca.key").read_bytes()
+    inventory = (tmp_path / "inventory.yaml").read_text()
+    result = run_cli("demo", "--dir", str(tmp_path), "--rounds", "1")
+    assert_one_line_error(result, 3, "already holds a workspace", "new or empty directory")
+    assert (tmp_path / "pki" / "ca.key").read_bytes() == ca_key
+    assert (tmp_path / "inventory.yaml").read_text() == inventory
+    assert not list(tmp_path.glob("pki.backup-*")) and not (tmp_path / "runs").exists()
+
+
 def test_init_makes_secret_keys_0600(tmp_path: Path) -> None:
     assert run_cli("init", str(tmp_path), "--local", "2").returncode == 0
     for name in ("ca.key", "coordinator.key"):

@@ -613,3 +613,49 @@ def test_a_reply_of_the_wrong_layout_takes_no_memory(tmp_path: Path) -> None:
         fed.close()
     assert "are not the model's" in summary.history[0].dropped["h0"]
     assert all((50_000_000,) not in shapes for shapes in taken)   # never allocated
+
+
+class Crash(Exception):
+    """What kill -9 or a power cut does to a run, raised from its round callback."""
+
+
+def files_holding(run_dir: Path, secret: bytes) -> dict[str, int]:
+    """Every file in the run directory whose bytes contain `secret`, with its mode."""
+    return {p.name: p.stat().st_mode & 0o777 for p in sorted(run_dir.iterdir())
+            if p.is_file() and secret in p.read_bytes()}
+
+
+def test_the_central_dp_noise_seed_is_0600_while_resumable_and_gone_when_the_run_ends(
+        federation: Federation) -> None:
+    """Whoever reads the noise seed can subtract the noise from the published model."""
+    from flctl.coordinator.records import load_checkpoint
+
+    training = TrainingSettings(task="meantask:MeanTask", rounds=3, privacy="central",
+                                clip_norm=0.5, noise_multiplier=1.0, eval_every=10)
+
+    def crash_after_round_two(record) -> None:
+        if record.round == 2:
+            raise Crash
+
+    coordinator = federation.coordinator(training, on_round=crash_after_round_two)
+    with pytest.raises(Crash):
+        coordinator.train()
+    seed = coordinator.strategy.noise_seed
+    words = np.array([(seed >> (32 * i)) & 0xFFFFFFFF for i in range(4)], dtype="<u4")
+    secrets = (words.tobytes(), str(seed).encode(), f"{seed:x}".encode())
+    run = coordinator.run
+    # interrupted: the seed is kept for an exact resume, in one file only its owner reads
+    assert files_holding(run.path, secrets[0]) == {"secret-000002.npz": 0o600}
+    assert all(files_holding(run.path, s) == {} for s in secrets[1:])
+
+    clients = [AgentClient(e, federation.context, timeout=30) for e in federation.endpoints]
+    resumed = Coordinator(clients, training, run, tasks_dir=federation.root / "tasks",
+                          resume_from=load_checkpoint(run),
+                          ca_pem=(federation.root / "ca.crt").read_bytes())
+    assert resumed.strategy.noise_seed != seed  # a fresh strategy draws its own seed ...
+    summary = resumed.train()
+    assert resumed.strategy.noise_seed == seed  # ... and the checkpoint's replaced it
+    assert summary.rounds == 3 and summary.final_weights.exists()
+    # finished: nothing may resume it, so nothing in the run directory holds the seed
+    assert all(files_holding(run.path, s) == {} for s in secrets)
+    assert not list(run.path.glob("secret-*"))

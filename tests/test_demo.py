@@ -18,6 +18,7 @@ MAX_GAP = 0.03
 
 
 def test_demo_trains_within_three_points_of_central(tmp_path: Path) -> None:
+    (tmp_path / "demo").mkdir()  # an empty directory is fine; a workspace is refused
     result = run_cli("demo", "--dir", str(tmp_path / "demo"), "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     summary = result.json()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import deployed_local_workspace, run_cli
@@ -68,6 +69,12 @@ def test_central_dp_reports_epsilon_every_round_and_stops_at_the_target(workspac
     assert status["latest_run"]["epsilon"] == pytest.approx(epsilons[-1])
     assert status["latest_run"]["delta"] == run["history"][-1]["delta"] == 1e-5
     assert run_cli("status", "-w", str(workspace)).stdout.count("privacy spent epsilon") == 1
+    # the run is over: its secret noise seed is gone from the run directory
+    run_dir = Path(run["run_dir"])
+    assert not list(run_dir.glob("secret-*"))
+    for path in run_dir.glob("*.npz"):
+        with np.load(path) as archive:
+            assert not [name for name in archive.files if name.startswith("dp_noise_seed")]
 
 
 def test_local_dp_with_secure_aggregation(workspace, codecs) -> None:

@@ -1,9 +1,9 @@
 """flctl's command line. Thin: parse options, call an engine, render.
 
 Exit codes: 0 ok; 1 unexpected error; 2 invalid configuration or input;
-3 workspace missing or would be overwritten; 4 protocol error; 5 one or
-more hosts failed or were unreachable; 6 training could not complete;
-7 the WireGuard hub needs root; 130 interrupted.
+3 workspace missing, would be overwritten, or busy with another command;
+4 protocol error; 5 one or more hosts failed or were unreachable; 6 training
+could not complete; 7 the WireGuard hub needs root; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import sys
 import tempfile
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,7 +36,14 @@ from flctl.deploy.results import HostResult
 from flctl.deploy.status import gather_status
 from flctl.errors import ConfigError, FlctlError, HostError, WorkspaceError
 from flctl.net.ports import free_port_block
-from flctl.workspace import Workspace, init_workspace, load_workspace
+from flctl.workspace import (
+    Workspace,
+    WorkspacePaths,
+    existing_workspace_files,
+    init_workspace,
+    load_workspace,
+)
+from flctl.workspace_lock import workspace_lock
 
 EXIT_INTERRUPTED = 130
 
@@ -62,6 +70,11 @@ def _selected(workspace: Workspace, limit: Optional[list[str]]) -> list:
     return workspace.inventory.select(limit) if limit else list(workspace.inventory.hosts)
 
 
+def _holding(workspace: Workspace, command: str) -> AbstractContextManager[None]:
+    """The workspace lock for a command that changes the workspace or its hosts."""
+    return workspace_lock(workspace.paths.state, f"flctl {command}")
+
+
 def _host_failures(results: list[HostResult], verb: str) -> None:
     bad = [r for r in results if r.status in ("failed", "unreachable")]
     hub = next((r for r in bad if r.host == "hub" and r.exit_code == HubNotRoot.exit_code), None)
@@ -79,20 +92,27 @@ def init(
         None, "--local", min=1, max=64,
         help="Make N local hosts (agents on this machine) with demo data shards."),
     project: Optional[str] = typer.Option(None, "--project", help="Project name."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing workspace."),
+    force: bool = typer.Option(
+        False, "--force",
+        help="Overwrite an existing workspace (its pki/ is moved to pki.backup-<UTC time>)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the demo data split."),
     json_output: bool = JsonOpt,
 ) -> None:
     """Create a workspace: flctl.yaml, inventory.yaml and a project CA under pki/."""
-    paths = init_workspace(directory, local_hosts=local, force=force, project=project, seed=seed)
+    made = init_workspace(directory, local_hosts=local, force=force, project=project, seed=seed)
+    paths, backup = made.paths, made.pki_backup
     if json_output:
         render.emit_json({"workspace": str(paths.root), "settings": str(paths.settings),
                           "inventory": str(paths.inventory), "ca_cert": str(paths.ca_cert),
-                          "local_hosts": local or 0})
+                          "local_hosts": local or 0,
+                          "pki_backup": None if backup is None else str(backup)})
         return
     render.out.print(f"[green]workspace ready[/] at {paths.root}")
     render.out.print(f"  settings  {paths.settings}\n  inventory {paths.inventory}\n"
                      f"  CA        {paths.ca_cert}")
+    if backup is not None:
+        render.out.print(f"[yellow]the old pki/ (CA key included) is kept in {backup}[/]; "
+                         "hosts deployed with it need `flctl deploy` to trust the new CA")
     render.out.print("next: edit inventory.yaml, then `flctl deploy`" if not local
                      else "next: `flctl deploy`, then `flctl train`")
 
@@ -118,7 +138,8 @@ def deploy(
 ) -> None:
     """Install and start the agent on every host; idempotent."""
     workspace = load_workspace(workspace_dir)
-    results = _deploy(workspace, limit, check, forks, json_output, accept_new)
+    with _holding(workspace, "deploy"):
+        results = _deploy(workspace, limit, check, forks, json_output, accept_new)
     if json_output:
         render.emit_json({"check": check, "hosts": [r.as_dict() for r in results]})
     else:
@@ -136,6 +157,7 @@ def status(
     workspace = load_workspace(workspace_dir)
     rows = gather_status(workspace, _selected(workspace, limit), info_probe(workspace, 5.0))
     latest = latest_run(workspace.paths.runs)
+    render.warn(latest.warnings if latest else ())
     if json_output:
         render.emit_json({"hosts": rows, "latest_run": latest.as_dict() if latest else None})
     else:
@@ -158,7 +180,8 @@ def teardown(
     """Stop agents and remove everything deploy put on the hosts."""
     workspace = load_workspace(workspace_dir)
     hosts = _selected(workspace, limit)
-    with HostProgress([h.name for h in hosts], "teardown", enabled=not json_output) as view:
+    with _holding(workspace, "teardown"), \
+            HostProgress([h.name for h in hosts], "teardown", enabled=not json_output) as view:
         results = engine.teardown(workspace, hosts, forks=forks, accept_new_host_keys=accept_new,
                                   progress=view.update)
     if json_output:
@@ -295,8 +318,9 @@ def train(
     if resume and set(overrides) - {"rounds"}:
         raise ConfigError("--resume continues a run with its own settings; only --rounds "
                           "may be given with it")
-    summary = _run_training(workspace, overrides, limit, run if resume else run_id,
-                            json_output, resume=resume)
+    with _holding(workspace, "train"):
+        summary = _run_training(workspace, overrides, limit, run if resume else run_id,
+                                json_output, resume=resume)
     if json_output:
         render.emit_json(_summary_document(summary))
     else:
@@ -309,24 +333,29 @@ def demo(
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Number of rounds."),
     seed: int = typer.Option(0, "--seed", help="Seed for data split, init and sampling."),
     directory: Optional[Path] = typer.Option(
-        None, "--dir", help="Keep the workspace here (default: a new temp directory)."),
+        None, "--dir", help="Keep the workspace here: a new or empty directory (default: a new "
+                            "temp directory)."),
     json_output: bool = JsonOpt,
 ) -> None:
     """Train on the UCI digits split non-IID across local agents, end to end."""
     root = directory or Path(tempfile.mkdtemp(prefix="flctl-demo-"))
+    existing = existing_workspace_files(WorkspacePaths(root.resolve()))
+    if existing:  # a demo must never replace a real workspace's CA key or inventory
+        raise WorkspaceError(f"{root} already holds a workspace ({existing[0].name}); "
+                             "`flctl demo --dir` needs a new or empty directory")
     settings = Settings(agent=AgentSettings(port=free_port_block(hosts)))
-    init_workspace(root, local_hosts=hosts, seed=seed, force=directory is not None,
-                   settings=settings)
+    init_workspace(root, local_hosts=hosts, seed=seed, settings=settings)
     workspace = load_workspace(root)
     if not json_output:
         render.err.print(f"workspace {root}: starting {hosts} local agents (mutual TLS)")
-    try:
-        results = _deploy(workspace, None, False, hosts, json_output=True)
-        _host_failures(results, "deploy")
-        overrides = _training_overrides(rounds=rounds, seed=seed)
-        summary = _run_training(workspace, overrides, None, None, json_output)
-    finally:
-        engine.teardown(workspace, list(workspace.inventory.hosts))
+    with _holding(workspace, "demo"):
+        try:
+            results = _deploy(workspace, None, False, hosts, json_output=True)
+            _host_failures(results, "deploy")
+            overrides = _training_overrides(rounds=rounds, seed=seed)
+            summary = _run_training(workspace, overrides, None, None, json_output)
+        finally:
+            engine.teardown(workspace, list(workspace.inventory.hosts))
     if json_output:
         render.emit_json({"workspace": str(root), **_summary_document(summary)})
     else:
@@ -349,6 +378,8 @@ def runs(
         return
     workspace = load_workspace(workspace_dir)
     infos = list_runs(workspace.paths.runs)
+    for info in infos:
+        render.warn(info.warnings)
     if json_output:
         render.emit_json({"runs": [info.as_dict() for info in infos]})
     else:
@@ -367,14 +398,15 @@ def runs_show(
     if not run.path.is_dir():
         raise WorkspaceError(f"no run {run_id!r} in {workspace.paths.runs}")
     info = describe_run(run)
-    history = read_metrics(run)
+    render.warn(info.warnings)
+    history = read_metrics(run).records
     if json_output:
         render.emit_json({**info.as_dict(), "history": history})
         return
     render.out.print(render.runs_table([info]))
     table = render.round_table(privacy=any(r.get("epsilon") is not None for r in history))
     for record in history:
-        render.add_round_row(table, RoundRecord(**record))
+        render.add_round_row(table, RoundRecord.from_dict(record))
     render.out.print(table)
 
 
@@ -422,10 +454,11 @@ def pki_rotate(
     new keys and certificates on every host in one deploy. The old ones are
     revoked at once; a host this deploy misses stays refused until deployed again."""
     workspace = load_workspace(workspace_dir)
-    store = CertificateStore(workspace.paths)
-    store.request_rotation()
-    store.renew_coordinator(revoke_old=True)
-    results = _deploy(workspace, None, False, forks, json_output, accept_new)
+    with _holding(workspace, "pki rotate"):
+        store = CertificateStore(workspace.paths)
+        store.request_rotation()
+        store.renew_coordinator(revoke_old=True)
+        results = _deploy(workspace, None, False, forks, json_output, accept_new)
     if json_output:
         render.emit_json({"rotated": True, "hosts": [r.as_dict() for r in results]})
     else:
@@ -445,14 +478,16 @@ def pki_revoke(
     revocation list goes to every other host now. HOST gets a new key and
     certificate at its next deploy; remove it from inventory.yaml to keep it out."""
     workspace = load_workspace(workspace_dir)
-    store = CertificateStore(workspace.paths)
-    serials = store.revoke_name(host, "revoked by the operator")
-    if not serials:
-        raise ConfigError(f"no current certificate of {host!r} in {workspace.paths.issued}: "
-                          f"nothing to revoke (see `flctl pki status`)")
-    others = [h for h in workspace.inventory.hosts if h.name != host]
-    results = _deploy(workspace, [h.name for h in others], False, forks, json_output,
-                      accept_new) if others else []
+    with _holding(workspace, "pki revoke"):
+        store = CertificateStore(workspace.paths)
+        serials = store.revoke_name(host, "revoked by the operator")
+        if not serials:
+            raise ConfigError(f"no current certificate of {host!r} in "
+                              f"{workspace.paths.issued}: nothing to revoke "
+                              f"(see `flctl pki status`)")
+        others = [h for h in workspace.inventory.hosts if h.name != host]
+        results = _deploy(workspace, [h.name for h in others], False, forks, json_output,
+                          accept_new) if others else []
     document = {"host": host, "revoked_serials": [format(s, "x") for s in serials],
                 "hosts": [r.as_dict() for r in results]}
     if json_output:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -38,6 +39,12 @@ def literal(value: Any, style: str = "") -> Text:
 def emit_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
+
+
+def warn(lines: Sequence[str]) -> None:
+    """Problems that did not stop the command (a torn metrics line): one yellow line each."""
+    for line in lines:
+        err.print(f"[yellow]warning:[/] {escape(clean_text(line))}", soft_wrap=True)
 
 
 def human_bytes(value: float | None) -> str:

@@ -3,6 +3,18 @@
 Every write is atomic (temp + fsync + rename), so a coordinator killed at
 any instant leaves either the previous checkpoint or the new one, never a
 torn file; `--resume` depends on that.
+
+Secret strategy state (the central-DP noise seed: whoever holds it can
+subtract the noise from the published model) goes to a file of its own,
+`secret-<round>.npz`, 0600 from its first byte. A resume needs it for
+bit-exact noise, so it stays while the run is resumable and is deleted the
+moment the run's final weights are saved.
+
+metrics.jsonl is appended to, not replaced, so a crash or a full disk can
+leave its last line torn. Readers skip a line that does not parse and
+return a warning naming the file and line (this module never prints);
+`--resume` drops it before appending again. Appends are fsynced, so a
+round whose checkpoint exists has its metrics line on disk too.
 """
 
 from __future__ import annotations
@@ -10,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import secrets
 import time
 from collections.abc import Sequence
@@ -19,11 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from flctl.core.fsutil import atomic_write
+from flctl.core.fsutil import atomic_write, fsync_dir, write_secret
+from flctl.core.privacy import SECRET_STATE_KEYS
 from flctl.errors import TrainingError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STRATEGY_PREFIX = "strategy-"
+SECRET_PREFIX = "secret-"
 STATE = "state.json"
 METRICS = "metrics.jsonl"
 FINAL = "final.npz"
@@ -39,6 +54,21 @@ def weights_to_npz(weights: Sequence[np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **{f"w{i:04d}": w for i, w in enumerate(weights)})
     return buffer.getvalue()
+
+
+def _state_to_npz(state: dict[str, list[np.ndarray]]) -> bytes:
+    flat = {f"{key}__{i:04d}": array for key, arrays in state.items()
+            for i, array in enumerate(arrays)}
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    return buffer.getvalue()
+
+
+def _state_from_npz(path: Path, into: dict[str, list[np.ndarray]]) -> None:
+    with np.load(path, allow_pickle=False) as archive:
+        for name in sorted(archive.files):
+            key, _, _ = name.rpartition("__")
+            into.setdefault(key, []).append(archive[name])
 
 
 def load_weights(path: Path) -> list[np.ndarray]:
@@ -60,24 +90,35 @@ class RunDir:
         """Files named by round, then the state file that points at them.
 
         A crash at any instant leaves state.json naming a complete, matching
-        pair of files (the previous round's until the new state is written);
-        older pairs are removed only after that.
+        set of files (the previous round's until the new state is written);
+        older sets are removed only after that. Secret state keys go to
+        their own 0600 file, never into the world-readable strategy file.
         """
         weights_name = f"{CHECKPOINT_PREFIX}{round_number:06d}.npz"
         strategy_name = f"{STRATEGY_PREFIX}{round_number:06d}.npz"
+        public = dict(strategy_state or {})
+        secret = {key: public.pop(key) for key in sorted(SECRET_STATE_KEYS) if key in public}
+        secret_name = f"{SECRET_PREFIX}{round_number:06d}.npz" if secret else None
         atomic_write(self.path / weights_name, weights_to_npz(weights))
-        flat = {f"{key}__{i:04d}": array for key, arrays in (strategy_state or {}).items()
-                for i, array in enumerate(arrays)}
-        buffer = io.BytesIO()
-        np.savez(buffer, **flat)
-        atomic_write(self.path / strategy_name, buffer.getvalue())
+        atomic_write(self.path / strategy_name, _state_to_npz(public))
+        if secret_name is not None:
+            write_secret(self.path / secret_name, _state_to_npz(secret))
         atomic_write(self.path / STATE, json.dumps(
             {"round": round_number, "checkpoint": weights_name, "strategy_state": strategy_name,
-             **extra}, indent=2))
+             "secret_state": secret_name, **extra}, indent=2))
+        current = (weights_name, strategy_name, secret_name)
         for old in self.path.glob("*.npz"):
-            if old.name.startswith((CHECKPOINT_PREFIX, STRATEGY_PREFIX)) and \
-                    old.name not in (weights_name, strategy_name):
+            if old.name.startswith((CHECKPOINT_PREFIX, STRATEGY_PREFIX, SECRET_PREFIX)) and \
+                    old.name not in current:
                 old.unlink(missing_ok=True)
+
+    def forget_secrets(self) -> None:
+        """Delete the secret state: the run is over, nothing may resume it."""
+        secrets_left = list(self.path.glob(f"{SECRET_PREFIX}*.npz"))
+        for old in secrets_left:
+            old.unlink(missing_ok=True)
+        if secrets_left:
+            fsync_dir(self.path)  # the deletion must outlive a crash, like the writes
 
     @property
     def checkpoint(self) -> Path:
@@ -85,17 +126,32 @@ class RunDir:
         return self.path / json.loads((self.path / STATE).read_text())["checkpoint"]
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.path / METRICS, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        """Append one round's line and fsync it (a torn earlier line stays its own line)."""
+        path = self.path / METRICS
+        line = json.dumps(record, sort_keys=True).encode() + b"\n"
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # never glue a good record onto a torn one
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if size == 0:
+            fsync_dir(self.path)  # the file may be new: make its name durable too
 
-    def truncate_metrics(self, last_round: int) -> None:
-        """Drop metric lines of rounds after `last_round` (not checkpointed)."""
+    def truncate_metrics(self, last_round: int) -> list[str]:
+        """Drop metric lines of rounds after `last_round` (not checkpointed) and
+        unreadable ones; a warning for each unreadable line dropped."""
         path = self.path / METRICS
         if not path.exists():
-            return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("round", 0) <= last_round]
-        atomic_write(path, "".join(line + "\n" for line in kept))
+            return []
+        lines, bad = _parse_metrics(path)
+        atomic_write(path, "".join(text + "\n" for _, text, record in lines
+                                   if record["round"] <= last_round))
+        return [f"{path}:{n}: dropped an unreadable line (torn by a crash or a full disk?)"
+                for n in bad]
 
     def save_final(self, weights: Sequence[np.ndarray], manifest: dict[str, Any]) -> str:
         payload = weights_to_npz(weights)
@@ -103,6 +159,7 @@ class RunDir:
         atomic_write(self.path / FINAL, payload)
         atomic_write(self.path / MANIFEST,
                      json.dumps({**manifest, "weights_sha256": digest}, indent=2, sort_keys=True))
+        self.forget_secrets()  # final.npz exists: the run can no longer be resumed
         return digest
 
 
@@ -121,10 +178,13 @@ def load_checkpoint(run: RunDir) -> Checkpoint:
     strategy: dict[str, list[np.ndarray]] = {}
     path = run.path / state["strategy_state"]
     if path.exists():
-        with np.load(path, allow_pickle=False) as archive:
-            for name in sorted(archive.files):
-                key, _, _ = name.rpartition("__")
-                strategy.setdefault(key, []).append(archive[name])
+        _state_from_npz(path, strategy)
+    if state.get("secret_state"):
+        secret = run.path / state["secret_state"]
+        if not secret.exists():
+            raise TrainingError(f"run {run.run_id}: its secret state {secret} is missing, so "
+                                f"the run cannot be resumed exactly")
+        _state_from_npz(secret, strategy)
     return Checkpoint(int(state["round"]), load_weights(run.path / state["checkpoint"]), state,
                       strategy)
 
@@ -165,24 +225,57 @@ class RunInfo:
     started: float
     epsilon: float | None = None  # DP runs: privacy spent so far, at `delta`
     delta: float | None = None
+    warnings: tuple[str, ...] = ()  # metrics lines that could not be read, and where
 
     def as_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "path": str(self.path), "state": self.state,
                 "rounds_done": self.rounds_done, "rounds_planned": self.rounds_planned,
                 "accuracy": self.accuracy, "hosts": self.hosts, "started": self.started,
-                "epsilon": self.epsilon, "delta": self.delta}
+                "epsilon": self.epsilon, "delta": self.delta, "warnings": list(self.warnings)}
 
 
-def read_metrics(run: RunDir) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Metrics:
+    """metrics.jsonl as read: one record per round, and a warning per line skipped."""
+
+    records: list[dict[str, Any]]
+    warnings: list[str]
+
+
+def _parse_metrics(path: Path) -> tuple[list[tuple[int, str, dict[str, Any]]], list[int]]:
+    """(line number, text, record) of every readable line; numbers of unreadable ones
+    (not UTF-8, not JSON, or not a round's record: what a torn write leaves)."""
+    good: list[tuple[int, str, dict[str, Any]]] = []
+    bad: list[int] = []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+            record = json.loads(text)
+        except ValueError:  # UnicodeDecodeError is one too
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("round"), int):
+            good.append((number, text, record))
+        else:
+            bad.append(number)
+    return good, bad
+
+
+def read_metrics(run: RunDir) -> Metrics:
     path = run.path / METRICS
     if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return Metrics([], [])
+    lines, bad = _parse_metrics(path)
+    return Metrics([record for _, _, record in lines],
+                   [f"{path}:{n}: skipped an unreadable line (torn by a crash or a full disk?)"
+                    for n in bad])
 
 
 def describe_run(run: RunDir) -> RunInfo:
     manifest_path, state_path = run.path / MANIFEST, run.path / STATE
-    history = read_metrics(run)
+    metrics = read_metrics(run)
+    history, warnings = metrics.records, tuple(metrics.warnings)
     accuracy = next((r["accuracy"] for r in reversed(history) if r.get("accuracy") is not None),
                     None)
     spent = next((r for r in reversed(history) if r.get("epsilon") is not None), {})
@@ -192,14 +285,15 @@ def describe_run(run: RunDir) -> RunInfo:
         return RunInfo(run.run_id, run.path, "finished", int(manifest["rounds"]),
                        int(manifest["rounds"]), manifest.get("accuracy", accuracy),
                        list(manifest.get("hosts", [])), run.path.stat().st_mtime,
-                       manifest.get("epsilon", epsilon), manifest.get("delta", delta))
+                       manifest.get("epsilon", epsilon), manifest.get("delta", delta), warnings)
     if state_path.exists():
         state = json.loads(state_path.read_text())
         planned = (state.get("training") or {}).get("rounds")
         return RunInfo(run.run_id, run.path, "interrupted", int(state["round"]), planned,
                        accuracy, list(state.get("hosts", [])), run.path.stat().st_mtime,
-                       epsilon, delta)
-    return RunInfo(run.run_id, run.path, "empty", 0, None, None, [], run.path.stat().st_mtime)
+                       epsilon, delta, warnings)
+    return RunInfo(run.run_id, run.path, "empty", 0, None, None, [], run.path.stat().st_mtime,
+                   warnings=warnings)
 
 
 def list_runs(runs_root: Path) -> list[RunInfo]:

@@ -70,6 +70,17 @@ class RoundRecord:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> RoundRecord:
+        """A metrics.jsonl line read back. Keys this version does not know are
+        ignored and missing ones left empty, so a line written by an older or
+        newer flctl is still shown rather than crashing `flctl runs show`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        empty = {"participants": [], "dropped": {}, "train_loss": None, "eval_loss": None,
+                 "accuracy": None, "seconds": 0.0, "fit_seconds": 0.0, "max_compute_s": 0.0,
+                 "bytes_sent": 0, "bytes_received": 0}
+        return cls(**{**empty, **{k: v for k, v in record.items() if k in known}})
+
 
 @dataclass
 class RunSummary:
@@ -366,7 +377,8 @@ class Coordinator:
                 weights = self.resume_from.weights
                 self.strategy.load_state(self.resume_from.strategy_state)
                 first = self.resume_from.round + 1
-                self.run.truncate_metrics(self.resume_from.round)
+                for warning in self.run.truncate_metrics(self.resume_from.round):
+                    self.on_message(warning)
                 self.privacy.resume_after(self.resume_from.round)
                 self.on_message(f"resuming run {self.run.run_id} after round "
                                 f"{self.resume_from.round}")

@@ -18,6 +18,7 @@ from flctl.core.privacy.accountant import (
     sgm_rdp,
 )
 from flctl.core.privacy.mechanism import (
+    SECRET_STATE_KEYS,
     CentralDP,
     CentralDPRound,
     clip_update,
@@ -28,6 +29,7 @@ from flctl.core.privacy.mechanism import (
 
 PRIVACY_MODES = ("off", "central", "local")
 
-__all__ = ["CONVERSIONS", "DEFAULT_ORDERS", "PRIVACY_MODES", "CentralDP", "CentralDPRound",
-           "PrivacyError", "RdpAccountant", "clip_update", "compute_rdp", "epsilon_from_rdp",
-           "local_accounting", "privatize_locally", "round_noise_rng", "sgm_rdp"]
+__all__ = ["CONVERSIONS", "DEFAULT_ORDERS", "PRIVACY_MODES", "SECRET_STATE_KEYS", "CentralDP",
+           "CentralDPRound", "PrivacyError", "RdpAccountant", "clip_update", "compute_rdp",
+           "epsilon_from_rdp", "local_accounting", "privatize_locally", "round_noise_rng",
+           "sgm_rdp"]

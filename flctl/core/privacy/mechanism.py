@@ -33,9 +33,9 @@ Noise comes from numpy Generators: central noise from (noise_seed, round),
 so a run is reproducible and a resumed run draws the very same noise. The
 noise seed must be SECRET: whoever can regenerate the noise can subtract it
 from a published model. It is not training.seed (flctl.yaml, default 0);
-by default it is 128 bits of fresh entropy kept in the strategy state,
-hence in the run's checkpoint, which the coordinator already trusts with raw
-updates. Local noise must come from the host's own entropy for the same reason.
+by default it is 128 bits of fresh entropy kept in the strategy state under
+a key listed in SECRET_STATE_KEYS, which the run's records keep in a file of
+their own, readable by its owner only and removed when the run finishes. Local noise must come from the host's own entropy for the same reason.
 
 Floating point: clipping and noise run in float64 and only the noised
 result is rounded to the model's float type (post-processing, which costs
@@ -63,6 +63,9 @@ from flctl.core.strategies.base import (
 
 # The strategy-state key that carries the secret noise seed through checkpoints.
 NOISE_SEED_KEY = "dp_noise_seed"
+# Strategy-state keys that must never be published: kept 0600 while a run can
+# be resumed, deleted when it finishes (flctl.coordinator.records).
+SECRET_STATE_KEYS = frozenset({NOISE_SEED_KEY})
 _SEED_WORDS = 4  # 128 bits as uint32 words
 
 
