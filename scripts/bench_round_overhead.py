@@ -303,6 +303,9 @@ def main() -> int:
             targets[p] = Target(f"round overhead at N={args.hosts}, P={p:,}",
                                 figure["overhead_s_median"], "<=", TARGETS[args.hosts, p], " s")
         figure["targets"] = [targets[p].as_json()] if p in targets else []
+        figure["target_s"] = TARGETS.get((args.hosts, p))
+        figure["ratio_to_target"] = (figure["overhead_s_median"] / figure["target_s"]
+                                     if figure["target_s"] else None)
         figure["reference"] = None
         if p in flower:
             f = flower[p]
