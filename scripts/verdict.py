@@ -33,9 +33,10 @@ class Target:
     def met(self) -> bool:
         return bool(_COMPARE[self.comparison](self.measured, self.limit))
 
-    def line(self, digits: int = 3) -> str:
-        return (f"{self.name} {self.measured:.{digits}g}{self.unit} (target {self.comparison} "
-                f"{self.limit:g}{self.unit}): {'met' if self.met else 'MISSED'}")
+    def line(self, spec: str = ".3g") -> str:
+        """One line: the name, the figure (format `spec`), the target, met or MISSED."""
+        return (f"{self.name} {self.measured:{spec}}{self.unit} (target {self.comparison} "
+                f"{self.limit:.4g}{self.unit}): {'met' if self.met else 'MISSED'}")
 
     def as_json(self) -> dict[str, Any]:
         return {"target": self.name, "measured": self.measured, "comparison": self.comparison,
