@@ -5,8 +5,10 @@ Measures FrameClient -> FrameServer with the real framing and TLS stack:
   upload     client sends the model, server answers with a small ack
   roundtrip  client sends the model, server sends it back (bytes both ways)
 Reports the median of several runs in MB/s (1 MB = 1e6 bytes) and the ratio
-to the 500 MB/s target. The server runs in a child process by default (as an
-agent would), so client and server do not share one GIL.
+to the 500 MB/s target; each of the two is printed as met or MISSED against
+it, and the exit status is 1 if one is missed. The server runs in a child
+process by default (as an agent would), so client and server do not share
+one GIL.
 
 Only 127.0.0.1 is used.
 """
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from verdict import Target, exit_status  # noqa: E402  (the script's own folder)
 
 from flctl.core import pki
 from flctl.core.messages import Message
@@ -133,6 +136,11 @@ def main() -> int:
                 child.wait(timeout=10)
         result["server"] = "thread" if args.in_process else "process"
 
+    targets = [Target("upload", result["upload_mb_s"], ">=", TARGET_MB_S, " MB/s"),
+               Target("roundtrip (bytes both ways)", result["roundtrip_mb_s"], ">=",
+                      TARGET_MB_S, " MB/s")]
+    result["targets"] = [t.as_json() for t in targets]
+    result["met"] = all(t.met for t in targets)
     if args.json:
         print(json.dumps(result))
     else:
@@ -142,7 +150,9 @@ def main() -> int:
               f"({result['upload_ratio']:.2f}x target {TARGET_MB_S:.0f} MB/s)")
         print(f"  roundtrip  {result['roundtrip_mb_s']:8.1f} MB/s  "
               f"({result['roundtrip_ratio']:.2f}x target, bytes both ways)")
-    return 0
+        for t in targets:
+            print(f"  {t.line('.1f')}")
+    return exit_status(targets)
 
 
 if __name__ == "__main__":
