@@ -95,7 +95,7 @@ def rounds(root: Path, n_params: int, count: int) -> list[RoundRecord]:
 
 
 def deploy(root: Path, listen: str) -> None:
-    settings = load_settings(root / "flctl.yaml")
+    settings = load_settings(root / "flctl.yaml").with_training(task="echo_task:EchoTask")
     agent = dataclasses.replace(settings.agent, listen=listen)
     (root / "flctl.yaml").write_text(render_settings(dataclasses.replace(settings, agent=agent)))
     workspace = load_workspace(root)

@@ -83,7 +83,7 @@ def measure(root: Path, n_params: int, rounds: int, **overrides: object) -> dict
                for e in endpoints_for(workspace, workspace.inventory.hosts)]
     records = []
     coordinator = Coordinator(clients, training, create_run_dir(workspace.paths.runs),
-                              task_search_path=[workspace.paths.tasks],
+                              tasks_dir=workspace.paths.tasks,
                               on_round=records.append,
                               ca_pem=workspace.paths.ca_cert.read_bytes())
     coordinator.train()
@@ -105,7 +105,9 @@ def echo_federation(hosts: int) -> Iterator[Path]:
     """A workspace of `hosts` deployed local agents with the echo task; torn down after."""
     with tempfile.TemporaryDirectory(prefix="flctl-bench-") as tmp:
         root = Path(tmp)
-        settings = Settings(agent=AgentSettings(port=free_port_block(hosts)))
+        # the task an agent runs is fixed at deploy
+        settings = Settings(agent=AgentSettings(port=free_port_block(hosts))).with_training(
+            task="echo_task:EchoTask")
         init_workspace(root, local_hosts=hosts, settings=settings)
         (root / "flctl.yaml").write_text(render_settings(settings))
         shutil.copy(ECHO_TASK, root / "tasks" / "echo_task.py")
