@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from verdict import Target, exit_status  # noqa: E402  (the script's own folder)
 
 from flctl.coordinator.records import create_run_dir  # noqa: E402
-from flctl.coordinator.rounds import Coordinator, RoundRecord  # noqa: E402
+from flctl.coordinator.rounds import Coordinator  # noqa: E402
 from flctl.coordinator.session import endpoints_for, info_probe, workspace_context  # noqa: E402
+from flctl.coordinator.summary import RoundRecord  # noqa: E402
 from flctl.core.settings import load_settings, render_settings  # noqa: E402
 from flctl.deploy import engine  # noqa: E402
 from flctl.net.agent_client import AgentClient  # noqa: E402

@@ -33,10 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flctl.agent.proc import proc_stat
+
 LAB_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "lab.sh"
 DEFAULT_LAB_DIR = Path("/tmp/flctl-lab")
 LAB_EXISTS_EXIT = 3
 UP_TIMEOUT_S = 120.0
+_PROBE = ("import socket, sys\n"
+          "s = socket.socket(); s.settimeout(2)\n"
+          "try:\n"
+          "    s.connect((sys.argv[1], int(sys.argv[2]))); print('open')\n"
+          "except OSError as e:\n"
+          "    print('closed', e)\n")
 _REQUIRED_COMMANDS = ("bash", "ip", "unshare", "nsenter", "setsid", "flock", "ssh", "ssh-keygen",
                       "mount", "umount", "find", "awk")
 
@@ -120,6 +128,10 @@ class Lab:
 
     def status(self) -> dict[str, Any]:
         return _status()
+
+    def probe(self, host: str, address: str, port: int) -> str:
+        """A TCP connect to address:port from inside `host`: 'open' or 'closed ...'."""
+        return self.exec(host, "python3", "-c", _PROBE, address, str(port)).stdout.strip()
 
     def stop_host(self, host: str) -> None:
         _checked("stop-host", host)
@@ -215,14 +227,10 @@ def _status() -> dict[str, Any]:
 
 def _owner_token(pid: int) -> str | None:
     """pid plus its start time, so a recycled pid is not taken for the owner."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    stat = proc_stat(pid)
+    if stat is None or not stat.alive:
         return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return f"{pid}:{fields[19]}"  # field 22 of stat: starttime
+    return f"{pid}:{stat.start_ticks}"
 
 
 def _read_owner() -> str | None:

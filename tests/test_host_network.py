@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from flctl.agent.proc import is_alive
 from flctl.core.facts import normalise_nft_listing
 from flctl.core.renderers import WgPeer, interface_name, render_nft_ruleset, render_wg_config
 
@@ -59,14 +60,6 @@ FOREIGN_TABLE = "table inet other {\n\tchain c {\n\t\ttype filter hook input pri
 
 
 # ------------------------------------------------------------------ throwaway namespaces
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 class Netns:
@@ -121,12 +114,12 @@ class Netns:
     def remove(self) -> None:
         """Every process inside goes (wireguard-go, rollback timers, the holder), then the namespace."""
         for sig in ("TERM", "KILL"):
-            pids = [p for p in self.pids() if _alive(p)]
+            pids = [p for p in self.pids() if is_alive(p)]
             if not pids:
                 break
             subprocess.run(["kill", f"-{sig}", *map(str, pids)], capture_output=True, timeout=10)
             deadline = time.monotonic() + 3
-            while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            while any(is_alive(p) for p in pids) and time.monotonic() < deadline:
                 time.sleep(0.02)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=10)
 
@@ -315,7 +308,7 @@ class TestTunnel:
             answer = host.ns.hostctl("wg-up", "--config", str(host.config))
             assert answer["result"] == "updated"
             if answer["implementation"] == "userspace":
-                assert answer["pid"] != before and not _alive(before)
+                assert answer["pid"] != before and not is_alive(before)
             shown = host.ns.run("ip", "-4", "-o", "addr", "show", "dev", IFACE).stdout
             assert "198.19.0.21/24" in shown and HOST_OVERLAY not in shown
         finally:
@@ -328,7 +321,7 @@ class TestTunnel:
         pid = host.ns.hostctl("wg-show", "--interface", IFACE)["pid"]
         assert host.ns.hostctl("wg-down", "--config", str(host.config)) == {"changed": True}
         assert host.ns.run("ip", "link", "show", "dev", IFACE, check=False).returncode != 0
-        assert pid is None or not _alive(pid)
+        assert pid is None or not is_alive(pid)
         gone = host.ns.hostctl("wg-show", "--interface", IFACE)
         assert gone["present"] is False and gone["peers"] == []
         assert host.ns.hostctl("wg-down", "--config", str(host.config)) == {"changed": False}
@@ -380,9 +373,9 @@ class TestFirewall:
         state = str(tmp_path / "fw")
         ruleset = str(_ruleset(tmp_path))
         first = netns.hostctl("fw-apply", "--ruleset", ruleset, "--state", state, "--timeout", "60")
-        assert first["changed"] is True and _alive(first["armed"])
+        assert first["changed"] is True and is_alive(first["armed"])
         netns.hostctl("fw-confirm", "--state", state)
-        assert not _alive(first["armed"])
+        assert not is_alive(first["armed"])
         loaded = _table(netns)
         second = netns.hostctl("fw-apply", "--ruleset", ruleset, "--state", state, "--timeout", "60")
         assert second == {"changed": False, "armed": None}
@@ -409,7 +402,7 @@ class TestFirewall:
         assert "8443" in (_table(netns) or "")          # the new table is really loaded
         assert _wait_for(lambda: _table(netns) == previous, 8)
         assert time.monotonic() - started >= 1.4        # not before its time
-        assert _wait_for(lambda: not _alive(applied["armed"]), 3)
+        assert _wait_for(lambda: not is_alive(applied["armed"]), 3)
         status = netns.hostctl("fw-status", "--state", state)
         assert status["rolled_back_at"] is not None and status["armed"] is None
         assert netns.hostctl("fw-confirm", "--state", state) == {"disarmed": False,
@@ -430,7 +423,7 @@ class TestFirewall:
         assert _wait_for(lambda: netns.run("ip", "link", "show", "fl-new",
                                            check=False).returncode != 0, 8)
         assert _wait_for(lambda: _table(netns) is None, 8)          # no table before: none after
-        assert not _alive(armed["armed"])
+        assert not is_alive(armed["armed"])
         assert netns.hostctl("fw-status", "--state", state)["rolled_back_at"] is not None
 
     def test_a_confirmed_new_interface_stays(self, netns: Netns, tmp_path: Path) -> None:
@@ -449,7 +442,7 @@ class TestFirewall:
         assert loaded is not None
         assert netns.hostctl("fw-confirm", "--state", state) == {"disarmed": True,
                                                                  "rolled_back": False}
-        assert not _alive(applied["armed"])
+        assert not is_alive(applied["armed"])
         time.sleep(2.0)
         assert _table(netns) == loaded
         assert netns.hostctl("fw-status", "--state", state)["rolled_back_at"] is None
@@ -477,10 +470,10 @@ class TestFirewall:
         # and going back still means going back to the last confirmed table
         second = netns.hostctl("fw-apply", "--ruleset", str(_ruleset(tmp_path, 9443, "c.nft")),
                                "--state", state, "--timeout", "60")
-        assert second["changed"] is True and not _alive(first["armed"]) and _alive(second["armed"])
+        assert second["changed"] is True and not is_alive(first["armed"]) and is_alive(second["armed"])
         assert "9443" in (_table(netns) or "")
         assert netns.hostctl("fw-rollback", "--state", state) == {"changed": True}
-        assert _table(netns) == confirmed and not _alive(second["armed"])
+        assert _table(netns) == confirmed and not is_alive(second["armed"])
         assert netns.hostctl("fw-rollback", "--state", state) == {"changed": False}
 
     def test_bad_ruleset_is_refused_before_anything_changes(self, netns: Netns,

@@ -486,3 +486,25 @@ def test_adding_a_host_never_moves_a_deployed_one(tmp_path: Path) -> None:
         text, "inventory.yaml", crowded, tmp_path, previous_overlay=deployed).hosts}
     assert all(kept[name] == address for name, address in deployed.items())
     assert kept[newcomer] not in deployed.values()
+
+
+def test_the_workspace_remembers_deployed_addresses(tmp_path: Path) -> None:
+    """Deploy records each host's overlay address; loading the workspace honours
+    them, so a host added later cannot take a deployed host's address."""
+    from flctl.workspace import (
+        WorkspacePaths,
+        init_workspace,
+        load_workspace,
+        record_overlay_addresses,
+    )
+
+    root = tmp_path / "ws"
+    init_workspace(root)
+    paths = WorkspacePaths(root.resolve())
+    (root / "inventory.yaml").write_text(_inventory_text(["n1", "n2"]))
+    record_overlay_addresses(paths, {"n1": "10.213.0.77"})
+    assert str(load_workspace(root).inventory.host("n1").overlay_ip) == "10.213.0.77"
+    record_overlay_addresses(paths, {"n2": "10.213.0.78"})   # merged, not replaced
+    loaded = load_workspace(root).inventory
+    assert [str(loaded.host(n).overlay_ip) for n in ("n1", "n2")] == ["10.213.0.77",
+                                                                    "10.213.0.78"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flctl.agent.proc import is_alive
 from flctl.core.data import make_federated_shards
 from flctl.workspace import load_workspace
 
@@ -32,14 +33,6 @@ DATA_PATH = "/var/lib/flctl-data/data.npz"
 HUB = "198.18.0.1"
 STRANGER = "labx"
 STRANGER_IP = "198.18.0.250"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _lab_netns() -> list[str]:
@@ -246,7 +239,7 @@ def test_down_leaves_nothing_behind(tmp_path: Path) -> None:
     print(f"lab of 2 hosts: up {up_s:.2f} s, down {down_s:.2f} s")
 
     assert via_exec.wait(timeout=10) < 0            # killed by a signal
-    assert [pid for pid in pids if _alive(pid)] == []
+    assert [pid for pid in pids if is_alive(pid)] == []
     assert _lab_netns() == []
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     assert not re.search(r"flctl-(br0|vlab)", links)  # the lab's bridge and veths

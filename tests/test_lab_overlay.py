@@ -24,14 +24,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.skipif(lab_available() is not None,
 
 HOSTS = 3
 STRANGER = "labx"
-PROBE = (
-    "import socket, sys\n"
-    "s = socket.socket(); s.settimeout(2)\n"
-    "try:\n"
-    "    s.connect((sys.argv[1], int(sys.argv[2]))); print('open')\n"
-    "except OSError as e:\n"
-    "    print('closed', e)\n"
-)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +57,7 @@ def probe_from(lab: Lab, where: str | None, address: str, port: int) -> str:
                 return "open"
             except OSError as exc:
                 return f"closed {exc}"
-    return lab.exec(where, "python3", "-c", PROBE, address, str(port)).stdout.strip()
+    return lab.probe(where, address, port)
 
 
 def ssh_works(lab: Lab, host: str) -> bool:

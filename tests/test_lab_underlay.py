@@ -19,14 +19,6 @@ from lab import Lab, lab_available, lab_up
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(lab_available() is not None,
                                                   reason=str(lab_available()))]
 
-PROBE = ("import socket, sys\n"
-         "s = socket.socket(); s.settimeout(2)\n"
-         "try:\n"
-         "    s.connect((sys.argv[1], int(sys.argv[2]))); print('open')\n"
-         "except OSError as e:\n"
-         "    print('closed', e)\n")
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory):
     workspace = tmp_path_factory.mktemp("underlayws")
@@ -44,18 +36,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
         lab.down()
 
 
-def probe(lab: Lab, where: str, address: str, port: int) -> str:
-    return lab.exec(where, "python3", "-c", PROBE, address, str(port)).stdout.strip()
-
-
 def test_the_agent_port_opens_only_to_the_coordinator(lab: Lab) -> None:
     port = load_workspace(lab.workspace).settings.agent.port
     target, other = lab.hosts
     listing = lab.exec(target, "nft", "list", "table", "inet", "flctl").stdout
     assert f"ip saddr 198.18.0.1 tcp dport {port} accept" in listing
     assert "udp dport" not in listing                  # no WireGuard port without the overlay
-    assert probe(lab, other, lab.addresses[target], port).startswith("closed")
-    assert probe(lab, "labx", lab.addresses[target], port).startswith("closed")
+    assert lab.probe(other, lab.addresses[target], port).startswith("closed")
+    assert lab.probe("labx", lab.addresses[target], port).startswith("closed")
     rows = by_host(run_cli("status", "-w", str(lab.workspace), "--json").json())
     assert rows[target]["agent"] == "idle"
     assert rows[target]["address"] == f"{lab.addresses[target]}:{port}"

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flctl.agent.proc import is_alive
 from flctl.core import pki
 from flctl.core.layout import Endpoint
 from flctl.net.agent_client import AgentClient
@@ -24,14 +25,6 @@ from flctl.net.tls import client_context
 from helpers import run_cli, use_ports
 
 HOSTS = 4
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def wait_for(predicate, timeout: float = 20.0, step: float = 0.1):
@@ -161,7 +154,7 @@ def test_killed_agent_is_restarted_by_its_supervisor(workspace) -> None:
     os.kill(old, signal.SIGKILL)
     new = wait_for(lambda: (int(pidfile.read_text()) if pidfile.exists() else 0) not in (0, old)
                    and int(pidfile.read_text()))
-    assert pid_alive(new) and not pid_alive(old)
+    assert is_alive(new) and not is_alive(old)
 
     def answers():
         try:
@@ -242,7 +235,7 @@ def test_teardown_removes_everything_and_is_repeatable(tmp_path: Path) -> None:
     first = run_cli("teardown", "-w", str(tmp_path), "--json")
     assert first.returncode == 0, first.stderr
     assert [h["status"] for h in first.json()["hosts"]] == ["changed", "changed"]
-    wait_for(lambda: not any(pid_alive(pid) for pid in pids), timeout=10)
+    wait_for(lambda: not any(is_alive(pid) for pid in pids), timeout=10)
     assert not any(host_dir(tmp_path, name).exists() for name in ("local1", "local2"))
     second = run_cli("teardown", "-w", str(tmp_path), "--json")
     assert second.returncode == 0

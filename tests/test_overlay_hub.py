@@ -66,16 +66,16 @@ def test_no_peers_and_no_interface_is_nothing_to_do(hub: Hub) -> None:
 
 
 def test_the_cli_exits_7_with_the_hubs_message_when_it_needs_root() -> None:
-    from flctl.cli.app import _host_failures
+    from flctl.cli.common import host_failures
     from flctl.deploy.results import HostResult
 
     rows = [HostResult("lab1", status="changed"),
             HostResult("hub", status="failed", error="the hub interface fl-demo needs root: run "
                        "`sudo python -m flctl.agent.host_helper wg-up --config X`", exit_code=7)]
     with pytest.raises(HubNotRoot) as caught:
-        _host_failures(rows, "deploy")
+        host_failures(rows, "deploy")
     assert caught.value.exit_code == 7 and "sudo" in caught.value.message
     other = [HostResult("lab1", status="failed", error="boom", exit_code=5)]
     with pytest.raises(Exception) as plain:
-        _host_failures(other, "deploy")
+        host_failures(other, "deploy")
     assert plain.value.exit_code == 5  # type: ignore[attr-defined]

@@ -304,6 +304,30 @@ def test_a_certificate_for_another_name_names_the_host(creds, ca) -> None:
         clients["host0"].share(roster)
 
 
+def test_a_revoked_or_non_host_certificate_is_refused(creds, ca) -> None:
+    """Peers check the CA's revocation list, and that a certificate is a host's:
+    the coordinator's own (client-only) one cannot sign a host's round keys."""
+    serial = pki.certificate_info(creds["host1"][1])["serial"]
+    names = HOSTS[:3]
+    server = SecAggServer(names, ROUND, params=PARAMS)
+    clients = {h: SecAggClient(h, ROUND, *creds[h], ca[1], PARAMS, revoked=frozenset({serial}))
+               for h in names}
+    for host, client in clients.items():
+        server.collect_advertisement(host, client.advertise())
+    with pytest.raises(PeerError, match="host 'host1'.*certificate is revoked"):
+        clients["host0"].share(server.roster())
+    checking = SecAggServer(names, ROUND, params=PARAMS, ca_pem=ca[1],
+                            revoked=frozenset({serial}))
+    with pytest.raises(PeerError, match="revoked"):
+        checking.collect_advertisement(
+            "host1", SecAggClient("host1", ROUND, *creds["host1"], ca[1], PARAMS).advertise())
+    key, cert = pki.issue_certificate(*ca, "host2", role=pki.ROLE_COORDINATOR)
+    _, clients, roster = roster_for(creds, ca[1], names, cert_of={"host2": cert},
+                                    key_of={"host2": key})
+    with pytest.raises(PeerError, match="host 'host2'.*not a host's"):
+        clients["host0"].share(roster)
+
+
 def test_an_advertisement_from_another_round_is_refused(creds, ca) -> None:
     old = SecAggClient("host1", "round-6", *creds["host1"], ca[1], PARAMS).advertise()
     _, clients, roster = roster_for(creds, ca[1], HOSTS[:3],

@@ -16,6 +16,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from flctl.agent.proc import is_alive
 from flctl.deploy.connector import HostUnreachable
 from flctl.deploy.ssh import (
     CommandTimeout,
@@ -69,11 +70,7 @@ def gone(pid: int, within: float) -> bool:
     """Whether process `pid` ended (or is a zombie) within `within` seconds."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        if state == "Z":
+        if not is_alive(pid):
             return True
         time.sleep(0.05)
     return False

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ from typing import Any
 from flctl.agent.launcher import init_system
 from flctl.agent.proc import is_alive, matching_pid, pid_from_file
 from flctl.core.facts import normalise_nft_listing, parse_nft_counter
-from flctl.core.fsutil import atomic_write
+from flctl.core.fsutil import atomic_write, sha256_hex
 from flctl.core.renderers import NFT_DROP_COUNTER, NFT_FAMILY, NFT_TABLE
 from flctl.errors import FlctlError
 
@@ -86,10 +85,6 @@ def _nft_checked(*args: str, input_text: str | None = None) -> str:
     return done.stdout
 
 
-def _sha256(data: str | bytes) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
-
-
 def table_present() -> bool:
     listing = _nft_checked("list", "tables", NFT_FAMILY)
     return any(line.split()[-1:] == [NFT_TABLE] for line in listing.splitlines())
@@ -137,7 +132,7 @@ def systemd_timer_command(unit: str, argv: list[str]) -> list[str]:
 
 def _timer_unit(state_dir: Path) -> str:
     """A fresh unit name per timer: a re-arm starts the new one before the old goes."""
-    return f"flctl-rollback-{_sha256(str(state_dir.resolve()))[:12]}-{time.time_ns()}"
+    return f"flctl-rollback-{sha256_hex(str(state_dir.resolve()))[:12]}-{time.time_ns()}"
 
 
 def _unit_of(state_dir: Path) -> str | None:
@@ -254,7 +249,7 @@ def apply_with_rollback(ruleset_path: Path, state_dir: Path, timeout_s: float) -
         ruleset = ruleset_path.read_bytes()
         current = current_table()
         pending, pending_unit = _timer_pid(state_dir), _unit_of(state_dir)
-        if _applied(state_dir) == {"ruleset_sha256": _sha256(ruleset),
+        if _applied(state_dir) == {"ruleset_sha256": sha256_hex(ruleset),
                                    "table_sha256": _listing_sha(current)}:
             return {"changed": False, "armed": pending}
         _save_rollback(state_dir, pending)
@@ -264,12 +259,12 @@ def apply_with_rollback(ruleset_path: Path, state_dir: Path, timeout_s: float) -
             _disarm(pending, pending_unit)
         _nft_checked("-f", str(ruleset_path))
         atomic_write(state_dir / APPLIED_FILE, json.dumps(
-            {"ruleset_sha256": _sha256(ruleset), "table_sha256": _listing_sha(current_table())}), 0o600)
+            {"ruleset_sha256": sha256_hex(ruleset), "table_sha256": _listing_sha(current_table())}), 0o600)
         return {"changed": True, "armed": armed}
 
 
 def _listing_sha(listing: str | None) -> str | None:
-    return None if listing is None else _sha256(normalise_nft_listing(listing))
+    return None if listing is None else sha256_hex(normalise_nft_listing(listing))
 
 
 def _applied(state_dir: Path) -> dict[str, Any] | None:

@@ -118,13 +118,16 @@ def ensure_user(name: str) -> bool:
 
 
 def prepare_run_dir(paths: HostPaths, user: str | None) -> None:
-    """The agent's one writable directory, owned by its user."""
+    """The agent's one writable directory, owned by its user; the state root
+    must let it through (an flctl from before the agent user made it 0700).
+    Nothing secret lies open there: the key is 0600, wg/ and firewall/ 0700."""
     run_dir = Path(paths.run_dir)
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if user is not None and os.geteuid() == 0:
         uid, gid = user_ids(user)
         os.chown(run_dir, uid, gid)
         os.chmod(run_dir, 0o700)
+        os.chmod(paths.root, 0o755)
 
 
 class Service(Protocol):

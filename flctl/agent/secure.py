@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from flctl.core.agentconfig import AgentConfig
+from flctl.core.pki import revoked_serials
 from flctl.core.secagg import FixedPointParams, SecAggClient, flatten
 from flctl.errors import FlctlError
 
@@ -44,6 +45,14 @@ class SecureRounds:
         c = self._config
         return Path(c.key).read_bytes(), Path(c.cert).read_bytes(), Path(c.ca_cert).read_bytes()
 
+    @functools.cached_property
+    def _revoked(self) -> frozenset[int]:
+        """Serials the CA's revocation list names: a peer signing its round keys with
+        a revoked certificate is refused like one from another CA."""
+        if not self._config.crl or not Path(self._config.crl).exists():
+            return frozenset()
+        return revoked_serials(Path(self._config.crl).read_bytes(), self._credentials[2])
+
     def _client(self, meta: dict[str, Any]) -> tuple[str, SecAggClient]:
         round_id = str(meta.get("round_id"))
         with self._lock:
@@ -66,7 +75,8 @@ class SecureRounds:
         # Degree and threshold are fixed before any key is seen; the roster must repeat them.
         client = SecAggClient(self.host, round_id, *self._credentials, params,
                               degree=_optional_int(meta.get("degree")),
-                              threshold=_optional_int(meta.get("threshold")))
+                              threshold=_optional_int(meta.get("threshold")),
+                              revoked=self._revoked)
         with self._lock:
             self._clients[round_id] = client
             while len(self._clients) > ROUNDS_KEPT:

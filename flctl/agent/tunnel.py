@@ -9,7 +9,6 @@ down and up.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import os
@@ -21,7 +20,7 @@ from typing import Any
 
 from flctl.agent.proc import command_line, matching_pid
 from flctl.core.facts import WgQuickConfig, parse_wg_dump, parse_wg_quick_config
-from flctl.core.fsutil import write_secret
+from flctl.core.fsutil import sha256_hex, write_secret
 from flctl.core.renderers import is_wg_key, render_wg_sync_config
 from flctl.errors import FlctlError
 
@@ -171,7 +170,7 @@ def _settings_digest(dump: str, config: WgQuickConfig) -> str:
             endpoint = fields[2] if fields[0] in configured_endpoints else ""
             settings.append([fields[0], fields[1], endpoint,
                              ",".join(sorted(fields[3].split(","))), fields[7]])
-    return hashlib.sha256(json.dumps(sorted(settings)).encode()).hexdigest()
+    return sha256_hex(json.dumps(sorted(settings)))
 
 
 def _normalised(addresses: tuple[str, ...]) -> set[str]:

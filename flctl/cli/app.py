@@ -8,10 +8,8 @@ could not complete; 7 the WireGuard hub needs root; 130 interrupted.
 
 from __future__ import annotations
 
-import datetime
 import sys
 import tempfile
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,17 +20,27 @@ from rich.markup import escape
 import flctl as flctl_package
 from flctl import __version__
 from flctl.cli import render
+from flctl.cli.common import (
+    AcceptNewOpt,
+    ForksOpt,
+    JsonOpt,
+    LimitOpt,
+    WorkspaceOpt,
+    deploy_hosts,
+    holding,
+    host_failures,
+    selected,
+)
+from flctl.cli.pki_commands import pki_app
 from flctl.cli.progress import HostProgress
-from flctl.coordinator.records import RunDir, describe_run, latest_run, list_runs, read_metrics
-from flctl.coordinator.rounds import RoundRecord, RunSummary
+from flctl.cli.runs_commands import runs_app
+from flctl.coordinator.records import latest_run
 from flctl.coordinator.session import info_probe, train_workspace
+from flctl.coordinator.summary import RoundRecord, RunSummary
 from flctl.core.settings import AgentSettings, Settings
 from flctl.core.text import clean_text
 from flctl.deploy import engine
-from flctl.deploy.certificates import CertificateStore
 from flctl.deploy.logs import agent_log
-from flctl.deploy.overlay import HubNotRoot
-from flctl.deploy.results import HostResult
 from flctl.deploy.status import gather_status
 from flctl.errors import ConfigError, FlctlError, HostError, WorkspaceError
 from flctl.net.ports import free_port_block
@@ -43,7 +51,6 @@ from flctl.workspace import (
     init_workspace,
     load_workspace,
 )
-from flctl.workspace_lock import workspace_lock
 
 EXIT_INTERRUPTED = 130
 
@@ -55,34 +62,8 @@ app = typer.Typer(
     epilog="Exit codes: 0 ok, 2 bad configuration, 3 workspace problem, 4 protocol error, "
            "5 host failures, 6 training failed, 7 the WireGuard hub needs root, 130 interrupted.",
 )
-
-WorkspaceOpt = typer.Option(Path("."), "--workspace", "-w", help="Workspace directory.")
-JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout.")
-LimitOpt = typer.Option(None, "--limit", "-l", help="Only these hosts or groups (repeatable).")
-ForksOpt = typer.Option(16, "--forks", "-f", min=1, help="Hosts handled in parallel.")
-AcceptNewOpt = typer.Option(
-    False, "--accept-new-host-keys",
-    help="Trust SSH host keys not yet in the workspace's known_hosts (a changed key is "
-         "always refused).")
-
-
-def _selected(workspace: Workspace, limit: Optional[list[str]]) -> list:
-    return workspace.inventory.select(limit) if limit else list(workspace.inventory.hosts)
-
-
-def _holding(workspace: Workspace, command: str) -> AbstractContextManager[None]:
-    """The workspace lock for a command that changes the workspace or its hosts."""
-    return workspace_lock(workspace.paths.state, f"flctl {command}")
-
-
-def _host_failures(results: list[HostResult], verb: str) -> None:
-    bad = [r for r in results if r.status in ("failed", "unreachable")]
-    hub = next((r for r in bad if r.host == "hub" and r.exit_code == HubNotRoot.exit_code), None)
-    if hub is not None and hub.error:
-        raise HubNotRoot(hub.error)  # the one thing to do, with its own exit code
-    if bad:
-        names = ", ".join(f"{r.host} ({r.status})" for r in bad)
-        raise HostError(f"{verb} failed on {len(bad)} of {len(results)} hosts: {names}")
+app.add_typer(runs_app, name="runs")
+app.add_typer(pki_app, name="pki")
 
 
 @app.command()
@@ -117,16 +98,6 @@ def init(
                      else "next: `flctl deploy`, then `flctl train`")
 
 
-def _deploy(workspace: Workspace, limit: Optional[list[str]], check: bool, forks: int,
-            json_output: bool, accept_new: bool = False) -> list[HostResult]:
-    hosts = _selected(workspace, limit)
-    probe = info_probe(workspace)
-    with HostProgress([h.name for h in hosts], "deploy", enabled=not json_output) as view:
-        return engine.deploy(workspace, hosts, check=check, forks=forks,
-                             verify=lambda host, endpoint: probe(endpoint),
-                             accept_new_host_keys=accept_new, progress=view.update)
-
-
 @app.command()
 def deploy(
     workspace_dir: Path = WorkspaceOpt,
@@ -138,13 +109,13 @@ def deploy(
 ) -> None:
     """Install and start the agent on every host; idempotent."""
     workspace = load_workspace(workspace_dir)
-    with _holding(workspace, "deploy"):
-        results = _deploy(workspace, limit, check, forks, json_output, accept_new)
+    with holding(workspace, "deploy"):
+        results = deploy_hosts(workspace, limit, check, forks, json_output, accept_new)
     if json_output:
         render.emit_json({"check": check, "hosts": [r.as_dict() for r in results]})
     else:
         render.out.print(render.recap_table(results, "deploy (check mode)" if check else "deploy"))
-    _host_failures(results, "deploy")
+    host_failures(results, "deploy")
 
 
 @app.command()
@@ -155,7 +126,7 @@ def status(
 ) -> None:
     """Show every host's agent, load, memory and disk at a glance."""
     workspace = load_workspace(workspace_dir)
-    rows = gather_status(workspace, _selected(workspace, limit), info_probe(workspace, 5.0))
+    rows = gather_status(workspace, selected(workspace, limit), info_probe(workspace, 5.0))
     latest = latest_run(workspace.paths.runs)
     render.warn(latest.warnings if latest else ())
     if json_output:
@@ -179,8 +150,8 @@ def teardown(
 ) -> None:
     """Stop agents and remove everything deploy put on the hosts."""
     workspace = load_workspace(workspace_dir)
-    hosts = _selected(workspace, limit)
-    with _holding(workspace, "teardown"), \
+    hosts = selected(workspace, limit)
+    with holding(workspace, "teardown"), \
             HostProgress([h.name for h in hosts], "teardown", enabled=not json_output) as view:
         results = engine.teardown(workspace, hosts, forks=forks, accept_new_host_keys=accept_new,
                                   progress=view.update)
@@ -188,7 +159,7 @@ def teardown(
         render.emit_json({"hosts": [r.as_dict() for r in results]})
     else:
         render.out.print(render.recap_table(results, "teardown"))
-    _host_failures(results, "teardown")
+    host_failures(results, "teardown")
 
 
 def _training_overrides(**values: Any) -> dict[str, Any]:
@@ -198,7 +169,7 @@ def _training_overrides(**values: Any) -> dict[str, Any]:
 def _run_training(workspace: Workspace, overrides: dict[str, Any], limit: Optional[list[str]],
                   run_id: Optional[str], json_output: bool, resume: bool = False) -> RunSummary:
     settings = workspace.settings.with_training(**overrides)
-    hosts = _selected(workspace, limit)
+    hosts = selected(workspace, limit)
     resume_args = {"resume": resume, "resume_rounds": overrides.get("rounds")}
     table = render.round_table(privacy=settings.training.privacy != "none")
 
@@ -279,7 +250,8 @@ def train(
     heartbeat: Optional[float] = typer.Option(
         None, "--heartbeat", help="Seconds between agent heartbeats; 3 missed = host down."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Aggregation strategy."),
-    task: Optional[str] = typer.Option(None, "--task", help="logreg, mlp or pkg.mod:Class."),
+    task: Optional[str] = typer.Option(
+        None, "--task", help="Must be the task deployed (training.task at the last deploy)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init and sampling."),
     compression: Optional[str] = typer.Option(
         None, "--compression", help="Update encoding: float32, float16, int8 or topk."),
@@ -318,7 +290,7 @@ def train(
     if resume and set(overrides) - {"rounds"}:
         raise ConfigError("--resume continues a run with its own settings; only --rounds "
                           "may be given with it")
-    with _holding(workspace, "train"):
+    with holding(workspace, "train"):
         summary = _run_training(workspace, overrides, limit, run if resume else run_id,
                                 json_output, resume=resume)
     if json_output:
@@ -348,10 +320,10 @@ def demo(
     workspace = load_workspace(root)
     if not json_output:
         render.err.print(f"workspace {root}: starting {hosts} local agents (mutual TLS)")
-    with _holding(workspace, "demo"):
+    with holding(workspace, "demo"):
         try:
-            results = _deploy(workspace, None, False, hosts, json_output=True)
-            _host_failures(results, "deploy")
+            results = deploy_hosts(workspace, None, False, hosts, json_output=True)
+            host_failures(results, "deploy")
             overrides = _training_overrides(rounds=rounds, seed=seed)
             summary = _run_training(workspace, overrides, None, None, json_output)
         finally:
@@ -360,147 +332,6 @@ def demo(
         render.emit_json({"workspace": str(root), **_summary_document(summary)})
     else:
         _print_summary(summary)
-
-
-runs_app = typer.Typer(help="Runs in this workspace: list them, or summarise one.",
-                       invoke_without_command=True)
-app.add_typer(runs_app, name="runs")
-
-
-@runs_app.callback()
-def runs(
-    ctx: typer.Context,
-    workspace_dir: Path = WorkspaceOpt,
-    json_output: bool = JsonOpt,
-) -> None:
-    """List runs: finished, or interrupted (resumable with `flctl train --resume RUN`)."""
-    if ctx.invoked_subcommand is not None:
-        return
-    workspace = load_workspace(workspace_dir)
-    infos = list_runs(workspace.paths.runs)
-    for info in infos:
-        render.warn(info.warnings)
-    if json_output:
-        render.emit_json({"runs": [info.as_dict() for info in infos]})
-    else:
-        render.out.print(render.runs_table(infos))
-
-
-@runs_app.command("show")
-def runs_show(
-    run_id: str = typer.Argument(..., help="The run's id (see `flctl runs`)."),
-    workspace_dir: Path = WorkspaceOpt,
-    json_output: bool = JsonOpt,
-) -> None:
-    """Summarise one run: settings, hosts, and every round's metrics."""
-    workspace = load_workspace(workspace_dir)
-    run = RunDir(workspace.paths.runs / run_id)
-    if not run.path.is_dir():
-        raise WorkspaceError(f"no run {run_id!r} in {workspace.paths.runs}")
-    info = describe_run(run)
-    render.warn(info.warnings)
-    history = read_metrics(run).records
-    if json_output:
-        render.emit_json({**info.as_dict(), "history": history})
-        return
-    render.out.print(render.runs_table([info]))
-    table = render.round_table(privacy=any(r.get("epsilon") is not None for r in history))
-    for record in history:
-        render.add_round_row(table, RoundRecord.from_dict(record))
-    render.out.print(table)
-
-
-pki_app = typer.Typer(help="The project's certificates: list them, rotate them all, revoke "
-                             "a host's.", no_args_is_help=True)
-app.add_typer(pki_app, name="pki")
-
-
-def _certificate_rows(store: CertificateStore) -> list[dict[str, Any]]:
-    rows = []
-    for entry in store.certificates():
-        try:
-            expires = datetime.datetime.fromisoformat(entry["not_after"])
-            days = (expires - datetime.datetime.now(datetime.timezone.utc)).days
-        except (KeyError, TypeError, ValueError):
-            days = None
-        rows.append({**entry, "days_left": days})
-    return rows
-
-
-@pki_app.command("status")
-def pki_status(workspace_dir: Path = WorkspaceOpt, json_output: bool = JsonOpt) -> None:
-    """Every certificate the project CA issued: role, days left, revoked or not."""
-    workspace = load_workspace(workspace_dir)
-    store = CertificateStore(workspace.paths)
-    rows = _certificate_rows(store)
-    reason = store.coordinator_reason()
-    if json_output:
-        render.emit_json({"certificates": rows, "coordinator_renewal_due": reason})
-        return
-    render.out.print(render.certificates_table(rows))
-    if reason is not None:
-        render.out.print(f"[yellow]the coordinator's certificate will be renewed by the next "
-                         f"`flctl deploy`:[/] {escape(reason)}")
-
-
-@pki_app.command("rotate")
-def pki_rotate(
-    workspace_dir: Path = WorkspaceOpt,
-    forks: int = ForksOpt,
-    accept_new: bool = AcceptNewOpt,
-    json_output: bool = JsonOpt,
-) -> None:
-    """Reissue every leaf certificate now: a new coordinator key and certificate, and
-    new keys and certificates on every host in one deploy. The old ones are
-    revoked at once; a host this deploy misses stays refused until deployed again."""
-    workspace = load_workspace(workspace_dir)
-    with _holding(workspace, "pki rotate"):
-        store = CertificateStore(workspace.paths)
-        store.request_rotation()
-        store.renew_coordinator(revoke_old=True)
-        results = _deploy(workspace, None, False, forks, json_output, accept_new)
-    if json_output:
-        render.emit_json({"rotated": True, "hosts": [r.as_dict() for r in results]})
-    else:
-        render.out.print(render.recap_table(results, "pki rotate"))
-    _host_failures(results, "pki rotate")
-
-
-@pki_app.command("revoke")
-def pki_revoke(
-    host: str = typer.Argument(..., help="The host whose certificate is revoked."),
-    workspace_dir: Path = WorkspaceOpt,
-    forks: int = ForksOpt,
-    accept_new: bool = AcceptNewOpt,
-    json_output: bool = JsonOpt,
-) -> None:
-    """Revoke HOST's certificate: the coordinator refuses it at once, and the
-    revocation list goes to every other host now. HOST gets a new key and
-    certificate at its next deploy; remove it from inventory.yaml to keep it out."""
-    workspace = load_workspace(workspace_dir)
-    with _holding(workspace, "pki revoke"):
-        store = CertificateStore(workspace.paths)
-        serials = store.revoke_name(host, "revoked by the operator")
-        if not serials:
-            raise ConfigError(f"no current certificate of {host!r} in "
-                              f"{workspace.paths.issued}: nothing to revoke "
-                              f"(see `flctl pki status`)")
-        others = [h for h in workspace.inventory.hosts if h.name != host]
-        results = _deploy(workspace, [h.name for h in others], False, forks, json_output,
-                          accept_new) if others else []
-    document = {"host": host, "revoked_serials": [format(s, "x") for s in serials],
-                "hosts": [r.as_dict() for r in results]}
-    if json_output:
-        render.emit_json(document)
-    else:
-        render.out.print(f"[green]revoked[/] {escape(host)}: serial "
-                         f"{', '.join(document['revoked_serials'])}")
-        if results:
-            render.out.print(render.recap_table(results, "revocation list pushed"))
-        if host in workspace.inventory.names:
-            render.out.print(f"{escape(host)} is still in the inventory: its next deploy gives "
-                             "it a new key and certificate; remove it to keep it out")
-    _host_failures(results, "pki revoke")
 
 
 @app.command()

@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from flctl.coordinator.records import RunInfo
-from flctl.coordinator.rounds import RoundRecord
+from flctl.coordinator.summary import RoundRecord
 from flctl.core.text import clean_text
 from flctl.deploy.results import HostResult
 

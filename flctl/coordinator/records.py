@@ -19,7 +19,6 @@ round whose checkpoint exists has its metrics line on disk too.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from flctl.core.fsutil import atomic_write, fsync_dir, write_secret
+from flctl.core.fsutil import atomic_write, fsync_dir, sha256_hex, write_secret
 from flctl.core.privacy import SECRET_STATE_KEYS
 from flctl.errors import TrainingError
 
@@ -155,7 +154,7 @@ class RunDir:
 
     def save_final(self, weights: Sequence[np.ndarray], manifest: dict[str, Any]) -> str:
         payload = weights_to_npz(weights)
-        digest = hashlib.sha256(payload).hexdigest()
+        digest = sha256_hex(payload)
         atomic_write(self.path / FINAL, payload)
         atomic_write(self.path / MANIFEST,
                      json.dumps({**manifest, "weights_sha256": digest}, indent=2, sort_keys=True))

@@ -9,13 +9,11 @@ O(model), not O(hosts x model).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +34,13 @@ from flctl.coordinator.replies import (
     shape_params,
 )
 from flctl.coordinator.secure_round import SecureAggregation, check_secure_settings
+from flctl.coordinator.summary import (
+    MessageCallback,
+    RoundCallback,
+    RoundRecord,
+    RunSummary,
+    plain_settings,
+)
 from flctl.core.aggregation import update_distance
 from flctl.core.data import Dataset
 from flctl.core.secagg import SecAggError
@@ -45,61 +50,6 @@ from flctl.core.tasks import Task, check_weights, load_task
 from flctl.core.uplink import UplinkSpec, unpack_update
 from flctl.errors import FlctlError, TrainingError
 from flctl.net.agent_client import AgentClient, FitReply
-
-
-@dataclass
-class RoundRecord:
-    round: int
-    participants: list[str]
-    dropped: dict[str, str]
-    train_loss: float | None
-    eval_loss: float | None
-    accuracy: float | None
-    seconds: float
-    fit_seconds: float
-    max_compute_s: float
-    bytes_sent: int
-    bytes_received: int
-    eval_seconds: float = 0.0
-    central_loss: float | None = None
-    central_accuracy: float | None = None
-    attempts: int = 1  # > 1 when the round was re-run for lack of replies
-    epsilon: float | None = None  # DP: privacy spent so far, at `delta`
-    delta: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> RoundRecord:
-        """A metrics.jsonl line read back. Keys this version does not know are
-        ignored and missing ones left empty, so a line written by an older or
-        newer flctl is still shown rather than crashing `flctl runs show`."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        empty = {"participants": [], "dropped": {}, "train_loss": None, "eval_loss": None,
-                 "accuracy": None, "seconds": 0.0, "fit_seconds": 0.0, "max_compute_s": 0.0,
-                 "bytes_sent": 0, "bytes_received": 0}
-        return cls(**{**empty, **{k: v for k, v in record.items() if k in known}})
-
-
-@dataclass
-class RunSummary:
-    run_id: str
-    run_dir: Path
-    rounds: int
-    hosts: list[str]
-    final_weights: Path
-    weights_sha256: str
-    accuracy: float | None
-    eval_loss: float | None
-    seconds: float
-    history: list[RoundRecord] = field(default_factory=list)
-    epsilon: float | None = None  # DP runs: (epsilon, delta) spent
-    delta: float | None = None
-
-
-RoundCallback = Callable[[RoundRecord], None]
-MessageCallback = Callable[[str], None]
 
 
 class RoundShort(TrainingError):
@@ -120,6 +70,7 @@ class Coordinator:
         resume_from: Checkpoint | None = None,
         eval_data: Dataset | None = None,
         ca_pem: bytes | None = None,
+        revoked: frozenset[int] = frozenset(),
     ) -> None:
         self.resume_from = resume_from
         self.eval_data = eval_data
@@ -131,6 +82,7 @@ class Coordinator:
         self.uplink = UplinkSpec.for_training(training)
         self.codec = self.uplink.codec()  # bad compression settings fail before round 1
         self.ca_pem = ca_pem
+        self.revoked = revoked  # serials on the CA's revocation list
         self.secure: SecureAggregation | None = None  # set up once the hosts are known
         if training.secure_aggregation:
             check_secure_settings(training, self.strategy, ca_pem)
@@ -371,7 +323,7 @@ class Coordinator:
                 counts = [int(i["data"]["n_train"]) for i in infos if i.get("data")]
                 self.secure = SecureAggregation(
                     self.training, self.ca_pem, self._parallel,
-                    self.budget.allocator, self.budget.release, counts)
+                    self.budget.allocator, self.budget.release, counts, self.revoked)
             self.task = load_task(t.task, self.task_params, self.tasks_dir)
             if self.resume_from is not None:
                 weights = self.resume_from.weights
@@ -406,7 +358,7 @@ class Coordinator:
                     break
             manifest = {
                 "run_id": self.run.run_id,
-                "training": _plain_settings(t),
+                "training": plain_settings(t),
                 "task_params": self.task_params,
                 "seed": t.seed,
                 "hosts": [c.name for c in self.clients],
@@ -455,7 +407,7 @@ class Coordinator:
 
     def _checkpoint(self, round_number: int, weights: list[np.ndarray]) -> None:
         self.run.save_checkpoint(round_number, weights, {
-            "run_id": self.run.run_id, "training": _plain_settings(self.training),
+            "run_id": self.run.run_id, "training": plain_settings(self.training),
             "task_params": self.task_params, "hosts": [c.name for c in self.clients]},
             self.strategy.state())
 
@@ -506,11 +458,6 @@ class Coordinator:
             self._checkpoint(round_number, new_weights)
         self.on_round(record)
         return record, new_weights
-
-
-def _plain_settings(training: TrainingSettings) -> dict[str, Any]:
-    out = {f.name: getattr(training, f.name) for f in dataclasses.fields(training)}
-    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in out.items()}
 
 
 def _reason(error: BaseException) -> str:

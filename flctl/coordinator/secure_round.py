@@ -69,9 +69,10 @@ class SecureAggregation:
 
     def __init__(self, training: TrainingSettings, ca_pem: bytes, parallel: Parallel,
                  allocator: AllocatorFactory, release: Release,
-                 example_counts: Sequence[int]) -> None:
+                 example_counts: Sequence[int], revoked: frozenset[int] = frozenset()) -> None:
         self.training = training
         self.ca_pem = ca_pem
+        self.revoked = revoked
         self.parallel = parallel
         self.allocator = allocator
         self.release = release
@@ -83,7 +84,8 @@ class SecureAggregation:
         # SecAgg+: each host masks with and shares among its k graph neighbours
         degree = t.secagg_neighbours or default_neighbours(len(clients))
         server = SecAggServer([c.name for c in clients], round_id, t.secagg_threshold or None,
-                              self.params, ca_pem=self.ca_pem, degree=degree)
+                              self.params, ca_pem=self.ca_pem, degree=degree,
+                              revoked=self.revoked)
         announced = server.advertise_request()
         dropped: dict[str, str] = {}
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import ssl
+import threading
 from collections.abc import Sequence
 from typing import Any, Callable
 
 from flctl.coordinator.records import create_run_dir, load_checkpoint, resumable_run
-from flctl.coordinator.rounds import Coordinator, MessageCallback, RoundCallback, RunSummary
+from flctl.coordinator.rounds import Coordinator
+from flctl.coordinator.summary import MessageCallback, RoundCallback, RunSummary
 from flctl.core.data import load_dataset
 from flctl.core.inventory import Host
 from flctl.core.layout import Endpoint, agent_endpoint
 from flctl.core.messages import Limits
+from flctl.core.pki import revoked_serials
 from flctl.core.settings import TrainingSettings
 from flctl.net.agent_client import AgentClient, coordinator_context
 from flctl.workspace import Workspace
@@ -29,17 +32,32 @@ def workspace_context(workspace: Workspace) -> ssl.SSLContext:
                                p.crl if p.crl.exists() else None)
 
 
+def workspace_revocations(workspace: Workspace) -> frozenset[int]:
+    """The serials the workspace's CA has revoked (for secure-aggregation peers)."""
+    p = workspace.paths
+    if not p.crl.exists():
+        return frozenset()
+    return revoked_serials(p.crl.read_bytes(), p.ca_cert.read_bytes())
+
+
 def endpoints_for(workspace: Workspace, hosts: Sequence[Host]) -> list[Endpoint]:
     order = {h.name: i for i, h in enumerate(workspace.inventory.hosts)}
     return [agent_endpoint(h, workspace.settings, order[h.name]) for h in hosts]
 
 
 def info_probe(workspace: Workspace, timeout: float = 10.0) -> Callable[[Endpoint], dict[str, Any]]:
-    """A function that asks one agent for its info over mutual TLS."""
-    context = workspace_context(workspace)
+    """A function that asks one agent for its info over mutual TLS.
+
+    The TLS context is made at the first call, not now: deploy may renew the
+    coordinator's certificate (and the revocation list) before it verifies."""
+    contexts: list[ssl.SSLContext] = []
+    lock = threading.Lock()
 
     def probe(endpoint: Endpoint) -> dict[str, Any]:
-        with AgentClient(endpoint, context, timeout=timeout) as client:
+        with lock:
+            if not contexts:
+                contexts.append(workspace_context(workspace))
+        with AgentClient(endpoint, contexts[0], timeout=timeout) as client:
             return client.info()
 
     return probe
@@ -84,5 +102,6 @@ def train_workspace(
                               tasks_dir=workspace.paths.tasks,
                               on_round=on_round, on_message=on_message,
                               resume_from=checkpoint, eval_data=eval_data,
-                              ca_pem=workspace.paths.ca_cert.read_bytes())
+                              ca_pem=workspace.paths.ca_cert.read_bytes(),
+                              revoked=workspace_revocations(workspace))
     return coordinator.train()

@@ -50,8 +50,22 @@ def _port(value: Any, spot: Spot) -> int:
     return expect_int(value, spot, minimum=1, maximum=65535)
 
 
-def _optional_port(value: Any, spot: Spot) -> int | None:
-    return None if value is None else _port(value, spot)
+# Agents do not run as root, so they can only bind ports from 1024 up.
+UNPRIVILEGED_PORTS = (1024, 65535)
+
+
+def expect_agent_port(value: Any, spot: Spot) -> int:
+    """A port the agent, running unprivileged, can listen on."""
+    port = expect_int(value, spot)
+    low, high = UNPRIVILEGED_PORTS
+    if not low <= port <= high:
+        raise spot.error(f"{port} is not a port an unprivileged agent can listen on "
+                         f"(use {low}..{high})")
+    return port
+
+
+def _optional_agent_port(value: Any, spot: Spot) -> int | None:
+    return None if value is None else expect_agent_port(value, spot)
 
 
 def _optional_path(value: Any, spot: Spot) -> str | None:
@@ -106,7 +120,7 @@ CHECKS: dict[str, Callable[[Any, Spot], Any]] = {
     "overlay_ip": _overlay_ip,
     "data_path": lambda v, s: expect_str(v, s),
     "labels": _labels,
-    "agent_port": _optional_port,
+    "agent_port": _optional_agent_port,
     "python": _python,
 }
 HOST_VARS = tuple(CHECKS)

@@ -26,7 +26,11 @@ from types import MappingProxyType
 from typing import Any
 
 from flctl.core.host_vars import CHECKS, DEFAULTS, HOST_ONLY_VARS, HOST_VARS
-from flctl.core.overlay_addresses import assign_overlay_addresses, overlay_capacity
+from flctl.core.overlay_addresses import (
+    assign_or_explain,
+    check_explicit_overlay,
+    check_ssh_outside_overlay,
+)
 from flctl.core.yamlsrc import (
     LineDict,
     Spot,
@@ -358,38 +362,19 @@ def parse_inventory(text: str, source: str, overlay_subnet: ipaddress.IPv4Networ
         resolved.append((entry, merged, tuple(g for g in ordered if g != ALL)))
 
     _check_local_agent_ports(source, resolved)
-    explicit = _check_explicit_overlay(source, overlay_subnet, resolved)
+    explicit = check_explicit_overlay(source, overlay_subnet, resolved)
     auto_names = [entry.name for entry, merged, _ in resolved if "overlay_ip" not in merged]
-    assigned = _assign_or_explain(source, overlay_subnet, auto_names, explicit,
+    assigned = assign_or_explain(source, overlay_subnet, auto_names, explicit,
                                   previous_overlay, parser.groups[ALL].line)
 
     hosts = tuple(_build_host(source, base, entry, merged, groups,
                               explicit.get(entry.name) or assigned[entry.name])
                   for entry, merged, groups in resolved)
-    _check_ssh_outside_overlay(source, overlay_subnet, resolved)
+    check_ssh_outside_overlay(source, overlay_subnet, resolved)
     members: dict[str, tuple[str, ...]] = {}
     for group in parser.groups:
         members[group] = tuple(h.name for h in hosts if group == ALL or group in h.groups)
     return Inventory(source, hosts, MappingProxyType(members))
-
-
-def _check_ssh_outside_overlay(source: str, subnet: ipaddress.IPv4Network,
-                               resolved: Sequence[tuple[_HostEntry, dict[str, _Var], Any]]) -> None:
-    """An SSH address inside the overlay would be routed into the tunnel once it
-    is up: SSH to that host (and deploy's rollback confirmation) would be cut."""
-    for _entry, merged, _groups in resolved:
-        var = merged.get("ssh_host")
-        if var is None:
-            continue
-        try:
-            address = ipaddress.ip_address(str(var.value).strip("[]"))
-        except ValueError:
-            continue   # a name: resolved at connect time, not here
-        if address.version == 4 and address in subnet:
-            raise Spot(source, var.line, var.field).error(
-                f"{address} is inside the overlay subnet {subnet} (overlay.subnet in "
-                f"flctl.yaml): the tunnel would capture SSH to this host; choose another "
-                f"overlay subnet")
 
 
 def _merge_vars(layers: Sequence[Mapping[str, _Var]]) -> dict[str, _Var]:
@@ -459,46 +444,6 @@ def _check_local_agent_ports(source: str,
 
 
 # ---------------------------------------------------------------- overlay
-
-
-def _check_explicit_overlay(source: str, subnet: ipaddress.IPv4Network,
-                            resolved: Sequence[tuple[_HostEntry, dict[str, _Var], Any]],
-                            ) -> dict[str, ipaddress.IPv4Address]:
-    hub = subnet.network_address + 1
-    owners: dict[ipaddress.IPv4Address, tuple[str, int]] = {}
-    explicit: dict[str, ipaddress.IPv4Address] = {}
-    for entry, merged, _ in resolved:
-        if "overlay_ip" not in merged:
-            continue
-        var = merged["overlay_ip"]
-        address = var.value
-        spot = Spot(source, var.line, var.field)
-        if address not in subnet:
-            raise spot.error(f"{address} is outside the overlay subnet {subnet}")
-        if address == subnet.network_address:
-            raise spot.error(f"{address} is the network address of {subnet}")
-        if address == subnet.broadcast_address:
-            raise spot.error(f"{address} is the broadcast address of {subnet}")
-        if address == hub:
-            raise spot.error(f"{address} is reserved for the hub (the coordinator)")
-        if address in owners:
-            other, other_line = owners[address]
-            raise spot.error(f"{address} is already used by host {other!r} (line {other_line})")
-        owners[address] = (entry.name, var.line)
-        explicit[entry.name] = address
-    return explicit
-
-
-def _assign_or_explain(source: str, subnet: ipaddress.IPv4Network, names: Sequence[str],
-                       explicit: Mapping[str, ipaddress.IPv4Address],
-                       previous: Mapping[str, ipaddress.IPv4Address] | None,
-                       line: int) -> dict[str, ipaddress.IPv4Address]:
-    free = overlay_capacity(subnet) - len(explicit)
-    if len(names) > free:
-        raise ConfigError(f"overlay subnet {subnet} has room for {overlay_capacity(subnet)} "
-                          f"hosts, the inventory has {len(names) + len(explicit)}",
-                          file=source, line=line)
-    return assign_overlay_addresses(names, subnet, taken=explicit.values(), previous=previous)
 
 
 # ---------------------------------------------------------------- render

@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
+from flctl.core.yamlsrc import Spot
 from flctl.errors import ConfigError
+
+# (host entry, its merged variables, its groups) as the inventory parser
+# resolves them; each variable has .value, .line and .field.
+Resolved = Sequence[tuple[Any, Mapping[str, Any], Any]]
 
 
 def overlay_capacity(subnet: ipaddress.IPv4Network) -> int:
@@ -63,3 +69,60 @@ def overlay_home_slot(name: str, size: int) -> int:
     """The slot a name asks for first: a hash, so it ignores every other host."""
     digest = hashlib.sha256(name.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % size if size > 0 else 0
+
+
+def check_ssh_outside_overlay(source: str, subnet: ipaddress.IPv4Network,
+                               resolved: Resolved) -> None:
+    """An SSH address inside the overlay would be routed into the tunnel once it
+    is up: SSH to that host (and deploy's rollback confirmation) would be cut."""
+    for _entry, merged, _groups in resolved:
+        var = merged.get("ssh_host")
+        if var is None:
+            continue
+        try:
+            address = ipaddress.ip_address(str(var.value).strip("[]"))
+        except ValueError:
+            continue   # a name: resolved at connect time, not here
+        if address.version == 4 and address in subnet:
+            raise Spot(source, var.line, var.field).error(
+                f"{address} is inside the overlay subnet {subnet} (overlay.subnet in "
+                f"flctl.yaml): the tunnel would capture SSH to this host; choose another "
+                f"overlay subnet")
+
+def check_explicit_overlay(source: str, subnet: ipaddress.IPv4Network,
+                            resolved: Resolved,
+                            ) -> dict[str, ipaddress.IPv4Address]:
+    hub = subnet.network_address + 1
+    owners: dict[ipaddress.IPv4Address, tuple[str, int]] = {}
+    explicit: dict[str, ipaddress.IPv4Address] = {}
+    for entry, merged, _ in resolved:
+        if "overlay_ip" not in merged:
+            continue
+        var = merged["overlay_ip"]
+        address = var.value
+        spot = Spot(source, var.line, var.field)
+        if address not in subnet:
+            raise spot.error(f"{address} is outside the overlay subnet {subnet}")
+        if address == subnet.network_address:
+            raise spot.error(f"{address} is the network address of {subnet}")
+        if address == subnet.broadcast_address:
+            raise spot.error(f"{address} is the broadcast address of {subnet}")
+        if address == hub:
+            raise spot.error(f"{address} is reserved for the hub (the coordinator)")
+        if address in owners:
+            other, other_line = owners[address]
+            raise spot.error(f"{address} is already used by host {other!r} (line {other_line})")
+        owners[address] = (entry.name, var.line)
+        explicit[entry.name] = address
+    return explicit
+
+def assign_or_explain(source: str, subnet: ipaddress.IPv4Network, names: Sequence[str],
+                       explicit: Mapping[str, ipaddress.IPv4Address],
+                       previous: Mapping[str, ipaddress.IPv4Address] | None,
+                       line: int) -> dict[str, ipaddress.IPv4Address]:
+    free = overlay_capacity(subnet) - len(explicit)
+    if len(names) > free:
+        raise ConfigError(f"overlay subnet {subnet} has room for {overlay_capacity(subnet)} "
+                          f"hosts, the inventory has {len(names) + len(explicit)}",
+                          file=source, line=line)
+    return assign_overlay_addresses(names, subnet, taken=explicit.values(), previous=previous)

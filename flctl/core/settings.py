@@ -18,6 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable
 
+from flctl.core.host_vars import expect_agent_port
 from flctl.core.yamlsrc import (
     LineDict,
     Spot,
@@ -234,7 +235,7 @@ def _check_project(value: Any, spot: Spot) -> str:
 
 _OVERLAY_FIELDS: dict[str, Check] = {"subnet": _subnet, "port": _port}
 _AGENT_FIELDS: dict[str, Check] = {
-    "port": _port,
+    "port": expect_agent_port,
     "listen": lambda v, s: expect_choice(v, s, LISTEN_CHOICES),
 }
 _TRAINING_FIELDS: dict[str, Check] = {

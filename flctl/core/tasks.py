@@ -7,7 +7,6 @@ weights: the agent never needs to know the model, so users bring their own
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -22,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from flctl.core.data import Dataset
+from flctl.core.fsutil import sha256_hex
 from flctl.core.models import MLP, LogisticRegression
 from flctl.core.settings import TrainingSettings
 from flctl.errors import FlctlError
@@ -232,7 +232,7 @@ def _tasks_package(folder: Path) -> str:
     imported as a submodule of it, so it can come from that folder and from
     nowhere else, and never collides with (or replaces) a module of the same
     name elsewhere, nor with another workspace's tasks in the same process."""
-    name = "flctl_tasks_" + hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    name = "flctl_tasks_" + sha256_hex(str(folder))[:16]
     if name not in sys.modules:
         spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
         spec.submodule_search_locations = [str(folder)]

@@ -24,7 +24,6 @@ already installed.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import re
 import shlex
@@ -38,7 +37,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from flctl.core.fsutil import atomic_write, file_sha256
+from flctl.core.fsutil import atomic_write, file_sha256, sha256_hex
 from flctl.core.wheellock import LockedWheel, LockTarget, normalize_project, target_key
 from flctl.deploy.ownwheel import DISTRIBUTION, own_wheel
 from flctl.errors import FlctlError
@@ -198,7 +197,7 @@ def prepare_bundle(python_version: str, machine: str, cache_dir: Path,
 
 def bundle_digest(wheels: tuple[WheelFile, ...] | list[WheelFile]) -> str:
     pairs = sorted((wheel.name, wheel.sha256) for wheel in wheels)
-    return hashlib.sha256("".join(f"{name}\0{sha}\n" for name, sha in pairs).encode()).hexdigest()
+    return sha256_hex("".join(f"{name}\0{sha}\n" for name, sha in pairs))
 
 
 @contextmanager

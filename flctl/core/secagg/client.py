@@ -47,7 +47,7 @@ class SecAggClient:
     def __init__(self, host: str, round_id: str | int, signing_key_pem: bytes, cert_pem: bytes,
                  ca_pem: bytes, params: FixedPointParams | None = None, *,
                  neighbours: NeighbourFn | None = None, degree: int | None = None,
-                 threshold: int | None = None) -> None:
+                 threshold: int | None = None, revoked: frozenset[int] = frozenset()) -> None:
         self.host = host
         self.round_id = str(round_id)
         self.params = params or FixedPointParams()
@@ -56,6 +56,7 @@ class SecAggClient:
         self._signing_key_pem = signing_key_pem
         self._cert_pem = cert_pem
         self._ca_pem = ca_pem
+        self._revoked = revoked  # serials the CA's revocation list names
         if neighbours is not None and degree:
             raise SecAggError("secure aggregation: give either a neighbour function or a"
                               " neighbour degree, not both")
@@ -118,7 +119,8 @@ class SecAggClient:
         self._hosts = sorted(adverts)
         # Every advert, not only the neighbours': their keys seed the ring, so an
         # unchecked one would let the server steer it.
-        self._peers = {h: keys.verify_advert(h, adverts[h], self.round_id, self._ca_pem)
+        self._peers = {h: keys.verify_advert(h, adverts[h], self.round_id, self._ca_pem,
+                                              self._revoked)
                        for h in self._hosts}
         if (self._peers[self.host].c_pk, self._peers[self.host].s_pk) != self._own_keys():
             raise PeerError(self.host, "the roster carries keys this host did not make")

@@ -32,7 +32,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
-from flctl.core.pki import PKIError, load_private_key, verify_issued_by
+from flctl.core.pki import (
+    ROLE_HOST,
+    PKIError,
+    certificate_role,
+    load_private_key,
+    verify_issued_by,
+)
 from flctl.errors import FlctlError
 
 KEY_BYTES = 32
@@ -118,7 +124,8 @@ def _utc(cert: x509.Certificate, field: str) -> datetime.datetime:
     return value
 
 
-def _check_certificate(host: str, cert_pem: bytes, ca_pem: bytes) -> x509.Certificate:
+def _check_certificate(host: str, cert_pem: bytes, ca_pem: bytes,
+                       revoked: frozenset[int] = frozenset()) -> x509.Certificate:
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError as exc:
@@ -132,10 +139,15 @@ def _check_certificate(host: str, cert_pem: bytes, ca_pem: bytes) -> x509.Certif
     common_name = str(names[0].value) if names else None
     if common_name != host:
         raise PeerError(host, f"certificate is for {common_name!r}, not for this host")
+    if certificate_role(cert_pem) != ROLE_HOST:
+        raise PeerError(host, "certificate is not a host's (its usage is not server auth only)")
+    if cert.serial_number in revoked:
+        raise PeerError(host, "certificate is revoked")
     return cert
 
 
-def verify_advert(host: str, advert: Any, round_id: str, ca_pem: bytes) -> PeerKeys:
+def verify_advert(host: str, advert: Any, round_id: str, ca_pem: bytes,
+                  revoked: frozenset[int] = frozenset()) -> PeerKeys:
     """The peer's keys, once its certificate and signature check out."""
     if not isinstance(advert, dict):
         raise PeerError(host, "advertisement is not an object")
@@ -146,7 +158,7 @@ def verify_advert(host: str, advert: Any, round_id: str, ca_pem: bytes) -> PeerK
     cert_pem = advert.get("cert")
     if not isinstance(cert_pem, str):
         raise PeerError(host, "advertisement has no certificate")
-    cert = _check_certificate(host, cert_pem.encode("ascii", "replace"), ca_pem)
+    cert = _check_certificate(host, cert_pem.encode("ascii", "replace"), ca_pem, revoked)
     c_pk = b64decode(advert.get("c_pk"), host, "c_pk", KEY_BYTES)
     s_pk = b64decode(advert.get("s_pk"), host, "s_pk", KEY_BYTES)
     b_commit = b64decode(advert.get("b_commit"), host, "b_commit", KEY_BYTES)

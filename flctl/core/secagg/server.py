@@ -84,7 +84,8 @@ class SecAggServer:
 
     def __init__(self, hosts: Sequence[str], round_id: str | int, threshold: int | None = None,
                  params: FixedPointParams | None = None, *, ca_pem: bytes | None = None,
-                 neighbours: NeighbourFn | None = None, degree: int = 0) -> None:
+                 neighbours: NeighbourFn | None = None, degree: int = 0,
+                 revoked: frozenset[int] = frozenset()) -> None:
         self.hosts = sorted(set(hosts))
         self.round_id = str(round_id)
         if neighbours is not None and degree:
@@ -103,6 +104,7 @@ class SecAggServer:
         self.stage = "advertise"
         self.graph: CommunicationGraph | None = None  # fixed by roster()
         self._ca_pem = ca_pem
+        self._revoked = revoked
         self._adverts: dict[str, dict[str, Any]] = {}
         self._mask_keys: dict[str, tuple[bytes, bytes]] = {}  # host -> (s_pk, b_commit)
         self._graph_keys: dict[str, tuple[bytes, bytes, bytes]] = {}  # + c_pk: seeds the ring
@@ -173,7 +175,7 @@ class SecAggServer:
         if host in self._adverts:
             raise PeerError(host, "advertised twice")
         if self._ca_pem is not None:
-            keys.verify_advert(host, advert, self.round_id, self._ca_pem)
+            keys.verify_advert(host, advert, self.round_id, self._ca_pem, self._revoked)
         elif not isinstance(advert, dict) or advert.get("host") != host:
             raise PeerError(host, "advertisement is not from this host")
         c_pk = b64decode(advert.get("c_pk"), host, "c_pk", keys.KEY_BYTES)

@@ -1,0 +1,60 @@
+"""`flctl runs`: the runs of a workspace, finished or interrupted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from flctl.cli import render
+from flctl.cli.common import JsonOpt, WorkspaceOpt
+from flctl.coordinator.records import RunDir, describe_run, list_runs, read_metrics
+from flctl.coordinator.summary import RoundRecord
+from flctl.errors import WorkspaceError
+from flctl.workspace import load_workspace
+
+runs_app = typer.Typer(help="Runs in this workspace: list them, or summarise one.",
+                       invoke_without_command=True)
+
+
+@runs_app.callback()
+def runs(
+    ctx: typer.Context,
+    workspace_dir: Path = WorkspaceOpt,
+    json_output: bool = JsonOpt,
+) -> None:
+    """List runs: finished, or interrupted (resumable with `flctl train --resume RUN`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    workspace = load_workspace(workspace_dir)
+    infos = list_runs(workspace.paths.runs)
+    for info in infos:
+        render.warn(info.warnings)
+    if json_output:
+        render.emit_json({"runs": [info.as_dict() for info in infos]})
+    else:
+        render.out.print(render.runs_table(infos))
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: str = typer.Argument(..., help="The run's id (see `flctl runs`)."),
+    workspace_dir: Path = WorkspaceOpt,
+    json_output: bool = JsonOpt,
+) -> None:
+    """Summarise one run: settings, hosts, and every round's metrics."""
+    workspace = load_workspace(workspace_dir)
+    run = RunDir(workspace.paths.runs / run_id)
+    if not run.path.is_dir():
+        raise WorkspaceError(f"no run {run_id!r} in {workspace.paths.runs}")
+    info = describe_run(run)
+    render.warn(info.warnings)
+    history = read_metrics(run).records
+    if json_output:
+        render.emit_json({**info.as_dict(), "history": history})
+        return
+    render.out.print(render.runs_table([info]))
+    table = render.round_table(privacy=any(r.get("epsilon") is not None for r in history))
+    for record in history:
+        render.add_round_row(table, RoundRecord.from_dict(record))
+    render.out.print(table)
