@@ -154,6 +154,20 @@ def test_the_agent_runs_unprivileged(lab: Lab) -> None:
         assert remote(lab, host, "ls /etc/flctl-probe 2>/dev/null; true") == ""
 
 
+def test_data_only_root_can_read_fails_at_deploy_not_in_round_one(lab: Lab) -> None:
+    host = lab.hosts[1]
+    lab.exec(host, "chmod", "600", "/var/lib/flctl-data/data.npz")
+    try:
+        refused = deploy_json(lab.workspace, "--limit", host)
+        [row] = host_rows(refused)
+        assert row["status"] == "failed"
+        assert "user flctl cannot read /var/lib/flctl-data/data.npz (permission denied)" in \
+            row["error"]
+    finally:
+        lab.exec(host, "chmod", "644", "/var/lib/flctl-data/data.npz")
+    assert deploy_json(lab.workspace, "--limit", host)["code"] == 0
+
+
 def test_after_a_reboot_table_tunnel_and_agent_come_back_in_order(lab: Lab) -> None:
     """Simulate a reboot: kill the host's flctl processes, delete its tunnel and
     its table, then run what boot runs (the @reboot line deploy installed, as the

@@ -121,30 +121,42 @@ def _firewall_state(state_dir: Path) -> dict[str, Any] | None:
             "armed": state.get("armed")}
 
 
+def _readable_as(path: str, uid: int, gid: int) -> str | None:
+    """None if `uid` can open and read `path`, else why not. Checked in a forked
+    child that drops to the user (no new interpreter: deploy runs this on
+    every host at once)."""
+    child = os.fork()
+    if child == 0:   # pragma: no cover - the child's outcome is its exit status
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            with open(path, "rb") as handle:
+                handle.read(1)
+            code = 0
+        except PermissionError:
+            code = 13
+        except OSError:
+            code = 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return None if code == 0 else ("permission denied" if code == 13 else "cannot open it")
+
+
 def _data_summary_as(path: str, user: str | None) -> dict[str, Any]:
-    """The data summary as the agent's user sees it: the agent does not run as
-    root, so a file only root can read must fail here, at deploy, not at round 1."""
-    if not user or os.geteuid() != 0 or not _user_exists(user):
-        return _data_summary(path)
-    uid, gid = user_ids(user)
-    done = subprocess.run([sys.executable, "-m", HELPER_MODULE, "data-summary", "--data", path],
-                          capture_output=True, text=True, timeout=300, cwd="/",
-                          user=uid, group=gid, extra_groups=[])
-    try:
-        answer = json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        return {"path": path, "error": f"checking the data as user {user} failed: "
-                                       f"{(done.stderr.strip().splitlines() or ['?'])[-1]}"}
-    if isinstance(answer, dict) and isinstance(answer.get("data_error"), str):
-        return {"path": path, "error": f"as user {user}: {answer['data_error']}"}
-    return answer
-
-
-def cmd_data_summary(args: argparse.Namespace) -> dict[str, Any]:
-    summary = _data_summary(args.data)
-    if "error" in summary:   # an answer, not a failure: the caller reports it
-        return {"path": args.data, "data_error": summary["error"]}
-    return summary
+    """The data summary, once the agent's user can read the file: the agent does
+    not run as root, so a file only root can read must fail here, at deploy,
+    not in round 1."""
+    if user and os.geteuid() == 0 and _user_exists(user):
+        uid, gid = user_ids(user)
+        why = _readable_as(path, uid, gid)
+        if why is not None:
+            return {"path": path, "error": f"user {user} cannot read {path} ({why}): "
+                                           f"make it readable to the agent's user"}
+    return _data_summary(path)
 
 
 def _data_summary(path: str) -> dict[str, Any]:
@@ -441,9 +453,6 @@ def build_parser() -> argparse.ArgumentParser:
     unuser.set_defaults(func=cmd_remove_user)
     unuser.add_argument("--name", required=True)
     unuser.add_argument("--unless-used-under", required=True)
-    summary = sub.add_parser("data-summary")
-    summary.set_defaults(func=cmd_data_summary)
-    summary.add_argument("--data", required=True)
     _add_network_commands(sub)
     return parser
 
