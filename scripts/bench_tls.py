@@ -41,8 +41,10 @@ LOOPBACK = "127.0.0.1"
 def make_certs(root: Path) -> None:
     ca_key, ca_cert = pki.make_ca("bench CA")
     (root / "ca.crt").write_bytes(ca_cert)
-    for name, sans in (("server", [LOOPBACK]), ("client", [])):
-        key, cert = pki.issue_certificate(ca_key, ca_cert, name, ip_addresses=sans)
+    # an agent's certificate (server) and the coordinator's (the only client role)
+    for name, (key, cert) in (("server", pki.issue_certificate(ca_key, ca_cert, "server",
+                                                               ip_addresses=[LOOPBACK])),
+                              ("client", pki.coordinator_certificate(ca_key, ca_cert))):
         (root / f"{name}.key").write_bytes(key)
         (root / f"{name}.crt").write_bytes(cert)
 
