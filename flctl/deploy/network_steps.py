@@ -37,7 +37,6 @@ class NetworkPlan:
     tunnel_changed: bool = False   # the tunnel must be brought in line (wg-up)
     tunnel_new: bool = False       # ... and its interface does not exist yet
     firewall_changed: bool = False
-    ruleset: bytes = b""
 
 
 class NetworkSteps:
@@ -144,7 +143,6 @@ class NetworkSteps:
         current = (facts["files"].get("firewall.nft") == sha256_hex(ruleset)
                    and loaded.get("present") and loaded.get("as_applied")
                    and not loaded.get("armed"))
-        plan.ruleset = ruleset
         if not current:
             plan.firewall_changed = True
             plan.uploads.append((str(d.paths.firewall), ruleset, 0o600))
