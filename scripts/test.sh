@@ -25,7 +25,9 @@ VENV=${FLCTL_VENV:-.venv}
 rm -rf build ./*.egg-info  # setuptools' build/ keeps deleted modules and would ship them
 # Not editable: the tests, the CLI they start and every deploy they run use
 # the installed copy, so what passes here is what `pip install flctl` gives.
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check '.[test]'
+# torch 2.13.0 is the CPU build (an unpinned torch would pull a CUDA build of
+# several GB); flctl.torch's tests and the PyTorch example use it
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check '.[test,torch]' 'torch==2.13.0'
 
 "$VENV/bin/ruff" check flctl tests scripts
 set +e

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from flctl.core.dtypes import from_storage, storage_array, storage_key
 from flctl.core.fsutil import atomic_write, fsync_dir, sha256_hex, write_secret
 from flctl.core.privacy import SECRET_STATE_KEYS
 from flctl.errors import TrainingError
@@ -50,8 +51,10 @@ def new_run_id(clock: float | None = None) -> str:
 
 
 def weights_to_npz(weights: Sequence[np.ndarray]) -> bytes:
+    """The model as .npz, arrays in order; bfloat16 ones keep their type (core.dtypes)."""
     buffer = io.BytesIO()
-    np.savez(buffer, **{f"w{i:04d}": w for i, w in enumerate(weights)})
+    np.savez(buffer, **{storage_key(f"w{i:04d}", w.dtype): storage_array(np.asarray(w))
+                        for i, w in enumerate(weights)})
     return buffer.getvalue()
 
 
@@ -72,7 +75,8 @@ def _state_from_npz(path: Path, into: dict[str, list[np.ndarray]]) -> None:
 
 def load_weights(path: Path) -> list[np.ndarray]:
     with np.load(path, allow_pickle=False) as archive:
-        return [archive[name] for name in sorted(archive.files)]
+        stored = [from_storage(key, archive[key]) for key in archive.files]
+    return [array for _, array in sorted(stored, key=lambda item: item[0])]
 
 
 @dataclass(frozen=True)

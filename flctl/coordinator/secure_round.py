@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from flctl.coordinator.replies import expect_vector
+from flctl.core.dtypes import cast_back
 from flctl.core.messages import ArraySpec
 from flctl.core.secagg import (
     FixedPointParams,
@@ -154,7 +155,7 @@ class SecureAggregation:
         mean = result.mean()
         outcome.train_loss = float(mean[-1])
         mean = unflatten(mean[:-1].astype(np.float32), weights)
-        outcome.weights = [(g + d).astype(g.dtype, copy=False) for g, d in zip(weights, mean)]
+        outcome.weights = [cast_back(g + d, g.dtype) for g, d in zip(weights, mean)]
         outcome.examples = int(round(result.examples_total))
         outcome.participants = sorted(result.survivors)
         # a survivor that missed only the unmask request still counts (others held its shares)

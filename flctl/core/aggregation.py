@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import DTypeLike
 
+from flctl.core.dtypes import cast_back, is_bfloat16, is_float, is_number
+
 # 64 Ki elements (256 KiB in float32): small enough to stay in L2 between the
 # multiply and the add, large enough that per-call overhead is noise.
 CHUNK = 65536
@@ -53,8 +55,10 @@ def all_finite(array: np.ndarray) -> bool:
     as unusable as NaN.
     """
     array = np.asarray(array)
-    if not np.issubdtype(array.dtype, np.floating):
+    if not is_float(array.dtype):
         return True
+    if is_bfloat16(array.dtype):
+        array = array.astype(np.float32)   # exact: bfloat16 is float32's top half
     if array.dtype.itemsize < 4:  # a float16 sum overflows on ordinary values: check each
         return bool(np.isfinite(array).all())
     flat = _flat(array)
@@ -122,7 +126,7 @@ class WeightedAccumulator:
         for i, (x, shape) in enumerate(zip(arrays, self.shapes)):
             if x.shape != shape:
                 raise ValueError(f"array {i}: expected shape {shape}, got {x.shape}")
-            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            if not is_number(x.dtype):
                 raise ValueError(f"array {i}: dtype {x.dtype} is not a real number type")
         if self.require_finite:
             # Checked before anything is added: a float sum cannot be un-added exactly.
@@ -168,6 +172,8 @@ def narrow_in_place(wide: np.ndarray, dtype: DTypeLike) -> np.ndarray:
     target = np.dtype(dtype)
     if target == wide.dtype:
         return wide
+    if not np.issubdtype(target, np.floating):   # integers round, booleans vote, bfloat16
+        return cast_back(wide, target)
     if (target.itemsize > wide.itemsize or not wide.flags.owndata
             or not wide.flags.c_contiguous or wide.ndim == 0 or wide.size == 0):
         return wide.astype(target)
@@ -187,7 +193,7 @@ def narrow_in_place(wide: np.ndarray, dtype: DTypeLike) -> np.ndarray:
 def weighted_average(updates: Sequence[Sequence[np.ndarray]], weights: Sequence[float],
                      dtype: DTypeLike | None = None) -> list[np.ndarray]:
     """sum_i w_i * u_i / sum_i w_i, accumulated in float64 (or `dtype`), returned in
-    each array's own float type."""
+    each array's own dtype (core.dtypes.cast_back: integers rounded)."""
     if len(updates) != len(weights):
         raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
     if not updates:
@@ -197,8 +203,7 @@ def weighted_average(updates: Sequence[Sequence[np.ndarray]], weights: Sequence[
     for update, weight in zip(updates, weights):
         acc.add(update, weight)
     kinds = [np.asarray(a).dtype for a in updates[0]]
-    return [narrow_in_place(m, kind if np.issubdtype(kind, np.floating) else m.dtype)
-            for m, kind in zip(acc.take_mean(), kinds)]
+    return [narrow_in_place(m, kind) for m, kind in zip(acc.take_mean(), kinds)]
 
 
 def update_distance(update: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:

@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from flctl.core.dtypes import BFLOAT16, bfloat16, is_bfloat16
 from flctl.core.schema import Maybe, count
-from flctl.errors import ProtocolError
+from flctl.errors import FlctlError, ProtocolError
 
 PROTOCOL_VERSION = 1
 # Sent by a peer while it handles a request that asked for them (meta
@@ -103,6 +104,8 @@ class ArraySpec:
 
 def _wire_dtype(dtype: np.dtype) -> np.dtype:
     """The little-endian dtype an array is sent as, or ProtocolError if not allowed."""
+    if is_bfloat16(dtype):
+        return dtype          # ml_dtypes' bfloat16: two little-endian bytes, named in the header
     if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
         raise ProtocolError(f"dtype {dtype!s} is not allowed on the wire")
     little = dtype.newbyteorder("<")
@@ -128,7 +131,8 @@ def encode_head(msg: Message) -> bytes:
     for arr in msg.arrays:
         arr = np.asarray(arr)
         wire = _wire_dtype(arr.dtype)
-        descriptors.append({"dtype": wire.str, "shape": list(arr.shape)})
+        descriptors.append({"dtype": BFLOAT16 if is_bfloat16(wire) else wire.str,
+                            "shape": list(arr.shape)})
         body_len += arr.size * wire.itemsize
     try:
         header = json.dumps(
@@ -182,6 +186,11 @@ def _parse_array_spec(item: Any, limits: Limits) -> ArraySpec:
         raise ProtocolError("array descriptor must be an object")
     dtype_str = item.get("dtype")
     dtype = _WIRE_DTYPES.get(dtype_str) if isinstance(dtype_str, str) else None
+    if dtype_str == BFLOAT16:
+        try:
+            dtype = bfloat16()
+        except FlctlError as exc:
+            raise ProtocolError(f"a peer sent bfloat16 arrays: {exc.message}") from None
     if dtype is None:
         raise ProtocolError(f"dtype {str(dtype_str)[:32]!r} is not allowed")
     shape = item.get("shape")

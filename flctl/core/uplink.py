@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from flctl.core.compression import Codec, ErrorFeedback, make_codec
+from flctl.core.dtypes import cast_back
 from flctl.core.privacy import privatize_locally
 from flctl.core.settings import TrainingSettings
 from flctl.errors import FlctlError
@@ -109,4 +110,4 @@ def unpack_update(codec: Codec, header: Any, arrays: Sequence[np.ndarray],
                   global_weights: Sequence[np.ndarray]) -> list[np.ndarray]:
     """The host's new weights, from an encoded delta (checked by the codec)."""
     delta = codec.decode(header, arrays, [g.shape for g in global_weights])
-    return [(g + d).astype(g.dtype, copy=False) for g, d in zip(global_weights, delta)]
+    return [cast_back(g + d, g.dtype) for g, d in zip(global_weights, delta)]

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from flctl.core.aggregation import CHUNK, all_finite, narrow_in_place, update_distance
+from flctl.core.dtypes import cast_back, is_float, is_number
 from flctl.core.privacy.accountant import PrivacyError, check_noise_multiplier
 from flctl.core.strategies import FedAvg, needs_only_the_mean
 from flctl.core.strategies.base import (
@@ -82,9 +83,11 @@ def _flat(array: np.ndarray) -> np.ndarray:
 
 def _float_type(array: np.ndarray) -> np.dtype:
     dtype = np.asarray(array).dtype
-    if not np.issubdtype(dtype, np.floating):
-        raise PrivacyError(f"differential privacy adds noise to every model array; "
-                           f"an array of dtype {dtype} cannot carry it")
+    if not is_float(dtype):
+        raise PrivacyError(f"differential privacy adds noise to every model array; an array "
+                           f"of dtype {dtype} (a counter such as BatchNorm's "
+                           f"num_batches_tracked) cannot carry it: leave it out of the "
+                           f"federated state")
     return dtype
 
 
@@ -121,7 +124,7 @@ def clip_update(global_weights: Sequence[np.ndarray], weights: Sequence[np.ndarr
     for w, g in zip(weights, global_weights):
         wide = np.asarray(g, dtype=np.float64) + (
             np.asarray(w, dtype=np.float64) - np.asarray(g, dtype=np.float64)) * scale
-        clipped.append(wide.astype(_float_type(w), copy=False))
+        clipped.append(cast_back(wide, _float_type(w)))
     return clipped, norm
 
 
@@ -146,7 +149,7 @@ def privatize_locally(global_weights: Sequence[np.ndarray], weights: Sequence[np
         base = np.asarray(g, dtype=np.float64)
         delta = (np.asarray(w, dtype=np.float64) - base) * scale
         delta += rng.standard_normal(delta.shape) * std
-        private.append((base + delta).astype(dtype, copy=False))
+        private.append(cast_back(base + delta, dtype))
     return private
 
 
@@ -225,7 +228,7 @@ class CentralDPRound:
             if x.shape != g.shape:
                 raise StrategyError(f"{where}: array {i}: expected shape {g.shape}, "
                                     f"got {x.shape}")
-            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            if not is_number(x.dtype):
                 raise StrategyError(f"{where}: array {i}: dtype {x.dtype} is not a real "
                                     f"number type")
             if not all_finite(x):

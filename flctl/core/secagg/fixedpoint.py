@@ -173,13 +173,16 @@ def flatten(arrays: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def unflatten(vector: np.ndarray, template: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Split `vector` back into arrays shaped and typed like `template`."""
+    """Split `vector` back into arrays shaped like `template`, in its numpy float
+    types (float32 for bfloat16, integer and boolean arrays: these are deltas,
+    which the caller adds and casts back)."""
     sizes = [int(np.asarray(t).size) for t in template]
     if vector.size != sum(sizes):
         raise FixedPointError(f"vector has {vector.size} values, the model has {sum(sizes)}")
     out, start = [], 0
     for t, size in zip(template, sizes):
         t = np.asarray(t)
-        out.append(vector[start:start + size].astype(t.dtype).reshape(t.shape))
+        dtype = t.dtype if np.issubdtype(t.dtype, np.floating) else np.dtype(np.float32)
+        out.append(vector[start:start + size].astype(dtype).reshape(t.shape))
         start += size
     return out

@@ -12,6 +12,7 @@ from flctl.core.aggregation import (
     all_finite,
     narrow_in_place,
 )
+from flctl.core.dtypes import float_max, is_float
 from flctl.core.strategies.base import StatelessStrategy, StrategyError, check_num_examples
 
 
@@ -80,9 +81,9 @@ class FedAvgRound:
         """
         for i, (x, dtype) in enumerate(zip(weights, self._dtypes)):
             x = np.asarray(x)
-            if (np.issubdtype(dtype, np.floating) and np.issubdtype(x.dtype, np.floating)
+            if (is_float(dtype) and is_float(x.dtype)
                     and x.dtype.itemsize > dtype.itemsize and x.size
-                    and not np.abs(x).max() <= np.finfo(dtype).max):
+                    and not np.abs(x).max() <= float_max(dtype)):
                 raise StrategyError(f"round {self.round_number}: update from {host}: array "
                                     f"{i}: contains NaN or infinite values as {dtype}")
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from flctl.core.aggregation import all_finite
+from flctl.core.dtypes import cast_back, is_bfloat16, is_number
 from flctl.core.strategies.base import StatelessStrategy, StrategyError, check_num_examples
 
 # Elements in one (N, C) column block: 4 MB of float32, whatever N.
@@ -27,8 +28,11 @@ BLOCK_ELEMENTS = 1 << 20
 
 
 def held_dtype(array: np.ndarray) -> np.dtype:
-    """The model array's float type, or float64 for integer arrays."""
+    """The model array's float type; float32 for bfloat16 (exact), float64 for
+    integer and boolean buffers."""
     dtype = np.asarray(array).dtype
+    if is_bfloat16(dtype):
+        return np.dtype(np.float32)
     return dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
 
 
@@ -113,7 +117,7 @@ class HeldRound:
         for i, (x, shape) in enumerate(zip(arrays, self.shapes)):
             if x.shape != shape:
                 raise StrategyError(f"{where}: array {i}: expected shape {shape}, got {x.shape}")
-            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            if not is_number(x.dtype):
                 raise StrategyError(f"{where}: array {i}: dtype {x.dtype} is not a real "
                                     f"number type")
         # Checked after the copy: a float64 value can turn infinite in a float32 copy.
@@ -134,7 +138,7 @@ class HeldRound:
             hosts = sorted(self._updates)
             merged = self.aggregate(hosts, [self._updates[h] for h in hosts])
             self._updates = {}  # the copies are the bulk of this round's memory
-            self._result = [m.astype(dtype, copy=False) for m, dtype in zip(merged, self._dtypes)]
+            self._result = [cast_back(m, dtype) for m, dtype in zip(merged, self._dtypes)]
         return self._result
 
     def aggregate(self, hosts: list[str], updates: list[list[np.ndarray]]) -> list[np.ndarray]:

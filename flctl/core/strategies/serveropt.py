@@ -20,13 +20,17 @@ from typing import Any
 import numpy as np
 
 from flctl.core.aggregation import CHUNK, all_finite
+from flctl.core.dtypes import cast_back, is_bfloat16, is_float
 from flctl.core.strategies.base import StrategyError, StrategyState, check_number
 from flctl.core.strategies.fedavg import FedAvgRound
 
 
 def work_dtype(array: np.ndarray) -> np.dtype:
-    """The float type the step runs in for one model array (float64 for integer arrays)."""
+    """The float type the step runs in for one model array (float32 for bfloat16,
+    float64 for integer and boolean buffers, which take no step: see apply_step)."""
     dtype = np.asarray(array).dtype
+    if is_bfloat16(dtype):
+        return np.dtype(np.float32)
     return dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
 
 
@@ -138,12 +142,16 @@ class ServerOptStrategy:
                    for a, w in zip(average, global_weights)]
         for commit in (False, True):
             for index, (w, avg, out) in enumerate(zip(global_weights, average, outputs)):
+                if not is_float(np.asarray(w).dtype):
+                    # an integer or boolean buffer (BatchNorm's num_batches_tracked) is
+                    # not a parameter: it takes the round's mean, with no server step
+                    np.copyto(out, avg, casting="unsafe")
+                    continue
                 self._step_array(index, w, avg, out, {k: state[k][index] for k in state},
                                  commit, round_number)
         self._state = state
         self.generation += 1
-        return [out.astype(np.asarray(w).dtype, copy=False)
-                for out, w in zip(outputs, global_weights)]
+        return [cast_back(out, np.asarray(w).dtype) for out, w in zip(outputs, global_weights)]
 
     def _step_array(self, index: int, weights: np.ndarray, average: np.ndarray,
                     out: np.ndarray, state: dict[str, np.ndarray], commit: bool,

@@ -1,0 +1,198 @@
+"""Federate a PyTorch model: its state dict as flctl's weights, and a task base.
+
+flctl's agents and coordinator move lists of numpy arrays; this module maps
+a `torch.nn.Module`'s state dict to such a list and back, by name, keeping
+every dtype (float32, float16, bfloat16 through ml_dtypes, integer buffers
+such as BatchNorm's `num_batches_tracked`). A CPU tensor becomes an array
+that shares its memory (no copy); only a GPU tensor is copied to the host.
+
+`TorchTask` turns a training script into a flctl task with a few lines:
+
+    from flctl.torch import TorchData, TorchTask
+
+    class Digits(TorchTask):
+        def model(self):
+            return Net()
+        @staticmethod
+        def load_data(path, params):
+            return TorchData(train_loader(path), test_loader(path))
+        def train(self, model, data, config):
+            return train_epochs(model, data.train, config["epochs"], config["lr"], self.device)
+        def test(self, model, data, config):
+            return test(model, data.test, self.device)   # (loss, {"accuracy": ...})
+
+It seeds torch from the run's seed and round (a seeded CPU run repeats bit
+for bit, so `flctl train --resume` does too), picks the device the agent
+was given (`config["device"]`: "cuda" when the host has GPUs for flctl),
+and counts the examples FedAvg weighs from the data it trained on.
+
+Needs torch (`pip install 'flctl[torch]'`, or the host's own); imported
+only by tasks that use it, never by flctl itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from flctl.core.dtypes import bfloat16, is_bfloat16
+
+__all__ = ["TorchData", "TorchTask", "federated_keys", "from_arrays", "to_arrays"]
+
+
+def federated_keys(module: torch.nn.Module, exclude: Iterable[str] = ()) -> list[str]:
+    """The state-dict names that travel, in the module's own order: every
+    parameter and buffer but those named in `exclude` (a frozen backbone,
+    or a counter differential privacy cannot noise)."""
+    skipped = set(exclude)
+    unknown = skipped - set(module.state_dict())
+    if unknown:
+        raise KeyError(f"not in the model's state dict: {', '.join(sorted(unknown))}")
+    return [name for name in module.state_dict() if name not in skipped]
+
+
+def _to_array(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    if tensor.dtype == torch.bfloat16:
+        # numpy has no bfloat16: the same 16 bits, seen as ml_dtypes' bfloat16
+        return tensor.view(torch.int16).numpy().view(bfloat16())
+    return tensor.numpy()
+
+
+def to_arrays(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> list[np.ndarray]:
+    """The tensors named `keys`, in that order, as numpy arrays of the same dtype
+    (sharing memory with CPU tensors)."""
+    return [_to_array(state[name]) for name in keys]
+
+
+def _to_tensor(array: np.ndarray, like: torch.Tensor, name: str) -> torch.Tensor:
+    array = np.asarray(array)
+    if tuple(array.shape) != tuple(like.shape):
+        raise ValueError(f"{name}: shape {tuple(array.shape)} does not match the model's "
+                         f"{tuple(like.shape)}")
+    if is_bfloat16(array.dtype):
+        if like.dtype != torch.bfloat16:
+            raise ValueError(f"{name}: bfloat16 does not match the model's {like.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor.dtype != like.dtype:
+        raise ValueError(f"{name}: {tensor.dtype} does not match the model's {like.dtype}")
+    return tensor
+
+
+def from_arrays(module: torch.nn.Module, arrays: Sequence[np.ndarray],
+                keys: Sequence[str]) -> None:
+    """Load `arrays` (in `keys` order) into `module`, checking each name's shape and
+    dtype; names not in `keys` keep their values."""
+    state = module.state_dict()
+    if len(arrays) != len(keys):
+        raise ValueError(f"{len(arrays)} arrays for {len(keys)} model tensors")
+    update = {name: _to_tensor(array, state[name], name) for name, array in zip(keys, arrays)}
+    module.load_state_dict(update, strict=False)
+
+
+@dataclass
+class TorchData:
+    """What `load_data` returns: data loaders (or anything iterable) for training
+    and, optionally, testing. The sizes are what the coordinator holds a host's
+    claims to (FedAvg's weights); taken from the loaders' datasets when not given."""
+
+    train: Any
+    test: Any = None
+    n_train: int = -1
+    n_test: int = -1
+
+    def __post_init__(self) -> None:
+        if self.n_train < 0:
+            self.n_train = _size(self.train)
+        if self.n_test < 0:
+            self.n_test = _size(self.test) if self.test is not None else 0
+
+
+def _size(loader: Any) -> int:
+    dataset = getattr(loader, "dataset", loader)
+    try:
+        return len(dataset)
+    except TypeError:
+        raise ValueError("cannot count the examples of this data: give n_train/n_test "
+                         "to TorchData") from None
+
+
+class TorchTask:
+    """A flctl task around a PyTorch model. Subclass and write `model`,
+    `load_data` (a staticmethod), `train` and `test`; the rest is done here.
+
+    `exclude` lists state-dict names that do not travel (they keep the values
+    each host's model starts with).
+    """
+
+    exclude: Sequence[str] = ()
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+        self.device = torch.device("cpu")
+        self._model: torch.nn.Module | None = None
+        self._keys: list[str] = []
+
+    # ------------------------------------------------------------ to write
+
+    def model(self) -> torch.nn.Module:
+        raise NotImplementedError("TorchTask.model() must return the torch.nn.Module")
+
+    @staticmethod
+    def load_data(path: str, params: dict[str, Any]) -> TorchData:
+        raise NotImplementedError("TorchTask.load_data(path, params) must return TorchData")
+
+    def train(self, model: torch.nn.Module, data: TorchData,
+              config: dict[str, Any]) -> dict[str, float]:
+        """Train `model` in place on data.train; return metrics ({"train_loss": ...})."""
+        raise NotImplementedError
+
+    def test(self, model: torch.nn.Module, data: TorchData,
+             config: dict[str, Any]) -> tuple[float, dict[str, float]]:
+        """(loss, metrics such as {"accuracy": ...}) of `model` on data.test."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ flctl's contract
+
+    def _prepared(self, config: dict[str, Any]) -> torch.nn.Module:
+        device = str(config.get("device") or "cpu")
+        self.device = torch.device(device if device != "cuda" or torch.cuda.is_available()
+                                   else "cpu")
+        seed = [int(config.get("seed", 0)), int(config.get("round", 0))]
+        torch.manual_seed(int(np.random.default_rng(seed).integers(2**62)))
+        if self._model is None:
+            self._model = self.model()
+            self._keys = federated_keys(self._model, self.exclude)
+        return self._model.to(self.device)
+
+    def init(self, seed: int) -> list[np.ndarray]:
+        self._model = None
+        model = self._prepared({"seed": seed, "round": 0})
+        return [a.copy() for a in to_arrays(model.state_dict(), self._keys)]
+
+    def fit(self, weights: list[np.ndarray], data: TorchData,
+            config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, float]]:
+        model = self._prepared(config)
+        from_arrays(model, weights, self._keys)
+        model.train()
+        metrics = self.train(model, data, config) or {}
+        return to_arrays(model.state_dict(), self._keys), int(data.n_train), dict(metrics)
+
+    def evaluate(self, weights: list[np.ndarray], data: TorchData,
+                 config: dict[str, Any]) -> tuple[float, int, dict[str, float]]:
+        model = self._prepared(config)
+        from_arrays(model, weights, self._keys)
+        model.eval()
+        with torch.no_grad():
+            loss, metrics = self.test(model, data, config)
+        count = data.n_test if data.test is not None and data.n_test else data.n_train
+        return float(loss), int(count), dict(metrics)
