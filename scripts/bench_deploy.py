@@ -28,6 +28,7 @@ from verdict import Target, exit_status  # noqa: E402  (the script's own folder)
 
 from flctl.coordinator.session import info_probe  # noqa: E402
 from flctl.deploy import engine  # noqa: E402
+from flctl.deploy.bundle import HostEnv  # noqa: E402
 from flctl.deploy.install import BundleCache  # noqa: E402
 from flctl.deploy.results import HostResult  # noqa: E402
 from flctl.workspace import Workspace, load_workspace  # noqa: E402
@@ -96,7 +97,7 @@ def main() -> int:
             def clean() -> None:
                 engine.teardown(workspace, hosts)
 
-            bundles.get(*_host_python(lab))  # warm the operator-side wheel cache
+            bundles.get(HostEnv(*_host_python(lab)))  # warm the operator-side wheel cache
             one, _ = run(hosts[:1], 16, "one")
             clean()
             parallel, _ = run(hosts, 16, "parallel")

@@ -28,6 +28,7 @@ from flctl.deploy.bundle import (
     RUNTIME_PROJECTS,
     Bundle,
     BundleError,
+    HostEnv,
     WheelFile,
     bundle_digest,
     digest_path,
@@ -44,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(tempfile.gettempdir()) / "flctl-test-wheel-cache"
 HERE_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 HERE_TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"
+HERE_ENV = HostEnv(platform.python_version(), platform.machine())
 
 
 def sha256_of(path: Path) -> str:
@@ -54,7 +56,7 @@ def sha256_of(path: Path) -> str:
 def bundle() -> Bundle:
     if platform.machine() not in ("x86_64", "aarch64"):
         pytest.skip(f"no manylinux wheels for {platform.machine()}")
-    return prepare_bundle(platform.python_version(), platform.machine(), CACHE)
+    return prepare_bundle(HERE_ENV, CACHE)
 
 
 # ---------------------------------------------------------------- host_tags
@@ -194,7 +196,7 @@ def test_bundle_holds_wheels_for_the_target(bundle: Bundle) -> None:
 
 def test_warm_prepare_is_fast_and_identical(bundle: Bundle) -> None:
     started = time.perf_counter()
-    again = prepare_bundle(platform.python_version(), platform.machine(), CACHE,
+    again = prepare_bundle(HERE_ENV, CACHE,
                            bundle.lock_target())
     elapsed = time.perf_counter() - started
     assert again == bundle
@@ -208,20 +210,20 @@ def test_the_lock_pins_what_is_shipped(bundle: Bundle, tmp_path: Path) -> None:
     lock = WheelLock({bundle.target: locked})
     assert parse_lock(lock.render(), "wheels.lock") == lock
     empty = tmp_path / "empty-cache"
-    again = prepare_bundle(platform.python_version(), platform.machine(), empty, locked)
+    again = prepare_bundle(HERE_ENV, empty, locked)
     assert {(w.name, w.sha256) for w in again.wheels} == {(w.name, w.sha256)
                                                           for w in bundle.wheels}
     numpy = next(w for w in locked.wheels if w.project == "numpy")
     forged = LockTarget(locked.requirements, tuple(
         LockedWheel(w.name, "0" * 64) if w is numpy else w for w in locked.wheels))
     with pytest.raises(BundleError, match="does not match the sha256 in wheels.lock"):
-        prepare_bundle(platform.python_version(), platform.machine(), tmp_path / "other",
+        prepare_bundle(HERE_ENV, tmp_path / "other",
                        forged)
 
 
 def test_a_lock_for_other_requirements_is_resolved_again(bundle: Bundle) -> None:
     stale = LockTarget(("numpy",), bundle.lock_target().wheels)
-    again = prepare_bundle(platform.python_version(), platform.machine(), CACHE, stale)
+    again = prepare_bundle(HERE_ENV, CACHE, stale)
     assert again.requirements == bundle.requirements != stale.requirements
 
 

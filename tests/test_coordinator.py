@@ -280,7 +280,8 @@ def test_a_short_round_is_run_again_and_then_accepted(federation: Federation) ->
 
     def on_message(text: str) -> None:
         messages.append(text)
-        flag.unlink(missing_ok=True)  # the host "comes back" between attempts
+        if "running it again" in text:
+            flag.unlink(missing_ok=True)  # the host "comes back" between attempts
 
     # the wait lets the agent finish the abandoned 1 s fit (it trains one at a time)
     training = TrainingSettings(task="meantask:MeanTask", rounds=2, min_hosts=3,
@@ -659,3 +660,40 @@ def test_the_central_dp_noise_seed_is_0600_while_resumable_and_gone_when_the_run
     # finished: nothing may resume it, so nothing in the run directory holds the seed
     assert all(files_holding(run.path, s) == {} for s in secrets)
     assert not list(run.path.glob("secret-*"))
+
+
+def test_the_first_model_comes_from_a_host_that_can_make_it(tmp_path: Path) -> None:
+    """A user's task may need a framework this machine lacks: a host makes the initial
+    weights; one whose answer is unusable is passed over."""
+    def poisoned(request, reply):
+        if reply.kind == "init_result":
+            return Message(reply.kind, reply.meta, [np.full(3, np.nan, np.float32)])
+        return reply
+
+    fed = Federation(tmp_path, [10, 30, 60], tamper={0: poisoned})
+    messages: list[str] = []
+    try:
+        training = TrainingSettings(task="meantask:MeanTask", rounds=1)
+        summary = fed.coordinator(training, on_message=messages.append).train()
+    finally:
+        fed.close()
+    assert any("h0: cannot make the initial weights (initial weights: array 0 holds NaN"
+               in m for m in messages)
+    assert "initial weights from h1 (1 arrays)" in messages
+    assert summary.rounds == 1
+
+
+def test_initial_weights_from_a_file(federation: Federation, tmp_path: Path) -> None:
+    start = [np.array([5.0, 6.0, 7.0], np.float32)]
+    training = TrainingSettings(task="meantask:MeanTask", rounds=1, eval_every=10)
+    coordinator = federation.coordinator(training, initial=start)
+    seen: list = []
+    real = coordinator.fit_round
+
+    def spy(weights, *args, **kwargs):
+        seen.append([w.copy() for w in weights])
+        return real(weights, *args, **kwargs)
+
+    coordinator.fit_round = spy  # type: ignore[method-assign]
+    coordinator.train()
+    assert np.array_equal(seen[0][0], start[0])

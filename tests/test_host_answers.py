@@ -84,7 +84,7 @@ def test_wrong_types_and_torn_json_fail_their_host(workspace: Path,
         [LocalConnector("probe").python, "-m", "flctl.agent.host_helper", "facts", "--root",
          str(workspace / ".flctl" / "hosts" / "local1")]).stdout)
     wrong = dict(good, listening_ports="all of them")
-    huge = dict(good, data={"n_train": "1e99"})
+    huge = dict(good, task_check={"data": {"n_train": "1e99"}})
     results = deploy_with(workspace, {
         "local2": ("facts", json.dumps(wrong)),
         "local3": ("facts", json.dumps(huge)),
@@ -92,7 +92,7 @@ def test_wrong_types_and_torn_json_fail_their_host(workspace: Path,
     }, monkeypatch)
     assert results["local1"].status == "changed"
     assert "facts.listening_ports: expected a list" in (results["local2"].error or "")
-    assert "facts.data.n_train: expected an integer" in (results["local3"].error or "")
+    assert "facts.task_check.data.n_train: expected an integer" in (results["local3"].error or "")
     assert "not a JSON object" in (results["local4"].error or "")
 
 

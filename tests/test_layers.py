@@ -20,7 +20,7 @@ LAYER = {"core": 0, "errors": 0, "data": 0, "torch": 0, "net": 1, "agent": 2, "c
 IMPURE = {"socket", "ssl", "subprocess", "paramiko", "typer", "rich", "selectors", "asyncio",
           "http", "urllib", "multiprocessing"}
 PARAMIKO_MODULES = {"flctl.deploy.ssh"}
-PRINTING_MODULES = {"flctl.agent.host_helper"}  # its stdout is its answer to deploy
+PRINTING_MODULES = {"flctl.agent.host_helper", "flctl.agent.task_check"}  # its stdout is its answer to deploy
 # Engines of the same layer stay independent; they share only the workspace.
 SAME_LAYER_ALLOWED = {"workspace"}
 

@@ -290,7 +290,7 @@ def test_load_task_errors_are_one_clear_line(tmp_path):
     cases = [
         ("nosuch", "unknown task 'nosuch'.*logreg, mlp"),
         ("flctl_no_such_module:Task", "no module 'flctl_no_such_module' in the tasks folder"),
-        ("flctl_usertask_broken:Task", "No module named 'flctl_no_such_dependency'"),
+        ("flctl_usertask_broken:Task", "no module named 'flctl_no_such_dependency' .list it"),
         ("flctl_usertask_bad:Missing", "has no 'Missing'"),
         ("flctl_usertask_bad:NOT_A_CLASS", "is not a class"),
         ("flctl_usertask_bad:NoFit", "lacks method"),

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from flctl import __version__
@@ -27,6 +27,7 @@ from flctl.agent.launcher import (
     ensure_user,
     init_system,
     listening_ports,
+    prepare_run_dir,
     read_config,
     read_text,
     service_for,
@@ -34,10 +35,13 @@ from flctl.agent.launcher import (
 )
 from flctl.agent.proc import owned_processes, proc_stat
 from flctl.core.facts import parse_loadavg, parse_meminfo, parse_os_release
-from flctl.core.fsutil import file_sha256_or_none, write_secret
+from flctl.core.fsutil import atomic_write, file_sha256_or_none, write_secret
+from flctl.core.layout import HostPaths
 from flctl.errors import FlctlError
 
 HELPER_MODULE = "flctl.agent.host_helper"
+TASK_CHECK_MODULE = "flctl.agent.task_check"
+TASK_CHECK_FILE = "task-check.json"
 USER_GONE_WAIT_S = 15.0
 
 
@@ -103,7 +107,7 @@ def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
         "service": service.kind,
         "service_pid": service.pid(),
         "agent_pid": service.agent_pid(),
-        "data": _data_summary_as(args.data, args.user) if args.data else None,
+        "task_check": _task_check_result(root),
     }
 
 
@@ -121,55 +125,42 @@ def _firewall_state(state_dir: Path) -> dict[str, Any] | None:
             "armed": state.get("armed")}
 
 
-def _readable_as(path: str, uid: int, gid: int) -> str | None:
-    """None if `uid` can open and read `path`, else why not. Checked in a forked
-    child that drops to the user (no new interpreter: deploy runs this on
-    every host at once)."""
-    child = os.fork()
-    if child == 0:   # pragma: no cover - the child's outcome is its exit status
-        code = 1
-        try:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            with open(path, "rb") as handle:
-                handle.read(1)
-            code = 0
-        except PermissionError:
-            code = 13
-        except OSError:
-            code = 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(child, 0)
-    code = os.waitstatus_to_exitcode(status)
-    return None if code == 0 else ("permission denied" if code == 13 else "cannot open it")
-
-
-def _data_summary_as(path: str, user: str | None) -> dict[str, Any]:
-    """The data summary, once the agent's user can read the file: the agent does
-    not run as root, so a file only root can read must fail here, at deploy,
-    not in round 1."""
-    if user and os.geteuid() == 0 and _user_exists(user):
-        uid, gid = user_ids(user)
-        why = _readable_as(path, uid, gid)
-        if why is not None:
-            return {"path": path, "error": f"user {user} cannot read {path} ({why}): "
-                                           f"make it readable to the agent's user"}
-    return _data_summary(path)
-
-
-def _data_summary(path: str) -> dict[str, Any]:
-    """Whether the host's data loads, and its size (one call with the facts:
-    each host-side Python start costs ~0.1-0.3 s)."""
-    from flctl.core.data import load_dataset
-
+def _task_check_result(root: Path) -> dict[str, Any] | None:
     try:
-        dataset = load_dataset(path)
-    except FlctlError as exc:
-        return {"path": path, "error": exc.message}
-    return {"path": path, "n_train": dataset.n_train, "n_test": dataset.n_test,
-            "n_features": dataset.n_features, "n_classes": dataset.n_classes}
+        result = json.loads((root / TASK_CHECK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def cmd_task_check(args: argparse.Namespace) -> dict[str, Any]:
+    """Can the deployed task start here? Run as the agent's user (it imports the
+    user's task and reads the data as the agent will); kept for `status`."""
+    root = Path(args.root)
+    config = read_config(root)
+    if config is None:
+        raise FlctlError(f"{root / 'agent.json'} is missing: nothing deployed here")
+    as_user: dict[str, Any] = {}
+    if config.user and os.geteuid() == 0:
+        prepare_run_dir(HostPaths(PurePosixPath(root)), config.user)   # it must read its config
+        uid, gid = user_ids(config.user)
+        as_user = {"user": uid, "group": gid, "extra_groups": []}
+    try:
+        done = subprocess.run([sys.executable, "-m", TASK_CHECK_MODULE, "--config",
+                               str(root / "agent.json")], capture_output=True, text=True,
+                              timeout=args.timeout, cwd="/", **as_user)
+    except subprocess.TimeoutExpired:
+        raise FlctlError(f"checking the task took longer than {args.timeout:g} s") from None
+    lines = done.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        result = {"error": f"the task check crashed: {tail}"}
+    if not isinstance(result, dict):
+        result = {"error": "the task check answered nonsense"}
+    atomic_write(root / TASK_CHECK_FILE, json.dumps(result))
+    return {"check": result}
 
 
 def cmd_csr(args: argparse.Namespace) -> dict[str, Any]:
@@ -302,6 +293,7 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
         "disk_free_bytes": disk.free,
         "gpus": gpus,
         "interfaces": sorted(os.listdir("/sys/class/net")),
+        "environment": (_task_check_result(root) or {}).get("versions"),
     }
 
 
@@ -430,8 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     facts = add("facts", cmd_facts)
-    facts.add_argument("--data", help="also check this data file loads")
-    facts.add_argument("--user", help="the agent's user: report it, and read the data as it")
+    facts.add_argument("--user", help="the agent's user: report whether it exists")
     csr = add("csr", cmd_csr)
     csr.add_argument("--cn", required=True)
     csr.add_argument("--dns", action="append")
@@ -439,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     csr.add_argument("--owner", help="the agent's user, who owns the key")
     csr.add_argument("--new-key", action="store_true", help="replace the key")
     add("install-boot", cmd_install_boot)
+    add("task-check", cmd_task_check).set_defaults(timeout=600.0)
     add("boot", cmd_boot)
     add("start", cmd_start, port=True)
     add("restart", cmd_restart, port=True)

@@ -23,9 +23,9 @@ import numpy as np
 
 from flctl import __version__
 from flctl.agent.secure import SecureRounds
+from flctl.agent.task_data import load_host_data, summary
 from flctl.core.agentconfig import AgentConfig
 from flctl.core.compression import ErrorFeedback
-from flctl.core.data import Dataset, load_dataset
 from flctl.core.fsutil import atomic_write
 from flctl.core.messages import PROTOCOL_VERSION, Message
 from flctl.core.tasks import Task, load_task
@@ -59,14 +59,14 @@ class RequestHandler:
         self.last_round: int | None = None
         self.rounds_served = 0
         self.state = "idle"
-        self.data: Dataset | None = None
+        self.data: Any = None
         self.data_error: str | None = None
         self._load_state()
         self._load_data()
 
     def _load_data(self) -> None:
         try:
-            self.data = load_dataset(self.config.data_path)
+            self.data = load_host_data(self.config)
         except FlctlError as exc:
             self.data_error = exc.message
             self.state = "error"
@@ -91,6 +91,7 @@ class RequestHandler:
         handler = {
             "info": self._info,
             "health": self._info,
+            "init": self._init,
             "fit": self._fit,
             "evaluate": self._evaluate,
             "secagg_advertise": lambda r: Message("secagg_advert", self.secure.advertise(r.meta)),
@@ -103,14 +104,7 @@ class RequestHandler:
         return handler(request)
 
     def info(self) -> dict[str, Any]:
-        data_info: dict[str, Any] | None = None
-        if self.data is not None:
-            data_info = {
-                "n_train": self.data.n_train,
-                "n_test": self.data.n_test,
-                "n_features": self.data.n_features,
-                "n_classes": self.data.n_classes,
-            }
+        data_info = summary(self.data) if self.data is not None else None
         return {
             "name": self.config.name,
             "project": self.config.project,
@@ -129,7 +123,18 @@ class RequestHandler:
     def _info(self, request: Message) -> Message:
         return Message("info", self.info())
 
-    def _require_data(self) -> Dataset:
+    def _init(self, request: Message) -> Message:
+        """The task's initial weights: the coordinator needs no PyTorch (or any
+        framework) of its own, so a framework task's first model comes from a host."""
+        seed = request.meta.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise FlctlError("init: seed must be a non-negative integer")
+        task = self._task(request.meta)
+        with self._train_lock:
+            weights = [np.asarray(w) for w in task.init(seed)]
+        return Message("init_result", {}, weights)
+
+    def _require_data(self) -> Any:
         if self.data is None:
             raise FlctlError(f"no data: {self.data_error}")
         return self.data

@@ -105,7 +105,9 @@ def status_table(rows: Sequence[dict[str, Any]]) -> Table:
     """The at-a-glance view; everything else is in `--json`."""
     table = Table(title="hosts")
     tunnels = any("tunnel" in row for row in rows)
-    for column in ("host", "agent", *(("tunnel",) if tunnels else ()), "uptime", "data", "round",
+    frameworks = any((row.get("environment") or {}).get("torch") for row in rows)
+    for column in ("host", "agent", *(("tunnel",) if tunnels else ()),
+                   *(("torch",) if frameworks else ()), "uptime", "data", "round",
                    "load", "mem free", "disk free", "note"):
         table.add_column(column)
     for row in rows:
@@ -114,9 +116,11 @@ def status_table(rows: Sequence[dict[str, Any]]) -> Table:
         load = row.get("load")
         data = "-" if row.get("n_train") is None else f"{row['n_train']}+{row.get('n_test') or 0}"
         uptime = row.get("agent_uptime_s")
-        tunnel: tuple[str, ...] = ()
+        tunnel: tuple[Any, ...] = ()
         if tunnels:
             tunnel = (_tunnel_cell(row),)
+        if frameworks:
+            tunnel = (*tunnel, literal(_torch_cell(row.get("environment") or {})))
         table.add_row(
             literal(row["host"]), literal(agent, colour), *tunnel,
             "-" if uptime is None else f"{uptime:.0f}s",
@@ -128,6 +132,13 @@ def status_table(rows: Sequence[dict[str, Any]]) -> Table:
             literal(row.get("error") or row.get("data_error") or ""),
         )
     return table
+
+
+def _torch_cell(environment: dict[str, Any]) -> str:
+    if not environment.get("torch"):
+        return "-"
+    cuda = f", CUDA {environment['cuda']}" if environment.get("cuda") else ", CPU"
+    return f"{environment['torch']}{cuda}"
 
 
 def _tunnel_cell(row: dict[str, Any]) -> Text:

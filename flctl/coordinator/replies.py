@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from flctl.core.aggregation import all_finite
+from flctl.core.dtypes import is_number
 from flctl.core.messages import INFO_SPEC, ArraySpec
 from flctl.core.schema import SchemaError, check
 from flctl.core.settings import TrainingSettings
@@ -139,6 +141,17 @@ def check_evaluation(profile: HostProfile, loss: Any, num_examples: Any,
                                  or not isinstance(accuracy, (int, float))
                                  or not 0.0 <= accuracy <= 1.0):
         raise TrainingError(f"evaluation rejected: accuracy {accuracy!r} is not in [0, 1]")
+
+
+def check_initial(weights: Sequence[np.ndarray]) -> None:
+    """A host's initial model: arrays of numbers, all finite."""
+    if not weights:
+        raise TrainingError("the initial model has no arrays")
+    for i, array in enumerate(weights):
+        if not is_number(array.dtype):
+            raise TrainingError(f"initial weights: array {i} has dtype {array.dtype}")
+        if not all_finite(array):
+            raise TrainingError(f"initial weights: array {i} holds NaN or infinite values")
 
 
 # ------------------------------------------------------------ array layouts

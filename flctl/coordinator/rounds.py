@@ -28,6 +28,7 @@ from flctl.coordinator.replies import (
     check_evaluation,
     check_fit_counts,
     check_info,
+    check_initial,
     deployed_task_mismatch,
     expect_encoded,
     expect_weights,
@@ -46,7 +47,7 @@ from flctl.core.data import Dataset
 from flctl.core.secagg import SecAggError
 from flctl.core.settings import TrainingSettings
 from flctl.core.strategies import make_strategy
-from flctl.core.tasks import Task, check_weights, load_task
+from flctl.core.tasks import BUILTIN_TASKS, Task, TaskError, check_weights, load_task
 from flctl.core.uplink import UplinkSpec, unpack_update
 from flctl.errors import FlctlError, TrainingError
 from flctl.net.agent_client import AgentClient, FitReply
@@ -71,7 +72,9 @@ class Coordinator:
         eval_data: Dataset | None = None,
         ca_pem: bytes | None = None,
         revoked: frozenset[int] = frozenset(),
+        initial: list[np.ndarray] | None = None,
     ) -> None:
+        self.initial = initial  # training.initial_weights, when given
         self.resume_from = resume_from
         self.eval_data = eval_data
         self.task: Task | None = None  # loaded when the run starts
@@ -324,7 +327,10 @@ class Coordinator:
                 self.secure = SecureAggregation(
                     self.training, self.ca_pem, self._parallel,
                     self.budget.allocator, self.budget.release, counts, self.revoked)
-            self.task = load_task(t.task, self.task_params, self.tasks_dir)
+            # The coordinator runs a user's task itself only to evaluate on eval_file:
+            # its framework (PyTorch) need not be installed here otherwise.
+            if t.task in BUILTIN_TASKS or self.eval_data is not None:
+                self.task = self._local_task()
             if self.resume_from is not None:
                 weights = self.resume_from.weights
                 self.strategy.load_state(self.resume_from.strategy_state)
@@ -335,7 +341,7 @@ class Coordinator:
                 self.on_message(f"resuming run {self.run.run_id} after round "
                                 f"{self.resume_from.round}")
             else:
-                weights = [np.asarray(w) for w in self.task.init(t.seed)]
+                weights = self._initial_weights(available)
                 first = 1
             history: list[RoundRecord] = []
             eval_loss = accuracy = None
@@ -381,6 +387,37 @@ class Coordinator:
             for client in self.clients:
                 client.close()
             self._pool.shutdown(wait=False)
+
+    def _local_task(self) -> Task:
+        t = self.training
+        try:
+            return load_task(t.task, self.task_params, self.tasks_dir)
+        except TaskError as exc:
+            raise TrainingError(f"training.eval_file evaluates on this machine, and the task "
+                                f"does not load here: {exc.message}") from None
+
+    def _initial_weights(self, available: list[AgentClient]) -> list[np.ndarray]:
+        """The first model: training.initial_weights, the built-in task's init(), or
+        a user's task's init() run by one host (the first by name that can)."""
+        t = self.training
+        if self.initial is not None:
+            return self.initial
+        if t.task in BUILTIN_TASKS:
+            assert self.task is not None
+            return [np.asarray(w) for w in self.task.init(t.seed)]
+        for client in sorted((c for c in available if c.name in self.profiles),
+                             key=lambda c: c.name):
+            try:
+                weights = client.init_weights(t.task, self.task_params, t.seed)
+                check_initial(weights)
+                self.on_message(f"initial weights from {client.name} "
+                                f"({len(weights)} arrays)")
+                return weights
+            except FlctlError as exc:
+                self.on_message(f"{client.name}: cannot make the initial weights "
+                                f"({exc.message}); asking another host")
+        raise TrainingError("no host could make the initial weights; give them as "
+                            "training.initial_weights (an .npz file)")
 
     def _fit_with_retries(self, weights: list[np.ndarray], round_number: int,
                           available: list[AgentClient],

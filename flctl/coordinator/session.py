@@ -7,7 +7,12 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from flctl.coordinator.records import create_run_dir, load_checkpoint, resumable_run
+from flctl.coordinator.records import (
+    create_run_dir,
+    load_checkpoint,
+    load_weights,
+    resumable_run,
+)
 from flctl.coordinator.rounds import Coordinator
 from flctl.coordinator.summary import MessageCallback, RoundCallback, RunSummary
 from flctl.core.data import load_dataset
@@ -16,6 +21,7 @@ from flctl.core.layout import Endpoint, agent_endpoint
 from flctl.core.messages import Limits
 from flctl.core.pki import revoked_serials
 from flctl.core.settings import TrainingSettings
+from flctl.errors import ConfigError
 from flctl.net.agent_client import AgentClient, coordinator_context
 from flctl.workspace import Workspace
 
@@ -98,10 +104,18 @@ def train_workspace(
                            limits=limits)
                for e in endpoints_for(workspace, hosts)]
     eval_data = load_dataset(workspace.root / training.eval_file) if training.eval_file else None
+    initial = None
+    if training.initial_weights and checkpoint is None:
+        path = workspace.root / training.initial_weights
+        try:
+            initial = load_weights(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read it: {exc}", field="training.initial_weights",
+                              file=str(path)) from None
     coordinator = Coordinator(clients, training, run,
                               tasks_dir=workspace.paths.tasks,
                               on_round=on_round, on_message=on_message,
                               resume_from=checkpoint, eval_data=eval_data,
                               ca_pem=workspace.paths.ca_cert.read_bytes(),
-                              revoked=workspace_revocations(workspace))
+                              revoked=workspace_revocations(workspace), initial=initial)
     return coordinator.train()

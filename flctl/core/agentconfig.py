@@ -10,7 +10,7 @@ request naming any other task is refused.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flctl.errors import ConfigError
@@ -29,6 +29,8 @@ class AgentConfig:
     state_file: str
     task: str = "logreg"
     tasks_dir: str | None = None
+    # for the task's own loader, load_data(data_path, data_params)
+    data_params: dict[str, Any] = field(default_factory=dict)
     crl: str | None = None
     # The system user the agent runs as on its host; None: whoever starts it
     # (local hosts run as the operator).
@@ -61,6 +63,10 @@ def parse_agent_config(text: str, source: str) -> AgentConfig:
         if name not in values:
             continue
         value = values[name]
+        if name == "data_params":
+            if not isinstance(value, dict):
+                raise ConfigError("expected an object", file=source, field=name)
+            continue
         wanted = int if spec.type == "int" else str
         optional = "None" in str(spec.type)
         if (value is None and not optional) or (value is not None and (

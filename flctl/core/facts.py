@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,10 +97,30 @@ MIN_DISK_FREE_BYTES = 512 * 1024 * 1024
 SUPPORTED_ARCHES = ("x86_64", "aarch64")
 
 
-def bootstrap_script(python: str, install_dir: str, agent_user: str = AGENT_USER) -> str:
-    """POSIX sh that reports what deploy must know before installing."""
+def provided_key(project: str) -> str:
+    """The fact naming a project's version in the host interpreter ("provided_pyyaml")."""
+    return "provided_" + re.sub(r"[^A-Za-z0-9]", "_", project.lower())
+
+
+def bootstrap_script(python: str, install_dir: str, agent_user: str = AGENT_USER,
+                     projects: Sequence[str] = ()) -> str:
+    """POSIX sh that reports what deploy must know before installing; with
+    `projects`, also which of them the interpreter has, and their versions."""
+    query = ""
+    if projects:
+        names = " ".join(shlex.quote(p) for p in projects)
+        query = f"""
+command -v "$PY" >/dev/null 2>&1 && "$PY" - {names} 2>/dev/null <<'FLCTL_PY' || true
+import re, sys
+from importlib import metadata
+for name in sys.argv[1:]:
+    try:
+        print("provided_" + re.sub(r"[^A-Za-z0-9]", "_", name.lower()) + "=" + metadata.version(name))
+    except Exception:
+        pass
+FLCTL_PY"""
     return f"""\
-PY={python}
+PY={python}{query}
 id -u {agent_user} >/dev/null 2>&1 && echo "agent_user=yes" || echo "agent_user=no"
 echo "arch=$(uname -m)"
 if command -v "$PY" >/dev/null 2>&1; then

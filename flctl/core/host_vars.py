@@ -8,6 +8,7 @@ gets when no group and no host sets a variable.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from typing import Any, Callable
 
@@ -91,6 +92,23 @@ def _overlay_ip(value: Any, spot: Spot) -> ipaddress.IPv4Address:
         raise spot.error(f"not an IPv4 address: {text!r}") from None
 
 
+def _data_params(value: Any, spot: Spot) -> dict[str, Any]:
+    """Parameters for the task's own data loader on this host: plain JSON values."""
+    mapping = expect_mapping(value, spot)
+    params: dict[str, Any] = {}
+    for key, item in mapping.items():
+        item_spot = spot.key(mapping, key)
+        if not isinstance(key, str) or not key:
+            raise item_spot.error(f"parameter names must be strings, got {describe(key)}")
+        try:
+            json.dumps(item, allow_nan=False)
+        except (TypeError, ValueError):
+            raise item_spot.error(f"must be plain values (numbers, strings, lists, "
+                                  f"mappings), got {describe(item)}") from None
+        params[key] = item
+    return params
+
+
 def _labels(value: Any, spot: Spot) -> dict[str, str]:
     mapping = expect_mapping(value, spot)
     labels: dict[str, str] = {}
@@ -119,6 +137,7 @@ CHECKS: dict[str, Callable[[Any, Spot], Any]] = {
     "become": expect_bool,
     "overlay_ip": _overlay_ip,
     "data_path": lambda v, s: expect_str(v, s),
+    "data_params": _data_params,
     "labels": _labels,
     "agent_port": _optional_agent_port,
     "python": _python,

@@ -65,12 +65,16 @@ class Host:
     host_key: str | None      # "SHA256:<base64>" without padding
     become: bool
     overlay_ip: ipaddress.IPv4Address
-    data_path: str               # absolute; for local hosts resolved and existing
+    data_path: str               # absolute (a file or a folder); local hosts: resolved, existing
     labels: Mapping[str, str]
     groups: tuple[str, ...]      # every group containing the host, shallow first, no "all"
     agent_port: int | None
     python: str
     line: int                    # where the host is defined (or first listed)
+    # for the task's own loader (load_data(path, params)); plain JSON values
+    data_params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # `python` is set for this host: the agent is layered on that interpreter's packages
+    python_layered: bool = False
 
     @property
     def is_local(self) -> bool:
@@ -405,7 +409,7 @@ def _build_host(source: str, base: Path, entry: _HostEntry, merged: Mapping[str,
     elif values["ssh_host"] is None:
         raise spot("ssh_host").error("required for ssh hosts (or set connection: local)")
     if "data_path" not in merged:
-        raise spot("data_path").error("required: where the host's data file is")
+        raise spot("data_path").error("required: where the host's data is (a file or folder)")
     data_path = merged["data_path"].value
     if local:
         resolved = _absolute(data_path, base)
@@ -418,8 +422,11 @@ def _build_host(source: str, base: Path, entry: _HostEntry, merged: Mapping[str,
     if values["ssh_key"] is not None:
         values["ssh_key"] = _absolute(values["ssh_key"], base)
     labels = merged["labels"].value if "labels" in merged else {}
+    data_params = merged["data_params"].value if "data_params" in merged else {}
     return Host(name=entry.name, data_path=data_path, overlay_ip=overlay_ip,
-                labels=MappingProxyType(dict(labels)), groups=groups, line=line, **values)
+                labels=MappingProxyType(dict(labels)), groups=groups, line=line,
+                data_params=MappingProxyType(dict(data_params)),
+                python_layered="python" in merged, **values)
 
 
 def _absolute(path: str, base: Path) -> str:

@@ -72,8 +72,10 @@ INFO_SPEC = {
     "task": Maybe(str),
     "version": Maybe(str),
     "state": Maybe(str),
+    # n_features and n_classes: the built-in data's shape; null for a task's own data
     "data": Maybe({"n_train": count(MAX_EXAMPLES), "n_test": count(MAX_EXAMPLES),
-                   "n_features": count(MAX_EXAMPLES), "n_classes": count(MAX_EXAMPLES)}),
+                   "n_features": Maybe(count(MAX_EXAMPLES)),
+                   "n_classes": Maybe(count(MAX_EXAMPLES))}),
     "data_error": Maybe(str),
     "last_round": Maybe(count()),
     "rounds_served": Maybe(count()),

@@ -107,6 +107,8 @@ class TrainingSettings:
     # A test file on this machine to evaluate the global model on as well
     # (relative to the workspace; "" = federated evaluation only).
     eval_file: str = ""
+    # the first model, as .npz (relative to the workspace); empty: the task's init()
+    initial_weights: str = ""
     # How hosts send their update: float32 as trained, float16, int8 with
     # stochastic rounding, or topk (params: fraction) with error feedback.
     compression: str = "float32"
@@ -259,6 +261,7 @@ _TRAINING_FIELDS: dict[str, Check] = {
     "max_update_norm": lambda v, s: expect_float(v, s, minimum=0.0),
     "target_accuracy": lambda v, s: expect_float(v, s, minimum=0.0, maximum=1.0),
     "eval_file": lambda v, s: expect_str(v, s, allow_empty=True),
+    "initial_weights": lambda v, s: expect_str(v, s, allow_empty=True),
     "compression": lambda v, s: expect_choice(v, s, COMPRESSION_CHOICES),
     "compression_params": _params,
     "privacy": lambda v, s: expect_choice(v, s, PRIVACY_CHOICES),
@@ -358,6 +361,9 @@ _COMMENTS = {
     "training.max_update_norm": "reject updates farther than this from the model (0: off)",
     "training.target_accuracy": "stop early at this federated accuracy (0: off)",
     "training.eval_file": "also evaluate on this local test file (npz/csv; empty: off)",
+    "training.initial_weights": "the first model as .npz (empty: the task's init(); for "
+                                "your own tasks one host makes it, so this machine needs "
+                                "no PyTorch)",
     "training.compression": "float32 | float16 | int8 | topk (update encoding)",
     "training.compression_params": "topk: {fraction: 0.05}",
     "training.privacy": "none | central | local (DP-FedAvg)",

@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -199,22 +199,33 @@ _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z"
 _CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def load_task(name: str, params: dict | None = None, tasks_dir: Path | None = None) -> Task:
-    """Instantiate a built-in task by name, or a user's task given as "pkg.mod:Class".
+def task_class(name: str, tasks_dir: Path | None = None) -> type:
+    """The class of a built-in task, or of a user's task given as "pkg.mod:Class".
 
     A user's task is imported from `tasks_dir` (where deploy put the
     workspace's tasks/) and from nowhere else (_tasks_package). What it
     names must be a class with init, fit and evaluate before anything of it
     is called.
     """
-    params = dict(params or {})
     if name in BUILTIN_TASKS:
-        cls = BUILTIN_TASKS[name]
-    elif ":" in name:
-        cls = _import_class(name, tasks_dir)
-    else:
-        raise TaskError(f"unknown task {name!r}: use one of {', '.join(sorted(BUILTIN_TASKS))} "
-                        f"or 'module:Class'")
+        return BUILTIN_TASKS[name]
+    if ":" in name:
+        return _import_class(name, tasks_dir)
+    raise TaskError(f"unknown task {name!r}: use one of {', '.join(sorted(BUILTIN_TASKS))} "
+                    f"or 'module:Class'")
+
+
+def data_loader(cls: type) -> Callable[[str, dict[str, Any]], Any] | None:
+    """A task's own data loader, `load_data(path, params)` (a staticmethod), if it
+    has one; tasks without one train on the built-in .npz/CSV files."""
+    loader = getattr(cls, "load_data", None)
+    return loader if callable(loader) else None
+
+
+def load_task(name: str, params: dict | None = None, tasks_dir: Path | None = None) -> Task:
+    """Instantiate `task_class(name, tasks_dir)` with `params`."""
+    params = dict(params or {})
+    cls = task_class(name, tasks_dir)
     try:
         task = cls(**params)
     except (TypeError, ValueError) as exc:
@@ -257,6 +268,10 @@ def _import_class(name: str, tasks_dir: Path | None) -> type:
     try:
         importlib.invalidate_caches()  # deploy may have just written the module
         module = importlib.import_module(f"{package}.{module_name}")
+    except ModuleNotFoundError as exc:
+        raise TaskError(f"task {name!r}: importing {module_name!r} failed: no module named "
+                        f"{exc.name!r} (list it in tasks/requirements.txt, or set the host's "
+                        f"python: to an interpreter that has it)") from exc
     except Exception as exc:
         raise TaskError(f"task {name!r}: importing {module_name!r} failed: "
                         f"{type(exc).__name__}: {exc}") from exc

@@ -12,6 +12,7 @@ it afresh; deploy records flctl's own wheel anew when flctl changes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -64,15 +65,25 @@ class LockTarget:
 
     requirements: tuple[str, ...]
     wheels: tuple[LockedWheel, ...]
+    # what the host's own interpreter supplies (name, version), for an agent
+    # layered on it: resolved around, never shipped
+    provided: tuple[tuple[str, str], ...] = ()
 
     def without(self, project: str) -> tuple[LockedWheel, ...]:
         wanted = normalize_project(project)
         return tuple(w for w in self.wheels if w.project != wanted)
 
 
-def target_key(python_tag: str, arch: str) -> str:
-    """"cp311", "x86_64" -> "cp311-x86_64"."""
-    return f"{python_tag}-{arch}"
+def target_key(python_tag: str, arch: str,
+               provided: tuple[tuple[str, str], ...] | None = None) -> str:
+    """"cp311", "x86_64" -> "cp311-x86_64"; an agent layered on a host's own
+    interpreter gets a key of its own per set of packages found there
+    ("cp311-x86_64-on-1a2b3c4d5e6f")."""
+    base = f"{python_tag}-{arch}"
+    if provided is None:
+        return base
+    listing = "".join(f"{name}=={version}\n" for name, version in sorted(provided))
+    return f"{base}-on-{hashlib.sha256(listing.encode()).hexdigest()[:12]}"
 
 
 @dataclass
@@ -87,6 +98,8 @@ class WheelLock:
             "lock_version": LOCK_VERSION,
             "targets": {
                 key: {"requirements": list(target.requirements),
+                      **({"provided": dict(sorted(target.provided))} if target.provided
+                         else {}),
                       "wheels": {w.name: w.sha256 for w in sorted(target.wheels,
                                                                     key=lambda w: w.name)}}
                 for key, target in sorted(self.targets.items())
@@ -132,7 +145,13 @@ def parse_lock(text: str, source: str) -> WheelLock:
                 raise ConfigError("expected a sha256 in hex", file=source,
                                   field=f"{where}.wheels.{name}")
             locked.append(LockedWheel(name, sha))
-        lock.targets[str(key)] = LockTarget(tuple(requirements), tuple(locked))
+        provided = entry.get("provided", {})
+        if not isinstance(provided, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in provided.items()):
+            raise ConfigError("expected an object of names to versions", file=source,
+                              field=f"{where}.provided")
+        lock.targets[str(key)] = LockTarget(tuple(requirements), tuple(locked),
+                                            tuple(sorted(provided.items())))
     return lock
 
 

@@ -31,13 +31,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from flctl.core.fsutil import atomic_write, file_sha256, sha256_hex
+from flctl.core.requirements import name_of, satisfied_by, with_companions
 from flctl.core.wheellock import LockedWheel, LockTarget, normalize_project, target_key
 from flctl.deploy.ownwheel import DISTRIBUTION, own_wheel
 from flctl.errors import FlctlError
@@ -78,13 +79,16 @@ class Bundle:
     python_tag: str      # "cp311"
     platform_tag: str    # "manylinux2014_x86_64"
     wheels: tuple[WheelFile, ...]
-    digest: str          # sha256 over the sorted (name, sha256) pairs
+    digest: str          # sha256 over the sorted (name, sha256) pairs, and `layered`
     requirements: tuple[str, ...] = ()
+    layered: bool = False                 # the venv sees the host interpreter's packages
+    provided: tuple[tuple[str, str], ...] = ()   # ... these of them, not shipped
 
     @property
     def target(self) -> str:
         """The wheel lock's key for this bundle ("cp311-x86_64")."""
-        return target_key(self.python_tag, self.platform_tag.split("_", 1)[1])
+        return target_key(self.python_tag, self.platform_tag.split("_", 1)[1],
+                          self.provided if self.layered else None)
 
     def wheel(self, project: str) -> WheelFile:
         wanted = normalize_project(project)
@@ -95,7 +99,8 @@ class Bundle:
 
     def lock_target(self) -> LockTarget:
         return LockTarget(self.requirements,
-                          tuple(LockedWheel(w.name, w.sha256) for w in self.wheels))
+                          tuple(LockedWheel(w.name, w.sha256) for w in self.wheels),
+                          self.provided)
 
 
 def wheels_dir(remote_dir: str = "/opt/flctl") -> str:
@@ -141,12 +146,6 @@ def host_tags(python_version: str, machine: str) -> tuple[str, str]:
     return f"cp{major}{minor}", f"manylinux2014_{_architecture(machine)}"
 
 
-def host_target(python_version: str, machine: str) -> str:
-    """The wheel lock's key for a host: ("3.11.2", "amd64") -> "cp311-x86_64"."""
-    major, minor = _python_xy(python_version)
-    return target_key(f"cp{major}{minor}", _architecture(machine))
-
-
 def agent_requirements() -> tuple[str, ...]:
     """What the agent needs on a host, with the version bounds flctl itself declares."""
     wanted = {normalize_project(p) for p in RUNTIME_PROJECTS}
@@ -166,38 +165,85 @@ def agent_requirements() -> tuple[str, ...]:
 # --------------------------------------------------------------- preparing
 
 
-def prepare_bundle(python_version: str, machine: str, cache_dir: Path,
-                   locked: LockTarget | None = None) -> Bundle:
-    """The wheels for a host running CPython `python_version` on `machine`.
+def all_requirements(task_requirements: Sequence[str] = ()) -> tuple[str, ...]:
+    """Everything an agent needs: its own and the task's requirements, with their
+    companions (ml_dtypes beside torch)."""
+    found = list(agent_requirements()) + with_companions(task_requirements)
+    return tuple(sorted(set(found), key=str.lower))
+
+
+@dataclass(frozen=True)
+class HostEnv:
+    """What a host's agent environment is built from.
+
+    `layered`: the venv sees the host interpreter's own packages (the
+    inventory sets `python:` for the host); `provided` lists those of the
+    requirements' projects it has, (name, version). `extra` are the task's
+    requirements (tasks/requirements.txt).
+    """
+
+    python_version: str
+    machine: str
+    layered: bool = False
+    provided: tuple[tuple[str, str], ...] = ()
+    extra: tuple[str, ...] = ()
+
+    def requirements(self) -> tuple[str, ...]:
+        return all_requirements(self.extra)
+
+    @property
+    def target(self) -> str:
+        major, minor = _python_xy(self.python_version)
+        return target_key(f"cp{major}{minor}", _architecture(self.machine),
+                          self.provided if self.layered else None)
+
+
+def prepare_bundle(env: HostEnv, cache_dir: Path, locked: LockTarget | None = None) -> Bundle:
+    """The wheels for a host as `env` describes it.
 
     With `locked` (this target's entry of the workspace's wheel lock, made
-    for the same requirements) exactly those dependency wheels are used,
-    fetched again only if the cache lacks them, and refused unless their
-    sha256 matches. Without it they are resolved from the package index.
-    A warm call reads the package files and a few small notes.
+    for the same requirements and host packages) exactly those wheels are
+    used, fetched again only if the cache lacks them, and refused unless
+    their sha256 matches. Without it they are resolved from the package
+    index: around what the host's interpreter already has, for a layered
+    agent (its versions are pinned as constraints, and neither it nor
+    anything it satisfies is shipped). A warm call reads the package files
+    and a few small notes.
     """
-    python_tag, platform_tag = host_tags(python_version, machine)
-    major, minor = _python_xy(python_version)
-    arch = _architecture(machine)
-    requirements = agent_requirements()
+    python_tag, platform_tag = host_tags(env.python_version, env.machine)
+    major, minor = _python_xy(env.python_version)
+    arch = _architecture(env.machine)
+    requirements = env.requirements()
+    provided = dict(env.provided) if env.layered else {}
+    needed = [r for r in requirements if r in BOOTSTRAP_REQUIREMENTS
+              or not satisfied_by(r, provided)]
+    replaced = {name_of(r) for r in needed}
+    kept = {name: version for name, version in provided.items() if name not in replaced}
     cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     own_path, own_sha = own_wheel(cache)
     platforms = [f"{tag}_{arch}" for tag in MANYLINUX_TAGS]
     with _locked(cache / ".lock"):  # parallel deploys: one downloads, the others reuse
-        if locked is not None and tuple(locked.requirements) == requirements:
+        if locked is not None and tuple(locked.requirements) == requirements \
+                and dict(locked.provided) == kept:
             deps = _fetch_pinned(cache, f"{major}.{minor}", platforms,
                                  locked.without(DISTRIBUTION))
         else:
-            deps = _resolve(cache, f"{major}.{minor}", platforms, requirements)
+            deps = [w for w in _resolve(cache, f"{major}.{minor}", platforms, needed, kept)
+                    if w.project not in kept]
     own = WheelFile(own_path, own_sha, own_path.name)
     wheels = tuple(sorted((own, *deps), key=lambda w: w.name))
-    return Bundle(python_tag, platform_tag, wheels, bundle_digest(wheels), requirements)
+    return Bundle(python_tag, platform_tag, wheels,
+                  bundle_digest(wheels, env.layered), requirements, env.layered,
+                  tuple(sorted(kept.items())))
 
 
-def bundle_digest(wheels: tuple[WheelFile, ...] | list[WheelFile]) -> str:
+def bundle_digest(wheels: tuple[WheelFile, ...] | list[WheelFile], layered: bool = False) -> str:
+    """Names the installed environment: its wheels and whether it sees the host's
+    own packages (a change of either reinstalls)."""
     pairs = sorted((wheel.name, wheel.sha256) for wheel in wheels)
-    return sha256_hex("".join(f"{name}\0{sha}\n" for name, sha in pairs))
+    listing = "".join(f"{name}\0{sha}\n" for name, sha in pairs)
+    return sha256_hex(listing + ("layered\n" if layered else ""))
 
 
 @contextmanager
@@ -267,12 +313,21 @@ def _pip_download(python_xy: str, platforms: Sequence[str], args: Sequence[str],
 
 
 def _resolve(cache: Path, python_xy: str, platforms: Sequence[str],
-             requirements: Sequence[str]) -> list[WheelFile]:
-    """Resolve `requirements` on the package index; the chosen wheels go into the cache."""
+             requirements: Sequence[str],
+             pinned: Mapping[str, str] | None = None) -> list[WheelFile]:
+    """Resolve `requirements` on the package index, keeping `pinned` projects at
+    those versions (what a host's interpreter has); the chosen wheels go into the
+    cache."""
     staging = Path(tempfile.mkdtemp(prefix=".resolve-", dir=cache))
     what = f"downloading wheels for CPython {python_xy} on {platforms[0].split('_', 1)[1]}"
     try:
-        files = _pip_download(python_xy, platforms, list(requirements), staging, what)
+        args = list(requirements)
+        if pinned:
+            constraints = staging / "host-packages.txt"
+            constraints.write_text("".join(f"{name}=={version}\n"
+                                           for name, version in sorted(pinned.items())))
+            args += ["-c", str(constraints)]
+        files = _pip_download(python_xy, platforms, args, staging, what)
         if not files:
             raise BundleError(f"{what}: pip downloaded no wheels")
         return [_keep(cache, path) for path in files]
@@ -350,7 +405,7 @@ tag_of() {{ "$1" -c 'import sys; print("cp%d%d" % sys.version_info[:2])' 2>/dev/
 [ "$(tag_of "$python")" = {q(bundle.python_tag)} ] || \\
     fail "$python is not CPython {bundle.python_tag} (the bundle was prepared for it)"
 rm -rf -- "$venv.new"
-"$python" -m venv --without-pip "$venv.new" || fail "$python -m venv failed"
+"$python" -m venv --without-pip{" --system-site-packages" if bundle.layered else ""} "$venv.new" || fail "$python -m venv failed"
 # Every wheel's sha256 was checked above, so installer's per-file RECORD
 # re-hash would only repeat that (and costs ~0.3 s a host).
 PYTHONPATH="$wheels"/{q(installer.name)} "$venv.new/bin/python" -m installer \\

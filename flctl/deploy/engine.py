@@ -23,6 +23,7 @@ from flctl.deploy.host_deploy import (
     ProgressFn,
     VerifyFn,
     workspace_task_files,
+    workspace_task_requirements,
 )
 from flctl.deploy.install import INSTALL_DIR, VENV_PYTHON, BundleCache, installed
 from flctl.deploy.overlay import Hub
@@ -105,6 +106,7 @@ def deploy(
         options=connect_options(workspace, accept_new_host_keys),
         bundles=bundles or BundleCache(lock=read_wheel_lock(workspace.paths)),
         task_files=workspace_task_files(workspace.paths.tasks),
+        task_requirements=workspace_task_requirements(workspace.paths.tasks),
         hub=Hub(workspace),
         confirm_new_connection=confirm_new_connection,
         rollback_after_s=rollback_after_s,

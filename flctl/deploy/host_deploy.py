@@ -23,6 +23,7 @@ from flctl.core.layout import (
     certificate_names,
     host_paths,
 )
+from flctl.core.requirements import REQUIREMENTS_FILE, parse_requirements
 from flctl.core.schema import Field, MapOf, Maybe, count
 from flctl.core.tasks import BUILTIN_TASKS
 from flctl.deploy.certificates import CertificateStore
@@ -38,6 +39,14 @@ ProgressFn = Callable[[str, str], None]
 VerifyFn = Callable[[Host, Endpoint], dict[str, Any]]
 ConfirmFn = Callable[[Host, ConnectOptions, str], None]
 
+# What flctl.agent.task_check reports: the task imports, the data reads.
+TASK_CHECK_SPEC = {
+    "task": Maybe(str),
+    "error": Maybe(str),
+    "data": Maybe({"n_train": count(), "n_test": count(), "n_features": Maybe(count()),
+                   "n_classes": Maybe(count())}),
+    "versions": Maybe(MapOf(Any)),
+}
 FACTS_SPEC = {
     "flctl_version": str,
     "python": str,
@@ -58,9 +67,7 @@ FACTS_SPEC = {
     "agent_pid": Maybe(count()),
     "agent_user_exists": Maybe(bool),
     "boot_current": bool,
-    "data": Maybe({"path": Maybe(str), "n_train": Maybe(count()), "n_test": Maybe(count()),
-                   "n_features": Maybe(count()), "n_classes": Maybe(count()),
-                   "error": Maybe(str)}),
+    "task_check": Maybe(TASK_CHECK_SPEC),
 }
 CSR_SPEC = {"csr_pem": str}
 
@@ -77,6 +84,7 @@ class DeployContext:
     options: ConnectOptions
     bundles: BundleCache
     task_files: dict[str, bytes]
+    task_requirements: tuple[str, ...]
     hub: Hub
     confirm_new_connection: ConfirmFn
     rollback_after_s: float
@@ -120,7 +128,8 @@ class HostDeploy:
         if self.remote:
             self.progress(self.host.name, "checking the host")
             bootstrap = ensure_agent_software(connector, self.host, self.ctx.bundles,
-                                              check=self.ctx.check, step=self.step)
+                                              check=self.ctx.check, step=self.step,
+                                              task_requirements=self.ctx.task_requirements)
             self.result.facts["host"] = bootstrap
             if self.ctx.check and self.result.changed:
                 self.step("agent", True, "would configure and start after installing")
@@ -129,25 +138,27 @@ class HostDeploy:
         self.progress(self.host.name, "gathering facts")
         facts = self._facts(connector)
         self._check_port(facts)
-        self._data(facts)
         changed = self._certificate(connector, facts)
         changed |= self._file(connector, "ca.crt", str(self.paths.ca_cert), self.ctx.certificates.ca_cert,
                               facts["files"].get("ca.crt"))
         changed |= self._file(connector, "revocation list", str(self.paths.crl), self.ctx.crl,
                               facts["files"].get("ca.crl"))
-        changed |= self._task_code(connector, facts)
+        code_changed = self._task_code(connector, facts)
+        changed |= code_changed
         if self.network is not None:
             self.network.apply(connector, facts)
         config_text = render_agent_config(self._agent_config()).encode()
         config_changed = self._file(connector, "agent config", str(self.paths.config),
                                     config_text, facts["files"].get("agent.json"))
         changed |= config_changed
+        software_changed = any(s.changed for s in self.result.steps if s.name == "agent software")
+        self._task_check(connector, facts, config_changed or code_changed or software_changed)
         if self.remote:
             self._boot(connector, facts, config_changed or self.result.changed > 0)
         self._service(connector, facts, changed)
 
     def _facts(self, connector: Connector) -> dict[str, Any]:
-        args = ["facts", "--root", str(self.paths.root), "--data", self.host.data_path]
+        args = ["facts", "--root", str(self.paths.root)]
         if self.user:
             args += ["--user", self.user]
         facts = call_helper(connector, *args, spec=FACTS_SPEC)
@@ -185,22 +196,38 @@ class HostDeploy:
                       f"created system user {AGENT_USER} (uid {made['uid']})" if made["changed"]
                       else AGENT_USER)
 
-    def _data(self, facts: dict[str, Any]) -> None:
-        data = facts["data"]
-        if data is None or data.get("error"):
-            raise StepFailed(f"data: {(data or {}).get('error') or 'no answer'}")
-        if data.get("n_train") is None:
-            raise StepFailed("data: the host did not report its size")
+    def _task_check(self, connector: Connector, facts: dict[str, Any],
+                    inputs_changed: bool) -> None:
+        """On the host, as the agent's user: the task imports and reads its data.
+        Run when the task, its config or the software changed, or the last check
+        failed; a built-in task's data must also fit the model's shape."""
         training = self.ctx.workspace.settings.training
+        previous = facts.get("task_check")
+        current = previous if (previous and not previous.get("error") and not inputs_changed
+                               and previous.get("task") == training.task) else None
+        if current is None:
+            if self.ctx.check:   # a check changes nothing on the host
+                self.step("task check", False, "would check that the task starts on the host")
+                return
+            self.progress(self.host.name, "checking the task")
+            current = call_helper(connector, "task-check", "--root", str(self.paths.root),
+                                  timeout=900, spec={"check": TASK_CHECK_SPEC})["check"]
+        if current.get("error"):
+            raise StepFailed(f"task: {current['error']}")
+        data = current.get("data") or {}
         if training.task in BUILTIN_TASKS:
             want = training.task_params
-            if want.get("n_features") is not None and data["n_features"] != want["n_features"]:
-                raise StepFailed(f"data: {data['n_features']} features per example; "
+            if want.get("n_features") is not None and data.get("n_features") != want["n_features"]:
+                raise StepFailed(f"data: {data.get('n_features')} features per example; "
                                  f"training.task_params.n_features is {want['n_features']}")
-            if want.get("n_classes") is not None and (data["n_classes"] or 0) > want["n_classes"]:
+            if want.get("n_classes") is not None and (data.get("n_classes") or 0) > \
+                    want["n_classes"]:
                 raise StepFailed(f"data: labels up to {data['n_classes'] - 1}; "
                                  f"training.task_params.n_classes is {want['n_classes']}")
-        self.step("data", False, f"{data['n_train']} train / {data['n_test']} test examples")
+        versions = current.get("versions") or {}
+        found = "; torch " + str(versions["torch"]) if versions.get("torch") else ""
+        self.step("task check", False, f"{training.task}: {data.get('n_train')} train / "
+                                       f"{data.get('n_test')} test examples{found}")
 
     def _check_port(self, facts: dict[str, Any]) -> None:
         ours = facts.get("service_pid") is not None
@@ -222,6 +249,7 @@ class HostDeploy:
             key=str(self.paths.key),
             crl=str(self.paths.crl),
             data_path=self.host.data_path,
+            data_params=dict(self.host.data_params),
             state_file=str(self.paths.state),
             task=settings.training.task,
             tasks_dir=str(tasks_dir),
@@ -314,6 +342,14 @@ class HostDeploy:
         call_helper(connector, action, "--root", str(self.paths.root),
                     "--port", str(self.endpoint.port))
         self.step("agent", True, "started" if action == "start" else "restarted")
+
+
+def workspace_task_requirements(tasks_dir: Path) -> tuple[str, ...]:
+    """tasks/requirements.txt, checked (file and line named on a mistake)."""
+    path = tasks_dir / REQUIREMENTS_FILE
+    if not path.is_file():
+        return ()
+    return tuple(parse_requirements(path.read_text(encoding="utf-8"), str(path)))
 
 
 def workspace_task_files(tasks_dir: Path) -> dict[str, bytes]:

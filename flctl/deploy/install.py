@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
-from flctl.core.facts import bootstrap_script, host_unfit_reason, parse_key_values
+from flctl.core.facts import bootstrap_script, host_unfit_reason, parse_key_values, provided_key
 from flctl.core.inventory import Host
+from flctl.core.requirements import name_of
 from flctl.core.wheellock import WheelLock, merged
-from flctl.deploy.bundle import Bundle, host_target, install_script, prepare_bundle
+from flctl.deploy.bundle import (
+    Bundle,
+    HostEnv,
+    all_requirements,
+    install_script,
+    prepare_bundle,
+)
 from flctl.deploy.connector import Connector
 from flctl.deploy.remote import StepFailed
 
@@ -46,11 +54,11 @@ class BundleCache:
         self._lock = threading.Lock()
         self._bundles: dict[str, Bundle] = {}
 
-    def get(self, python_version: str, arch: str) -> Bundle:
-        key = host_target(python_version, arch)
+    def get(self, env: HostEnv) -> Bundle:
+        key = env.target
         with self._lock:
             if key not in self._bundles:
-                self._bundles[key] = prepare_bundle(python_version, arch, self.cache_dir,
+                self._bundles[key] = prepare_bundle(env, self.cache_dir,
                                                     self.wheel_lock.targets.get(key))
             return self._bundles[key]
 
@@ -62,8 +70,10 @@ class BundleCache:
         return None if lock.render() == self.wheel_lock.render() else lock
 
 
-def gather_bootstrap_facts(connector: Connector, host: Host) -> dict[str, str]:
-    result = connector.run_shell(bootstrap_script(host.python, INSTALL_DIR), timeout=60)
+def gather_bootstrap_facts(connector: Connector, host: Host,
+                           projects: Sequence[str] = ()) -> dict[str, str]:
+    result = connector.run_shell(bootstrap_script(host.python, INSTALL_DIR,
+                                                  projects=projects), timeout=60)
     if result.returncode != 0:
         raise StepFailed(f"facts: {result.stderr.strip() or 'sh failed'}")
     return parse_key_values(result.stdout)
@@ -81,19 +91,29 @@ def remote_wheel_hashes(connector: Connector) -> dict[str, str]:
 
 
 def ensure_agent_software(connector: Connector, host: Host, bundles: BundleCache, *,
-                          check: bool, step: StepFn) -> dict[str, str]:
-    """Refuse an unfit host, else make /opt/flctl hold this bundle.
+                          check: bool, step: StepFn,
+                          task_requirements: Sequence[str] = ()) -> dict[str, str]:
+    """Refuse an unfit host, else make /opt/flctl hold this bundle: the agent's
+    and the task's requirements, around what the host's interpreter already has
+    when the inventory sets `python:` for it (a layered agent).
 
     Returns the bootstrap facts. Afterwards host-side commands run with the
     venv's Python.
     """
-    facts = gather_bootstrap_facts(connector, host)
+    projects = sorted({name_of(r) for r in all_requirements(task_requirements)}) \
+        if host.python_layered else []
+    facts = gather_bootstrap_facts(connector, host, projects)
     reason = host_unfit_reason(facts, host.become)
     if reason is not None:
         raise StepFailed(reason)
-    bundle = bundles.get(facts["python"], facts["arch"])
+    provided = tuple((name, facts[provided_key(name)]) for name in projects
+                     if facts.get(provided_key(name)))
+    bundle = bundles.get(HostEnv(facts["python"], facts["arch"], host.python_layered,
+                                 provided, tuple(task_requirements)))
+    from_host = ", ".join(f"{n} {v}" for n, v in bundle.provided)
     if facts.get("bundle") == bundle.digest:
-        step("agent software", False, f"flctl bundle {bundle.digest[:12]}")
+        step("agent software", False, f"flctl bundle {bundle.digest[:12]}"
+             + (f"; from the interpreter: {from_host}" if from_host else ""))
     elif check:
         step("agent software", True, "would install")
     else:
@@ -108,9 +128,12 @@ def ensure_agent_software(connector: Connector, host: Host, bundles: BundleCache
         if done.returncode != 0:
             tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["failed"]
             raise StepFailed(f"install: {tail[0]}")
+        shipped = ", ".join(f"{w.project} {w.name.split('-')[1]}" for w in bundle.wheels
+                            if w.project != "installer")
         step("agent software", True,
-             f"installed ({len(missing)} of {len(bundle.wheels)} wheels uploaded, Python "
-             f"{facts['python']}, {facts['arch']})")
+             f"installed {shipped} ({len(missing)} of {len(bundle.wheels)} wheels uploaded, "
+             f"Python {facts['python']}, {facts['arch']})"
+             + (f"; from the interpreter: {from_host}" if from_host else ""))
     connector.python = VENV_PYTHON
     return facts
 

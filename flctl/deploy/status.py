@@ -12,7 +12,7 @@ from typing import Any, Callable
 from flctl.core.inventory import Host
 from flctl.core.layout import Endpoint, agent_endpoint, host_paths
 from flctl.core.messages import INFO_SPEC
-from flctl.core.schema import Field, Maybe, SchemaError, check, count
+from flctl.core.schema import Field, MapOf, Maybe, SchemaError, check, count
 from flctl.deploy.connector import HostUnreachable
 from flctl.deploy.engine import connect_options
 from flctl.deploy.install import VENV_PYTHON, installed
@@ -33,6 +33,7 @@ STATUS_SPEC = {
     "disk_free_bytes": Maybe(count()),
     "gpus": [str],
     "interfaces": [str],
+    "environment": Maybe(MapOf(Any)),   # what the last deploy's task check found
 }
 
 
@@ -61,7 +62,7 @@ def host_status(workspace: Workspace, host: Host, index: int, agent_info: AgentI
         row["reachable"] = True
         row.update({k: facts.get(k) for k in (
             "service", "service_pid", "agent_pid", "agent_uptime_s", "load", "mem_total_bytes",
-            "mem_available_bytes", "disk_free_bytes", "gpus", "interfaces")})
+            "mem_available_bytes", "disk_free_bytes", "gpus", "interfaces", "environment")})
     except FlctlError as exc:
         row["error"] = exc.message
         return row

@@ -85,6 +85,12 @@ class AgentClient:
     def info(self) -> dict[str, Any]:
         return self._client.request(Message("info")).meta
 
+    def init_weights(self, task: str, task_params: dict[str, Any],
+                     seed: int) -> list[np.ndarray]:
+        """The task's initial weights, made by the agent (its host has the framework)."""
+        request = Message("init", {"task": task, "task_params": dict(task_params), "seed": seed})
+        return self._client.request(request).arrays
+
     def fit(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
             config: dict[str, Any], allocate: Allocator | None = None,
             heartbeat_s: float | None = None) -> FitReply:
