@@ -117,6 +117,12 @@ class TorchData:
             self.n_test = _size(self.test) if self.test is not None else 0
 
 
+def _seed(config: dict[str, Any]) -> None:
+    """torch's RNG (dropout, DataLoader shuffles) from the run's seed and round."""
+    seed = [int(config.get("seed", 0)), int(config.get("round", 0))]
+    torch.manual_seed(int(np.random.default_rng(seed).integers(2**62)))
+
+
 def _size(loader: Any) -> int:
     dataset = getattr(loader, "dataset", loader)
     try:
@@ -131,7 +137,9 @@ class TorchTask:
     `load_data` (a staticmethod), `train` and `test`; the rest is done here.
 
     `exclude` lists state-dict names that do not travel (they keep the values
-    each host's model starts with).
+    each host's model starts with). The task's params (training.task_params)
+    may set `threads`: torch's CPU threads per agent (default: torch's own,
+    one per core), for several agents sharing one machine's cores.
     """
 
     exclude: Sequence[str] = ()
@@ -167,15 +175,20 @@ class TorchTask:
         device = str(config.get("device") or "cpu")
         self.device = torch.device(device if device != "cuda" or torch.cuda.is_available()
                                    else "cpu")
-        seed = [int(config.get("seed", 0)), int(config.get("round", 0))]
-        torch.manual_seed(int(np.random.default_rng(seed).integers(2**62)))
+        threads = int(self.params.get("threads") or 0)
+        if threads > 0 and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         if self._model is None:
             self._model = self.model()
             self._keys = federated_keys(self._model, self.exclude)
+        # Seeded after the model exists: whether this agent built it in an
+        # earlier call must not change the shuffles (or --resume would differ).
+        _seed(config)
         return self._model.to(self.device)
 
     def init(self, seed: int) -> list[np.ndarray]:
         self._model = None
+        _seed({"seed": seed, "round": 0})    # the first model comes from this seed
         model = self._prepared({"seed": seed, "round": 0})
         return [a.copy() for a in to_arrays(model.state_dict(), self._keys)]
 

@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(python3-venv sudo openssh-server nftables wireguard-tools wireguard-go iproute2 iputils-ping)
+# python3-torch: the lab hosts' admin-installed PyTorch, which layered agents
+# (inventory `python: /usr/bin/python3`) train with.
+DEBIAN_PACKAGES=(python3-venv sudo openssh-server nftables wireguard-tools wireguard-go iproute2 iputils-ping
+                 python3-torch)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for pkg in "${DEBIAN_PACKAGES[@]}"; do

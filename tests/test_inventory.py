@@ -155,6 +155,8 @@ def test_example_file_at_repo_root_loads(workspace: Path) -> None:
     assert dict(by_name["alpha"].labels) == {"kind": "hospital", "site": "north"}
     assert by_name["laptop"].data_path == str(workspace / "data" / "laptop.npz")
     assert set(inv.groups["gpu"]) == {"alpha"}
+    assert by_name["alpha"].gpus == "0,1" and by_name["alpha"].python_layered  # gpu's vars
+    assert by_name["gamma"].gpus == "all" and not by_name["gamma"].python_layered
     # Every host var appears in the example, so it documents all of them.
     text = (REPO / "inventory.example.yaml").read_text()
     from flctl.core.host_vars import HOST_VARS

@@ -154,3 +154,17 @@ def test_a_torch_task_trains_through_flctls_contract_reproducibly() -> None:
     after, count, scores = Tiny().evaluate(first, data, config)
     assert count == 64 and after < before and 0 <= scores["accuracy"] <= 1
     assert all(np.array_equal(a, b) for a, b in zip(Tiny().init(7), Tiny().init(7)))
+
+
+def test_a_fit_does_not_depend_on_what_the_agent_did_before() -> None:
+    """An agent keeps its task between runs; a resumed run must shuffle as the
+    first did, whether or not this agent built the model in an earlier call."""
+    data = Tiny.load_data("unused", {"seed": 3})
+    config = {"seed": 7, "round": 5, "lr": 0.5, "device": "cpu"}
+    weights = Tiny().init(7)
+    fresh, _, _ = Tiny().fit([w.copy() for w in weights], data, config)
+    busy = Tiny()
+    busy.fit([w.copy() for w in weights], data, {**config, "round": 4})
+    busy.evaluate(weights, data, config)
+    later, _, _ = busy.fit([w.copy() for w in weights], data, config)
+    assert all(np.array_equal(a, b) for a, b in zip(fresh, later))

@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from flctl import __version__
+from flctl.agent import gpu
 from flctl.agent.launcher import (
     ensure_user,
     init_system,
@@ -108,6 +109,7 @@ def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
         "service_pid": service.pid(),
         "agent_pid": service.agent_pid(),
         "task_check": _task_check_result(root),
+        "gpu_count": gpu.count(),
     }
 
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from flctl.agent import proc
+from flctl.agent import gpu, proc
 from flctl.core.agentconfig import AgentConfig, parse_agent_config
 from flctl.core.facts import parse_listening_ports
 from flctl.core.fsutil import atomic_write
@@ -203,7 +203,8 @@ class SupervisorService:
         as_user: dict[str, object] = {}
         if self.user is not None and os.geteuid() == 0:
             uid, gid = user_ids(self.user)
-            as_user = {"user": uid, "group": gid, "extra_groups": []}
+            groups = gpu.device_groups() if self.config and self.config.gpus is not None else ()
+            as_user = {"user": uid, "group": gid, "extra_groups": list(groups)}
         fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_MODE)
         with open(fd, "ab") as log:
             process = subprocess.Popen(
@@ -271,6 +272,7 @@ def unit_spec(root: Path, config: AgentConfig | None) -> UnitSpec:
     """The units of this host's agent, with the tunnel and firewall it has."""
     paths = HostPaths(PurePosixPath(root))
     project = config.project if config else "unknown"
+    uses_gpus = config is not None and config.gpus is not None
     tunnels = sorted(Path(paths.wg_dir).glob("*.conf"))
     firewall = Path(paths.firewall)
     return UnitSpec(project=project, host=config.name if config else "",
@@ -279,7 +281,9 @@ def unit_spec(root: Path, config: AgentConfig | None) -> UnitSpec:
                     user=config.user if config else None,
                     tunnel_config=str(tunnels[0]) if tunnels else None,
                     firewall=str(firewall) if firewall.exists() else None,
-                    nft=shutil.which("nft") or "/usr/sbin/nft")
+                    nft=shutil.which("nft") or "/usr/sbin/nft",
+                    gpus=uses_gpus,
+                    gpu_groups=gpu.device_groups() if uses_gpus else ())
 
 
 class SystemdService:

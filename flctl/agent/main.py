@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+from flctl.agent import gpu
 from flctl.agent.requests import RequestHandler
 from flctl.core import pki
 from flctl.core.agentconfig import parse_agent_config
@@ -35,6 +36,7 @@ def coordinator_only(peer: PeerInfo) -> str | None:
 
 def build_server(config_path: Path) -> FrameServer:
     config = parse_agent_config(config_path.read_text(), str(config_path))
+    gpu.apply(config)   # before the task (and torch) is imported
     service = RequestHandler(config)
     context = server_context(Path(config.ca_cert), Path(config.cert), Path(config.key),
                              Path(config.crl) if config.crl else None)

@@ -156,13 +156,21 @@ class RequestHandler:
             self._tasks[key] = task
         return task
 
+    def _task_config(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The coordinator's settings for this call, and the device this host
+        gives the task (its own decision, from the GPUs deploy granted)."""
+        config = meta.get("config") or {}
+        if not isinstance(config, dict):
+            raise FlctlError("config must be an object")
+        return {**config, "device": "cpu" if self.config.gpus is None else "cuda"}
+
     def _train(self, request: Message, send: Sender, *, secure: bool = False,
                ) -> tuple[SentUpdate, dict[str, Any]]:
         """Fit under the train lock, then turn the result into what goes back
         (`send`); returns that and the reply's metadata."""
         data = self._require_data()
         task = self._task(request.meta)
-        config = dict(request.meta.get("config") or {})
+        config = self._task_config(request.meta)
         uplink = UplinkSpec.from_config(config.pop("uplink", {}))
         # the change a host made needs the model it started from (a task may train in place)
         start = [np.array(w) for w in request.arrays] if secure or uplink.sends_delta else []
@@ -227,7 +235,7 @@ class RequestHandler:
     def _evaluate(self, request: Message) -> Message:
         data = self._require_data()
         task = self._task(request.meta)
-        config = dict(request.meta.get("config") or {})
+        config = self._task_config(request.meta)
         started = time.perf_counter()
         with self._train_lock:
             loss, num_examples, metrics = task.evaluate(list(request.arrays), data, config)

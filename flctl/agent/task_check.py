@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
 from typing import Any
 
+from flctl.agent import gpu
 from flctl.agent.task_data import load_host_data, summary
 from flctl.core.agentconfig import parse_agent_config
 from flctl.errors import FlctlError
 
 
-def versions() -> dict[str, Any]:
-    """What the task runs on; torch's only if the task imported it."""
-    found: dict[str, Any] = {"python": platform.python_version()}
+def versions(device: str = "cpu") -> dict[str, Any]:
+    """What the task runs on; torch's only if the task imported it. `device` is
+    what the agent tells the task, with the GPUs it is given."""
+    found: dict[str, Any] = {"python": platform.python_version(), "device": device,
+                             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         found["numpy"] = numpy.__version__
@@ -40,11 +44,12 @@ def versions() -> dict[str, Any]:
 
 def check(config_path: Path) -> dict[str, Any]:
     config = parse_agent_config(config_path.read_text(), str(config_path))
+    device = gpu.apply(config)   # the agent's own GPU environment, before the task imports
     try:
         data = summary(load_host_data(config))
     except FlctlError as exc:
-        return {"task": config.task, "error": exc.message, "versions": versions()}
-    return {"task": config.task, "data": data, "versions": versions()}
+        return {"task": config.task, "error": exc.message, "versions": versions(device)}
+    return {"task": config.task, "data": data, "versions": versions(device)}
 
 
 def main(argv: list[str] | None = None) -> int:

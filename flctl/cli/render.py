@@ -135,10 +135,14 @@ def status_table(rows: Sequence[dict[str, Any]]) -> Table:
 
 
 def _torch_cell(environment: dict[str, Any]) -> str:
+    """torch's version and where the agent trains: "2.3.1, CUDA 12.1, GPU 0,1" or "..., CPU"."""
     if not environment.get("torch"):
         return "-"
-    cuda = f", CUDA {environment['cuda']}" if environment.get("cuda") else ", CPU"
-    return f"{environment['torch']}{cuda}"
+    if environment.get("device") == "cuda" and environment.get("gpus"):
+        visible = environment.get("cuda_visible_devices")
+        which = f"GPU {visible}" if visible else f"{environment['gpus']} GPUs"
+        return f"{environment['torch']}, CUDA {environment.get('cuda')}, {which}"
+    return f"{environment['torch']}, CPU"
 
 
 def _tunnel_cell(row: dict[str, Any]) -> Text:

@@ -36,6 +36,9 @@ class AgentConfig:
     # (local hosts run as the operator).
     user: str | None = None
     max_message_mb: int = 2048
+    # The GPUs this agent may use: None (none: it trains on the CPU), "all",
+    # or indices as nvidia-smi numbers them ("0,2"); see flctl.agent.gpu.
+    gpus: str | None = None
 
 
 # Keys an older flctl wrote; read and dropped so its agent starts until the

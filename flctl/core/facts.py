@@ -180,6 +180,32 @@ def host_unfit_reason(facts: dict[str, str], become: bool) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------ GPUs
+
+def parse_nvidia_smi_list(text: str) -> int:
+    """How many GPUs `nvidia-smi -L` lists ("GPU 0: NVIDIA A100 (UUID: ...)")."""
+    return sum(1 for line in text.splitlines() if re.match(r"GPU \d+:", line.strip()))
+
+
+def resolve_gpus(wanted: str, available: int) -> str | None:
+    """The inventory's `gpus` ("all", "none", "0,2") on a host with `available`
+    GPUs, as the agent config's `gpus` (None: the CPU only). ValueError says
+    what to fix when an index does not exist there."""
+    if wanted == "none" or (wanted == "all" and available == 0):
+        return None
+    if wanted == "all":
+        return "all"
+    indices = [int(i) for i in wanted.split(",")]
+    if available == 0:
+        raise ValueError(f"gpus: [{wanted}] but nvidia-smi lists no GPU on this host "
+                         "(set gpus: none, or install the NVIDIA driver)")
+    missing = [i for i in indices if i >= available]
+    if missing:
+        raise ValueError(f"gpus: no GPU {', '.join(map(str, missing))} on this host "
+                         f"(nvidia-smi lists {available}: 0..{available - 1})")
+    return wanted
+
+
 # ------------------------------------------------------------------ WireGuard
 
 def parse_wg_dump(text: str) -> dict[str, Any]:

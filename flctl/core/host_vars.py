@@ -127,6 +127,23 @@ def _python(value: Any, spot: Spot) -> str:
     return text
 
 
+MAX_GPU_INDEX = 255
+
+
+def _gpus(value: Any, spot: Spot) -> str:
+    """"all", "none", or GPU indices as nvidia-smi numbers them, kept as the
+    text CUDA_VISIBLE_DEVICES takes ("0,2")."""
+    if value in ("all", "none"):
+        return value
+    if not isinstance(value, list) or not value:
+        raise spot.error(f"expected all, none or a list of GPU indices such as [0, 1], "
+                         f"got {describe(value)}")
+    indices = [expect_int(item, spot, minimum=0, maximum=MAX_GPU_INDEX) for item in value]
+    if len(set(indices)) != len(indices):
+        raise spot.error(f"a GPU is listed twice: {indices}")
+    return ",".join(str(i) for i in sorted(indices))
+
+
 CHECKS: dict[str, Callable[[Any, Spot], Any]] = {
     "connection": lambda v, s: expect_choice(v, s, CONNECTIONS),
     "ssh_host": _ssh_host,
@@ -141,6 +158,7 @@ CHECKS: dict[str, Callable[[Any, Spot], Any]] = {
     "labels": _labels,
     "agent_port": _optional_agent_port,
     "python": _python,
+    "gpus": _gpus,
 }
 HOST_VARS = tuple(CHECKS)
 DEFAULTS: dict[str, Any] = {
@@ -153,6 +171,7 @@ DEFAULTS: dict[str, Any] = {
     "become": False,
     "agent_port": None,
     "python": "python3",
+    "gpus": "all",
 }
 
 

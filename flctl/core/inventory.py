@@ -75,6 +75,8 @@ class Host:
     data_params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     # `python` is set for this host: the agent is layered on that interpreter's packages
     python_layered: bool = False
+    # "all", "none" or indices ("0,2"): the GPUs the agent may use, where it has any
+    gpus: str = "all"
 
     @property
     def is_local(self) -> bool:

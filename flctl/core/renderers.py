@@ -29,6 +29,10 @@ class UnitSpec:
     tunnel_config: str | None = None
     firewall: str | None = None
     nft: str = "/usr/sbin/nft"
+    # The agent may use GPUs: it needs the device nodes (no PrivateDevices)
+    # and the groups that own them.
+    gpus: bool = False
+    gpu_groups: tuple[str, ...] = ()
 
 
 def unit_name(project: str) -> str:
@@ -77,7 +81,8 @@ def render_systemd_unit(spec: UnitSpec) -> str:
         "UMask=0077",
         "NoNewPrivileges=yes",
         "PrivateTmp=yes",
-        "PrivateDevices=yes",
+        *(([f"SupplementaryGroups={' '.join(spec.gpu_groups)}"] if spec.gpu_groups else [])
+          if spec.gpus else ["PrivateDevices=yes"]),
         "ProtectSystem=strict",
         "ProtectHome=read-only",
         f"ReadWritePaths={spec.run_dir}",

@@ -368,6 +368,23 @@ def _fetch_pinned(cache: Path, python_xy: str, platforms: Sequence[str],
 # ------------------------------------------------------------------ on the host
 
 
+# A layered venv sees the packages of the interpreter it is built on, after
+# its own. `venv --system-site-packages` would not do: built from a venv's
+# (or conda env's) python, it sees the base installation instead, not that
+# env's torch. So the venv gets a .pth that adds the interpreter's own site
+# directories (their .pth files included), as that interpreter lists them.
+_LAYER_SCRIPT = """\
+site_dir=$("$venv.new/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+"$python" - > "$site_dir/flctl-host-packages.pth" <<'FLCTL_LAYER' || fail "cannot list $python's packages"
+import os, site, sys
+user = site.getusersitepackages() if site.ENABLE_USER_SITE else None
+dirs = [p for p in sys.path if p != user and os.path.isdir(p)
+        and os.path.basename(p.rstrip("/")) in ("site-packages", "dist-packages")]
+print("import site; " + "; ".join("site.addsitedir(%r)" % p for p in dirs))
+FLCTL_LAYER
+"""
+
+
 def install_script(bundle: Bundle, remote_dir: str = "/opt/flctl", python: str = "python3") -> str:
     """A POSIX sh script that installs `bundle` from `wheels_dir(remote_dir)` on a host.
 
@@ -405,8 +422,8 @@ tag_of() {{ "$1" -c 'import sys; print("cp%d%d" % sys.version_info[:2])' 2>/dev/
 [ "$(tag_of "$python")" = {q(bundle.python_tag)} ] || \\
     fail "$python is not CPython {bundle.python_tag} (the bundle was prepared for it)"
 rm -rf -- "$venv.new"
-"$python" -m venv --without-pip{" --system-site-packages" if bundle.layered else ""} "$venv.new" || fail "$python -m venv failed"
-# Every wheel's sha256 was checked above, so installer's per-file RECORD
+"$python" -m venv --without-pip "$venv.new" || fail "$python -m venv failed"
+{_LAYER_SCRIPT if bundle.layered else ""}# Every wheel's sha256 was checked above, so installer's per-file RECORD
 # re-hash would only repeat that (and costs ~0.3 s a host).
 PYTHONPATH="$wheels"/{q(installer.name)} "$venv.new/bin/python" -m installer \\
     --no-compile-bytecode --validate-record none {wheel_paths} >&2 \\

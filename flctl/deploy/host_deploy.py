@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flctl.core.agentconfig import AgentConfig, render_agent_config
+from flctl.core.facts import resolve_gpus
 from flctl.core.fsutil import sha256_hex
 from flctl.core.inventory import Host
 from flctl.core.layout import (
@@ -68,6 +69,7 @@ FACTS_SPEC = {
     "agent_user_exists": Maybe(bool),
     "boot_current": bool,
     "task_check": Maybe(TASK_CHECK_SPEC),
+    "gpu_count": count(),
 }
 CSR_SPEC = {"csr_pem": str}
 
@@ -138,6 +140,10 @@ class HostDeploy:
         self.progress(self.host.name, "gathering facts")
         facts = self._facts(connector)
         self._check_port(facts)
+        try:
+            gpus = resolve_gpus(self.host.gpus, facts["gpu_count"])
+        except ValueError as exc:
+            raise StepFailed(str(exc)) from None
         changed = self._certificate(connector, facts)
         changed |= self._file(connector, "ca.crt", str(self.paths.ca_cert), self.ctx.certificates.ca_cert,
                               facts["files"].get("ca.crt"))
@@ -147,7 +153,7 @@ class HostDeploy:
         changed |= code_changed
         if self.network is not None:
             self.network.apply(connector, facts)
-        config_text = render_agent_config(self._agent_config()).encode()
+        config_text = render_agent_config(self._agent_config(gpus)).encode()
         config_changed = self._file(connector, "agent config", str(self.paths.config),
                                     config_text, facts["files"].get("agent.json"))
         changed |= config_changed
@@ -235,7 +241,7 @@ class HostDeploy:
             raise StepFailed(f"port {self.endpoint.port} is already in use on the host "
                              "(set agent.port in flctl.yaml or agent_port for this host)")
 
-    def _agent_config(self) -> AgentConfig:
+    def _agent_config(self, gpus: str | None) -> AgentConfig:
         settings = self.ctx.workspace.settings
         tasks_dir = (self.ctx.workspace.paths.tasks if self.host.connection == "local"
                      else self.paths.tasks)
@@ -255,6 +261,7 @@ class HostDeploy:
             tasks_dir=str(tasks_dir),
             user=self.user,
             max_message_mb=settings.limits.max_message_mb,
+            gpus=gpus,
         )
 
     def _certificate(self, connector: Connector, facts: dict[str, Any]) -> bool:

@@ -87,7 +87,7 @@ def _float_type(array: np.ndarray) -> np.dtype:
         raise PrivacyError(f"differential privacy adds noise to every model array; an array "
                            f"of dtype {dtype} (a counter such as BatchNorm's "
                            f"num_batches_tracked) cannot carry it: leave it out of the "
-                           f"federated state")
+                           f"federated state (with flctl.torch: TorchTask.exclude)")
     return dtype
 
 
