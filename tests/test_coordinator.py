@@ -697,3 +697,23 @@ def test_initial_weights_from_a_file(federation: Federation, tmp_path: Path) -> 
     coordinator.fit_round = spy  # type: ignore[method-assign]
     coordinator.train()
     assert np.array_equal(seen[0][0], start[0])
+
+
+def test_a_host_whose_evaluation_fails_is_told_once(tmp_path: Path) -> None:
+    """A task whose evaluate() raises on a host leaves that host out of the
+    federated score and says why, once rather than every round."""
+    def broken(request, reply):
+        if reply.kind == "eval_result":
+            return Message("error", {"error": "KeyError: 'epochs'"})
+        return reply
+
+    fed = Federation(tmp_path, [10, 30], tamper={1: broken})
+    messages: list[str] = []
+    try:
+        training = TrainingSettings(task="meantask:MeanTask", rounds=3)
+        summary = fed.coordinator(training, on_message=messages.append).train()
+    finally:
+        fed.close()
+    told = [m for m in messages if "evaluation failed" in m]
+    assert len(told) == 1 and told[0].startswith("h1: evaluation failed: ") and "epochs" in told[0]
+    assert summary.accuracy is not None      # h0's score still counts

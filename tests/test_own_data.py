@@ -37,6 +37,11 @@ class Folder(LogRegTask):
         x = np.load(folder / "x.npy")[:limit]
         y = np.load(folder / "y.npy")[:limit]
         return Dataset(x, y)
+
+    @staticmethod
+    def check_data(data):
+        if data.n_train < 50:
+            raise ValueError(f"only {data.n_train} examples; this model needs 50")
 '''
 
 
@@ -108,3 +113,12 @@ def test_data_params_must_be_plain_values() -> None:
     good = text.replace("2026-01-01", "'2026-01-01'")
     host = parse_inventory(good, "inventory.yaml", ipaddress.IPv4Network("10.0.0.0/24")).hosts[0]
     assert dict(host.data_params) == {"when": "2026-01-01"}
+
+
+def test_the_tasks_own_check_refuses_unfit_data_at_deploy(workspace) -> None:
+    root, folders = workspace
+    (root / "inventory.yaml").write_text(inventory(folders, ["{limit: 20}", "{}"]))
+    rows = {h["host"]: h for h in deploy_json(root)["hosts"]}
+    assert rows["local1"]["status"] == "failed" and rows["local2"]["status"] == "changed"
+    assert rows["local1"]["error"] == (
+        "task: folder_task:Folder.check_data: ValueError: only 20 examples; this model needs 50")

@@ -52,15 +52,19 @@ def device_groups(dev: Path = Path("/")) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def device(config: AgentConfig) -> str:
+    """What the task is told to train on: "cuda" with GPUs granted, else "cpu"."""
+    return "cpu" if config.gpus is None else "cuda"
+
+
 def apply(config: AgentConfig, environ: MutableMapping[str, str] = os.environ) -> str:
     """Set the CUDA environment the config gives; return the device the task
     is told to use ("cuda" or "cpu")."""
     environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     if config.gpus is None:
         environ["CUDA_VISIBLE_DEVICES"] = ""
-        return "cpu"
-    if config.gpus == "all":
+    elif config.gpus == "all":
         environ.pop("CUDA_VISIBLE_DEVICES", None)
     else:
         environ["CUDA_VISIBLE_DEVICES"] = config.gpus
-    return "cuda"
+    return device(config)

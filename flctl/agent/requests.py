@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from flctl import __version__
+from flctl.agent import gpu
 from flctl.agent.secure import SecureRounds
 from flctl.agent.task_data import load_host_data, summary
 from flctl.core.agentconfig import AgentConfig
@@ -162,7 +163,7 @@ class RequestHandler:
         config = meta.get("config") or {}
         if not isinstance(config, dict):
             raise FlctlError("config must be an object")
-        return {**config, "device": "cpu" if self.config.gpus is None else "cuda"}
+        return {**config, "device": gpu.device(self.config)}
 
     def _train(self, request: Message, send: Sender, *, secure: bool = False,
                ) -> tuple[SentUpdate, dict[str, Any]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flctl.agent import gpu
-from flctl.agent.task_data import load_host_data, summary
+from flctl.agent.task_data import check_host_data, load_host_data, summary
 from flctl.core.agentconfig import parse_agent_config
 from flctl.errors import FlctlError
 
@@ -46,7 +46,9 @@ def check(config_path: Path) -> dict[str, Any]:
     config = parse_agent_config(config_path.read_text(), str(config_path))
     device = gpu.apply(config)   # the agent's own GPU environment, before the task imports
     try:
-        data = summary(load_host_data(config))
+        loaded = load_host_data(config)
+        check_host_data(config, loaded)
+        data = summary(loaded)
     except FlctlError as exc:
         return {"task": config.task, "error": exc.message, "versions": versions(device)}
     return {"task": config.task, "data": data, "versions": versions(device)}

@@ -41,6 +41,21 @@ def load_host_data(config: AgentConfig) -> Any:
     return data
 
 
+def check_host_data(config: AgentConfig, data: Any) -> None:
+    """Deploy's task check: the task's own `check_data(data)` (a staticmethod),
+    when it has one, may refuse data that loads but is unfit (a label out of
+    range, images of the wrong size); its exception is this host's one line."""
+    cls = task_class(config.task, Path(config.tasks_dir) if config.tasks_dir else None)
+    checker = getattr(cls, "check_data", None)
+    if not callable(checker):
+        return
+    try:
+        checker(data)
+    except Exception as exc:   # the user's check: any failure is this host's data problem
+        text = " ".join(str(exc).split())
+        raise TaskError(f"{config.task}.check_data: {type(exc).__name__}: {text}") from None
+
+
 def summary(data: Any) -> dict[str, Any]:
     """Sizes (and, for the built-in data, shape) the agent reports in `info`."""
     if isinstance(data, Dataset):

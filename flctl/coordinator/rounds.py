@@ -99,6 +99,7 @@ class Coordinator:
         self.on_round = on_round
         self.on_message = on_message
         self.task_params: dict[str, Any] = {}
+        self._eval_failures_told: set[tuple[str, str]] = set()
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.clients)))
 
     # ------------------------------------------------------------ helpers
@@ -290,12 +291,16 @@ class Coordinator:
     def evaluate(self, weights: list[np.ndarray], round_number: int,
                  clients: Sequence[AgentClient]) -> tuple[float | None, float | None]:
         config = {"round": round_number}
-        replies, _ = self._parallel(
+        replies, failures = self._parallel(
             clients,
             lambda c: c.evaluate(weights, self.training.task, self.task_params, config,
                                  heartbeat_s=self.training.heartbeat_s or None),
             timeout=self.training.deadline_s,
         )
+        for name, reason in sorted(failures.items()):
+            if (name, reason) not in self._eval_failures_told:   # once, not every round
+                self._eval_failures_told.add((name, reason))
+                self.on_message(f"{name}: evaluation failed: {reason}")
         for name in sorted(replies):
             reply = replies[name]
             try:

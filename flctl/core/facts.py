@@ -92,7 +92,7 @@ def process_uptime_s(proc_stat: str, system_uptime_s: float, clock_ticks: int) -
 # Gathered with plain sh before flctl exists on the host. Each line is
 # key=value; the parser below is the only reader.
 
-MIN_PYTHON = (3, 9)
+MIN_PYTHON = (3, 9)   # pyproject.toml's requires-python: the oldest a host may run
 MIN_DISK_FREE_BYTES = 512 * 1024 * 1024
 SUPPORTED_ARCHES = ("x86_64", "aarch64")
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from flctl.core.facts import MIN_PYTHON
 from flctl.core.fsutil import atomic_write, file_sha256, sha256_hex
 from flctl.core.requirements import name_of, satisfied_by, with_companions
 from flctl.core.wheellock import LockedWheel, LockTarget, normalize_project, target_key
@@ -50,7 +51,6 @@ RUNTIME_PROJECTS: tuple[str, ...] = ("numpy", "cryptography", "PyYAML")
 # python3-venv: `python3 -m venv --without-pip` works on every CPython >= 3.3,
 # and `installer` runs straight from its wheel on sys.path.
 BOOTSTRAP_REQUIREMENTS: tuple[str, ...] = ("installer",)
-MIN_PYTHON = (3, 9)
 # Oldest glibc first; 2_28 covers RHEL 8, Debian 10, Ubuntu 20.04 and newer.
 MANYLINUX_TAGS = ("manylinux2014", "manylinux_2_17", "manylinux_2_24", "manylinux_2_26",
                   "manylinux_2_27", "manylinux_2_28")

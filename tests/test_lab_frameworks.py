@@ -1,5 +1,8 @@
-"""The PyTorch example on lab hosts whose admin installed PyTorch: Debian's
-python3-torch, used through `python: /usr/bin/python3` in the inventory.
+"""Frameworks on lab hosts: the PyTorch example on the hosts' own PyTorch,
+and a Flower client run unchanged.
+
+PyTorch comes from Debian's python3-torch (what an admin installs), used
+through `python: /usr/bin/python3` in the inventory.
 
 The agent's venv is layered on that interpreter: torch and numpy come from
 Debian (nothing is shipped for them), what the interpreter lacks (ml_dtypes,
@@ -7,6 +10,12 @@ a compiled extension, and flctl's own newer dependencies) is shipped as
 wheels. Three rounds run over the WireGuard overlay; `flctl status` shows
 the torch each host trains with. A host left on a plain interpreter fails
 its task check with one line, and the others train.
+
+The Flower client (tests/fixtures/flower_digits/client.py: a NumPyClient
+and a ClientApp as Flower's quickstarts write them) runs through
+flctl.flower with `flwr` in tasks/requirements.txt: deploy resolves flwr
+and its dependencies into wheels and installs them on hosts that never had
+them.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.skipif(lab_available() is not None,
                                                   reason=str(lab_available()))]
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pytorch-digits"
+FLOWER_CLIENT = Path(__file__).resolve().parent / "fixtures" / "flower_digits"
 HOSTS = 3
 DEBIAN_PYTHON = "/usr/bin/python3"
 
@@ -145,3 +155,32 @@ def test_a_host_without_torch_fails_its_task_check_and_the_others_train(lab: Lab
         inventory.write_text(layered)
         requirements.write_text(listed)
     assert deploy_json(workspace)["code"] == 0
+
+
+def test_a_flower_client_runs_unchanged(lab: Lab) -> None:
+    workspace = lab.workspace
+    saved = {p: p.read_text() for p in (workspace / "inventory.yaml", workspace / "flctl.yaml")}
+    tasks = workspace / "tasks"
+    shutil.move(tasks, workspace / "tasks.torch")
+    shutil.copytree(FLOWER_CLIENT, tasks)
+    inventory = workspace / "inventory.yaml"
+    inventory.write_text(inventory.read_text().replace(f"          python: {DEBIAN_PYTHON}\n", ""))
+    set_training(workspace, task="flower_task:Digits", task_params={}, epochs=1, lr=0.5)
+    try:
+        deployed = deploy_json(workspace)
+        assert deployed["code"] == 0, deployed
+        for host in lab.hosts:
+            software = {s["name"]: s for s in by_host(deployed)[host]["steps"]}["agent software"]
+            assert "flwr " in software["detail"], software
+            assert remote(lab, host, f"{DEBIAN_PYTHON} -c 'import flwr' 2>&1 || true") \
+                .endswith("No module named 'flwr'")                # not on the host before
+        trained = run_cli("train", "-w", str(workspace), "--rounds", "3", "--json",
+                          timeout=600)
+        assert trained.returncode == 0, trained.stderr
+        assert "evaluation failed" not in trained.stderr, trained.stderr
+        assert trained.json()["accuracy"] > 0.7
+    finally:
+        shutil.rmtree(tasks)
+        shutil.move(workspace / "tasks.torch", tasks)
+        for path, text in saved.items():
+            path.write_text(text)
