@@ -186,6 +186,13 @@ class TorchTask:
         _seed(config)
         return self._model.to(self.device)
 
+    def names(self) -> list[str]:
+        """The state-dict names of the arrays this task federates, in order
+        (the run records them: `flctl runs export` writes a state dict by name)."""
+        if self._model is None:
+            self._prepared({"seed": 0, "round": 0})
+        return list(self._keys)
+
     def init(self, seed: int) -> list[np.ndarray]:
         self._model = None
         _seed({"seed": seed, "round": 0})    # the first model comes from this seed

@@ -100,17 +100,23 @@ def measure(root: Path, n_params: int, rounds: int, **overrides: object) -> dict
     }
 
 
-@contextmanager
 def echo_federation(hosts: int) -> Iterator[Path]:
     """A workspace of `hosts` deployed local agents with the echo task; torn down after."""
+    return local_federation(hosts, ECHO_TASK, "echo_task:EchoTask")
+
+
+@contextmanager
+def local_federation(hosts: int, task_file: Path, task: str) -> Iterator[Path]:
+    """A workspace of `hosts` deployed local agents running `task` (from
+    `task_file`, copied into its tasks folder); torn down after."""
     with tempfile.TemporaryDirectory(prefix="flctl-bench-") as tmp:
         root = Path(tmp)
         # the task an agent runs is fixed at deploy
         settings = Settings(agent=AgentSettings(port=free_port_block(hosts))).with_training(
-            task="echo_task:EchoTask")
+            task=task)
         init_workspace(root, local_hosts=hosts, settings=settings)
         (root / "flctl.yaml").write_text(render_settings(settings))
-        shutil.copy(ECHO_TASK, root / "tasks" / "echo_task.py")
+        shutil.copy(task_file, root / "tasks" / task_file.name)
         workspace = load_workspace(root)
         results = engine.deploy(workspace, list(workspace.inventory.hosts),
                                 verify=lambda h, e: info_probe(workspace)(e))

@@ -30,7 +30,7 @@ rm -rf build ./*.egg-info  # setuptools' build/ keeps deleted modules and would 
 # the installed copy, so what passes here is what `pip install flctl` gives.
 # torch 2.13.0 is the CPU build (an unpinned torch would pull a CUDA build of
 # several GB); flctl.torch's tests and the PyTorch example use it
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check '.[test,torch]' 'torch==2.13.0'
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check '.[test,torch,safetensors]' 'torch==2.13.0'
 
 "$VENV/bin/ruff" check flctl tests scripts
 set +e

@@ -18,7 +18,7 @@ from flctl.core import pki
 from flctl.core.agentconfig import AgentConfig
 from flctl.core.data import Dataset, save_dataset
 from flctl.core.layout import Endpoint
-from flctl.core.messages import Message
+from flctl.core.messages import DEFAULT_LIMITS, Limits, Message
 from flctl.core.settings import TrainingSettings
 from flctl.errors import FlctlError, TrainingError
 from flctl.net.agent_client import AgentClient
@@ -81,12 +81,16 @@ def tampered(handle, change):
 class Federation:
     def __init__(self, root: Path, sizes: list[int], frozen: tuple[int, ...] = (),
                  leaves: tuple[int, ...] = (), spread: float = 1.0,
-                 task: str = "meantask:MeanTask", tamper: dict | None = None) -> None:
+                 task: str = "meantask:MeanTask", tamper: dict | None = None,
+                 limits: Limits = DEFAULT_LIMITS, tasks: dict[str, str] | None = None) -> None:
         self.root = root
+        self.limits = limits
         ca_key, ca_cert = pki.make_ca("test CA")
         (root / "ca.crt").write_bytes(ca_cert)
         (root / "tasks").mkdir()
         (root / "tasks" / "meantask.py").write_text(MEAN_TASK)
+        for module, source in (tasks or {}).items():
+            (root / "tasks" / f"{module}.py").write_text(source)
         key, cert = pki.coordinator_certificate(ca_key, ca_cert)
         (root / "c.key").write_bytes(key)
         (root / "c.crt").write_bytes(cert)
@@ -114,13 +118,15 @@ class Federation:
             if tamper and index in tamper:
                 handler = tampered(handler, tamper[index])
             server = server_class("127.0.0.1", 0, server_context(root / "ca.crt",
-                                 root / f"{name}.crt", root / f"{name}.key"), handler)
+                                 root / f"{name}.crt", root / f"{name}.key"), handler,
+                                 limits=limits)
             server.start()
             self.servers.append(server)
             self.endpoints.append(Endpoint(name, "127.0.0.1", "127.0.0.1", server.address[1], name))
 
     def coordinator(self, training: TrainingSettings, **kwargs) -> Coordinator:
-        clients = [AgentClient(e, self.context, timeout=30) for e in self.endpoints]
+        clients = [AgentClient(e, self.context, timeout=30, limits=self.limits)
+                   for e in self.endpoints]
         return Coordinator(clients, training, create_run_dir(self.root / "runs"),
                            tasks_dir=self.root / "tasks",
                            ca_pem=(self.root / "ca.crt").read_bytes(), **kwargs)

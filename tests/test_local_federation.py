@@ -145,6 +145,16 @@ def test_train_saves_weights_manifest_and_metrics(workspace) -> None:
     assert summary["accuracy"] > 0.5
     status = run_cli("status", "-w", str(root), "--json").json()
     assert {row["last_round"] for row in status["hosts"]} == {3}
+    # the weights as other tools read them
+    exported = run_cli("runs", "export", summary["run_id"], "-w", str(root), "--json").json()
+    assert exported["path"] == str(run_dir / "export" / "final.safetensors")
+    from safetensors.numpy import load_file
+    with np.load(final) as fin:
+        assert {k: v.tobytes() for k, v in load_file(exported["path"]).items()} == {
+            k: fin[k].tobytes() for k in fin.files}
+    wrong = run_cli("runs", "export", summary["run_id"], "-w", str(root), "--format", "onnx")
+    assert wrong.returncode != 0 and "unknown format 'onnx'" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1
 
 
 def test_killed_agent_is_restarted_by_its_supervisor(workspace) -> None:

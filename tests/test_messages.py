@@ -29,7 +29,8 @@ def decode(frame: bytes, limits: Limits = LIMITS) -> Message:
     """Reference decoder over a byte string, using only the public parse functions."""
     header_len, body_len = parse_prelude(frame[:PRELUDE_SIZE], limits)
     header = frame[PRELUDE_SIZE:PRELUDE_SIZE + header_len]
-    kind, meta, specs = parse_header(header, body_len, limits)
+    head = parse_header(header, body_len, limits)
+    kind, meta, specs = head.kind, head.meta, head.specs
     body = frame[PRELUDE_SIZE + header_len:]
     assert len(body) == body_len
     arrays, offset = [], 0
@@ -195,7 +196,7 @@ def test_header_violations(header: object, body_len: int, reason: str) -> None:
 def test_max_arrays_limit() -> None:
     header = {"kind": "x", "arrays": [{"dtype": "|u1", "shape": [1]}] * 5}
     raw = json.dumps(header).encode()
-    assert len(parse_header(raw, 5, Limits(max_arrays=5))[2]) == 5
+    assert len(parse_header(raw, 5, Limits(max_arrays=5)).specs) == 5
     with pytest.raises(ProtocolError, match="arrays"):
         parse_header(raw, 5, Limits(max_arrays=4))
 
@@ -205,7 +206,8 @@ def test_valid_header_specs() -> None:
         {"dtype": "<f4", "shape": [2, 3]}, {"dtype": "|b1", "shape": []},
         {"dtype": "<i8", "shape": [0]},
     ]}
-    kind, meta, specs = parse_header(json.dumps(header).encode(), 25, LIMITS)
-    assert (kind, meta) == ("x", {"a": 1})
+    head = parse_header(json.dumps(header).encode(), 25, LIMITS)
+    kind, meta, specs = head.kind, head.meta, head.specs
+    assert (kind, meta) == ("x", {"a": 1}) and head.stream is None
     assert [(s.dtype, s.shape, s.nbytes) for s in specs] == [
         (np.dtype("<f4"), (2, 3), 24), (np.dtype("?"), (), 1), (np.dtype("<i8"), (0,), 0)]

@@ -82,13 +82,14 @@ def test_resume_refuses_what_it_cannot_do(workspace: Path) -> None:
 def test_a_crash_between_checkpoint_writes_resumes_from_a_matching_pair(tmp_path: Path) -> None:
     """Killed after round 2's weights were written but before its state file:
     resume must see round 1 with round 1's weights, never a mix."""
-    from flctl.coordinator.records import RunDir, load_checkpoint, weights_to_npz
+    from flctl.coordinator.records import RunDir, load_checkpoint, weights_npz
 
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
     round1 = [np.full(3, 1.0, np.float32)]
     run.save_checkpoint(1, round1, {"task_params": {}}, {"m": [np.full(3, 0.5, np.float32)]})
-    (run.path / "checkpoint-000002.npz").write_bytes(weights_to_npz([np.full(3, 2.0, np.float32)]))
+    with open(run.path / "checkpoint-000002.npz", "wb") as handle:
+        weights_npz([np.full(3, 2.0, np.float32)])(handle)
     checkpoint = load_checkpoint(run)
     assert checkpoint.round == 1
     assert np.array_equal(checkpoint.weights[0], round1[0])

@@ -44,7 +44,7 @@ training:
   eval_every: 1
   seed: 0
 limits:
-  max_message_mb: 2048
+  max_message_mb: 64
 """
 
 
@@ -55,7 +55,7 @@ def test_documented_file_equals_the_defaults() -> None:
     assert settings.overlay.hub_ip == ipaddress.IPv4Address("10.213.0.1")
     assert (settings.agent.port, settings.agent.listen) == (7443, "overlay")
     assert (settings.training.rounds, settings.training.lr) == (20, 0.5)
-    assert settings.limits.max_message_bytes == 2048 * 1024 * 1024
+    assert settings.limits.max_message_bytes == 64 * 1024 * 1024
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "overlay:\n", "training: {}\n"])

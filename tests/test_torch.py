@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from flctl.coordinator.records import load_weights, weights_to_npz
+from flctl.coordinator.records import load_weights, weights_npz
 from flctl.core.messages import Message
 from flctl.core.strategies import make_strategy
 from flctl.net.framing import recv_message, send_message
@@ -45,7 +45,8 @@ def test_every_dtype_round_trips_bit_for_bit(tmp_path) -> None:
     with a, b:
         send_message(a, Message("m", {}, arrays))
         received = recv_message(b)[0].arrays
-    (tmp_path / "w.npz").write_bytes(weights_to_npz(received))
+    with open(tmp_path / "w.npz", "wb") as handle:
+        weights_npz(received)(handle)
     loaded = load_weights(tmp_path / "w.npz")
     other = Mixed()
     from_arrays(other, loaded, keys)

@@ -163,7 +163,7 @@ def test_recv_fills_caller_buffers_in_place() -> None:
     a, b = socket.socketpair()
     with a, b:
         threading.Thread(target=send_message, args=(a, Message("m", {}, payload))).start()
-        got, _ = recv_message(b, allocate=lambda specs: buffers)
+        got, _ = recv_message(b, receive=lambda specs: buffers)
     for g, buf, want in zip(got.arrays, buffers, payload):
         assert g is buf
         np.testing.assert_array_equal(buf, want)
@@ -174,7 +174,7 @@ def test_allocate_returning_wrong_buffers_is_refused() -> None:
     with a, b:
         send_message(a, Message("m", {}, [np.zeros(4, dtype=np.float32)]))
         with pytest.raises(ValueError):
-            recv_message(b, allocate=lambda specs: [np.zeros(4, dtype=np.float64)])
+            recv_message(b, receive=lambda specs: [np.zeros(4, dtype=np.float64)])
 
 
 def test_a_trickled_body_cannot_hold_its_buffer() -> None:

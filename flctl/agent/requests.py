@@ -133,7 +133,8 @@ class RequestHandler:
         task = self._task(request.meta)
         with self._train_lock:
             weights = [np.asarray(w) for w in task.init(seed)]
-        return Message("init_result", {}, weights)
+            names = task.names() if callable(getattr(task, "names", None)) else None
+        return Message("init_result", {"names": names}, weights)
 
     def _require_data(self) -> Any:
         if self.data is None:

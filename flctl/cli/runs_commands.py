@@ -8,6 +8,7 @@ import typer
 
 from flctl.cli import render
 from flctl.cli.common import JsonOpt, WorkspaceOpt
+from flctl.coordinator.export import FORMATS, export_run
 from flctl.coordinator.records import RunDir, describe_run, list_runs, read_metrics
 from flctl.coordinator.summary import RoundRecord
 from flctl.errors import WorkspaceError
@@ -36,6 +37,35 @@ def runs(
         render.out.print(render.runs_table(infos))
 
 
+@runs_app.command("export")
+def runs_export(
+    run_id: str = typer.Argument(..., help="The run's id (see `flctl runs`)."),
+    fmt: str = typer.Option("safetensors", "--format", "-f",
+                            help=f"One of: {', '.join(FORMATS)}."),
+    output: Path | None = typer.Option(None, "--output", "-o",
+                                       help="Where to write (default: the run's export/ "
+                                            "folder, final.<ext>)."),
+    workspace_dir: Path = WorkspaceOpt,
+    json_output: bool = JsonOpt,
+) -> None:
+    """Write a finished run's weights as safetensors, a PyTorch state dict, or a named .npz."""
+    workspace = load_workspace(workspace_dir)
+    path = export_run(_run(workspace.paths.runs, run_id), fmt, output)
+    if json_output:
+        render.emit_json({"run_id": run_id, "format": fmt, "path": str(path),
+                          "bytes": path.stat().st_size})
+    else:
+        render.out.print(render.literal(f"wrote {path} ({path.stat().st_size:,} bytes)"),
+                         soft_wrap=True)
+
+
+def _run(runs_root: Path, run_id: str) -> RunDir:
+    run = RunDir(runs_root / run_id)
+    if "/" in run_id or run_id in ("", ".", "..") or not run.path.is_dir():
+        raise WorkspaceError(f"no run {run_id!r} in {runs_root}")
+    return run
+
+
 @runs_app.command("show")
 def runs_show(
     run_id: str = typer.Argument(..., help="The run's id (see `flctl runs`)."),
@@ -44,9 +74,7 @@ def runs_show(
 ) -> None:
     """Summarise one run: settings, hosts, and every round's metrics."""
     workspace = load_workspace(workspace_dir)
-    run = RunDir(workspace.paths.runs / run_id)
-    if not run.path.is_dir():
-        raise WorkspaceError(f"no run {run_id!r} in {workspace.paths.runs}")
+    run = _run(workspace.paths.runs, run_id)
     info = describe_run(run)
     render.warn(info.warnings)
     history = read_metrics(run).records

@@ -1,31 +1,46 @@
-"""How many received updates the coordinator holds at once.
+"""Where the coordinator puts the updates it receives, and how many it holds.
 
-A slot is taken before a reply's arrays are allocated (from inside the frame
-reader) and given back once the update is folded into the aggregate, so
-however many hosts answer at the same time, at most `slots` update-sized
-buffers exist: coordinator memory stays O(model). A reply whose array specs
-are not what the round expects is refused before it takes a slot, so a host
-cannot make the coordinator reserve memory for a model of its choosing.
+A small update is received into memory: a slot is taken before its arrays
+are allocated (from inside the frame reader) and given back once it is
+folded into the aggregate, so however many hosts answer at the same time,
+at most `slots` of them exist. An update bigger than IN_MEMORY_BYTES goes to
+a spool file instead (core.spooled), chunk by chunk as it arrives, and is
+folded from there once it is complete and accepted: coordinator memory stays
+the model and its sum, whatever the number of hosts and the model's size.
+A reply whose array layout is not what the round expects is refused before
+anything is reserved for it, so a host cannot make the coordinator hold a
+model of its choosing.
 """
 
 from __future__ import annotations
 
+import shutil
 import threading
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from flctl.core.messages import ArraySpec
+from flctl.core.spooled import SpoolFile
+from flctl.errors import TrainingError
+from flctl.net.framing import ArrayReceiver
+
+# Updates up to this size are held in memory (under a slot); larger ones spool.
+IN_MEMORY_BYTES = 64 << 20
+# Keep this much disk free beside a spooled update (checkpoints need room too).
+SPOOL_DISK_MARGIN = 256 << 20
+
+SpecCheck = Callable[[list[ArraySpec]], None]
 
 
 class MemoryBudget:
-    """Bounds how many received updates exist at once."""
+    """Bounds how many received updates exist in memory at once."""
 
     def __init__(self, slots: int) -> None:
         self._slots = threading.BoundedSemaphore(max(1, slots))
 
-    def allocator(self, held: list[bool],
-                  expect: Callable[[list[ArraySpec]], None] | None = None,
+    def allocator(self, held: list[bool], expect: SpecCheck | None = None,
                   ) -> Callable[[list[ArraySpec]], list[np.ndarray]]:
         """`expect(specs)` raises for a reply that does not fit the round."""
 
@@ -42,3 +57,66 @@ class MemoryBudget:
         while held:
             held.pop()
             self._slots.release()
+
+    def receiver(self, expect: SpecCheck, spool_dir: Path | None) -> UpdateReceiver:
+        """A Receiver for one update: in memory under a slot, or spooled to
+        `spool_dir` when it is large (None: always in memory)."""
+        return UpdateReceiver(self, expect, spool_dir)
+
+
+class UpdateReceiver:
+    """Receives one host's update (framing.Receiver); `release()` when done with it."""
+
+    def __init__(self, budget: MemoryBudget, expect: SpecCheck, spool_dir: Path | None) -> None:
+        self._budget = budget
+        self._expect = expect
+        self._spool_dir = spool_dir
+        self._held: list[bool] = []
+        self._memory: ArrayReceiver | None = None
+        self._spool: SpoolFile | None = None
+
+    @property
+    def spooled(self) -> bool:
+        return self._spool is not None
+
+    def begin(self, specs: list[ArraySpec]) -> None:
+        self._expect(specs)
+        total = sum(spec.nbytes for spec in specs)
+        if self._spool_dir is None or total <= IN_MEMORY_BYTES:
+            self._memory = ArrayReceiver(self._budget.allocator(self._held))
+            self._memory.begin(specs)
+            return
+        self._spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        free = shutil.disk_usage(self._spool_dir).free
+        if free < total + SPOOL_DISK_MARGIN:
+            raise TrainingError(f"update refused: spooling its {total / 1e9:.2f} GB needs more "
+                                f"free disk than the {free / 1e9:.2f} GB left under "
+                                f"{self._spool_dir}")
+        self._spool = SpoolFile(self._spool_dir, [(s.dtype, s.shape) for s in specs])
+
+    def buffer(self, index: int, offset: int, nbytes: int) -> memoryview:
+        if self._spool is not None:
+            return self._spool.buffer(nbytes)
+        assert self._memory is not None
+        return self._memory.buffer(index, offset, nbytes)
+
+    def received(self, index: int, offset: int, nbytes: int) -> None:
+        if self._spool is not None:
+            self._spool.write(index, offset, nbytes)
+
+    def finish(self) -> list:
+        if self._spool is not None:
+            return list(self._spool.arrays())
+        assert self._memory is not None
+        return self._memory.finish()
+
+    def abandon(self) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Give back the slot or close (and so delete) the spool file."""
+        self._memory = None
+        self._budget.release(self._held)
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None

@@ -19,7 +19,6 @@ round whose checkpoint exists has its metrics line on disk too.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
@@ -27,12 +26,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
 from flctl.core.dtypes import from_storage, storage_array, storage_key
-from flctl.core.fsutil import atomic_write, fsync_dir, sha256_hex, write_secret
+from flctl.core.fsutil import atomic_write, file_sha256, fsync_dir, write_secret
 from flctl.core.privacy import SECRET_STATE_KEYS
 from flctl.errors import TrainingError
 
@@ -50,20 +49,24 @@ def new_run_id(clock: float | None = None) -> str:
     return f"{stamp}-{secrets.token_hex(2)}"
 
 
-def weights_to_npz(weights: Sequence[np.ndarray]) -> bytes:
+def npz_writer(arrays: dict[str, np.ndarray]) -> Callable[[BinaryIO], None]:
+    """Writes `arrays` as an .npz into an open file, array by array in bounded
+    pieces (numpy streams each into its zip entry): no copy of the model is
+    made in memory, whatever its size."""
+    def write(handle: BinaryIO) -> None:
+        np.savez(handle, **arrays)
+    return write
+
+
+def weights_npz(weights: Sequence[np.ndarray]) -> Callable[[BinaryIO], None]:
     """The model as .npz, arrays in order; bfloat16 ones keep their type (core.dtypes)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **{storage_key(f"w{i:04d}", w.dtype): storage_array(np.asarray(w))
-                        for i, w in enumerate(weights)})
-    return buffer.getvalue()
+    return npz_writer({storage_key(f"w{i:04d}", w.dtype): storage_array(np.asarray(w))
+                       for i, w in enumerate(weights)})
 
 
-def _state_to_npz(state: dict[str, list[np.ndarray]]) -> bytes:
-    flat = {f"{key}__{i:04d}": array for key, arrays in state.items()
-            for i, array in enumerate(arrays)}
-    buffer = io.BytesIO()
-    np.savez(buffer, **flat)
-    return buffer.getvalue()
+def _state_npz(state: dict[str, list[np.ndarray]]) -> Callable[[BinaryIO], None]:
+    return npz_writer({f"{key}__{i:04d}": array for key, arrays in state.items()
+                       for i, array in enumerate(arrays)})
 
 
 def _state_from_npz(path: Path, into: dict[str, list[np.ndarray]]) -> None:
@@ -87,6 +90,11 @@ class RunDir:
     def run_id(self) -> str:
         return self.path.name
 
+    @property
+    def spool_dir(self) -> Path:
+        """Where large updates wait, in unlinked files, until they are folded in."""
+        return self.path / "spool"
+
     def save_checkpoint(self, round_number: int, weights: Sequence[np.ndarray],
                         extra: dict[str, Any],
                         strategy_state: dict[str, list[np.ndarray]] | None = None) -> None:
@@ -102,10 +110,10 @@ class RunDir:
         public = dict(strategy_state or {})
         secret = {key: public.pop(key) for key in sorted(SECRET_STATE_KEYS) if key in public}
         secret_name = f"{SECRET_PREFIX}{round_number:06d}.npz" if secret else None
-        atomic_write(self.path / weights_name, weights_to_npz(weights))
-        atomic_write(self.path / strategy_name, _state_to_npz(public))
+        atomic_write(self.path / weights_name, weights_npz(weights))
+        atomic_write(self.path / strategy_name, _state_npz(public))
         if secret_name is not None:
-            write_secret(self.path / secret_name, _state_to_npz(secret))
+            write_secret(self.path / secret_name, _state_npz(secret))
         atomic_write(self.path / STATE, json.dumps(
             {"round": round_number, "checkpoint": weights_name, "strategy_state": strategy_name,
              "secret_state": secret_name, **extra}, indent=2))
@@ -157,9 +165,8 @@ class RunDir:
                 for n in bad]
 
     def save_final(self, weights: Sequence[np.ndarray], manifest: dict[str, Any]) -> str:
-        payload = weights_to_npz(weights)
-        digest = sha256_hex(payload)
-        atomic_write(self.path / FINAL, payload)
+        atomic_write(self.path / FINAL, weights_npz(weights))
+        digest = file_sha256(self.path / FINAL)
         atomic_write(self.path / MANIFEST,
                      json.dumps({**manifest, "weights_sha256": digest}, indent=2, sort_keys=True))
         self.forget_secrets()  # final.npz exists: the run can no longer be resumed

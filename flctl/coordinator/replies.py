@@ -26,6 +26,7 @@ from flctl.core.messages import INFO_SPEC, ArraySpec
 from flctl.core.schema import SchemaError, check
 from flctl.core.settings import TrainingSettings
 from flctl.core.tasks import BUILTIN_TASKS
+from flctl.core.text import clean_text
 from flctl.errors import TrainingError
 
 SHAPE_PARAMS = ("n_features", "n_classes")
@@ -141,6 +142,22 @@ def check_evaluation(profile: HostProfile, loss: Any, num_examples: Any,
                                  or not isinstance(accuracy, (int, float))
                                  or not 0.0 <= accuracy <= 1.0):
         raise TrainingError(f"evaluation rejected: accuracy {accuracy!r} is not in [0, 1]")
+
+
+MAX_NAME_CHARS = 256
+
+
+def check_names(names: Any, count: int) -> list[str] | None:
+    """The names a host's task gives the model's arrays (a PyTorch state dict's
+    keys): None, or `count` distinct printable strings; anything else is refused."""
+    if names is None:
+        return None
+    if not isinstance(names, list) or len(names) != count or not all(
+            isinstance(n, str) and 0 < len(n) <= MAX_NAME_CHARS and clean_text(n) == n
+            and n.isprintable() for n in names) or len(set(names)) != count:
+        raise TrainingError(f"initial weights: their names are not {count} distinct printable "
+                            f"strings of at most {MAX_NAME_CHARS} characters")
+    return list(names)
 
 
 def check_initial(weights: Sequence[np.ndarray]) -> None:

@@ -29,6 +29,7 @@ from flctl.coordinator.replies import (
     check_fit_counts,
     check_info,
     check_initial,
+    check_names,
     deployed_task_mismatch,
     expect_encoded,
     expect_weights,
@@ -75,6 +76,7 @@ class Coordinator:
         initial: list[np.ndarray] | None = None,
     ) -> None:
         self.initial = initial  # training.initial_weights, when given
+        self.names: list[str] | None = None  # the arrays' names, when the task gives them
         self.resume_from = resume_from
         self.eval_data = eval_data
         self.task: Task | None = None  # loaded when the run starts
@@ -232,12 +234,14 @@ class Coordinator:
         config = self._fit_config(round_number)
 
         def fit_one(client: AgentClient) -> int:
-            held: list[bool] = []
+            # Plain updates of a large model spool to disk as they arrive; an
+            # encoded one is decoded whole, so it is received into memory.
+            receiver = self.budget.receiver(
+                expect_encoded(weights) if self.uplink.sends_delta else expect_weights(weights),
+                None if self.uplink.sends_delta else self.run.spool_dir)
             try:
-                expect = expect_encoded(weights) if self.uplink.sends_delta \
-                    else expect_weights(weights)
                 reply: FitReply = client.fit(weights, t.task, self.task_params, config,
-                                             allocate=self.budget.allocator(held, expect),
+                                             receive=receiver,
                                              heartbeat_s=t.heartbeat_s or None)
                 check_fit_counts(self._profile(client), reply.num_examples, reply.metrics)
                 update = self._read_update(reply, weights)
@@ -257,7 +261,7 @@ class Coordinator:
                     compute.append(reply.compute_s)
                 return reply.num_examples
             finally:
-                self.budget.release(held)
+                receiver.release()
 
         results, failures = self._parallel(clients, fit_one, timeout=t.deadline_s)
         with lock:
@@ -343,6 +347,7 @@ class Coordinator:
                 for warning in self.run.truncate_metrics(self.resume_from.round):
                     self.on_message(warning)
                 self.privacy.resume_after(self.resume_from.round)
+                self.names = self.resume_from.state.get("names")
                 self.on_message(f"resuming run {self.run.run_id} after round "
                                 f"{self.resume_from.round}")
             else:
@@ -382,6 +387,7 @@ class Coordinator:
                 "epsilon": self.privacy.epsilon(),
                 "delta": t.dp_delta if self.privacy.enabled else None,
                 "shapes": [list(w.shape) for w in weights],
+                "names": self.names,
             }
             digest = self.run.save_final(weights, manifest)
             return RunSummary(self.run.run_id, self.run.path, manifest["rounds"],
@@ -389,9 +395,14 @@ class Coordinator:
                               digest, accuracy, eval_loss, time.perf_counter() - started, history,
                               manifest["epsilon"], manifest["delta"])
         finally:
+            # Wake any worker still blocked on a connection (an interrupt can
+            # leave one mid-request) before the sockets close: a closed fd does
+            # not wake a blocked recv, and its number could be reused under it.
+            for client in self.clients:
+                client.abort()
+            self._pool.shutdown(wait=False, cancel_futures=True)
             for client in self.clients:
                 client.close()
-            self._pool.shutdown(wait=False)
 
     def _local_task(self) -> Task:
         t = self.training
@@ -413,8 +424,9 @@ class Coordinator:
         for client in sorted((c for c in available if c.name in self.profiles),
                              key=lambda c: c.name):
             try:
-                weights = client.init_weights(t.task, self.task_params, t.seed)
+                weights, names = client.init_weights(t.task, self.task_params, t.seed)
                 check_initial(weights)
+                self.names = check_names(names, len(weights))
                 self.on_message(f"initial weights from {client.name} "
                                 f"({len(weights)} arrays)")
                 return weights
@@ -450,7 +462,8 @@ class Coordinator:
     def _checkpoint(self, round_number: int, weights: list[np.ndarray]) -> None:
         self.run.save_checkpoint(round_number, weights, {
             "run_id": self.run.run_id, "training": plain_settings(self.training),
-            "task_params": self.task_params, "hosts": [c.name for c in self.clients]},
+            "task_params": self.task_params, "hosts": [c.name for c in self.clients],
+            "names": self.names},
             self.strategy.state())
 
     def _one_round(self, weights: list[np.ndarray], round_number: int,

@@ -35,7 +35,7 @@ class AgentConfig:
     # The system user the agent runs as on its host; None: whoever starts it
     # (local hosts run as the operator).
     user: str | None = None
-    max_message_mb: int = 2048
+    max_message_mb: int = 64
     # The GPUs this agent may use: None (none: it trains on the CPU), "all",
     # or indices as nvidia-smi numbers them ("0,2"); see flctl.agent.gpu.
     gpus: str | None = None

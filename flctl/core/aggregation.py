@@ -16,12 +16,17 @@ temporary for every update.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Union
 
 import numpy as np
 from numpy.typing import DTypeLike
 
 from flctl.core.dtypes import cast_back, is_bfloat16, is_float, is_number
+from flctl.core.spooled import FileArray
+
+# What an update's array may be: in memory, or in the coordinator's spool file.
+UpdateArray = Union[np.ndarray, FileArray]
 
 # 64 Ki elements (256 KiB in float32): small enough to stay in L2 between the
 # multiply and the add, large enough that per-call overhead is noise.
@@ -46,7 +51,29 @@ def _flat(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array).reshape(-1)
 
 
-def all_finite(array: np.ndarray) -> bool:
+def flat_blocks(array: UpdateArray, size: int = CHUNK,
+                buffer: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(start, stop, elements [start, stop) of the flattened array), `size` at a time.
+
+    In-memory arrays give views; a spooled FileArray is read block by block
+    into one reused buffer (`buffer`, or its own), so reading an update of
+    any size costs one block of memory. A block is valid until the next.
+    """
+    if isinstance(array, FileArray):
+        count = array.size
+        if buffer is None or buffer.dtype != array.dtype or buffer.size < min(size, count):
+            buffer = np.empty(min(size, count), array.dtype)
+        for start in range(0, count, size):
+            stop = min(start + size, count)
+            yield start, stop, array.read(start, stop, buffer)
+        return
+    flat = _flat(np.asarray(array))
+    for start in range(0, flat.size, size):
+        stop = min(start + size, flat.size)
+        yield start, stop, flat[start:stop]
+
+
+def all_finite(array: UpdateArray) -> bool:
     """True if no NaN or infinity is in `array` (integers always are finite).
 
     Sums chunks with BLAS dot against ones: NaN and inf propagate into the
@@ -54,6 +81,8 @@ def all_finite(array: np.ndarray) -> bool:
     beyond the float range also reads as non-finite; weights that large are
     as unusable as NaN.
     """
+    if isinstance(array, FileArray):
+        return array.finite   # checked as it was written
     array = np.asarray(array)
     if not is_float(array.dtype):
         return True
@@ -99,28 +128,27 @@ class WeightedAccumulator:
     def total_weight(self) -> float:
         return self._total_weight
 
-    def add(self, arrays: Sequence[np.ndarray], weight: float) -> None:
+    def add(self, arrays: Sequence[UpdateArray], weight: float) -> None:
         """Fold `weight * arrays` into the sum; on any error the sum is left untouched."""
         if self._acc is None:
             raise ValueError("accumulator already consumed by take_mean()")
         weight = float(weight)
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"weight must be a finite number >= 0, got {weight}")
-        arrays = [np.asarray(a) for a in arrays]
+        arrays = [a if isinstance(a, FileArray) else np.asarray(a) for a in arrays]
         self._validate(arrays)
         # Overflow is the caller's to detect (FedAvg checks its result), not a warning.
         with np.errstate(over="ignore", invalid="ignore"):
             for x, acc in zip(arrays, self._acc):
-                source, target = _flat(x), acc.reshape(-1)
-                for start in range(0, source.size, CHUNK):
-                    stop = min(start + CHUNK, source.size)
+                target = acc.reshape(-1)
+                for start, stop, block in flat_blocks(x):
                     scratch = self._scratch[:stop - start]
-                    np.multiply(source[start:stop], weight, out=scratch)
+                    np.multiply(block, weight, out=scratch)
                     np.add(target[start:stop], scratch, out=target[start:stop])
         self._count += 1
         self._total_weight += weight
 
-    def _validate(self, arrays: list[np.ndarray]) -> None:
+    def _validate(self, arrays: list[UpdateArray]) -> None:
         if len(arrays) != len(self.shapes):
             raise ValueError(f"expected {len(self.shapes)} arrays, got {len(arrays)}")
         for i, (x, shape) in enumerate(zip(arrays, self.shapes)):
@@ -206,15 +234,14 @@ def weighted_average(updates: Sequence[Sequence[np.ndarray]], weights: Sequence[
     return [narrow_in_place(m, kind) for m, kind in zip(acc.take_mean(), kinds)]
 
 
-def update_distance(update: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+def update_distance(update: Sequence[UpdateArray], reference: Sequence[np.ndarray]) -> float:
     """L2 norm of `update - reference` over all arrays, in chunks (no model-sized temporary)."""
     total = 0.0
     scratch = np.empty(CHUNK, np.float64)
     for new, old in zip(update, reference):
-        a, b = _flat(np.asarray(new)), _flat(np.asarray(old))
-        for start in range(0, a.size, CHUNK):
-            stop = min(start + CHUNK, a.size)
+        b = _flat(np.asarray(old))
+        for start, stop, block in flat_blocks(new):
             part = scratch[:stop - start]
-            np.subtract(a[start:stop], b[start:stop], out=part, dtype=np.float64)
+            np.subtract(block, b[start:stop], out=part, dtype=np.float64)
             total += float(np.dot(part, part))
     return math.sqrt(total)

@@ -12,20 +12,28 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 SECRET_MODE = 0o600
 
 
-def atomic_write(path: Path | str, data: bytes | str, mode: int = 0o644) -> None:
-    """Write `data` to `path` atomically with permission bits `mode`."""
+def atomic_write(path: Path | str, data: bytes | str | Callable[[BinaryIO], None],
+                 mode: int = 0o644) -> None:
+    """Write `data` to `path` atomically with permission bits `mode`.
+
+    `data` may be a function that writes into the open file: large content
+    (a model) then goes to disk as it is produced, never whole in memory.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data.encode() if isinstance(data, str) else data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -38,7 +46,7 @@ def atomic_write(path: Path | str, data: bytes | str, mode: int = 0o644) -> None
     fsync_dir(target.parent)
 
 
-def write_secret(path: Path | str, data: bytes | str) -> None:
+def write_secret(path: Path | str, data: bytes | str | Callable[[BinaryIO], None]) -> None:
     """Write a private key or token readable by its owner only."""
     atomic_write(path, data, SECRET_MODE)
 

@@ -13,6 +13,17 @@ Layout (network byte order):
     pad    3x
     header I    JSON header length in bytes
     body   Q    total array bytes following the header
+
+A message whose arrays are bigger than one chunk travels as a stream: a head
+frame whose header describes every array and says `"stream": CHUNK` (its own
+body is empty), then one "chunk" frame per CHUNK bytes of each array, in
+order (array 0 from offset 0, ...; the last chunk of an array is shorter).
+Where every chunk must start and how long it is follows from the head, so a
+receiver checks each chunk's header against that before it reads a byte of
+the chunk's body: a chunk out of order, repeated, too long or from another
+array ends the stream. The frame bound (`max_body_bytes`) then bounds one
+chunk, not the model: arrays of any size, and models of any total size,
+travel with bounded buffers.
 """
 
 from __future__ import annotations
@@ -26,9 +37,14 @@ import numpy as np
 
 from flctl.core.dtypes import BFLOAT16, bfloat16, is_bfloat16
 from flctl.core.schema import Maybe, count
+from flctl.core.text import clean_text
 from flctl.errors import FlctlError, ProtocolError
 
 PROTOCOL_VERSION = 1
+# A streamed message's array bytes travel in chunks of this size (a multiple
+# of 8, so a chunk always holds whole elements of any wire dtype).
+STREAM_CHUNK_BYTES = 16 << 20
+CHUNK_KIND = "chunk"
 # Sent by a peer while it handles a request that asked for them (meta
 # "heartbeat_s"): proof of life during a long fit.
 HEARTBEAT_KIND = "heartbeat"
@@ -49,10 +65,18 @@ _WIRE_DTYPES.update({"<b1": np.dtype("?"), "<i1": np.dtype("i1"), "<u1": np.dtyp
 
 @dataclass(frozen=True)
 class Limits:
-    """Upper bounds checked before any allocation; the defaults fit a 1B-param model."""
+    """Upper bounds checked before any allocation.
+
+    `max_body_bytes` bounds one frame: a whole small message, or one chunk of
+    a streamed one. `max_stream_bytes` bounds a streamed message's total: by
+    default none, a receiver that cannot hold what the head announces refuses
+    it in its allocator (the coordinator checks a reply's layout against the
+    model first).
+    """
 
     max_header_bytes: int = 1 << 20
     max_body_bytes: int = 4 << 30
+    max_stream_bytes: int | None = None
     max_arrays: int = 4096
     max_ndim: int = 8
     # Once buffers are allocated for a body, it must arrive within
@@ -104,6 +128,33 @@ class ArraySpec:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class FrameHead:
+    """A validated frame header. `stream` is the chunk size when the arrays
+    follow as chunk frames (then the frame's own body is empty), else None."""
+
+    kind: str
+    meta: dict[str, Any]
+    specs: list[ArraySpec]
+    stream: int | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(spec.nbytes for spec in self.specs)
+
+
+def chunk_size(limits: Limits) -> int:
+    """The chunk a sender streams with: STREAM_CHUNK_BYTES, or less when its
+    frame bound is smaller (peers of one project share their limits)."""
+    return max(8, min(STREAM_CHUNK_BYTES, limits.max_body_bytes) // 8 * 8)
+
+
+def chunk_plan(specs: list[ArraySpec], chunk: int) -> list[tuple[int, int, int]]:
+    """(array index, byte offset, byte count) of every chunk of a stream, in order."""
+    return [(index, offset, min(chunk, spec.nbytes - offset))
+            for index, spec in enumerate(specs) for offset in range(0, spec.nbytes, chunk)]
+
+
 def _wire_dtype(dtype: np.dtype) -> np.dtype:
     """The little-endian dtype an array is sent as, or ProtocolError if not allowed."""
     if is_bfloat16(dtype):
@@ -123,8 +174,9 @@ def _check_kind(kind: Any) -> str:
     return kind
 
 
-def encode_head(msg: Message) -> bytes:
-    """Prelude + header. Array bytes are not included: send body_views(msg) after it."""
+def encode_head(msg: Message, stream: int | None = None) -> bytes:
+    """Prelude + header. Array bytes are not included: send body_views(msg) after
+    it, or, with `stream` (the chunk size), one chunk frame per chunk_plan entry."""
     _check_kind(msg.kind)
     if not isinstance(msg.meta, dict):
         raise ProtocolError("message meta must be a dict")
@@ -136,16 +188,49 @@ def encode_head(msg: Message) -> bytes:
         descriptors.append({"dtype": BFLOAT16 if is_bfloat16(wire) else wire.str,
                             "shape": list(arr.shape)})
         body_len += arr.size * wire.itemsize
+    fields: dict[str, Any] = {"kind": msg.kind, "meta": msg.meta, "arrays": descriptors}
+    if stream is not None:
+        if stream < 8 or stream % 8:
+            raise ProtocolError(f"stream chunk size {stream} is not a positive multiple of 8")
+        fields["stream"] = stream
+        body_len = 0
     try:
-        header = json.dumps(
-            {"kind": msg.kind, "meta": msg.meta, "arrays": descriptors},
-            ensure_ascii=False, separators=(",", ":"),
-        ).encode("utf-8")
+        header = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"message meta is not JSON-serialisable: {exc}") from exc
     if len(header) > 0xFFFFFFFF:
         raise ProtocolError("message header too large")
     return _PRELUDE.pack(MAGIC, PROTOCOL_VERSION, len(header), body_len) + header
+
+
+def encode_chunk_head(index: int, offset: int, nbytes: int) -> bytes:
+    """Prelude + header of one chunk frame; its `nbytes` body bytes follow."""
+    header = json.dumps({"kind": CHUNK_KIND, "meta": {"array": index, "offset": offset},
+                         "arrays": [{"dtype": "|u1", "shape": [nbytes]}]},
+                        separators=(",", ":")).encode("ascii")
+    return _PRELUDE.pack(MAGIC, PROTOCOL_VERSION, len(header), nbytes) + header
+
+
+def check_chunk(head: FrameHead, expected: tuple[int, int, int], position: int,
+                count: int) -> None:
+    """Refuse a chunk frame that is not exactly the next one the stream's head implies."""
+    index, offset, nbytes = expected
+    meta = head.meta
+    got = (meta.get("array"), meta.get("offset"), head.total_bytes)
+    if head.kind != CHUNK_KIND or head.stream is not None or len(head.specs) != 1 \
+            or head.specs[0].dtype != np.dtype("u1") \
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in got) \
+            or got != (index, offset, nbytes):
+        shown = (f"{head.kind[:20]!r} frame" if head.kind != CHUNK_KIND else
+                 f"array {_shown(meta.get('array'))} offset {_shown(meta.get('offset'))} "
+                 f"({head.total_bytes} bytes)")
+        raise ProtocolError(f"stream chunk {position + 1} of {count}: expected array {index} "
+                            f"offset {offset} ({nbytes} bytes), got {shown}")
+
+
+def _shown(value: Any) -> str:
+    """A peer's value, short and printable, for an error line."""
+    return clean_text(repr(value)[:24])
 
 
 def body_views(msg: Message) -> list[memoryview]:
@@ -209,7 +294,7 @@ def _parse_array_spec(item: Any, limits: Limits) -> ArraySpec:
     return ArraySpec(dtype=dtype, shape=tuple(shape), nbytes=count * dtype.itemsize)
 
 
-def parse_header(data: bytes, body_len: int, limits: Limits) -> tuple[str, dict, list[ArraySpec]]:
+def parse_header(data: bytes, body_len: int, limits: Limits) -> FrameHead:
     """Validate a header completely, so the receiver can allocate exactly what is declared."""
     try:
         header = json.loads(bytes(data).decode("utf-8"))
@@ -226,14 +311,25 @@ def parse_header(data: bytes, body_len: int, limits: Limits) -> tuple[str, dict,
         raise ProtocolError("header arrays must be a list")
     if len(items) > limits.max_arrays:
         raise ProtocolError(f"{len(items)} arrays exceed limit {limits.max_arrays}")
+    stream = header.get("stream")
+    if stream is not None:
+        if isinstance(stream, bool) or not isinstance(stream, int) or stream < 8 \
+                or stream % 8 or stream > limits.max_body_bytes:
+            raise ProtocolError(f"stream chunk size {_shown(stream)} is not a multiple of 8 "
+                                f"within the frame limit {limits.max_body_bytes}")
+        if body_len:
+            raise ProtocolError("a stream's head frame must have an empty body")
+    bound = body_len if stream is None else limits.max_stream_bytes
     specs = []
     total = 0
     for item in items:
         spec = _parse_array_spec(item, limits)
         total += spec.nbytes
-        if total > body_len:
-            raise ProtocolError(f"arrays need more than the declared body of {body_len} bytes")
+        if bound is not None and total > bound:
+            raise ProtocolError(f"arrays need more than the declared body of {body_len} bytes"
+                                if stream is None else
+                                f"streamed arrays exceed the limit of {bound} bytes")
         specs.append(spec)
-    if total != body_len:
+    if stream is None and total != body_len:
         raise ProtocolError(f"arrays need {total} bytes but body is {body_len}")
-    return kind, meta, specs
+    return FrameHead(kind, meta, specs, stream)

@@ -138,7 +138,7 @@ class TrainingSettings:
 
 @dataclass(frozen=True)
 class LimitSettings:
-    max_message_mb: int = 2048
+    max_message_mb: int = 64
 
     @property
     def max_message_bytes(self) -> int:
@@ -374,7 +374,7 @@ _COMMENTS = {
     "training.secure_aggregation": "coordinator sees only the sum (SecAgg+)",
     "training.secagg_neighbours": "SecAgg+ neighbours per host (0: by host count)",
     "training.secagg_threshold": "neighbourhood hosts needed to unmask (0: 2/3)",
-    "limits.max_message_mb": "largest accepted protocol message",
+    "limits.max_message_mb": "largest protocol frame (large messages travel in chunks)",
 }
 
 

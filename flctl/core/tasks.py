@@ -24,6 +24,7 @@ from flctl.core.data import Dataset
 from flctl.core.fsutil import sha256_hex
 from flctl.core.models import MLP, LogisticRegression
 from flctl.core.settings import TrainingSettings
+from flctl.core.spooled import FileArray
 from flctl.errors import FlctlError
 
 # fit() falls back to the training defaults of flctl.yaml (TrainingSettings
@@ -63,7 +64,7 @@ def check_weights(weights: Sequence[np.ndarray], reference: Sequence[np.ndarray]
     if len(weights) != len(reference):
         raise TaskError(f"expected {len(reference)} weight arrays, got {len(weights)}")
     for i, (got, want) in enumerate(zip(weights, reference)):
-        if not isinstance(got, np.ndarray):
+        if not isinstance(got, (np.ndarray, FileArray)):
             raise TaskError(f"weight array {i}: expected a numpy array, got {type(got).__name__}")
         if got.shape != want.shape:
             raise TaskError(f"weight array {i}: expected shape {want.shape}, got {got.shape}")

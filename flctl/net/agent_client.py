@@ -17,7 +17,7 @@ import numpy as np
 from flctl.core.layout import Endpoint
 from flctl.core.messages import DEFAULT_LIMITS, Limits, Message
 from flctl.net.client import FrameClient
-from flctl.net.framing import Allocator
+from flctl.net.framing import Receive
 from flctl.net.tls import client_context
 
 
@@ -86,17 +86,19 @@ class AgentClient:
         return self._client.request(Message("info")).meta
 
     def init_weights(self, task: str, task_params: dict[str, Any],
-                     seed: int) -> list[np.ndarray]:
-        """The task's initial weights, made by the agent (its host has the framework)."""
+                     seed: int) -> tuple[list[np.ndarray], Any]:
+        """The task's initial weights, made by the agent (its host has the framework),
+        and the names the task gives them (the host's claim: Any, None if none)."""
         request = Message("init", {"task": task, "task_params": dict(task_params), "seed": seed})
-        return self._client.request(request).arrays
+        reply = self._client.request(request)
+        return reply.arrays, reply.meta.get("names")
 
     def fit(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
-            config: dict[str, Any], allocate: Allocator | None = None,
+            config: dict[str, Any], receive: Receive = None,
             heartbeat_s: float | None = None) -> FitReply:
         request = Message("fit", {"task": task, "task_params": dict(task_params),
                                   "config": dict(config)}, list(weights))
-        reply = self._client.request(request, allocate, heartbeat_s=heartbeat_s)
+        reply = self._client.request(request, receive, heartbeat_s=heartbeat_s)
         encoding = reply.meta.get("encoding")
         return FitReply(reply.arrays, reply.meta.get("num_examples"), _metrics(reply.meta),
                         _seconds(reply.meta), encoding if isinstance(encoding, dict) else None)
@@ -115,13 +117,13 @@ class AgentClient:
 
     def secure_fit(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
                    config: dict[str, Any], round_id: str, shares: dict[str, Any],
-                   allocate: Allocator | None = None,
+                   receive: Receive = None,
                    heartbeat_s: float | None = None) -> FitReply:
         """Fit and get back only the masked update (one uint32 vector)."""
         request = Message("secagg_fit", {"task": task, "task_params": dict(task_params),
                                          "config": dict(config), "round_id": round_id,
                                          "shares": shares}, list(weights))
-        reply = self._client.request(request, allocate, heartbeat_s=heartbeat_s)
+        reply = self._client.request(request, receive, heartbeat_s=heartbeat_s)
         return FitReply(reply.arrays, reply.meta.get("num_examples"), _metrics(reply.meta),
                         _seconds(reply.meta))
 

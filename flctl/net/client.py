@@ -13,7 +13,7 @@ import ssl
 
 from flctl.core.messages import DEFAULT_LIMITS, HEARTBEAT_KIND, Limits, Message
 from flctl.errors import FlctlError, ProtocolError
-from flctl.net.framing import Allocator, ConnectionClosed, recv_message, send_message
+from flctl.net.framing import ConnectionClosed, Receive, recv_message, send_message
 
 # A peer that asked to be kept informed is declared dead after this many
 # heartbeat intervals of silence.
@@ -88,7 +88,7 @@ class FrameClient:
             raw.close()
             raise TransportError(f"TLS handshake with {self._where()} failed: {exc}") from exc
 
-    def request(self, msg: Message, allocate: Allocator | None = None, *,
+    def request(self, msg: Message, receive: Receive = None, *,
                 heartbeat_s: float | None = None) -> Message:
         """Send one message and return the reply; an "error" reply raises RemoteError.
 
@@ -107,9 +107,9 @@ class FrameClient:
                 silence = min(silence, self.timeout)
             self._sock.settimeout(silence)
         try:
-            self.bytes_sent += send_message(self._sock, msg)
+            self.bytes_sent += send_message(self._sock, msg, self.limits)
             while True:
-                reply, received = recv_message(self._sock, self.limits, allocate)
+                reply, received = recv_message(self._sock, self.limits, receive)
                 self.bytes_received += received
                 if silence is None or reply.kind != HEARTBEAT_KIND:
                     break
@@ -131,7 +131,7 @@ class FrameClient:
             self.close()
             hint = _REJECTED_HINT if fresh else ""
             raise TransportError(f"connection to {self._where()} failed: {exc}{hint}") from exc
-        except BaseException:  # e.g. allocate raised: the stream is out of step now
+        except BaseException:  # e.g. the receiver refused: the stream is out of step now
             self.close()
             raise
         if silence is not None and self._sock is not None:

@@ -1,15 +1,18 @@
-"""Send and receive flctl frames on a (TLS) socket without copying array bytes.
+"""Send and receive flctl messages on a (TLS) socket without copying array bytes.
 
-Arrays go out with one sendall per array straight from numpy memory, and come
-in through recv_into loops that write directly into freshly allocated (or
-caller-provided) numpy buffers. Lengths are validated before any allocation.
+Arrays go out with one sendall per array (or per chunk, for a streamed
+message) straight from numpy memory, and come in through recv_into loops
+that write directly where a Receiver says: freshly allocated numpy buffers,
+caller-provided ones, or a spool file's small piece buffer (the coordinator
+folds large updates without ever holding one whole). Lengths are validated
+before any allocation, and every chunk's header before its body is read.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from typing import Callable
+from typing import Callable, Protocol, Union, runtime_checkable
 
 import numpy as np
 
@@ -17,21 +20,77 @@ from flctl.core.messages import (
     DEFAULT_LIMITS,
     PRELUDE_SIZE,
     ArraySpec,
+    FrameHead,
     Limits,
     Message,
     body_views,
+    check_chunk,
+    chunk_plan,
+    chunk_size,
+    encode_chunk_head,
     encode_head,
     parse_header,
     parse_prelude,
 )
 from flctl.errors import ProtocolError
 
-# Upper bound per recv_into call; TLS hands out at most one 16 KiB record per
-# read anyway, but plain sockets benefit from large reads.
-RECV_CHUNK = 4 << 20
+# Bytes asked of a Receiver at a time (and upper bound per recv_into call);
+# TLS hands out at most one 16 KiB record per read anyway.
+RECV_PIECE = 4 << 20
 
 Allocator = Callable[[list[ArraySpec]], list[np.ndarray]]
 
+
+@runtime_checkable
+class Receiver(Protocol):
+    """Where a message's array bytes go as they arrive.
+
+    `begin` sees the validated layout first and may refuse it (raise); then
+    `buffer(index, offset, nbytes)` hands out a writable view of exactly
+    `nbytes` for array `index` at byte `offset`, which `received` confirms
+    once filled, in order; `finish` returns the arrays. `abandon` is called
+    instead of `finish` when the message fails part way (free what begin took).
+    """
+
+    def begin(self, specs: list[ArraySpec]) -> None: ...
+
+    def buffer(self, index: int, offset: int, nbytes: int) -> memoryview: ...
+
+    def received(self, index: int, offset: int, nbytes: int) -> None: ...
+
+    def finish(self) -> list[np.ndarray]: ...
+
+    def abandon(self) -> None: ...
+
+
+class ArrayReceiver:
+    """Receive into numpy arrays from an Allocator (default: fresh ones)."""
+
+    def __init__(self, allocate: Allocator | None = None) -> None:
+        self._allocate = allocate or default_allocate
+        self._arrays: list[np.ndarray] = []
+        self._views: list[memoryview] = []
+
+    def begin(self, specs: list[ArraySpec]) -> None:
+        self._arrays = self._allocate(specs)
+        _check_allocated(self._arrays, specs)
+        self._views = [memoryview(a.reshape(-1).view(np.uint8)) for a in self._arrays]
+
+    def buffer(self, index: int, offset: int, nbytes: int) -> memoryview:
+        return self._views[index][offset:offset + nbytes]
+
+    def received(self, index: int, offset: int, nbytes: int) -> None:
+        pass
+
+    def finish(self) -> list[np.ndarray]:
+        self._views = []
+        return list(self._arrays)
+
+    def abandon(self) -> None:
+        self._views, self._arrays = [], []
+
+
+Receive = Union[Allocator, Receiver, None]
 
 class ConnectionClosed(ProtocolError):
     """The peer closed the stream. clean=True means it did so between frames."""
@@ -41,16 +100,24 @@ class ConnectionClosed(ProtocolError):
         self.clean = clean
 
 
-def send_message(sock: socket.socket, msg: Message) -> int:
-    """Write one frame; returns the number of frame bytes written."""
-    head = encode_head(msg)
+def send_message(sock: socket.socket, msg: Message, limits: Limits = DEFAULT_LIMITS) -> int:
+    """Write one message: one frame, or a stream of chunk frames when its arrays
+    are bigger than one chunk (messages.chunk_size). Returns the bytes written."""
+    chunk = chunk_size(limits)
+    stream = chunk if msg.body_bytes > chunk else None
+    head = encode_head(msg, stream)
     views = body_views(msg)  # validate everything before the first byte goes out
     sock.sendall(head)
     total = len(head)
-    for view in views:
-        if view.nbytes:
-            sock.sendall(view)
-            total += view.nbytes
+    for index, view in enumerate(views):
+        for offset in range(0, view.nbytes, stream or max(1, view.nbytes)):
+            piece = view[offset:offset + stream] if stream else view
+            if stream:
+                chunk_head = encode_chunk_head(index, offset, piece.nbytes)
+                sock.sendall(chunk_head)
+                total += len(chunk_head)
+            sock.sendall(piece)
+            total += piece.nbytes
     return total
 
 
@@ -64,7 +131,7 @@ def _recv_exact(sock: socket.socket, view: memoryview, *, frame_started: bool,
         if deadline is not None and time.monotonic() > deadline:
             raise ProtocolError("the frame's body arrived too slowly (below the receiver's "
                                 "minimum rate); giving up on it")
-        n = sock.recv_into(view[got:got + RECV_CHUNK] if size - got > RECV_CHUNK else view[got:])
+        n = sock.recv_into(view[got:got + RECV_PIECE] if size - got > RECV_PIECE else view[got:])
         if n == 0:
             clean = not frame_started and got == 0
             raise ConnectionClosed(
@@ -75,7 +142,11 @@ def _recv_exact(sock: socket.socket, view: memoryview, *, frame_started: bool,
 
 
 def default_allocate(specs: list[ArraySpec]) -> list[np.ndarray]:
-    return [np.empty(spec.shape, dtype=spec.dtype) for spec in specs]
+    try:
+        return [np.empty(spec.shape, dtype=spec.dtype) for spec in specs]
+    except MemoryError:
+        raise ProtocolError(f"cannot hold a message of {sum(s.nbytes for s in specs)} bytes: "
+                            f"not enough memory") from None
 
 
 def _check_allocated(arrays: list[np.ndarray], specs: list[ArraySpec]) -> None:
@@ -90,23 +161,59 @@ def _check_allocated(arrays: list[np.ndarray], specs: list[ArraySpec]) -> None:
             )
 
 
-def recv_message(sock: socket.socket, limits: Limits = DEFAULT_LIMITS,
-                 allocate: Allocator | None = None) -> tuple[Message, int]:
-    """Read one frame. `allocate` may reuse buffers or raise ProtocolError to refuse
-    a frame that is within protocol limits but too big for the caller right now."""
+def _recv_head(sock: socket.socket, limits: Limits, *,
+               frame_started: bool) -> tuple[FrameHead, int]:
+    """One frame's prelude and header, validated; (head, bytes read so far)."""
     prelude = bytearray(PRELUDE_SIZE)
-    _recv_exact(sock, memoryview(prelude), frame_started=False)
+    _recv_exact(sock, memoryview(prelude), frame_started=frame_started)
     header_len, body_len = parse_prelude(bytes(prelude), limits)
     header = bytearray(header_len)
     _recv_exact(sock, memoryview(header), frame_started=True)
-    kind, meta, specs = parse_header(header, body_len, limits)
-    # A frame without arrays (a heartbeat, an error) costs the caller no buffer.
-    arrays = (allocate or default_allocate)(specs) if specs else []
-    _check_allocated(arrays, specs)
-    deadline = (time.monotonic() + limits.body_grace_s + body_len / limits.min_body_rate
-                if limits.min_body_rate > 0 and arrays else None)
-    for arr in arrays:
-        if arr.nbytes:
-            _recv_exact(sock, memoryview(arr.reshape(-1).view(np.uint8)), frame_started=True,
-                        deadline=deadline)
-    return Message(kind=kind, meta=meta, arrays=list(arrays)), PRELUDE_SIZE + header_len + body_len
+    return parse_header(header, body_len, limits), PRELUDE_SIZE + header_len
+
+
+def _recv_span(sock: socket.socket, receiver: Receiver, index: int, offset: int,
+               nbytes: int, deadline: float | None) -> None:
+    """Bytes [offset, offset + nbytes) of array `index`, piece by piece into the receiver."""
+    end = offset + nbytes
+    while offset < end:
+        size = min(RECV_PIECE, end - offset)
+        _recv_exact(sock, receiver.buffer(index, offset, size), frame_started=True,
+                    deadline=deadline)
+        receiver.received(index, offset, size)
+        offset += size
+
+
+def recv_message(sock: socket.socket, limits: Limits = DEFAULT_LIMITS,
+                 receive: Receive = None) -> tuple[Message, int]:
+    """Read one message (one frame, or a stream's head and chunks).
+
+    `receive` is a Receiver, or an Allocator (which may reuse buffers, or
+    raise ProtocolError to refuse a message that is within protocol limits but
+    too big for the caller right now), or None for fresh arrays.
+    """
+    head, read = _recv_head(sock, limits, frame_started=False)
+    # A message without arrays (a heartbeat, an error) costs the caller no buffer.
+    if not head.specs:
+        return Message(head.kind, head.meta, []), read
+    receiver = receive if isinstance(receive, Receiver) else ArrayReceiver(receive)
+    total = head.total_bytes
+    deadline = (time.monotonic() + limits.body_grace_s + total / limits.min_body_rate
+                if limits.min_body_rate > 0 else None)
+    receiver.begin(head.specs)
+    try:
+        if head.stream is None:
+            for index, spec in enumerate(head.specs):
+                _recv_span(sock, receiver, index, 0, spec.nbytes, deadline)
+        else:
+            plan = chunk_plan(head.specs, head.stream)
+            for position, expected in enumerate(plan):
+                chunk, chunk_read = _recv_head(sock, limits, frame_started=True)
+                check_chunk(chunk, expected, position, len(plan))
+                read += chunk_read
+                _recv_span(sock, receiver, *expected, deadline)
+        arrays = receiver.finish()
+    except BaseException:
+        receiver.abandon()
+        raise
+    return Message(head.kind, head.meta, arrays), read + total

@@ -257,7 +257,7 @@ class FrameServer:
                 self.requests_total += 1
             reply = self._handle_with_heartbeats(tls, request, peer)
             try:
-                send_message(tls, reply)
+                send_message(tls, reply, self.limits)
             except ProtocolError as exc:  # the handler built an unsendable reply
                 self.log.warning("reply to %r could not be encoded: %s", request.kind, exc)
                 if not self._try_send(tls, error_reply(f"server reply invalid: {exc}")):

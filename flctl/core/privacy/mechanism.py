@@ -51,9 +51,16 @@ from typing import Any
 
 import numpy as np
 
-from flctl.core.aggregation import CHUNK, all_finite, narrow_in_place, update_distance
+from flctl.core.aggregation import (
+    CHUNK,
+    all_finite,
+    flat_blocks,
+    narrow_in_place,
+    update_distance,
+)
 from flctl.core.dtypes import cast_back, is_float, is_number
 from flctl.core.privacy.accountant import PrivacyError, check_noise_multiplier
+from flctl.core.spooled import FileArray
 from flctl.core.strategies import FedAvg, needs_only_the_mean
 from flctl.core.strategies.base import (
     Strategy,
@@ -220,7 +227,7 @@ class CentralDPRound:
         if host in self._hosts:
             raise StrategyError(f"round {self.round_number}: second update from {host}")
         check_num_examples(self.round_number, host, num_examples)
-        arrays = [np.asarray(w) for w in weights]
+        arrays = [w if isinstance(w, FileArray) else np.asarray(w) for w in weights]
         if len(arrays) != len(self._global):
             raise StrategyError(f"{where}: expected {len(self._global)} arrays, "
                                 f"got {len(arrays)}")
@@ -238,11 +245,10 @@ class CentralDPRound:
             raise StrategyError(f"{where}: its distance from the model overflows")
         scale = min(1.0, self._strategy.clip_norm / norm) if norm > 0 else 1.0
         for x, g, acc in zip(arrays, self._global, self._sum):
-            source, base, target = _flat(x), _flat(g), acc.reshape(-1)
-            for start in range(0, source.size, CHUNK):
-                stop = min(start + CHUNK, source.size)
+            base, target = _flat(g), acc.reshape(-1)
+            for start, stop, block in flat_blocks(x):
                 part = self._scratch[:stop - start]
-                np.subtract(source[start:stop], base[start:stop], out=part, dtype=np.float64)
+                np.subtract(block, base[start:stop], out=part, dtype=np.float64)
                 if scale != 1.0:
                     np.multiply(part, scale, out=part)
                 np.add(target[start:stop], part, out=target[start:stop])

@@ -13,6 +13,7 @@ from flctl.core.aggregation import (
     narrow_in_place,
 )
 from flctl.core.dtypes import float_max, is_float
+from flctl.core.spooled import FileArray
 from flctl.core.strategies.base import StatelessStrategy, StrategyError, check_num_examples
 
 
@@ -80,6 +81,8 @@ class FedAvgRound:
         dtype, so this costs nothing there.
         """
         for i, (x, dtype) in enumerate(zip(weights, self._dtypes)):
+            if isinstance(x, FileArray):
+                continue   # spooled in the dtype the round expected (replies.expect_weights)
             x = np.asarray(x)
             if (is_float(dtype) and is_float(x.dtype)
                     and x.dtype.itemsize > dtype.itemsize and x.size
