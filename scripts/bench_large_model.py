@@ -15,6 +15,10 @@ Sections (all by default; pick with --only):
           stream back a computed update chunk by chunk (scripts-only; not
           flctl's agent). Targets: peak <= 3x the model's bytes + 300 MB, and
           the 8-host peak within 10% of the 4-host one.
+  resume  P = 2.5e8 on 2 real agents, 2 rounds, uncut and then with the
+          update of one host reset (`ss -K`, a real TCP reset) when half of
+          it has arrived in round 2; the transfer resumes where it stopped.
+          Target: the cut round takes at most 1.6x the uncut one.
   fold    folding one update into the round's sum, finite check included,
           against receiving it at 1 GB/s, at P = 10M (in memory) and P = 5e8
           (from a spool file, as the coordinator does for large updates).
@@ -52,7 +56,7 @@ from flctl.core import pki
 from flctl.core.aggregation import CHUNK, WeightedAccumulator, all_finite
 from flctl.core.layout import Endpoint
 from flctl.core.messages import (
-    ArraySpec,
+    FrameHead,
     Limits,
     Message,
     chunk_size,
@@ -114,6 +118,46 @@ def train_real(hosts: int, n_params: int, rounds: int) -> dict[str, Any]:
             "final_weights_moved": moved}
 
 
+# ------------------------------------------------------------------ resume
+
+def resume_run(n_params: int, cut: bool) -> dict[str, Any]:
+    """Round 2's time on 2 real agents, with one update reset half way when `cut`."""
+    from flctl.coordinator import budget
+    with local_federation(2, BIG_TASK, "big_task:BigTask") as root:
+        workspace = load_workspace(root)
+        training = workspace.settings.with_training(
+            task="big_task:BigTask", task_params={"n_params": n_params}, rounds=2,
+            deadline_s=3600.0).training
+        limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes)
+        endpoints = endpoints_for(workspace, workspace.inventory.hosts)
+        clients = [AgentClient(e, workspace_context(workspace), timeout=3600, limits=limits)
+                   for e in endpoints]
+        records: list[Any] = []
+        cuts: list[int] = []
+        original = budget.UpdateReceiver.received
+        half = 2 * n_params
+
+        def received(self: Any, index: int, offset: int, nbytes: int) -> None:
+            original(self, index, offset, nbytes)
+            if cut and len(records) == 1 and not cuts and offset < half <= offset + nbytes:
+                cuts.append(offset + nbytes)
+                subprocess.run(["ss", "-K", "dst", endpoints[0].connect_address, "dport", "=",
+                                str(endpoints[0].port)], check=True, capture_output=True)
+
+        budget.UpdateReceiver.received = received   # type: ignore[method-assign]
+        told: list[str] = []
+        try:
+            Coordinator(clients, training, create_run_dir(workspace.paths.runs),
+                        tasks_dir=workspace.paths.tasks, on_round=records.append,
+                        on_message=told.append,
+                        ca_pem=workspace.paths.ca_cert.read_bytes()).train()
+        finally:
+            budget.UpdateReceiver.received = original   # type: ignore[method-assign]
+    return {"n_params": n_params, "cut": cut, "cut_at_bytes": cuts[0] if cuts else None,
+            "round2_s": records[1].fit_seconds, "participants": records[1].participants,
+            "resumed": [line for line in told if "went on from where it stopped" in line]}
+
+
 # ------------------------------------------------------------------ light agents
 
 class Discard:
@@ -122,7 +166,7 @@ class Discard:
     def __init__(self) -> None:
         self.piece = np.empty(0, np.uint8)
 
-    def begin(self, specs: list[ArraySpec]) -> None:
+    def begin(self, head: FrameHead) -> None:
         pass
 
     def buffer(self, index: int, offset: int, nbytes: int) -> memoryview:
@@ -135,9 +179,6 @@ class Discard:
 
     def finish(self) -> list[np.ndarray]:
         return []
-
-    def abandon(self) -> None:
-        pass
 
 
 def stream_computed(tls: socket.socket, kind: str, meta: dict[str, Any], n_params: int,
@@ -315,7 +356,8 @@ def fold_many(n: int, n_params: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["train", "memory", "fold"], action="append")
+    parser.add_argument("--only", choices=["train", "memory", "resume", "fold"],
+                        action="append")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--light-agent", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -323,7 +365,7 @@ def main() -> int:
         root, name, n_params = args.light_agent
         light_agent(Path(root), name, int(n_params))
         return 0
-    sections = args.only or ["train", "memory", "fold"]
+    sections = args.only or ["train", "memory", "resume", "fold"]
     report: dict[str, Any] = {}
     targets: list[Target] = []
     lines: list[str] = []
@@ -354,6 +396,17 @@ def main() -> int:
         spread = abs(runs[1]["peak_rss"] / runs[0]["peak_rss"] - 1)
         targets.append(Target("8-host peak against 4-host peak, difference", 100 * spread,
                               "<=", 10.0, "%"))
+    if "resume" in sections:
+        uncut, cut = resume_run(250_000_000, False), resume_run(250_000_000, True)
+        report["resume"] = [uncut, cut]
+        ratio = cut["round2_s"] / uncut["round2_s"]
+        lines.append(f"resume: P=2.5e8, round 2's fit {uncut['round2_s']:.1f} s uncut, "
+                     f"{cut['round2_s']:.1f} s with one update reset at "
+                     f"{(cut['cut_at_bytes'] or 0) / 1e9:.2f} GB of 1.0 GB "
+                     f"({'; '.join(cut['resumed']) or 'NOT resumed'})")
+        ok = bool(cut["resumed"]) and len(cut["participants"]) == 2
+        targets.append(Target("cut round / uncut round", ratio if ok else float("inf"), "<=",
+                              1.6, "x"))
     if "fold" in sections:
         folds = [fold_one(10_000_000, spool=False), fold_one(500_000_000, spool=True)]
         many = fold_many(100, 10_000_000)

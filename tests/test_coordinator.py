@@ -96,6 +96,7 @@ class Federation:
         (root / "c.crt").write_bytes(cert)
         self.context = client_context(root / "ca.crt", root / "c.crt", root / "c.key")
         self.servers: list[FrameServer] = []
+        self.services: list[RequestHandler] = []
         self.endpoints: list[Endpoint] = []
         self.means: list[np.ndarray] = []
         for index, size in enumerate(sizes):
@@ -113,13 +114,14 @@ class Federation:
                                  state_file=str(root / f"{name}.state"),
                                  task=task, tasks_dir=str(root / "tasks"))
             server_class = FrozenServer if index in frozen else FrameServer
-            handler = gone_before_unmask(RequestHandler(config)) if index in leaves \
-                else RequestHandler(config).handle
+            service = RequestHandler(config)
+            self.services.append(service)
+            handler = gone_before_unmask(service) if index in leaves else service.handle
             if tamper and index in tamper:
                 handler = tampered(handler, tamper[index])
             server = server_class("127.0.0.1", 0, server_context(root / "ca.crt",
                                  root / f"{name}.crt", root / f"{name}.key"), handler,
-                                 limits=limits)
+                                 limits=limits, receiver=service.transfers.receiver)
             server.start()
             self.servers.append(server)
             self.endpoints.append(Endpoint(name, "127.0.0.1", "127.0.0.1", server.address[1], name))

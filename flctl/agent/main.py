@@ -49,6 +49,7 @@ def build_server(config_path: Path) -> FrameServer:
         limits=limits,
         logger=logging.getLogger("flctl.agent.server"),
         authorize=coordinator_only,
+        receiver=service.transfers.receiver,
     )
 
 

@@ -25,6 +25,7 @@ from flctl import __version__
 from flctl.agent import gpu
 from flctl.agent.secure import SecureRounds
 from flctl.agent.task_data import load_host_data, summary
+from flctl.agent.transfers import RESUMABLE_KINDS, Transfers, transfer_key
 from flctl.core.agentconfig import AgentConfig
 from flctl.core.compression import ErrorFeedback
 from flctl.core.fsutil import atomic_write
@@ -33,10 +34,13 @@ from flctl.core.tasks import Task, load_task
 from flctl.core.text import clean_text
 from flctl.core.uplink import UplinkSpec, host_rng, local_delta, pack_update
 from flctl.errors import FlctlError
+from flctl.net.server import error_reply
 
 log = logging.getLogger("flctl.agent")
 
 TaskKey = str  # the task's params, as canonical JSON
+# How long a `resend` waits for a fit still in progress (heartbeats flow meanwhile).
+RESEND_WAIT_S = 24 * 3600.0
 # What a fit sends back: the arrays, and the encoding header when they are an encoded delta.
 SentUpdate = tuple[list[np.ndarray], dict[str, Any] | None]
 Sender = Callable[[UplinkSpec, dict[str, Any], list[np.ndarray], list[np.ndarray], int,
@@ -56,6 +60,7 @@ class RequestHandler:
         # memory only (a restart forgets what was not yet sent; see compression).
         self._feedback: dict[tuple[str, ...], ErrorFeedback | None] = {}
         self.secure = SecureRounds(config)
+        self.transfers = Transfers()
         self._state_lock = threading.Lock()
         self.last_round: int | None = None
         self.rounds_served = 0
@@ -89,6 +94,22 @@ class RequestHandler:
             log.warning("cannot save state: %s", exc)
 
     def handle(self, request: Message, peer: Any) -> Message:
+        key = transfer_key(request.meta) if request.kind in RESUMABLE_KINDS else None
+        if key is None:
+            return self._dispatch(request)
+        # The reply waits in the outbox too, for a coordinator whose
+        # connection drops before it has all of it (agent.transfers).
+        self.transfers.start(key)
+        try:
+            reply = self._dispatch(request)
+        except Exception as exc:
+            text = exc.message if isinstance(exc, FlctlError) else str(exc) or type(exc).__name__
+            self.transfers.finish(key, error_reply(text, type=type(exc).__name__))
+            raise
+        self.transfers.finish(key, reply)
+        return reply
+
+    def _dispatch(self, request: Message) -> Message:
         handler = {
             "info": self._info,
             "health": self._info,
@@ -99,6 +120,8 @@ class RequestHandler:
             "secagg_share": lambda r: Message("secagg_boxes", self.secure.share(r.meta)),
             "secagg_fit": self._secure_fit,
             "secagg_unmask": lambda r: Message("secagg_shares", self.secure.unmask(r.meta)),
+            "transfer_status": lambda r: self.transfers.status(r.meta),
+            "resend": lambda r: self.transfers.resend(r.meta, RESEND_WAIT_S),
         }.get(request.kind)
         if handler is None:
             raise FlctlError(f"unknown request kind {request.kind!r}")

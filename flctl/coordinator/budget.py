@@ -21,9 +21,9 @@ from typing import Callable
 
 import numpy as np
 
-from flctl.core.messages import ArraySpec
+from flctl.core.messages import ArraySpec, FrameHead, Position
 from flctl.core.spooled import SpoolFile
-from flctl.errors import TrainingError
+from flctl.errors import ProtocolError, TrainingError
 from flctl.net.framing import ArrayReceiver
 
 # Updates up to this size are held in memory (under a slot); larger ones spool.
@@ -74,17 +74,36 @@ class UpdateReceiver:
         self._held: list[bool] = []
         self._memory: ArrayReceiver | None = None
         self._spool: SpoolFile | None = None
+        self._specs: list[ArraySpec] | None = None
+        # Where the next byte goes: a resumed stream must start exactly here.
+        self.position: Position = (0, 0)
 
     @property
     def spooled(self) -> bool:
         return self._spool is not None
 
-    def begin(self, specs: list[ArraySpec]) -> None:
+    @property
+    def started(self) -> bool:
+        """True once a reply's head was accepted: the rest may come as a resumed stream."""
+        return self._specs is not None
+
+    def begin(self, head: FrameHead) -> None:
+        if head.resume is not None:
+            if self._specs is None or head.specs != self._specs:
+                raise ProtocolError("a resumed update does not continue the interrupted one")
+            if head.resume != self.position:
+                raise ProtocolError(f"the update resumed at {list(head.resume)}, the "
+                                    f"coordinator holds it up to {list(self.position)}")
+            return
+        if self._specs is not None:
+            raise ProtocolError("a second update arrived for one request")
+        specs = head.specs
         self._expect(specs)
+        self._specs = specs
         total = sum(spec.nbytes for spec in specs)
         if self._spool_dir is None or total <= IN_MEMORY_BYTES:
             self._memory = ArrayReceiver(self._budget.allocator(self._held))
-            self._memory.begin(specs)
+            self._memory.begin(head)
             return
         self._spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         free = shutil.disk_usage(self._spool_dir).free
@@ -103,15 +122,13 @@ class UpdateReceiver:
     def received(self, index: int, offset: int, nbytes: int) -> None:
         if self._spool is not None:
             self._spool.write(index, offset, nbytes)
+        self.position = (index, offset + nbytes)
 
     def finish(self) -> list:
         if self._spool is not None:
             return list(self._spool.arrays())
         assert self._memory is not None
         return self._memory.finish()
-
-    def abandon(self) -> None:
-        self.release()
 
     def release(self) -> None:
         """Give back the slot or close (and so delete) the spool file."""

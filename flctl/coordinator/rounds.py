@@ -51,7 +51,7 @@ from flctl.core.strategies import make_strategy
 from flctl.core.tasks import BUILTIN_TASKS, Task, TaskError, check_weights, load_task
 from flctl.core.uplink import UplinkSpec, unpack_update
 from flctl.errors import FlctlError, TrainingError
-from flctl.net.agent_client import AgentClient, FitReply
+from flctl.net.agent_client import AgentClient, EvalReply, FitReply, Transfer
 
 
 class RoundShort(TrainingError):
@@ -233,6 +233,8 @@ class Coordinator:
         compute: list[float] = []
         config = self._fit_config(round_number)
 
+        until = time.monotonic() + t.deadline_s
+
         def fit_one(client: AgentClient) -> int:
             # Plain updates of a large model spool to disk as they arrive; an
             # encoded one is decoded whole, so it is received into memory.
@@ -240,9 +242,12 @@ class Coordinator:
                 expect_encoded(weights) if self.uplink.sends_delta else expect_weights(weights),
                 None if self.uplink.sends_delta else self.run.spool_dir)
             try:
+                transfer = Transfer(f"{self.run.run_id}/{round_number}/{attempt}/fit", until)
                 reply: FitReply = client.fit(weights, t.task, self.task_params, config,
                                              receive=receiver,
-                                             heartbeat_s=t.heartbeat_s or None)
+                                             heartbeat_s=t.heartbeat_s or None,
+                                             transfer=transfer)
+                self._tell_resumed(client.name, transfer)
                 check_fit_counts(self._profile(client), reply.num_examples, reply.metrics)
                 update = self._read_update(reply, weights)
                 check_weights(update, weights)
@@ -292,15 +297,26 @@ class Coordinator:
                                 f"{self.uplink.compression} (an old agent?)")
         return unpack_update(self.codec, reply.encoding, reply.weights, weights)
 
+    def _tell_resumed(self, name: str, transfer: Transfer) -> None:
+        if transfer.resumed:
+            self.on_message(f"{name}: the connection dropped {transfer.resumed} time(s); "
+                            f"the transfer went on from where it stopped")
+
     def evaluate(self, weights: list[np.ndarray], round_number: int,
                  clients: Sequence[AgentClient]) -> tuple[float | None, float | None]:
         config = {"round": round_number}
-        replies, failures = self._parallel(
-            clients,
-            lambda c: c.evaluate(weights, self.training.task, self.task_params, config,
-                                 heartbeat_s=self.training.heartbeat_s or None),
-            timeout=self.training.deadline_s,
-        )
+        until = time.monotonic() + self.training.deadline_s
+
+        def evaluate_one(client: AgentClient) -> EvalReply:
+            transfer = Transfer(f"{self.run.run_id}/{round_number}/eval", until)
+            reply = client.evaluate(weights, self.training.task, self.task_params, config,
+                                    heartbeat_s=self.training.heartbeat_s or None,
+                                    transfer=transfer)
+            self._tell_resumed(client.name, transfer)
+            return reply
+
+        replies, failures = self._parallel(clients, evaluate_one,
+                                           timeout=self.training.deadline_s)
         for name, reason in sorted(failures.items()):
             if (name, reason) not in self._eval_failures_told:   # once, not every round
                 self._eval_failures_told.add((name, reason))

@@ -106,6 +106,10 @@ INFO_SPEC = {
 }
 
 
+# (array index, byte offset) in a message's arrays, as a stream goes.
+Position = tuple[int, int]
+
+
 @dataclass
 class Message:
     """One request or reply: a kind, JSON metadata and a list of numpy arrays."""
@@ -113,6 +117,9 @@ class Message:
     kind: str
     meta: dict[str, Any] = field(default_factory=dict)
     arrays: list[np.ndarray] = field(default_factory=list)
+    # A resumed stream: its bytes start at (array index, byte offset), the
+    # receiver holding what came before (see flctl.net.framing).
+    resume: Position | None = None
 
     @property
     def body_bytes(self) -> int:
@@ -137,6 +144,7 @@ class FrameHead:
     meta: dict[str, Any]
     specs: list[ArraySpec]
     stream: int | None = None
+    resume: Position | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -149,10 +157,26 @@ def chunk_size(limits: Limits) -> int:
     return max(8, min(STREAM_CHUNK_BYTES, limits.max_body_bytes) // 8 * 8)
 
 
-def chunk_plan(specs: list[ArraySpec], chunk: int) -> list[tuple[int, int, int]]:
-    """(array index, byte offset, byte count) of every chunk of a stream, in order."""
+def chunk_plan(specs: list[ArraySpec], chunk: int,
+               start: Position = (0, 0)) -> list[tuple[int, int, int]]:
+    """(array index, byte offset, byte count) of every chunk of a stream, in
+    order; a resumed stream's plan begins at `start`."""
+    first, begin = start
     return [(index, offset, min(chunk, spec.nbytes - offset))
-            for index, spec in enumerate(specs) for offset in range(0, spec.nbytes, chunk)]
+            for index, spec in enumerate(specs) if index >= first
+            for offset in range(begin if index == first else 0, spec.nbytes, chunk)]
+
+
+def check_position(position: Any, specs: list[ArraySpec]) -> Position:
+    """A stream position within `specs`: whole elements of an existing array."""
+    if (not isinstance(position, (list, tuple)) or len(position) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in position)):
+        raise ProtocolError(f"stream position {_shown(position)} is not [array, offset]")
+    index, offset = position
+    if not 0 <= index < max(1, len(specs)) or (specs and not (
+            0 <= offset <= specs[index].nbytes and offset % specs[index].dtype.itemsize == 0)):
+        raise ProtocolError(f"stream position {_shown(list(position))} is outside the arrays")
+    return int(index), int(offset)
 
 
 def _wire_dtype(dtype: np.dtype) -> np.dtype:
@@ -174,7 +198,8 @@ def _check_kind(kind: Any) -> str:
     return kind
 
 
-def encode_head(msg: Message, stream: int | None = None) -> bytes:
+def encode_head(msg: Message, stream: int | None = None,
+                resume: Position | None = None) -> bytes:
     """Prelude + header. Array bytes are not included: send body_views(msg) after
     it, or, with `stream` (the chunk size), one chunk frame per chunk_plan entry."""
     _check_kind(msg.kind)
@@ -194,6 +219,8 @@ def encode_head(msg: Message, stream: int | None = None) -> bytes:
             raise ProtocolError(f"stream chunk size {stream} is not a positive multiple of 8")
         fields["stream"] = stream
         body_len = 0
+        if resume is not None:
+            fields["resume"] = list(resume)
     try:
         header = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     except (TypeError, ValueError) as exc:
@@ -332,4 +359,9 @@ def parse_header(data: bytes, body_len: int, limits: Limits) -> FrameHead:
         specs.append(spec)
     if stream is None and total != body_len:
         raise ProtocolError(f"arrays need {total} bytes but body is {body_len}")
-    return FrameHead(kind, meta, specs, stream)
+    resume = header.get("resume")
+    if resume is not None:
+        if stream is None:
+            raise ProtocolError("only a stream can be resumed")
+        resume = check_position(resume, specs)
+    return FrameHead(kind, meta, specs, stream, resume)

@@ -7,6 +7,7 @@ through this one class, so the request shapes live in one place.
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,40 @@ from typing import Any
 import numpy as np
 
 from flctl.core.layout import Endpoint
-from flctl.core.messages import DEFAULT_LIMITS, Limits, Message
-from flctl.net.client import FrameClient
+from flctl.core.messages import (
+    DEFAULT_LIMITS,
+    ArraySpec,
+    Limits,
+    Message,
+    Position,
+    check_position,
+)
+from flctl.net.client import FrameClient, TransportError, TransportTimeout
 from flctl.net.framing import Receive
 from flctl.net.tls import client_context
+
+# Pauses between attempts to resume a dropped transfer.
+RETRY_PAUSE_S = 0.2
+MAX_RETRY_PAUSE_S = 2.0
+# How long after a drop the agent may take to answer again (within the round's
+# deadline); an agent that cannot be reached by then, or that no longer holds
+# the transfer (it restarted), fails the round as any dropped host does.
+RESUME_WINDOW_S = 15.0
+
+
+@dataclass
+class Transfer:
+    """One request the coordinator may resume: its id (unique per run, round,
+    attempt and kind), when to give up (time.monotonic), and how often it
+    was resumed."""
+
+    key: str
+    until: float
+    resumed: int = 0
+
+
+def _specs(arrays: Sequence[np.ndarray]) -> list[ArraySpec]:
+    return [ArraySpec(a.dtype, tuple(a.shape), a.nbytes) for a in map(np.asarray, arrays)]
 
 
 @dataclass(frozen=True)
@@ -95,19 +126,20 @@ class AgentClient:
 
     def fit(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
             config: dict[str, Any], receive: Receive = None,
-            heartbeat_s: float | None = None) -> FitReply:
+            heartbeat_s: float | None = None, transfer: Transfer | None = None) -> FitReply:
         request = Message("fit", {"task": task, "task_params": dict(task_params),
                                   "config": dict(config)}, list(weights))
-        reply = self._client.request(request, receive, heartbeat_s=heartbeat_s)
+        reply = self._request(request, receive, heartbeat_s, transfer)
         encoding = reply.meta.get("encoding")
         return FitReply(reply.arrays, reply.meta.get("num_examples"), _metrics(reply.meta),
                         _seconds(reply.meta), encoding if isinstance(encoding, dict) else None)
 
     def evaluate(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
-                 config: dict[str, Any], heartbeat_s: float | None = None) -> EvalReply:
+                 config: dict[str, Any], heartbeat_s: float | None = None,
+                 transfer: Transfer | None = None) -> EvalReply:
         request = Message("evaluate", {"task": task, "task_params": dict(task_params),
                                        "config": dict(config)}, list(weights))
-        reply = self._client.request(request, heartbeat_s=heartbeat_s)
+        reply = self._request(request, None, heartbeat_s, transfer)
         return EvalReply(reply.meta.get("loss"), reply.meta.get("num_examples"),
                          _metrics(reply.meta), _seconds(reply.meta))
 
@@ -126,6 +158,62 @@ class AgentClient:
         reply = self._client.request(request, receive, heartbeat_s=heartbeat_s)
         return FitReply(reply.arrays, reply.meta.get("num_examples"), _metrics(reply.meta),
                         _seconds(reply.meta))
+
+    def _request(self, request: Message, receive: Receive, heartbeat_s: float | None,
+                 transfer: Transfer | None) -> Message:
+        """request(), and with a `transfer`, resumed across dropped connections
+        until the transfer's deadline: only the bytes not yet moved move again.
+
+        After a drop, the agent is asked how far the request got
+        (agent.transfers): part of the model (send the rest as a resumed
+        stream), all of it (ask for the reply); a reply cut part way is asked
+        for again from where `receive` holds it. An agent that holds nothing
+        of it (restarted) or stays unreachable for RESUME_WINDOW_S fails, and
+        a timeout is not retried: a host silent past its heartbeats is down.
+        """
+        if transfer is None:
+            return self._client.request(request, receive, heartbeat_s=heartbeat_s)
+        request = Message(request.kind, {**request.meta, "transfer": transfer.key},
+                          request.arrays)
+        pause = RETRY_PAUSE_S
+        send_from: Position | None = None
+        ask_reply = False
+        give_up: float | None = None
+        while True:
+            try:
+                if ask_reply or getattr(receive, "started", False):
+                    position = getattr(receive, "position", (0, 0))
+                    return self._client.request(
+                        Message("resend", {"transfer": transfer.key, "from": list(position)}),
+                        receive, heartbeat_s=heartbeat_s)
+                return self._client.request(
+                    Message(request.kind, request.meta, request.arrays, send_from),
+                    receive, heartbeat_s=heartbeat_s)
+            except TransportTimeout:
+                raise   # silence (no heartbeats) is a dead or frozen host, not a cut
+            except TransportError as exc:
+                cut = exc
+                if give_up is None:
+                    give_up = min(transfer.until, time.monotonic() + RESUME_WINDOW_S)
+                if time.monotonic() + pause >= give_up:
+                    raise
+            time.sleep(pause)
+            pause = min(2 * pause, MAX_RETRY_PAUSE_S)
+            if getattr(receive, "started", False):
+                transfer.resumed += 1
+                continue
+            try:
+                status = self._client.request(Message("transfer_status",
+                                                      {"transfer": transfer.key})).meta
+            except TransportError:
+                continue
+            have = status.get("have")
+            if have not in ("partial", "request", "result"):
+                raise cut   # the agent lost it (it restarted): a failure, as before
+            transfer.resumed += 1
+            ask_reply = have != "partial"
+            send_from = (check_position(status.get("position"), _specs(request.arrays))
+                         if have == "partial" else None)
 
     def abort(self) -> None:
         """Cut the connection from another thread (a blocked recv wakes up)."""

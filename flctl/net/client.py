@@ -101,7 +101,8 @@ class FrameClient:
         assert self._sock is not None
         silence: float | None = None
         if heartbeat_s:
-            msg = Message(msg.kind, {**msg.meta, "heartbeat_s": heartbeat_s}, msg.arrays)
+            msg = Message(msg.kind, {**msg.meta, "heartbeat_s": heartbeat_s}, msg.arrays,
+                          msg.resume)
             silence = HEARTBEAT_MISSES * heartbeat_s
             if self.timeout is not None:
                 silence = min(silence, self.timeout)

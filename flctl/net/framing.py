@@ -45,22 +45,22 @@ Allocator = Callable[[list[ArraySpec]], list[np.ndarray]]
 class Receiver(Protocol):
     """Where a message's array bytes go as they arrive.
 
-    `begin` sees the validated layout first and may refuse it (raise); then
-    `buffer(index, offset, nbytes)` hands out a writable view of exactly
-    `nbytes` for array `index` at byte `offset`, which `received` confirms
-    once filled, in order; `finish` returns the arrays. `abandon` is called
-    instead of `finish` when the message fails part way (free what begin took).
+    `begin` sees the validated head first (kind, meta, layout, and where a
+    resumed stream starts) and may refuse it (raise); then `buffer(index,
+    offset, nbytes)` hands out a writable view of exactly `nbytes` for array
+    `index` at byte `offset`, which `received` confirms once filled, in
+    order; `finish` returns the arrays. A message that fails part way leaves
+    the receiver as it was after its last `received`: its owner may resume
+    the stream into it (a head with `resume`) or free it.
     """
 
-    def begin(self, specs: list[ArraySpec]) -> None: ...
+    def begin(self, head: FrameHead) -> None: ...
 
     def buffer(self, index: int, offset: int, nbytes: int) -> memoryview: ...
 
     def received(self, index: int, offset: int, nbytes: int) -> None: ...
 
     def finish(self) -> list[np.ndarray]: ...
-
-    def abandon(self) -> None: ...
 
 
 class ArrayReceiver:
@@ -71,9 +71,11 @@ class ArrayReceiver:
         self._arrays: list[np.ndarray] = []
         self._views: list[memoryview] = []
 
-    def begin(self, specs: list[ArraySpec]) -> None:
-        self._arrays = self._allocate(specs)
-        _check_allocated(self._arrays, specs)
+    def begin(self, head: FrameHead) -> None:
+        if head.resume is not None:
+            raise ProtocolError("a resumed stream arrived where none was interrupted")
+        self._arrays = self._allocate(head.specs)
+        _check_allocated(self._arrays, head.specs)
         self._views = [memoryview(a.reshape(-1).view(np.uint8)) for a in self._arrays]
 
     def buffer(self, index: int, offset: int, nbytes: int) -> memoryview:
@@ -85,9 +87,6 @@ class ArrayReceiver:
     def finish(self) -> list[np.ndarray]:
         self._views = []
         return list(self._arrays)
-
-    def abandon(self) -> None:
-        self._views, self._arrays = [], []
 
 
 Receive = Union[Allocator, Receiver, None]
@@ -104,21 +103,34 @@ def send_message(sock: socket.socket, msg: Message, limits: Limits = DEFAULT_LIM
     """Write one message: one frame, or a stream of chunk frames when its arrays
     are bigger than one chunk (messages.chunk_size). Returns the bytes written."""
     chunk = chunk_size(limits)
-    stream = chunk if msg.body_bytes > chunk else None
-    head = encode_head(msg, stream)
     views = body_views(msg)  # validate everything before the first byte goes out
+    if msg.resume is None and msg.body_bytes <= chunk:
+        head = encode_head(msg)
+        sock.sendall(head)
+        total = len(head)
+        for view in views:
+            if view.nbytes:
+                sock.sendall(view)
+                total += view.nbytes
+        return total
+    head = encode_head(msg, chunk, msg.resume)
     sock.sendall(head)
     total = len(head)
-    for index, view in enumerate(views):
-        for offset in range(0, view.nbytes, stream or max(1, view.nbytes)):
-            piece = view[offset:offset + stream] if stream else view
-            if stream:
-                chunk_head = encode_chunk_head(index, offset, piece.nbytes)
-                sock.sendall(chunk_head)
-                total += len(chunk_head)
-            sock.sendall(piece)
-            total += piece.nbytes
+    for index, offset, nbytes in chunk_plan(_specs(msg), chunk, msg.resume or (0, 0)):
+        chunk_head = encode_chunk_head(index, offset, nbytes)
+        sock.sendall(chunk_head)
+        sock.sendall(views[index][offset:offset + nbytes])
+        total += len(chunk_head) + nbytes
     return total
+
+
+def _specs(msg: Message) -> list[ArraySpec]:
+    """What a receiver will parse from the message's head (for the chunk plan)."""
+    specs = []
+    for array in msg.arrays:
+        array = np.asarray(array)
+        specs.append(ArraySpec(array.dtype, tuple(array.shape), array.size * array.itemsize))
+    return specs
 
 
 def _recv_exact(sock: socket.socket, view: memoryview, *, frame_started: bool,
@@ -197,23 +209,26 @@ def recv_message(sock: socket.socket, limits: Limits = DEFAULT_LIMITS,
     if not head.specs:
         return Message(head.kind, head.meta, []), read
     receiver = receive if isinstance(receive, Receiver) else ArrayReceiver(receive)
-    total = head.total_bytes
-    deadline = (time.monotonic() + limits.body_grace_s + total / limits.min_body_rate
-                if limits.min_body_rate > 0 else None)
-    receiver.begin(head.specs)
-    try:
-        if head.stream is None:
-            for index, spec in enumerate(head.specs):
-                _recv_span(sock, receiver, index, 0, spec.nbytes, deadline)
-        else:
-            plan = chunk_plan(head.specs, head.stream)
-            for position, expected in enumerate(plan):
-                chunk, chunk_read = _recv_head(sock, limits, frame_started=True)
-                check_chunk(chunk, expected, position, len(plan))
-                read += chunk_read
-                _recv_span(sock, receiver, *expected, deadline)
-        arrays = receiver.finish()
-    except BaseException:
-        receiver.abandon()
-        raise
-    return Message(head.kind, head.meta, arrays), read + total
+    receiver.begin(head)
+    if head.stream is None:
+        total = head.total_bytes
+        deadline = _deadline(limits, total)
+        for index, spec in enumerate(head.specs):
+            _recv_span(sock, receiver, index, 0, spec.nbytes, deadline)
+    else:
+        plan = chunk_plan(head.specs, head.stream, head.resume or (0, 0))
+        total = sum(nbytes for _, _, nbytes in plan)
+        deadline = _deadline(limits, total)
+        for position, expected in enumerate(plan):
+            chunk, chunk_read = _recv_head(sock, limits, frame_started=True)
+            check_chunk(chunk, expected, position, len(plan))
+            read += chunk_read
+            _recv_span(sock, receiver, *expected, deadline)
+    return Message(head.kind, head.meta, receiver.finish(), head.resume), read + total
+
+
+def _deadline(limits: Limits, nbytes: int) -> float | None:
+    """When `nbytes` must have arrived by, under the receiver's minimum rate."""
+    if limits.min_body_rate <= 0:
+        return None
+    return time.monotonic() + limits.body_grace_s + nbytes / limits.min_body_rate

@@ -18,7 +18,7 @@ from typing import Callable
 
 from flctl.core.messages import DEFAULT_LIMITS, HEARTBEAT_KIND, Limits, Message
 from flctl.errors import FlctlError, ProtocolError
-from flctl.net.framing import Allocator, ConnectionClosed, recv_message, send_message
+from flctl.net.framing import Allocator, ConnectionClosed, Receiver, recv_message, send_message
 from flctl.net.tls import peer_certificate, peer_common_name
 
 _ACCEPT_POLL_SECONDS = 0.2
@@ -62,7 +62,8 @@ class FrameServer:
                  idle_timeout: float | None = None,
                  logger: logging.Logger | None = None,
                  allocate: Allocator | None = None, max_connections: int = 256,
-                 authorize: Authorizer | None = None) -> None:
+                 authorize: Authorizer | None = None,
+                 receiver: Callable[[], Receiver] | None = None) -> None:
         self.host = host
         self.port = port
         self.context = context
@@ -71,6 +72,7 @@ class FrameServer:
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.allocate = allocate
+        self.receiver = receiver  # makes a Receiver per request (else `allocate` is used)
         self.max_connections = max_connections
         self.authorize = authorize
         self.log = logger or logging.getLogger("flctl.net.server")
@@ -237,7 +239,8 @@ class FrameServer:
     def _request_loop(self, tls: ssl.SSLSocket, peer: PeerInfo) -> None:
         while not self._stopping.is_set():
             try:
-                request, _ = recv_message(tls, self.limits, self.allocate)
+                request, _ = recv_message(tls, self.limits,
+                                          self.receiver() if self.receiver else self.allocate)
             except ConnectionClosed as exc:
                 if not exc.clean:
                     self._count_protocol_error(peer, exc)

@@ -1,0 +1,130 @@
+"""Transfers that survive a cut connection: real TCP resets (`ss -K` kills the
+coordinator's socket to an agent) at random points of the model going down
+and the update coming up; the run must end with the uncut run's weights."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from flctl.agent.transfers import TransferReceiver
+from flctl.coordinator import budget as budget_module
+from flctl.coordinator.records import load_weights
+from flctl.core.messages import Limits
+from flctl.core.settings import TrainingSettings
+from test_coordinator import Federation
+from test_streams import BLOCK_TASK
+
+pytestmark = pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+
+# Bigger than what loopback's socket buffers hold in flight (a reset drops
+# those bytes, and a model that fits in them would always arrive whole).
+SIZE = 4_000_000
+MODEL_BYTES = 4 * SIZE + 4 * 12
+TRAINING = TrainingSettings(task="blocktask:BlockTask", task_params={"size": SIZE}, rounds=2)
+FRAMES = Limits(max_body_bytes=64 << 10)
+
+
+def _federation(root: Path) -> Federation:
+    root.mkdir()
+    return Federation(root, [10, 30, 60], task="blocktask:BlockTask", limits=FRAMES,
+                      tasks={"blocktask": BLOCK_TASK})
+
+
+def kill_flows(port: int) -> None:
+    """Reset every TCP connection to 127.0.0.1:port (the coordinator's end is
+    destroyed; the agent's end gets a RST)."""
+    subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", str(port)], check=True,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def uncut(tmp_path_factory) -> list:
+    fed = _federation(tmp_path_factory.mktemp("uncut") / "fed")
+    try:
+        return [w.tobytes() for w in load_weights(fed.coordinator(TRAINING).train()
+                                                  .final_weights)]
+    finally:
+        fed.close()
+
+
+def _cut_when(monkeypatch, cls, fraction: float, total: int, cut, log: list) -> None:
+    """Cut when a `cls` receiver's stream passes `fraction` of `total` bytes (a
+    stream resumed beyond that point does not cut again)."""
+    original = cls.received
+
+    def received(self, index, offset, nbytes):
+        original(self, index, offset, nbytes)
+        if index == 0 and offset < fraction * total <= offset + nbytes:
+            log.append((cls.__name__, offset + nbytes))
+            cut()
+
+    monkeypatch.setattr(cls, "received", received)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cuts_at_random_points_leave_the_result_unchanged(tmp_path: Path, monkeypatch,
+                                                          uncut: list, seed: int) -> None:
+    rng = random.Random(seed)
+    monkeypatch.setattr(budget_module, "IN_MEMORY_BYTES", rng.choice([0, 1 << 30]))
+    fed = _federation(tmp_path / "fed")
+    victim = fed.endpoints[rng.randrange(3)].port
+    cuts: list = []
+    _cut_when(monkeypatch, budget_module.UpdateReceiver, rng.uniform(0.05, 0.95), MODEL_BYTES,
+              lambda: kill_flows(victim), cuts)
+    _cut_when(monkeypatch, TransferReceiver, rng.uniform(0.05, 0.95), MODEL_BYTES,
+              lambda: kill_flows(victim), cuts)
+    resumed_at: list = []
+    for cls in (budget_module.UpdateReceiver, TransferReceiver):
+        monkeypatch.setattr(cls, "begin", _logging_begin(cls.begin, cls.__name__, resumed_at))
+    told: list[str] = []
+    try:
+        summary = fed.coordinator(TRAINING, on_message=told.append).train()
+    finally:
+        fed.close()
+    assert [w.tobytes() for w in load_weights(summary.final_weights)] == uncut
+    assert all(r.participants == ["h0", "h1", "h2"] for r in summary.history)
+    assert len(cuts) >= 2 * 3   # every host's update and model (and evaluations), every round
+    resumed = [line for line in told if "the transfer went on from where it stopped" in line]
+    assert resumed, told
+    # streams went on from where they stopped, in both directions, not from the start
+    assert {name for name, _ in resumed_at} == {"UpdateReceiver", "TransferReceiver"}, (
+        resumed_at, cuts, told)
+    assert all(position != (0, 0) for _, position in resumed_at)
+
+
+def _logging_begin(original, name: str, log: list):
+    def begin(self, head):
+        if head.resume is not None:
+            log.append((name, head.resume))
+        return original(self, head)
+    return begin
+
+
+def test_an_agent_that_lost_the_reply_fails_its_round_in_one_line(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    fed = _federation(tmp_path / "fed")
+    victim = fed.endpoints[1].port
+    service = fed.services[1]
+
+    def restart_and_cut() -> None:   # as if the agent had restarted: its outbox is gone
+        service.transfers._outbox = None
+        kill_flows(victim)
+
+    cuts: list = []
+    _cut_when(monkeypatch, budget_module.UpdateReceiver, 0.5, MODEL_BYTES, restart_and_cut,
+              cuts)
+    training = TrainingSettings(task="blocktask:BlockTask", task_params={"size": SIZE},
+                                rounds=1, min_hosts=2)
+    try:
+        summary = fed.coordinator(training).train()
+    finally:
+        fed.close()
+    record = summary.history[0]
+    assert "h1" in record.dropped and len(record.participants) == 2
+    assert "nothing to resend for transfer" in record.dropped["h1"]
+    assert "\n" not in record.dropped["h1"]
