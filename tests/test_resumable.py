@@ -16,6 +16,7 @@ from flctl.coordinator import budget as budget_module
 from flctl.coordinator.records import load_weights
 from flctl.core.messages import Limits
 from flctl.core.settings import TrainingSettings
+from flctl.net.agent_client import AgentClient
 from test_coordinator import Federation
 from test_streams import BLOCK_TASK
 
@@ -52,14 +53,15 @@ def uncut(tmp_path_factory) -> list:
         fed.close()
 
 
-def _cut_when(monkeypatch, cls, fraction: float, total: int, cut, log: list) -> None:
-    """Cut when a `cls` receiver's stream passes `fraction` of `total` bytes (a
-    stream resumed beyond that point does not cut again)."""
+def _cut_when(monkeypatch, cls, fraction: float, total: int, cut, log: list,
+              only=lambda receiver: True) -> None:
+    """Cut when a `cls` receiver (`only` those it accepts) passes `fraction` of
+    `total` bytes (a stream resumed beyond that point does not cut again)."""
     original = cls.received
 
     def received(self, index, offset, nbytes):
         original(self, index, offset, nbytes)
-        if index == 0 and offset < fraction * total <= offset + nbytes:
+        if index == 0 and offset < fraction * total <= offset + nbytes and only(self):
             log.append((cls.__name__, offset + nbytes))
             cut()
 
@@ -115,9 +117,20 @@ def test_an_agent_that_lost_the_reply_fails_its_round_in_one_line(tmp_path: Path
         service.transfers._outbox = None
         kill_flows(victim)
 
+    # Cut only in the middle of the victim's own reply: another host's update
+    # passing half way could cut the victim while it still computes, which
+    # (its outbox emptied) is a different failure than the one under test.
+    original_request = AgentClient._request
+
+    def mark_victim(self, request, receive, heartbeat_s, transfer):
+        if self.endpoint.port == victim and receive is not None:
+            receive.victim = True
+        return original_request(self, request, receive, heartbeat_s, transfer)
+
+    monkeypatch.setattr(AgentClient, "_request", mark_victim)
     cuts: list = []
     _cut_when(monkeypatch, budget_module.UpdateReceiver, 0.5, MODEL_BYTES, restart_and_cut,
-              cuts)
+              cuts, only=lambda receiver: getattr(receiver, "victim", False))
     training = TrainingSettings(task="blocktask:BlockTask", task_params={"size": SIZE},
                                 rounds=1, min_hosts=2)
     try:
