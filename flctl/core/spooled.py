@@ -12,7 +12,9 @@ frees it, and nothing of it can reach a checkpoint.
 
 FileArray stands in for a numpy array in the few places that read an
 update (aggregation.flat_blocks and friends); `np.asarray` on it reads it
-whole into memory, for the robust strategies, which keep every update.
+whole into memory. The robust strategies, which keep every update, copy a
+spooled one into a spool file of their own beside it (`directory`), since
+the receiver's file is closed as soon as the update is handed over.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class FileArray:
     """One array of a spooled update: shape, dtype, and its bytes in a file."""
 
     def __init__(self, fd: int, offset: int, dtype: np.dtype, shape: tuple[int, ...],
-                 finite: bool) -> None:
+                 finite: bool, directory: Path | None = None) -> None:
         self._fd = fd
         self._offset = offset
         self.dtype = np.dtype(dtype)
@@ -49,6 +51,8 @@ class FileArray:
         self.ndim = len(self.shape)
         # Every byte went through SpoolFile.write, which looked at it.
         self.finite = finite
+        # Where its file lives: a copy kept past the file's release goes beside it.
+        self.directory = directory
 
     def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Elements [start, stop) of the flattened array, into `out` (or a new array)."""
@@ -79,6 +83,7 @@ class SpoolFile:
     def __init__(self, directory: Path, layout: Sequence[tuple[np.dtype, tuple[int, ...]]]
                  ) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory = directory
         try:   # never has a name: a crash leaves nothing behind
             self._fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
         except (AttributeError, OSError):
@@ -119,7 +124,7 @@ class SpoolFile:
 
     def arrays(self) -> list[FileArray]:
         self._piece = np.empty(0, np.uint8)
-        return [FileArray(self._fd, offset, dtype, shape, finite)
+        return [FileArray(self._fd, offset, dtype, shape, finite, self.directory)
                 for (dtype, shape), offset, finite
                 in zip(self.layout, self.offsets, self._finite)]
 

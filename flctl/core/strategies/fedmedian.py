@@ -4,7 +4,8 @@ Each coordinate of the new model is the median of that coordinate over
 all hosts (for an even count, the mean of the two middle values), so fewer
 than half the hosts cannot drag any coordinate outside the range of the
 honest values. Unweighted, as in Flower. Holds a copy of every update of
-the round (N x model memory, see robust.py).
+the round (N x model of memory, or of disk for spooled updates; see
+robust.py).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ coordinate outside the honest range; set beta to at least the share of
 hosts you must tolerate. Default beta 0.2 (Flower's). Note that with few
 hosts k may be 0: beta 0.2 trims nothing below 5 hosts.
 
-Holds a copy of every update of the round (N x model memory, see robust.py).
+Holds a copy of every update of the round (N x model of memory, or of disk
+for spooled updates; see robust.py).
 """
 
 from __future__ import annotations

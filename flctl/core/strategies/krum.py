@@ -13,7 +13,9 @@ Distances come from the Gram matrix of the deltas u_i - w_global, summed in
 float64 one column block at a time (BLAS does the N^2 x P work); deltas
 rather than raw weights, so nearby updates of a large model do not lose
 their distance to cancellation. Holds a copy of every update of the round
-(N x model memory, see robust.py) plus the N x N matrix.
+(N x model of memory, or of disk for spooled updates; see robust.py) plus
+the N x N matrix; Multi-Krum's float64 mean is narrowed in place, so its
+result costs 2x the model, not 3x.
 
 Parameters: num_malicious f (default 0, as in Flower), and for Multi-Krum
 to_keep m (default n - f; never more than n - f, since averaging more would
@@ -24,9 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from flctl.core.aggregation import WeightedAccumulator
+from flctl.core.aggregation import WeightedAccumulator, narrow_in_place
 from flctl.core.strategies.base import StrategyError, check_count
-from flctl.core.strategies.robust import HeldRound, RobustStrategy, column_blocks
+from flctl.core.strategies.robust import HeldRound, RobustStrategy, column_blocks, in_memory
 
 
 def krum_scores(distances: np.ndarray, num_malicious: int) -> np.ndarray:
@@ -57,12 +59,14 @@ class KrumRound(HeldRound):
         order = np.argsort(scores, kind="stable")[:keep]
         self.scores = {h: float(s) for h, s in zip(hosts, scores)}
         self.selected = tuple(hosts[i] for i in order)
-        if keep == 1:
-            return updates[int(order[0])]
+        if keep == 1:   # read whole if it is on disk: its file closes after this
+            return in_memory(updates[int(order[0])])
         acc = WeightedAccumulator(updates[0], np.float64)
         for i in order:
             acc.add(updates[int(i)], 1.0)
-        return acc.take_mean()
+        # What result() would cast to, without a second model-sized buffer.
+        return [narrow_in_place(mean, dtype) for mean, dtype in zip(acc.take_mean(),
+                                                                     self._dtypes)]
 
     def squared_distances(self, updates: list[list[np.ndarray]]) -> np.ndarray:
         n = len(updates)
