@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,8 @@ import torch
 
 from flctl.core.dtypes import bfloat16, is_bfloat16
 
-__all__ = ["TorchData", "TorchTask", "federated_keys", "from_arrays", "to_arrays"]
+__all__ = ["TorchData", "TorchTask", "federated_keys", "from_arrays", "load_state_files",
+           "to_arrays"]
 
 
 def federated_keys(module: torch.nn.Module, exclude: Iterable[str] = ()) -> list[str]:
@@ -99,6 +101,33 @@ def from_arrays(module: torch.nn.Module, arrays: Sequence[np.ndarray],
     module.load_state_dict(update, strict=False)
 
 
+STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def load_state_files(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors by name from a `.safetensors` or torch file (`torch.save` of a
+    state dict, loaded with weights_only), or from every such file in a folder."""
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in STATE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{path}: no {'/'.join(STATE_SUFFIXES)} files")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file  # the extra flctl[safetensors]
+            part = load_file(str(file), device="cpu")
+        else:
+            part = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(part, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in part.items()):
+            raise ValueError(f"{file}: not a state dict (names to tensors)")
+        twice = sorted(set(part) & set(tensors))
+        if twice:
+            raise ValueError(f"{file}: {twice[0]!r} is in another frozen file too")
+        tensors.update(part)
+    return tensors
+
+
 @dataclass
 class TorchData:
     """What `load_data` returns: data loaders (or anything iterable) for training
@@ -137,9 +166,14 @@ class TorchTask:
     `load_data` (a staticmethod), `train` and `test`; the rest is done here.
 
     `exclude` lists state-dict names that do not travel (they keep the values
-    each host's model starts with). The task's params (training.task_params)
-    may set `threads`: torch's CPU threads per agent (default: torch's own,
-    one per core), for several agents sharing one machine's cores.
+    each host's model starts with). A frozen part (a pretrained backbone: a
+    `.safetensors` or torch file of tensors by state-dict name, or a folder
+    of them, at the host's frozen_path or the workspace's frozen/) is
+    loaded into every model built, its parameters stop requiring gradients,
+    and its names never travel: only the rest is federated. The task's
+    params (training.task_params) may set `threads`: torch's CPU threads per
+    agent (default: torch's own, one per core), for several agents sharing
+    one machine's cores.
     """
 
     exclude: Sequence[str] = ()
@@ -149,6 +183,13 @@ class TorchTask:
         self.device = torch.device("cpu")
         self._model: torch.nn.Module | None = None
         self._keys: list[str] = []
+        self._frozen_path: Path | None = None
+
+    def load_frozen(self, path: str) -> None:
+        """Use the frozen part at `path` (flctl calls this on hosts that have one)."""
+        self._frozen_path = Path(path)
+        load_state_files(self._frozen_path)   # fail now, not in round 1
+        self._model = None
 
     # ------------------------------------------------------------ to write
 
@@ -180,11 +221,32 @@ class TorchTask:
             torch.set_num_threads(threads)
         if self._model is None:
             self._model = self.model()
-            self._keys = federated_keys(self._model, self.exclude)
+            frozen = self._load_frozen_into(self._model)
+            self._keys = federated_keys(self._model, [*self.exclude, *frozen])
         # Seeded after the model exists: whether this agent built it in an
         # earlier call must not change the shuffles (or --resume would differ).
         _seed(config)
         return self._model.to(self.device)
+
+    def _load_frozen_into(self, model: torch.nn.Module) -> list[str]:
+        """Load the frozen part into `model`; its names (none without one)."""
+        if self._frozen_path is None:
+            return []
+        frozen = load_state_files(self._frozen_path)
+        state = model.state_dict()
+        for name, tensor in frozen.items():
+            if name not in state:
+                raise ValueError(f"frozen part: {name!r} is not in the model's state dict")
+            if tuple(tensor.shape) != tuple(state[name].shape) or \
+                    tensor.dtype != state[name].dtype:
+                raise ValueError(f"frozen part: {name!r} is {tuple(tensor.shape)} "
+                                 f"{tensor.dtype}, the model's {tuple(state[name].shape)} "
+                                 f"{state[name].dtype}")
+        model.load_state_dict(frozen, strict=False)
+        for name, parameter in model.named_parameters():
+            if name in frozen:
+                parameter.requires_grad_(False)
+        return list(frozen)
 
     def names(self) -> list[str]:
         """The state-dict names of the arrays this task federates, in order

@@ -5,6 +5,7 @@
     pki/              project CA and the coordinator's certificate (keys 0600)
     pki.backup-<UTC>/ an older pki/ that `init --force` moved aside (never deleted)
     tasks/            the user's own task modules (optional; shipped to hosts)
+    frozen/           a model's frozen part (optional; shipped once to hosts)
     wheels.lock       the wheels deploy ships to hosts, with their sha256
     data/             demo shards for local hosts (init --local)
     runs/<id>/        checkpoints, metrics, final weights
@@ -98,6 +99,11 @@ class WorkspacePaths:
     @property
     def tasks(self) -> Path:
         return self.root / "tasks"
+
+    @property
+    def frozen(self) -> Path:
+        """The frozen part of the model (flctl.core.frozen), when there is one."""
+        return self.root / "frozen"
 
     @property
     def data(self) -> Path:

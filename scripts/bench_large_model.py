@@ -19,6 +19,12 @@ Sections (all by default; pick with --only):
           update of one host reset (`ss -K`, a real TCP reset) when half of
           it has arrived in round 2; the transfer resumes where it stopped.
           Target: the cut round takes at most 1.6x the uncut one.
+  partial a model of P = 1e8 float32 whose backbone (90%) is frozen: the
+          workspace's frozen/ is shipped to each of 3 deployed local agents
+          once, and each round moves only the trainable 1e7. Prints bytes per
+          round against the same run with the whole model federated.
+          Target: bytes per round = the trainable share (10%) of the full
+          run's, within 5% (headers).
   fold    folding one update into the round's sum, finite check included,
           against receiving it at 1 GB/s, at P = 10M (in memory) and P = 5e8
           (from a spool file, as the coordinator does for large updates).
@@ -92,8 +98,9 @@ def peak_rss() -> int:
 
 # ------------------------------------------------------------------ train
 
-def train_real(hosts: int, n_params: int, rounds: int) -> dict[str, Any]:
-    with local_federation(hosts, BIG_TASK, "big_task:BigTask") as root:
+def train_real(hosts: int, n_params: int, rounds: int,
+               frozen: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    with local_federation(hosts, BIG_TASK, "big_task:BigTask", frozen) as root:
         workspace = load_workspace(root)
         training = workspace.settings.with_training(
             task="big_task:BigTask", task_params={"n_params": n_params}, rounds=rounds,
@@ -356,7 +363,7 @@ def fold_many(n: int, n_params: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["train", "memory", "resume", "fold"],
+    parser.add_argument("--only", choices=["train", "memory", "resume", "partial", "fold"],
                         action="append")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--light-agent", nargs=3, help=argparse.SUPPRESS)
@@ -365,7 +372,7 @@ def main() -> int:
         root, name, n_params = args.light_agent
         light_agent(Path(root), name, int(n_params))
         return 0
-    sections = args.only or ["train", "memory", "resume", "fold"]
+    sections = args.only or ["train", "memory", "resume", "partial", "fold"]
     report: dict[str, Any] = {}
     targets: list[Target] = []
     lines: list[str] = []
@@ -407,6 +414,22 @@ def main() -> int:
         ok = bool(cut["resumed"]) and len(cut["participants"]) == 2
         targets.append(Target("cut round / uncut round", ratio if ok else float("inf"), "<=",
                               1.6, "x"))
+    if "partial" in sections:
+        total, trainable = 100_000_000, 10_000_000
+        backbone = np.random.default_rng(0).standard_normal(total - trainable,
+                                                             dtype=np.float32)
+        full = train_real(3, total, 2)
+        partial = train_real(3, trainable, 2, frozen={"backbone": backbone})
+        del backbone
+        report["partial"] = {"full": full, "partial": partial}
+        share = trainable / total
+        ratio = partial["bytes_per_round"][-1] / (share * full["bytes_per_round"][-1])
+        lines.append(f"partial: P={total:.0e} with {1 - share:.0%} frozen on 3 agents: "
+                     f"{partial['bytes_per_round'][-1] / 1e6:.1f} MB per round against "
+                     f"{full['bytes_per_round'][-1] / 1e6:.1f} MB with the whole model "
+                     f"federated ({ratio:.3f}x the trainable share)")
+        targets.append(Target("partial bytes per round / trainable share of the full run",
+                              abs(ratio - 1) * 100, "<=", 5.0, "%"))
     if "fold" in sections:
         folds = [fold_one(10_000_000, spool=False), fold_one(500_000_000, spool=True)]
         many = fold_many(100, 10_000_000)

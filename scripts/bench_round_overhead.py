@@ -106,9 +106,11 @@ def echo_federation(hosts: int) -> Iterator[Path]:
 
 
 @contextmanager
-def local_federation(hosts: int, task_file: Path, task: str) -> Iterator[Path]:
+def local_federation(hosts: int, task_file: Path, task: str,
+                     frozen: dict[str, Any] | None = None) -> Iterator[Path]:
     """A workspace of `hosts` deployed local agents running `task` (from
-    `task_file`, copied into its tasks folder); torn down after."""
+    `task_file`, copied into its tasks folder), with `frozen` arrays saved
+    as the workspace's frozen part (name -> array, as .npy); torn down after."""
     with tempfile.TemporaryDirectory(prefix="flctl-bench-") as tmp:
         root = Path(tmp)
         # the task an agent runs is fixed at deploy
@@ -117,6 +119,9 @@ def local_federation(hosts: int, task_file: Path, task: str) -> Iterator[Path]:
         init_workspace(root, local_hosts=hosts, settings=settings)
         (root / "flctl.yaml").write_text(render_settings(settings))
         shutil.copy(task_file, root / "tasks" / task_file.name)
+        for name, array in (frozen or {}).items():
+            (root / "frozen").mkdir(exist_ok=True)
+            np.save(root / "frozen" / f"{name}.npy", array)
         workspace = load_workspace(root)
         results = engine.deploy(workspace, list(workspace.inventory.hosts),
                                 verify=lambda h, e: info_probe(workspace)(e))

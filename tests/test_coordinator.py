@@ -82,7 +82,8 @@ class Federation:
     def __init__(self, root: Path, sizes: list[int], frozen: tuple[int, ...] = (),
                  leaves: tuple[int, ...] = (), spread: float = 1.0,
                  task: str = "meantask:MeanTask", tamper: dict | None = None,
-                 limits: Limits = DEFAULT_LIMITS, tasks: dict[str, str] | None = None) -> None:
+                 limits: Limits = DEFAULT_LIMITS, tasks: dict[str, str] | None = None,
+                 frozen_parts: dict[int, Path] | None = None) -> None:
         self.root = root
         self.limits = limits
         ca_key, ca_cert = pki.make_ca("test CA")
@@ -112,7 +113,9 @@ class Federation:
                                  ca_cert=str(root / "ca.crt"), cert=str(root / f"{name}.crt"),
                                  key=str(root / f"{name}.key"), data_path=str(root / f"{name}.npz"),
                                  state_file=str(root / f"{name}.state"),
-                                 task=task, tasks_dir=str(root / "tasks"))
+                                 task=task, tasks_dir=str(root / "tasks"),
+                                 frozen_path=str((frozen_parts or {})[index])
+                                 if index in (frozen_parts or {}) else None)
             server_class = FrozenServer if index in frozen else FrameServer
             service = RequestHandler(config)
             self.services.append(service)

@@ -16,6 +16,9 @@ and a ClientApp as Flower's quickstarts write them) runs through
 flctl.flower with `flwr` in tasks/requirements.txt: deploy resolves flwr
 and its dependencies into wheels and installs them on hosts that never had
 them.
+
+A frozen backbone in the workspace's frozen/ is shipped once; rounds carry
+only the trainable head; a host whose copy changed is left out with one line.
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from flctl.coordinator.records import load_frozen_sha256
+from flctl.core.frozen import digest
 from flctl.core.settings import load_settings
+from test_frozen import BACKBONE, HEAD, HEAD_TASK
 
 from helpers import by_host, deploy_json, run_cli, set_training
 from lab import Lab, lab_available, lab_up
@@ -181,6 +188,68 @@ def test_a_flower_client_runs_unchanged(lab: Lab) -> None:
         assert trained.json()["accuracy"] > 0.7
     finally:
         shutil.rmtree(tasks)
+        shutil.move(workspace / "tasks.torch", tasks)
+        for path, text in saved.items():
+            path.write_text(text)
+
+
+def test_a_frozen_backbone_is_shipped_once_checked_and_never_sent(lab: Lab) -> None:
+    """The workspace's frozen/ goes to every host once; rounds carry only the
+    head (10% of the model); a host whose copy changes is left out of the
+    next run with one line, and a redeploy puts the right copy back."""
+    workspace = lab.workspace
+    saved = {p: p.read_text() for p in (workspace / "flctl.yaml",)}
+    tasks = workspace / "tasks"
+    shutil.move(tasks, workspace / "tasks.torch")
+    tasks.mkdir()
+    (tasks / "headtask.py").write_text(HEAD_TASK)
+    frozen = workspace / "frozen"
+    frozen.mkdir()
+    np.save(frozen / "backbone.npy",
+            np.random.default_rng(0).standard_normal(BACKBONE).astype(np.float32))
+    sha = digest(frozen).sha256
+    set_training(workspace, task="headtask:HeadTask", task_params={})
+    try:
+        deployed = deploy_json(workspace)
+        assert deployed["code"] == 0, deployed
+        for host in lab.hosts:
+            steps = {s["name"]: s for s in by_host(deployed)[host]["steps"]}
+            assert steps["frozen part"]["changed"] and "uploaded 1" in \
+                steps["frozen part"]["detail"], steps
+            assert f"frozen part {sha[:12]}" in steps["verify"]["detail"], steps
+        trained = run_cli("train", "-w", str(workspace), "--rounds", "2", "--json", timeout=600)
+        assert trained.returncode == 0, trained.stderr
+        summary = trained.json()
+        head_bytes = 4 * HEAD
+        for record in summary["history"]:
+            assert sorted(record["participants"]) == lab.hosts
+            # only the heads came up: the trainable share, headers within 5%
+            assert 3 * head_bytes <= record["bytes_received"] <= 1.05 * 3 * head_bytes
+        assert load_frozen_sha256(Path(summary["run_dir"]) / "final.npz") == sha
+
+        again = deploy_json(workspace)
+        for host in lab.hosts:
+            steps = {s["name"]: s for s in by_host(again)[host]["steps"]}
+            assert not steps["frozen part"]["changed"], steps
+
+        # someone replaces lab3's copy by hand: the next run goes on without it
+        remote(lab, "lab3", "/opt/flctl/venv/bin/python -c \"import numpy as np; "
+                            "p='/var/lib/flctl/lab3/frozen/backbone.npy'; a=np.load(p); "
+                            "a[0]+=1; np.save(p, a)\"")
+        trained = run_cli("train", "-w", str(workspace), "--rounds", "1", "--json", timeout=600)
+        assert trained.returncode == 0, trained.stderr
+        assert sorted(trained.json()["hosts"]) == lab.hosts
+        assert trained.json()["history"][0]["participants"] == ["lab1", "lab2"]
+        told = [line for line in trained.stderr.splitlines() if "lab3" in line]
+        assert len(told) == 1 and f"differs from the run's {sha[:12]}" in told[0], \
+            trained.stderr
+        repaired = deploy_json(workspace)
+        assert repaired["code"] == 0, repaired
+        steps = {s["name"]: s for s in by_host(repaired)["lab3"]["steps"]}
+        assert steps["frozen part"]["changed"], steps
+    finally:
+        shutil.rmtree(tasks)
+        shutil.rmtree(frozen)
         shutil.move(workspace / "tasks.torch", tasks)
         for path, text in saved.items():
             path.write_text(text)

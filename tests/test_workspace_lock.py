@@ -89,9 +89,12 @@ def test_a_lock_left_by_a_killed_process_blocks_nobody(tmp_path: Path) -> None:
 
 def test_two_trains_at_once_the_second_is_refused_until_the_first_ends(
         workspace: Path) -> None:
-    first = subprocess.Popen([*flctl_command(), "train", "-w", str(workspace), "--rounds", "100000",
-                              "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             stdin=subprocess.DEVNULL)
+    log = workspace / "first-train.log"
+    with open(log, "wb") as sink:
+        first = subprocess.Popen([*flctl_command(), "train", "-w", str(workspace), "--rounds",
+                                  "100000", "--json"], stdout=subprocess.DEVNULL, stderr=sink,
+                                 stdin=subprocess.DEVNULL,
+                                 env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
         deadline = time.monotonic() + 60
         while lock_record(workspace / ".flctl").get("pid") != first.pid:
@@ -103,6 +106,15 @@ def test_two_trains_at_once_the_second_is_refused_until_the_first_ends(
         assert first.poll() is None, "the first train ended before the second was tried"
     finally:
         first.send_signal(signal.SIGINT)
-        first.wait(timeout=60)
+        try:
+            first.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            first.send_signal(signal.SIGABRT)   # faulthandler prints every thread's stack
+            try:
+                first.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                first.kill()
+            raise AssertionError("an interrupted train did not end in 60 s; its stderr:\n"
+                                 + log.read_text(errors="replace")[-12000:]) from None
     after = run_cli("train", "-w", str(workspace), "--rounds", "1", "--json")
     assert after.returncode == 0, after.stderr

@@ -105,6 +105,9 @@ def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
         "tasks": {str(p.relative_to(root / "tasks")): file_sha256_or_none(p)
                   for p in sorted((root / "tasks").rglob("*.py"))
                   if "__pycache__" not in p.parts},
+        # the frozen part deploy ships (flctl.core.frozen): every file, hashed
+        "frozen": {str(p.relative_to(root / "frozen")): file_sha256_or_none(p)
+                   for p in sorted((root / "frozen").rglob("*")) if p.is_file()},
         "service": service.kind,
         "service_pid": service.pid(),
         "agent_pid": service.agent_pid(),

@@ -28,9 +28,11 @@ from flctl.agent.task_data import load_host_data, summary
 from flctl.agent.transfers import RESUMABLE_KINDS, Transfers, transfer_key
 from flctl.core.agentconfig import AgentConfig
 from flctl.core.compression import ErrorFeedback
+from flctl.core.frozen import FrozenPart, digest, signature
 from flctl.core.fsutil import atomic_write
+from flctl.core.memory import available_memory
 from flctl.core.messages import PROTOCOL_VERSION, Message
-from flctl.core.tasks import Task, load_task
+from flctl.core.tasks import Task, attach_frozen, load_task
 from flctl.core.text import clean_text
 from flctl.core.uplink import UplinkSpec, host_rng, local_delta, pack_update
 from flctl.errors import FlctlError
@@ -38,7 +40,7 @@ from flctl.net.server import error_reply
 
 log = logging.getLogger("flctl.agent")
 
-TaskKey = str  # the task's params, as canonical JSON
+TaskKey = str  # the task's params as canonical JSON, and the frozen part's digest
 # How long a `resend` waits for a fit still in progress (heartbeats flow meanwhile).
 RESEND_WAIT_S = 24 * 3600.0
 # What a fit sends back: the arrays, and the encoding header when they are an encoded delta.
@@ -67,6 +69,7 @@ class RequestHandler:
         self.state = "idle"
         self.data: Any = None
         self.data_error: str | None = None
+        self._frozen: tuple[tuple, FrozenPart] | None = None   # (signature, digest)
         self._load_state()
         self._load_data()
 
@@ -127,8 +130,29 @@ class RequestHandler:
             raise FlctlError(f"unknown request kind {request.kind!r}")
         return handler(request)
 
+    def frozen(self) -> FrozenPart | None:
+        """The frozen part's digest, recomputed only when its files changed
+        (a run's start asks: the coordinator runs with hosts that agree)."""
+        if self.config.frozen_path is None:
+            return None
+        path = Path(self.config.frozen_path)
+        try:
+            now = signature(path)
+            if self._frozen is None or self._frozen[0] != now:
+                self._frozen = (now, digest(path))
+        except OSError as exc:
+            self._frozen = None
+            raise FlctlError(f"cannot read the frozen part {path}: "
+                             f"{exc.strerror or exc}") from None
+        return self._frozen[1]
+
     def info(self) -> dict[str, Any]:
         data_info = summary(self.data) if self.data is not None else None
+        try:
+            part = self.frozen()
+            frozen, frozen_error = (part.as_dict() if part else None), None
+        except FlctlError as exc:
+            frozen, frozen_error = None, exc.message
         return {
             "name": self.config.name,
             "project": self.config.project,
@@ -142,6 +166,9 @@ class RequestHandler:
             "data_error": self.data_error,
             "last_round": self.last_round,
             "rounds_served": self.rounds_served,
+            "frozen": frozen,
+            "frozen_error": frozen_error,
+            "memory": {"available_bytes": available_memory()},
         }
 
     def _info(self, request: Message) -> Message:
@@ -173,11 +200,15 @@ class RequestHandler:
         params = meta.get("task_params") or {}
         if not isinstance(params, dict):
             raise FlctlError("task_params must be an object")
-        key = json.dumps(params, sort_keys=True)
+        # A changed frozen part is a new task: the old one holds the old part.
+        part = self.frozen()
+        key = json.dumps(params, sort_keys=True) + (part.sha256 if part else "")
         task = self._tasks.get(key)
         if task is None:
             tasks_dir = Path(self.config.tasks_dir) if self.config.tasks_dir else None
             task = load_task(deployed, params, tasks_dir)
+            if self.config.frozen_path is not None:
+                attach_frozen(task, deployed, self.config.frozen_path)
             self._tasks[key] = task
         return task
 

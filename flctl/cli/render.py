@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,8 +107,10 @@ def status_table(rows: Sequence[dict[str, Any]]) -> Table:
     table = Table(title="hosts")
     tunnels = any("tunnel" in row for row in rows)
     frameworks = any((row.get("environment") or {}).get("torch") for row in rows)
+    parts = Counter(row.get("frozen") for row in rows if row.get("frozen"))
     for column in ("host", "agent", *(("tunnel",) if tunnels else ()),
-                   *(("torch",) if frameworks else ()), "uptime", "data", "round",
+                   *(("torch",) if frameworks else ()), *(("frozen",) if parts else ()),
+                   "uptime", "data", "round",
                    "load", "mem free", "disk free", "note"):
         table.add_column(column)
     for row in rows:
@@ -121,6 +124,11 @@ def status_table(rows: Sequence[dict[str, Any]]) -> Table:
             tunnel = (_tunnel_cell(row),)
         if frameworks:
             tunnel = (*tunnel, literal(_torch_cell(row.get("environment") or {})))
+        if parts:   # the frozen part's digest; red where it is not what most have
+            sha = row.get("frozen")
+            agrees = sha is not None and sha == parts.most_common(1)[0][0]
+            tunnel = (*tunnel, literal(str(sha)[:12] if sha else "-",
+                                       "green" if agrees else "red"))
         table.add_row(
             literal(row["host"]), literal(agent, colour), *tunnel,
             "-" if uptime is None else f"{uptime:.0f}s",
@@ -129,7 +137,7 @@ def status_table(rows: Sequence[dict[str, Any]]) -> Table:
             "-" if not load else f"{load[0]:.2f}",
             human_bytes(row.get("mem_available_bytes")),
             human_bytes(row.get("disk_free_bytes")),
-            literal(row.get("error") or row.get("data_error") or ""),
+            literal(row.get("error") or row.get("data_error") or row.get("frozen_error") or ""),
         )
     return table
 

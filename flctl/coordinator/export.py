@@ -64,6 +64,8 @@ def export_run(run: RunDir, fmt: str, output: Path | None = None) -> Path:
     target = output or default_output(run, fmt)
     target.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"flctl_run": run.run_id, "flctl_weights_sha256": manifest["weights_sha256"]}
+    if manifest.get("frozen"):   # the part these weights go with (core.frozen)
+        metadata["flctl_frozen_sha256"] = str(manifest["frozen"]["sha256"])
     if fmt == "npz":
         atomic_write(target, npz_writer({storage_key(name, a.dtype): storage_array(a)
                                          for name, a in arrays.items()}))

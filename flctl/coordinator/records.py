@@ -42,6 +42,7 @@ STATE = "state.json"
 METRICS = "metrics.jsonl"
 FINAL = "final.npz"
 MANIFEST = "manifest.json"
+FROZEN_KEY = "frozen_sha256"
 
 
 def new_run_id(clock: float | None = None) -> str:
@@ -58,10 +59,16 @@ def npz_writer(arrays: dict[str, np.ndarray]) -> Callable[[BinaryIO], None]:
     return write
 
 
-def weights_npz(weights: Sequence[np.ndarray]) -> Callable[[BinaryIO], None]:
-    """The model as .npz, arrays in order; bfloat16 ones keep their type (core.dtypes)."""
-    return npz_writer({storage_key(f"w{i:04d}", w.dtype): storage_array(np.asarray(w))
-                       for i, w in enumerate(weights)})
+def weights_npz(weights: Sequence[np.ndarray], frozen: dict[str, Any] | None = None
+                ) -> Callable[[BinaryIO], None]:
+    """The model as .npz, arrays in order; bfloat16 ones keep their type
+    (core.dtypes). With a frozen part (core.frozen), its sha256 rides along
+    as FROZEN_KEY: the federated weights mean nothing without that part."""
+    arrays = {storage_key(f"w{i:04d}", w.dtype): storage_array(np.asarray(w))
+              for i, w in enumerate(weights)}
+    if frozen is not None:
+        arrays[FROZEN_KEY] = np.array(str(frozen["sha256"]))
+    return npz_writer(arrays)
 
 
 def _state_npz(state: dict[str, list[np.ndarray]]) -> Callable[[BinaryIO], None]:
@@ -78,8 +85,15 @@ def _state_from_npz(path: Path, into: dict[str, list[np.ndarray]]) -> None:
 
 def load_weights(path: Path) -> list[np.ndarray]:
     with np.load(path, allow_pickle=False) as archive:
-        stored = [from_storage(key, archive[key]) for key in archive.files]
+        stored = [from_storage(key, archive[key]) for key in archive.files
+                  if key != FROZEN_KEY]
     return [array for _, array in sorted(stored, key=lambda item: item[0])]
+
+
+def load_frozen_sha256(path: Path) -> str | None:
+    """The sha256 of the frozen part the weights in `path` go with, if any."""
+    with np.load(path, allow_pickle=False) as archive:
+        return str(archive[FROZEN_KEY]) if FROZEN_KEY in archive.files else None
 
 
 @dataclass(frozen=True)
@@ -110,7 +124,7 @@ class RunDir:
         public = dict(strategy_state or {})
         secret = {key: public.pop(key) for key in sorted(SECRET_STATE_KEYS) if key in public}
         secret_name = f"{SECRET_PREFIX}{round_number:06d}.npz" if secret else None
-        atomic_write(self.path / weights_name, weights_npz(weights))
+        atomic_write(self.path / weights_name, weights_npz(weights, extra.get("frozen")))
         atomic_write(self.path / strategy_name, _state_npz(public))
         if secret_name is not None:
             write_secret(self.path / secret_name, _state_npz(secret))
@@ -165,7 +179,7 @@ class RunDir:
                 for n in bad]
 
     def save_final(self, weights: Sequence[np.ndarray], manifest: dict[str, Any]) -> str:
-        atomic_write(self.path / FINAL, weights_npz(weights))
+        atomic_write(self.path / FINAL, weights_npz(weights, manifest.get("frozen")))
         digest = file_sha256(self.path / FINAL)
         atomic_write(self.path / MANIFEST,
                      json.dumps({**manifest, "weights_sha256": digest}, indent=2, sort_keys=True))

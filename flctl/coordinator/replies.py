@@ -22,6 +22,7 @@ import numpy as np
 
 from flctl.core.aggregation import all_finite
 from flctl.core.dtypes import is_number
+from flctl.core.frozen import is_sha256
 from flctl.core.messages import INFO_SPEC, ArraySpec
 from flctl.core.schema import SchemaError, check
 from flctl.core.settings import TrainingSettings
@@ -50,6 +51,9 @@ class HostProfile:
     name: str
     n_train: int
     n_eval: int   # examples its evaluation may count (test set, else training set)
+    frozen: str | None = None       # its frozen part's digest (flctl.core.frozen)
+    frozen_bytes: int = 0
+    memory: int | None = None       # bytes it says it has available (only to refuse it)
 
 
 def check_info(name: str, info: Any, training: TrainingSettings,
@@ -78,7 +82,14 @@ def check_info(name: str, info: Any, training: TrainingSettings,
         if data["n_classes"] > params.get("n_classes", 0):
             raise HostRefused(f"{name}: its labels go up to {data['n_classes'] - 1}; the model "
                               f"has training.task_params.n_classes = {params.get('n_classes')}")
-    return HostProfile(name, data["n_train"], data["n_test"] or data["n_train"])
+    if info.get("frozen_error"):
+        raise HostRefused(f"{name}: {clean_text(info['frozen_error'])}")
+    frozen = info.get("frozen") or {}
+    if frozen and not is_sha256(frozen["sha256"]):
+        raise HostRefused(f"{name}: bad info answer (info.frozen.sha256: not a sha256)")
+    memory = (info.get("memory") or {}).get("available_bytes")
+    return HostProfile(name, data["n_train"], data["n_test"] or data["n_train"],
+                       frozen.get("sha256"), frozen.get("bytes", 0), memory)
 
 
 def deployed_task_mismatch(infos: dict[str, Any], training: TrainingSettings) -> str | None:

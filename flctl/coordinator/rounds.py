@@ -45,6 +45,9 @@ from flctl.coordinator.summary import (
 )
 from flctl.core.aggregation import update_distance
 from flctl.core.data import Dataset
+from flctl.core.frozen import FrozenDisagreement, reference_digest
+from flctl.core.frozen import mismatch as frozen_mismatch
+from flctl.core.memory import available_memory, coordinator_need, host_need, shortfall
 from flctl.core.secagg import SecAggError
 from flctl.core.settings import TrainingSettings
 from flctl.core.strategies import make_strategy
@@ -77,6 +80,8 @@ class Coordinator:
     ) -> None:
         self.initial = initial  # training.initial_weights, when given
         self.names: list[str] | None = None  # the arrays' names, when the task gives them
+        # the frozen part every host loads itself ({"sha256", "bytes"}), if any
+        self.frozen: dict[str, Any] | None = None
         self.resume_from = resume_from
         self.eval_data = eval_data
         self.task: Task | None = None  # loaded when the run starts
@@ -103,6 +108,9 @@ class Coordinator:
         self.task_params: dict[str, Any] = {}
         self._eval_failures_told: set[tuple[str, str]] = set()
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.clients)))
+        # Set when the run ends, however it ends: workers stop resuming transfers
+        # (the interpreter waits for them before an interrupted run can exit).
+        self._stopping = threading.Event()
 
     # ------------------------------------------------------------ helpers
     def _parallel(self, clients: Sequence[AgentClient], call: Callable[[AgentClient], Any],
@@ -159,8 +167,17 @@ class Coordinator:
                 self.profiles[name] = check_info(name, infos[name], self.training,
                                                  self.task_params)
             except HostRefused as exc:
-                self.refused.add(name)
-                self.on_message(f"left out: {exc.message}")
+                self._leave_out(name, exc.message)
+        self._agree_on_frozen()
+        self._enough_hosts()
+        return [infos[c.name] for c in self.clients if c.name in self.profiles]
+
+    def _leave_out(self, name: str, reason: str) -> None:
+        self.profiles.pop(name, None)
+        self.refused.add(name)
+        self.on_message(f"left out: {reason}")
+
+    def _enough_hosts(self) -> None:
         t = self.training
         needed = max(t.min_hosts_to_start, t.min_hosts)
         if len(self.profiles) < needed:
@@ -169,13 +186,57 @@ class Coordinator:
             raise TrainingError(
                 f"only {len(self.profiles)} of {len(self.clients)} hosts answer and can take "
                 f"part; {which} is {needed}")
-        return [infos[c.name] for c in self.clients if c.name in self.profiles]
+
+    def _agree_on_frozen(self) -> None:
+        """The run's frozen part (flctl.core.frozen): a resumed run's own, the
+        pinned training.frozen_sha256, else what most hosts have; hosts with
+        another are left out, one line each."""
+        saved = self.resume_from.state if self.resume_from is not None else {}
+        if "frozen" in saved:
+            part = saved["frozen"]
+            self.frozen = part if isinstance(part, dict) else None
+        else:
+            reported = {name: p.frozen for name, p in self.profiles.items()}
+            try:
+                sha = reference_digest(reported, self.training.frozen_sha256 or None)
+            except FrozenDisagreement as exc:
+                raise TrainingError(str(exc)) from None
+            size = max((p.frozen_bytes for p in self.profiles.values() if p.frozen == sha),
+                       default=0)
+            self.frozen = None if sha is None else {"sha256": sha, "bytes": size}
+        for name in sorted(self.profiles):
+            line = self._frozen_mismatch(self.profiles[name])
+            if line is not None:
+                self._leave_out(name, line)
+
+    def _frozen_mismatch(self, profile: HostProfile) -> str | None:
+        return frozen_mismatch(profile.name, profile.frozen,
+                               self.frozen["sha256"] if self.frozen else None)
+
+    def _check_memory(self, weights: Sequence[np.ndarray]) -> None:
+        """Before round 1: refuse a model this machine cannot hold, and leave
+        out the hosts that say they cannot (flctl.core.memory)."""
+        model = sum(int(np.asarray(w).nbytes) for w in weights)
+        line = shortfall("this machine (the coordinator)", coordinator_need(model),
+                         available_memory(), model)
+        if line is not None:
+            raise TrainingError(line)
+        for name in sorted(self.profiles):
+            profile = self.profiles[name]
+            line = shortfall(name, host_need(model, profile.frozen_bytes), profile.memory,
+                             model)
+            if line is not None:
+                self._leave_out(name, line)
+        self._enough_hosts()
 
     def _profile(self, client: AgentClient) -> HostProfile:
         """The host's profile; a host that missed discovery is asked now, once."""
         profile = self.profiles.get(client.name)
         if profile is None:
             profile = check_info(client.name, client.info(), self.training, self.task_params)
+            line = self._frozen_mismatch(profile)
+            if line is not None:
+                raise HostRefused(line)
             self.profiles[client.name] = profile
         return profile
 
@@ -242,7 +303,8 @@ class Coordinator:
                 expect_encoded(weights) if self.uplink.sends_delta else expect_weights(weights),
                 None if self.uplink.sends_delta else self.run.spool_dir)
             try:
-                transfer = Transfer(f"{self.run.run_id}/{round_number}/{attempt}/fit", until)
+                transfer = Transfer(f"{self.run.run_id}/{round_number}/{attempt}/fit", until,
+                                    stop=self._stopping)
                 reply: FitReply = client.fit(weights, t.task, self.task_params, config,
                                              receive=receiver,
                                              heartbeat_s=t.heartbeat_s or None,
@@ -273,6 +335,9 @@ class Coordinator:
             closed.set()
         if aggregator.count < t.min_hosts:
             detail = "; ".join(f"{k}: {v}" for k, v in sorted(failures.items()))
+            close = getattr(aggregator, "close", None)   # held copies (robust strategies)
+            if callable(close):
+                close()
             raise RoundShort(
                 f"round {round_number}: {aggregator.count} updates, training.min_hosts is "
                 f"{t.min_hosts} ({detail or 'no hosts'})"
@@ -308,7 +373,8 @@ class Coordinator:
         until = time.monotonic() + self.training.deadline_s
 
         def evaluate_one(client: AgentClient) -> EvalReply:
-            transfer = Transfer(f"{self.run.run_id}/{round_number}/eval", until)
+            transfer = Transfer(f"{self.run.run_id}/{round_number}/eval", until,
+                                stop=self._stopping)
             reply = client.evaluate(weights, self.training.task, self.task_params, config,
                                     heartbeat_s=self.training.heartbeat_s or None,
                                     transfer=transfer)
@@ -369,6 +435,8 @@ class Coordinator:
             else:
                 weights = self._initial_weights(available)
                 first = 1
+            self._check_memory(weights)
+            available = [c for c in available if c.name not in self.refused]
             history: list[RoundRecord] = []
             eval_loss = accuracy = None
             stopped_early: int | None = None
@@ -404,6 +472,7 @@ class Coordinator:
                 "delta": t.dp_delta if self.privacy.enabled else None,
                 "shapes": [list(w.shape) for w in weights],
                 "names": self.names,
+                "frozen": self.frozen,
             }
             digest = self.run.save_final(weights, manifest)
             return RunSummary(self.run.run_id, self.run.path, manifest["rounds"],
@@ -414,6 +483,7 @@ class Coordinator:
             # Wake any worker still blocked on a connection (an interrupt can
             # leave one mid-request) before the sockets close: a closed fd does
             # not wake a blocked recv, and its number could be reused under it.
+            self._stopping.set()   # no transfer resumes after this
             for client in self.clients:
                 client.abort()
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -479,7 +549,7 @@ class Coordinator:
         self.run.save_checkpoint(round_number, weights, {
             "run_id": self.run.run_id, "training": plain_settings(self.training),
             "task_params": self.task_params, "hosts": [c.name for c in self.clients],
-            "names": self.names},
+            "names": self.names, "frozen": self.frozen},
             self.strategy.state())
 
     def _one_round(self, weights: list[np.ndarray], round_number: int,

@@ -39,6 +39,9 @@ class AgentConfig:
     # The GPUs this agent may use: None (none: it trains on the CPU), "all",
     # or indices as nvidia-smi numbers them ("0,2"); see flctl.agent.gpu.
     gpus: str | None = None
+    # The task's frozen part on this host, a file or folder (flctl.core.frozen);
+    # None: the whole model is federated.
+    frozen_path: str | None = None
 
 
 # Keys an older flctl wrote; read and dropped so its agent starts until the

@@ -159,6 +159,8 @@ CHECKS: dict[str, Callable[[Any, Spot], Any]] = {
     "agent_port": _optional_agent_port,
     "python": _python,
     "gpus": _gpus,
+    # the task's frozen part on this host, placed there by the user (flctl.core.frozen)
+    "frozen_path": _optional_path,
 }
 HOST_VARS = tuple(CHECKS)
 DEFAULTS: dict[str, Any] = {
@@ -172,6 +174,7 @@ DEFAULTS: dict[str, Any] = {
     "agent_port": None,
     "python": "python3",
     "gpus": "all",
+    "frozen_path": None,
 }
 
 

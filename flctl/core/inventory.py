@@ -77,6 +77,9 @@ class Host:
     python_layered: bool = False
     # "all", "none" or indices ("0,2"): the GPUs the agent may use, where it has any
     gpus: str = "all"
+    # the task's frozen part, placed on the host by the user (None: the
+    # workspace's frozen/, shipped by deploy, when there is one)
+    frozen_path: str | None = None
 
     @property
     def is_local(self) -> bool:
@@ -412,15 +415,10 @@ def _build_host(source: str, base: Path, entry: _HostEntry, merged: Mapping[str,
         raise spot("ssh_host").error("required for ssh hosts (or set connection: local)")
     if "data_path" not in merged:
         raise spot("data_path").error("required: where the host's data is (a file or folder)")
-    data_path = merged["data_path"].value
-    if local:
-        resolved = _absolute(data_path, base)
-        if not os.path.exists(resolved):
-            raise spot("data_path").error(f"{resolved} does not exist")
-        data_path = resolved
-    elif not PurePosixPath(data_path).is_absolute():
-        raise spot("data_path").error(
-            f"must be an absolute path on the host, got {data_path!r}")
+    data_path = _host_path(merged["data_path"].value, local, base, spot("data_path"))
+    if values["frozen_path"] is not None:
+        values["frozen_path"] = _host_path(values["frozen_path"], local, base,
+                                           spot("frozen_path"))
     if values["ssh_key"] is not None:
         values["ssh_key"] = _absolute(values["ssh_key"], base)
     labels = merged["labels"].value if "labels" in merged else {}
@@ -429,6 +427,19 @@ def _build_host(source: str, base: Path, entry: _HostEntry, merged: Mapping[str,
                 labels=MappingProxyType(dict(labels)), groups=groups, line=line,
                 data_params=MappingProxyType(dict(data_params)),
                 python_layered="python" in merged, **values)
+
+
+def _host_path(path: str, local: bool, base: Path, spot: Spot) -> str:
+    """A path on the host: a local host's resolved against the inventory's
+    folder and checked to exist; an SSH host's must be absolute."""
+    if local:
+        resolved = _absolute(path, base)
+        if not os.path.exists(resolved):
+            raise spot.error(f"{resolved} does not exist")
+        return resolved
+    if not PurePosixPath(path).is_absolute():
+        raise spot.error(f"must be an absolute path on the host, got {path!r}")
+    return path
 
 
 def _absolute(path: str, base: Path) -> str:

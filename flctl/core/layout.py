@@ -69,6 +69,11 @@ class HostPaths:
         return self.root / "tasks"
 
     @property
+    def frozen(self) -> PurePosixPath:
+        """Where deploy ships the workspace's frozen/ (flctl.core.frozen)."""
+        return self.root / "frozen"
+
+    @property
     def crl(self) -> PurePosixPath:
         return self.root / "ca.crl"
 

@@ -103,6 +103,10 @@ INFO_SPEC = {
     "data_error": Maybe(str),
     "last_round": Maybe(count()),
     "rounds_served": Maybe(count()),
+    # the frozen part this host loads from its disk (flctl.core.frozen)
+    "frozen": Maybe({"sha256": str, "bytes": count(), "files": count()}),
+    "frozen_error": Maybe(str),
+    "memory": Maybe({"available_bytes": Maybe(count())}),
 }
 
 

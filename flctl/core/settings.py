@@ -18,6 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable
 
+from flctl.core.frozen import is_sha256
 from flctl.core.host_vars import expect_agent_port
 from flctl.core.yamlsrc import (
     LineDict,
@@ -109,6 +110,9 @@ class TrainingSettings:
     eval_file: str = ""
     # the first model, as .npz (relative to the workspace); empty: the task's init()
     initial_weights: str = ""
+    # The frozen part every host must load (flctl.core.frozen), as its sha256;
+    # empty: the one most hosts have.
+    frozen_sha256: str = ""
     # How hosts send their update: float32 as trained, float16, int8 with
     # stochastic rounding, or topk (params: fraction) with error feedback.
     compression: str = "float32"
@@ -235,6 +239,12 @@ def _check_project(value: Any, spot: Spot) -> str:
     return text
 
 
+def _sha256_or_empty(value: Any, spot: Spot) -> str:
+    text = expect_str(value, spot, allow_empty=True).lower()
+    if text and not is_sha256(text):
+        raise spot.error(f"expected 64 hex digits (sha256sum's output), got {text!r}")
+    return text
+
 _OVERLAY_FIELDS: dict[str, Check] = {"subnet": _subnet, "port": _port}
 _AGENT_FIELDS: dict[str, Check] = {
     "port": expect_agent_port,
@@ -262,6 +272,7 @@ _TRAINING_FIELDS: dict[str, Check] = {
     "target_accuracy": lambda v, s: expect_float(v, s, minimum=0.0, maximum=1.0),
     "eval_file": lambda v, s: expect_str(v, s, allow_empty=True),
     "initial_weights": lambda v, s: expect_str(v, s, allow_empty=True),
+    "frozen_sha256": _sha256_or_empty,
     "compression": lambda v, s: expect_choice(v, s, COMPRESSION_CHOICES),
     "compression_params": _params,
     "privacy": lambda v, s: expect_choice(v, s, PRIVACY_CHOICES),
@@ -364,6 +375,8 @@ _COMMENTS = {
     "training.initial_weights": "the first model as .npz (empty: the task's init(); for "
                                 "your own tasks one host makes it, so this machine needs "
                                 "no PyTorch)",
+    "training.frozen_sha256": "the frozen part's sha256 every host must have (empty: "
+                              "what most hosts have; see frozen_path)",
     "training.compression": "float32 | float16 | int8 | topk (update encoding)",
     "training.compression_params": "topk: {fraction: 0.05}",
     "training.privacy": "none | central | local (DP-FedAvg)",

@@ -239,6 +239,22 @@ def load_task(name: str, params: dict | None = None, tasks_dir: Path | None = No
     return task
 
 
+def attach_frozen(task: Task, name: str, path: str) -> None:
+    """Give `task` its frozen part (flctl.core.frozen) through its
+    `load_frozen(path)`; a task without one cannot take a frozen part."""
+    load = getattr(task, "load_frozen", None)
+    if not callable(load):
+        raise TaskError(f"task {name!r} takes no frozen part (it has no load_frozen(path)), "
+                        f"but this host has one at {path}")
+    try:
+        load(path)
+    except FlctlError:
+        raise
+    except Exception as exc:
+        raise TaskError(f"task {name!r}: cannot load the frozen part {path}: "
+                        f"{type(exc).__name__}: {exc}") from exc
+
+
 def _tasks_package(folder: Path) -> str:
     """A package whose only search path is `folder`: a user's task module is
     imported as a submodule of it, so it can come from that folder and from

@@ -12,6 +12,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from flctl.core.frozen import FrozenDisagreement, reference_digest
+from flctl.core.frozen import mismatch as frozen_mismatch
 from flctl.core.fsutil import atomic_write
 from flctl.core.inventory import Host
 from flctl.core.layout import AGENT_USER, REMOTE_STATE_ROOT, host_paths
@@ -22,6 +24,7 @@ from flctl.deploy.host_deploy import (
     HostDeploy,
     ProgressFn,
     VerifyFn,
+    workspace_frozen_files,
     workspace_task_files,
     workspace_task_requirements,
 )
@@ -107,6 +110,7 @@ def deploy(
         bundles=bundles or BundleCache(lock=read_wheel_lock(workspace.paths)),
         task_files=workspace_task_files(workspace.paths.tasks),
         task_requirements=workspace_task_requirements(workspace.paths.tasks),
+        frozen_files=workspace_frozen_files(workspace.paths.frozen),
         hub=Hub(workspace),
         confirm_new_connection=confirm_new_connection,
         rollback_after_s=rollback_after_s,
@@ -120,6 +124,7 @@ def deploy(
         results.append(_hub_step(ctx, overlay_jobs, progress))
     with ThreadPoolExecutor(max_workers=max(1, min(forks, len(jobs) or 1))) as pool:
         list(pool.map(HostDeploy.verify, jobs.values()))  # after the hub is up
+    _agree_on_frozen(ctx, list(jobs.values()))
     lock = None if check else ctx.bundles.updated_lock()
     if lock is not None:
         atomic_write(workspace.paths.wheel_lock, lock.render())
@@ -128,6 +133,28 @@ def deploy(
         record_overlay_addresses(workspace.paths, {h.name: str(h.overlay_ip) for h in hosts
                                                    if h.name in deployed})
     return ([coordinator] if coordinator is not None else []) + results
+
+
+def _agree_on_frozen(ctx: DeployContext, jobs: list[HostDeploy]) -> None:
+    """The verified hosts must hold the same frozen part (flctl.core.frozen):
+    the pinned training.frozen_sha256, else what most of them have; each
+    other host fails with one line (a run would leave it out)."""
+    verified = {job.host.name: job for job in jobs
+                if any(step.name == "verify" for step in job.result.steps)
+                and job.result.status in ("ok", "changed")}
+    reported = {name: job.frozen for name, job in verified.items()}
+    if not any(reported.values()) and not ctx.workspace.settings.training.frozen_sha256:
+        return
+    try:
+        want = reference_digest(reported, ctx.workspace.settings.training.frozen_sha256 or None)
+    except FrozenDisagreement as exc:
+        for job in verified.values():
+            job.refuse_frozen(str(exc))
+        return
+    for name, job in sorted(verified.items()):
+        line = frozen_mismatch(name, job.frozen, want)
+        if line is not None:
+            job.refuse_frozen(line)
 
 
 def _hub_step(ctx: DeployContext, jobs: list[HostDeploy], progress: ProgressFn) -> HostResult:

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 from flctl.core.agentconfig import AgentConfig, render_agent_config
 from flctl.core.facts import resolve_gpus
-from flctl.core.fsutil import sha256_hex
+from flctl.core.frozen import frozen_files, is_sha256, short
+from flctl.core.fsutil import file_sha256, sha256_hex
 from flctl.core.inventory import Host
 from flctl.core.layout import (
     AGENT_USER,
@@ -27,6 +28,7 @@ from flctl.core.layout import (
 from flctl.core.requirements import REQUIREMENTS_FILE, parse_requirements
 from flctl.core.schema import Field, MapOf, Maybe, count
 from flctl.core.tasks import BUILTIN_TASKS
+from flctl.core.text import clean_text
 from flctl.deploy.certificates import CertificateStore
 from flctl.deploy.connector import Connector
 from flctl.deploy.install import BundleCache, ensure_agent_software
@@ -63,6 +65,7 @@ FACTS_SPEC = {
                        "armed": Maybe(count()), "error": Maybe(str)}),
     "cert_pem": Maybe(str),
     "tasks": MapOf(Maybe(str)),
+    "frozen": Maybe(MapOf(Maybe(str))),
     "service": str,
     "service_pid": Maybe(count()),
     "agent_pid": Maybe(count()),
@@ -87,6 +90,8 @@ class DeployContext:
     bundles: BundleCache
     task_files: dict[str, bytes]
     task_requirements: tuple[str, ...]
+    # the workspace's frozen/ (relative path -> (file, sha256)), shipped once
+    frozen_files: dict[str, tuple[Path, str]]
     hub: Hub
     confirm_new_connection: ConfirmFn
     rollback_after_s: float
@@ -106,6 +111,7 @@ class HostDeploy:
         # deployed hosts run the agent as its own user; local ones as the operator
         self.user = AGENT_USER if self.remote else None
         self.network = NetworkSteps(self) if self.remote else None
+        self.frozen: str | None = None   # the frozen part's digest its agent reports
 
     @property
     def wg_public_key(self) -> str | None:
@@ -150,6 +156,7 @@ class HostDeploy:
         changed |= self._file(connector, "revocation list", str(self.paths.crl), self.ctx.crl,
                               facts["files"].get("ca.crl"))
         code_changed = self._task_code(connector, facts)
+        code_changed |= self._frozen_part(connector, facts)
         changed |= code_changed
         if self.network is not None:
             self.network.apply(connector, facts)
@@ -182,12 +189,25 @@ class HostDeploy:
             if not isinstance(info, dict) or info.get("name") != self.host.name:
                 name = info.get("name") if isinstance(info, dict) else None
                 raise StepFailed(f"verify: agent answered as {name!r}")
+            if info.get("frozen_error"):
+                raise StepFailed(f"verify: {clean_text(info['frozen_error'])}")
+            frozen = info.get("frozen")
+            sha = frozen.get("sha256") if isinstance(frozen, dict) else None
+            self.frozen = sha if is_sha256(sha) else None
+            part = f"; frozen part {short(self.frozen)}" if self.frozen else ""
             self.step("verify", False, f"agent {info.get('version')} answers on "
-                                       f"{self.endpoint.connect_address}:{self.endpoint.port}")
+                                       f"{self.endpoint.connect_address}:{self.endpoint.port}"
+                                       f"{part}")
 
         run_guarded(self.result, action)
 
     # ------------------------------------------------------------ steps
+
+    def refuse_frozen(self, line: str) -> None:
+        """After every host verified: this one's frozen part is not the others'."""
+        def action() -> None:
+            raise StepFailed(line)
+        run_guarded(self.result, action)
 
     def _agent_user(self, connector: Connector, bootstrap: dict[str, str]) -> None:
         """The unprivileged user the agent runs as (made once, by the helper)."""
@@ -262,6 +282,7 @@ class HostDeploy:
             user=self.user,
             max_message_mb=settings.limits.max_message_mb,
             gpus=gpus,
+            frozen_path=self._frozen_path(),
         )
 
     def _certificate(self, connector: Connector, facts: dict[str, Any]) -> bool:
@@ -321,6 +342,41 @@ class HostDeploy:
         self.step("task code", True, f"{verb} {len(stale)}, removed {len(extra)}")
         return True
 
+    def _frozen_path(self) -> str | None:
+        """Where this host's agent finds the frozen part: the host's own
+        frozen_path, else the workspace's frozen/ (shipped to SSH hosts)."""
+        if self.host.frozen_path is not None:
+            return self.host.frozen_path
+        if not self.ctx.frozen_files:
+            return None
+        return str(self.ctx.workspace.paths.frozen if self.host.connection == "local"
+                   else self.paths.frozen)
+
+    def _frozen_part(self, connector: Connector, facts: dict[str, Any]) -> bool:
+        """Ship the workspace's frozen/ to an SSH host that has no frozen_path of
+        its own: only files whose sha256 differs, streamed from disk."""
+        have: dict[str, Any] = facts.get("frozen") or {}
+        wanted = {} if self.host.frozen_path is not None else self.ctx.frozen_files
+        if self.host.connection == "local" or not (wanted or have):
+            return False
+        stale = {name: file for name, (file, sha) in wanted.items() if have.get(name) != sha}
+        extra = sorted(set(have) - set(wanted))
+        if not stale and not extra:
+            size = sum(file.stat().st_size for file, _ in wanted.values())
+            self.step("frozen part", False, f"{len(wanted)} files, {size / 1e6:.1f} MB")
+            return False
+        if not self.ctx.check:
+            for name, file in stale.items():
+                self.progress(self.host.name, f"uploading frozen/{name}")
+                connector.put_file(file, str(self.paths.frozen / name), 0o644)
+            for name in extra:
+                connector.run(["rm", "-f", "--", str(self.paths.frozen / name)])
+        size = sum(file.stat().st_size for file in stale.values())
+        verb = "would upload" if self.ctx.check else "uploaded"
+        self.step("frozen part", True,
+                  f"{verb} {len(stale)} ({size / 1e6:.1f} MB), removed {len(extra)}")
+        return True
+
     def _boot(self, connector: Connector, facts: dict[str, Any], maybe_stale: bool) -> None:
         """What brings tunnel, table and agent back, in that order, after a reboot."""
         if facts["boot_current"] and (not maybe_stale or self.ctx.check):
@@ -357,6 +413,13 @@ def workspace_task_requirements(tasks_dir: Path) -> tuple[str, ...]:
     if not path.is_file():
         return ()
     return tuple(parse_requirements(path.read_text(encoding="utf-8"), str(path)))
+
+
+def workspace_frozen_files(frozen_dir: Path) -> dict[str, tuple[Path, str]]:
+    """The workspace's frozen part, each file with its sha256 (hashed once per deploy)."""
+    if not frozen_dir.is_dir():
+        return {}
+    return {str(p.relative_to(frozen_dir)): (p, file_sha256(p)) for p in frozen_files(frozen_dir)}
 
 
 def workspace_task_files(tasks_dir: Path) -> dict[str, bytes]:

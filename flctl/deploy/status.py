@@ -90,6 +90,8 @@ def host_status(workspace: Workspace, host: Host, index: int, agent_info: AgentI
         "data_error": info.get("data_error"),
         "last_round": info.get("last_round"),
         "rounds_served": info.get("rounds_served"),
+        "frozen": (info.get("frozen") or {}).get("sha256"),
+        "frozen_error": info.get("frozen_error"),
     })
     return row
 

@@ -7,6 +7,7 @@ through this one class, so the request shapes live in one place.
 from __future__ import annotations
 
 import ssl
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +47,11 @@ class Transfer:
     key: str
     until: float
     resumed: int = 0
+    # set by the coordinator when the run ends: no more attempts
+    stop: threading.Event | None = None
+
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
 
 def _specs(arrays: Sequence[np.ndarray]) -> list[ArraySpec]:
@@ -195,9 +201,13 @@ class AgentClient:
                 cut = exc
                 if give_up is None:
                     give_up = min(transfer.until, time.monotonic() + RESUME_WINDOW_S)
-                if time.monotonic() + pause >= give_up:
+                if time.monotonic() + pause >= give_up or transfer.stopped():
                     raise
-            time.sleep(pause)
+            if transfer.stop is not None:
+                if transfer.stop.wait(pause):
+                    raise cut
+            else:
+                time.sleep(pause)
             pause = min(2 * pause, MAX_RETRY_PAUSE_S)
             if getattr(receive, "started", False):
                 transfer.resumed += 1
