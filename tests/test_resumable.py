@@ -141,3 +141,52 @@ def test_an_agent_that_lost_the_reply_fails_its_round_in_one_line(tmp_path: Path
     assert "h1" in record.dropped and len(record.participants) == 2
     assert "nothing to resend for transfer" in record.dropped["h1"]
     assert "\n" not in record.dropped["h1"]
+
+
+def test_a_connection_cut_while_idle_costs_nothing(tmp_path: Path, uncut: list) -> None:
+    """A reset between rounds (the kept connection idle): the next request
+    finds it dead before any of it arrives, and goes again in full."""
+    fed = _federation(tmp_path / "fed")
+    victim = fed.endpoints[2].port
+    told: list[str] = []
+    try:
+        summary = fed.coordinator(TRAINING, on_message=told.append,
+                                  on_round=lambda record: kill_flows(victim)).train()
+    finally:
+        fed.close()
+    assert [w.tobytes() for w in load_weights(summary.final_weights)] == uncut
+    assert all(r.participants == ["h0", "h1", "h2"] for r in summary.history), told
+    assert any(line.startswith("h2: the connection dropped") for line in told), told
+
+
+def test_the_first_model_survives_a_cut_too(tmp_path: Path, monkeypatch, uncut: list) -> None:
+    """The initial weights come from a host (its framework makes them): a reset
+    half way through that reply asks for it again, and the run goes on."""
+    from flctl.net.framing import KeptReceiver
+
+    fed = _federation(tmp_path / "fed")
+    first = fed.endpoints[0].port   # the host asked first (by name)
+    cuts: list = []
+    original = KeptReceiver.received
+
+    def received(self, index, offset, nbytes):
+        original(self, index, offset, nbytes)
+        if not cuts and index == 0 and offset < MODEL_BYTES // 2 <= offset + nbytes:
+            cuts.append(offset + nbytes)
+            kill_flows(first)
+
+    monkeypatch.setattr(KeptReceiver, "received", received)
+    resumed_at: list = []
+    monkeypatch.setattr(KeptReceiver, "begin",
+                        _logging_begin(KeptReceiver.begin, "KeptReceiver", resumed_at))
+    told: list[str] = []
+    try:
+        summary = fed.coordinator(TRAINING, on_message=told.append).train()
+    finally:
+        fed.close()
+    assert cuts, "the first model was not cut"
+    # the reply went on from where it stopped, not from its start
+    assert resumed_at and resumed_at[0][1] != (0, 0) and resumed_at[0][1][1] > 0, resumed_at
+    assert any(line.startswith("h0: the connection dropped") for line in told), told
+    assert any(line.startswith("initial weights from h0") for line in told), told
+    assert [w.tobytes() for w in load_weights(summary.final_weights)] == uncut

@@ -87,8 +87,14 @@ def test_an_agent_killed_mid_round_is_dropped_then_rejoins(workspace: Path) -> N
         assert process.returncode == 0, err
         history = json.loads(out)["history"]
         hurt = [r for r in history if "local2" in r["dropped"]]
-        assert hurt and len(hurt[0]["participants"]) == HOSTS - 1
-        later = [r for r in history if r["round"] > hurt[-1]["round"]]
+        # Restarted by its supervisor, the agent either gets the fit again in
+        # full within the round (the coordinator says so) or misses the round
+        told = " ".join(err.split())    # the terminal may wrap lines
+        again = "local2: the connection dropped" in told and "got it again in full" in told
+        assert hurt or again, err
+        if hurt:
+            assert len(hurt[0]["participants"]) == HOSTS - 1
+        later = [r for r in history if r["round"] > (hurt[-1]["round"] if hurt else 2)]
         assert later and "local2" in later[-1]["participants"]  # restarted and back
     finally:
         (workspace / "flctl.yaml").write_text(original)
@@ -143,8 +149,14 @@ def test_a_round_short_of_min_hosts_is_run_again_once_the_agent_is_back(
         out, err = process.communicate(timeout=120)
         assert process.returncode == 0, err
         history = json.loads(out)["history"]
-        assert [r["attempts"] for r in history] == [1, 2, 1]
         assert all(len(r["participants"]) == HOSTS for r in history)
-        assert "running it again" in err
+        told = " ".join(err.split())
+        # the restarted agent gets its fit again in full within the round, or
+        # misses it, and the round short of --min-hosts is run again
+        if "got it again in full" in told:
+            assert [r["attempts"] for r in history] == [1, 1, 1]
+        else:
+            assert [r["attempts"] for r in history] == [1, 2, 1]
+            assert "running it again" in told
     finally:
         (workspace / "flctl.yaml").write_text(original)

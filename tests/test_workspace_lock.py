@@ -94,7 +94,11 @@ def test_two_trains_at_once_the_second_is_refused_until_the_first_ends(
         first = subprocess.Popen([*flctl_command(), "train", "-w", str(workspace), "--rounds",
                                   "100000", "--json"], stdout=subprocess.DEVNULL, stderr=sink,
                                  stdin=subprocess.DEVNULL,
-                                 env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+                                 env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                                 # as from a terminal: a run started in the background
+                                 # (CI) inherits SIGINT ignored, and Python keeps it so
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                  signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while lock_record(workspace / ".flctl").get("pid") != first.pid:

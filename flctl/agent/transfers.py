@@ -31,7 +31,7 @@ from flctl.core.messages import ArraySpec, FrameHead, Message, Position, check_p
 from flctl.errors import FlctlError, ProtocolError
 from flctl.net.framing import ArrayReceiver
 
-RESUMABLE_KINDS = ("fit", "evaluate")
+RESUMABLE_KINDS = ("init", "fit", "evaluate")
 # How long `resend` waits for a request received whole to be started.
 START_WAIT_S = 10.0
 MAX_TRANSFER_CHARS = 200

@@ -26,7 +26,7 @@ from flctl.core.messages import (
     check_position,
 )
 from flctl.net.client import FrameClient, TransportError, TransportTimeout
-from flctl.net.framing import Receive
+from flctl.net.framing import KeptReceiver, Receive
 from flctl.net.tls import client_context
 
 # Pauses between attempts to resume a dropped transfer.
@@ -47,6 +47,7 @@ class Transfer:
     key: str
     until: float
     resumed: int = 0
+    restarted: int = 0   # of those, times the agent had none of it (sent again in full)
     # set by the coordinator when the run ends: no more attempts
     stop: threading.Event | None = None
 
@@ -122,12 +123,18 @@ class AgentClient:
     def info(self) -> dict[str, Any]:
         return self._client.request(Message("info")).meta
 
-    def init_weights(self, task: str, task_params: dict[str, Any],
-                     seed: int) -> tuple[list[np.ndarray], Any]:
+    def stats(self, min_count: int, edges: np.ndarray | None = None) -> Message:
+        """The host's sums for flctl stats, or with `edges` its histograms
+        (the reply as sent: the caller checks it, flctl.core.fedstats)."""
+        return self._client.request(Message("stats", {"min_count": min_count},
+                                            [] if edges is None else [edges]))
+
+    def init_weights(self, task: str, task_params: dict[str, Any], seed: int,
+                     transfer: Transfer | None = None) -> tuple[list[np.ndarray], Any]:
         """The task's initial weights, made by the agent (its host has the framework),
         and the names the task gives them (the host's claim: Any, None if none)."""
         request = Message("init", {"task": task, "task_params": dict(task_params), "seed": seed})
-        reply = self._client.request(request)
+        reply = self._request(request, KeptReceiver() if transfer else None, None, transfer)
         return reply.arrays, reply.meta.get("names")
 
     def fit(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
@@ -173,9 +180,11 @@ class AgentClient:
         After a drop, the agent is asked how far the request got
         (agent.transfers): part of the model (send the rest as a resumed
         stream), all of it (ask for the reply); a reply cut part way is asked
-        for again from where `receive` holds it. An agent that holds nothing
-        of it (restarted) or stays unreachable for RESUME_WINDOW_S fails, and
-        a timeout is not retried: a host silent past its heartbeats is down.
+        for again from where `receive` holds it; none of it (it never arrived,
+        or the agent restarted), all of it again. An agent that lost a reply
+        it had begun to send (it restarted) or stays unreachable for
+        RESUME_WINDOW_S fails, and a timeout is not retried: a host silent
+        past its heartbeats is down.
         """
         if transfer is None:
             return self._client.request(request, receive, heartbeat_s=heartbeat_s)
@@ -185,6 +194,7 @@ class AgentClient:
         send_from: Position | None = None
         ask_reply = False
         give_up: float | None = None
+        progress: tuple[Any, ...] | None = None   # how far it got when the window opened
         while True:
             try:
                 if ask_reply or getattr(receive, "started", False):
@@ -199,8 +209,13 @@ class AgentClient:
                 raise   # silence (no heartbeats) is a dead or frozen host, not a cut
             except TransportError as exc:
                 cut = exc
-                if give_up is None:
+                # the window opens at a drop, and again after every drop that
+                # followed progress: only a host unreachable that long fails
+                now = (getattr(receive, "position", None), send_from, ask_reply)
+                if give_up is None or now != progress:
                     give_up = min(transfer.until, time.monotonic() + RESUME_WINDOW_S)
+                    progress = now
+                    pause = RETRY_PAUSE_S   # it moves: reconnect quickly
                 if time.monotonic() + pause >= give_up or transfer.stopped():
                     raise
             if transfer.stop is not None:
@@ -218,10 +233,13 @@ class AgentClient:
             except TransportError:
                 continue
             have = status.get("have")
-            if have not in ("partial", "request", "result"):
-                raise cut   # the agent lost it (it restarted): a failure, as before
+            if have not in ("none", "partial", "request", "result"):
+                raise cut
+            # none: the request never reached it (a cut before its first chunk,
+            # or on an idle connection), or it restarted: all of it goes again
             transfer.resumed += 1
-            ask_reply = have != "partial"
+            transfer.restarted += have == "none"
+            ask_reply = have in ("request", "result")
             send_from = (check_position(status.get("position"), _specs(request.arrays))
                          if have == "partial" else None)
 

@@ -23,6 +23,7 @@ from flctl.core.messages import (
     FrameHead,
     Limits,
     Message,
+    Position,
     body_views,
     check_chunk,
     chunk_plan,
@@ -87,6 +88,40 @@ class ArrayReceiver:
     def finish(self) -> list[np.ndarray]:
         self._views = []
         return list(self._arrays)
+
+
+class KeptReceiver(ArrayReceiver):
+    """An ArrayReceiver that keeps what arrived when the connection drops, so
+    a reply sent again from `position` continues it (a resumable transfer's
+    reply that has no receiver of its own, such as the first model)."""
+
+    def __init__(self, allocate: Allocator | None = None) -> None:
+        super().__init__(allocate)
+        self._specs: list[ArraySpec] | None = None
+        self.position: Position = (0, 0)
+
+    @property
+    def started(self) -> bool:
+        return self._specs is not None
+
+    def begin(self, head: FrameHead) -> None:
+        if head.resume is None:
+            if self._specs is not None:
+                # sent again whole: fine while nothing of the first one arrived
+                if self.position == (0, 0) and list(head.specs) == self._specs:
+                    return
+                raise ProtocolError("a second reply arrived for one request")
+            super().begin(head)
+            self._specs = list(head.specs)
+            return
+        if self._specs is None or list(head.specs) != self._specs:
+            raise ProtocolError("a resumed reply does not continue the interrupted one")
+        if tuple(head.resume) != tuple(self.position):
+            raise ProtocolError(f"the reply resumed at {list(head.resume)}, this end holds "
+                                f"it up to {list(self.position)}")
+
+    def received(self, index: int, offset: int, nbytes: int) -> None:
+        self.position = (index, offset + nbytes)
 
 
 Receive = Union[Allocator, Receiver, None]
