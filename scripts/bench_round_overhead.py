@@ -50,6 +50,7 @@ from flctl.coordinator.records import create_run_dir
 from flctl.coordinator.rounds import Coordinator
 from flctl.coordinator.session import endpoints_for, info_probe, workspace_context
 from flctl.core import pki
+from flctl.core.data import save_dataset
 from flctl.core.messages import Limits
 from flctl.core.settings import AgentSettings, Settings, render_settings
 from flctl.deploy import engine
@@ -106,11 +107,13 @@ def echo_federation(hosts: int) -> Iterator[Path]:
 
 
 @contextmanager
-def local_federation(hosts: int, task_file: Path, task: str,
-                     frozen: dict[str, Any] | None = None) -> Iterator[Path]:
+def local_federation(hosts: int, task_file: Path | None, task: str,
+                     frozen: dict[str, Any] | None = None,
+                     data: list[Any] | None = None) -> Iterator[Path]:
     """A workspace of `hosts` deployed local agents running `task` (from
-    `task_file`, copied into its tasks folder), with `frozen` arrays saved
-    as the workspace's frozen part (name -> array, as .npy); torn down after."""
+    `task_file`, copied into its tasks folder; None: a built-in task), with
+    `frozen` arrays saved as the workspace's frozen part (name -> array, as
+    .npy) and `data` (Datasets) in place of the demo shards; torn down after."""
     with tempfile.TemporaryDirectory(prefix="flctl-bench-") as tmp:
         root = Path(tmp)
         # the task an agent runs is fixed at deploy
@@ -118,7 +121,10 @@ def local_federation(hosts: int, task_file: Path, task: str,
             task=task)
         init_workspace(root, local_hosts=hosts, settings=settings)
         (root / "flctl.yaml").write_text(render_settings(settings))
-        shutil.copy(task_file, root / "tasks" / task_file.name)
+        if task_file is not None:
+            shutil.copy(task_file, root / "tasks" / task_file.name)
+        for index, shard in enumerate(data or [], start=1):
+            save_dataset(shard, root / "data" / f"local{index}.npz")
         for name, array in (frozen or {}).items():
             (root / "frozen").mkdir(exist_ok=True)
             np.save(root / "frozen" / f"{name}.npy", array)

@@ -118,6 +118,31 @@ def test_status_reports_every_agent(workspace) -> None:
     assert total == 1797  # the whole digits data set, split across hosts
 
 
+def test_stats_over_the_local_hosts(workspace) -> None:
+    """`flctl stats` through deployed agents: the digits' counts and labels
+    add up to the pooled shards', and the table names the constant pixels."""
+    from flctl.core.data import load_dataset
+
+    root, _ = workspace
+    result = run_cli("stats", "-w", str(root), "--json")
+    assert result.returncode == 0, result.stderr
+    document = result.json()
+    shards = [load_dataset(root / "data" / f"local{i + 1}.npz") for i in range(HOSTS)]
+    x = np.vstack([s.x_train for s in shards])
+    assert document["rows"] == len(x) and len(document["features"]) == 64
+    assert [f["mean"] for f in document["features"]] == pytest.approx(
+        x.astype(np.float64).mean(axis=0).tolist(), abs=1e-6)
+    totals: dict[str, int] = {}
+    for counts in document["labels"].values():
+        for label, n in counts.items():
+            totals[label] = totals.get(label, 0) + n
+    assert sum(totals.values()) == len(x)
+    assert document["constant"] == ["x0", "x32", "x39"]
+    assert "constant on every host" in result.stderr
+    table = run_cli("stats", "-w", str(root))
+    assert table.returncode == 0 and "skew" in table.stdout and "median" in table.stdout
+
+
 def test_train_saves_weights_manifest_and_metrics(workspace) -> None:
     root, _ = workspace
     result = run_cli("train", "-w", str(root), "--rounds", "3", "--json")

@@ -550,7 +550,7 @@ def test_robust_rounds_hold_one_copy_per_update():
 
 
 def test_registry_names_and_protocol():
-    assert sorted(STRATEGIES) == ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedmedian",
+    assert sorted(STRATEGIES) == ["centeredclip", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedmedian",
                                   "fedprox", "fedtrimmedavg", "fedyogi", "krum", "multikrum"]
     for name, cls in STRATEGIES.items():
         strategy = make_strategy(name)
@@ -562,7 +562,7 @@ def test_registry_names_and_protocol():
 
 
 def test_unknown_strategy_lists_the_valid_ones():
-    with pytest.raises(StrategyError, match="unknown strategy 'fedsgd'; valid: fedadagrad, "
+    with pytest.raises(StrategyError, match="unknown strategy 'fedsgd'; valid: centeredclip, fedadagrad, "
                                             "fedadam, fedavg, fedavgm, fedmedian, fedprox, "
                                             "fedtrimmedavg, fedyogi, krum, multikrum"):
         make_strategy("fedsgd")

@@ -24,10 +24,11 @@ import numpy as np
 from flctl import __version__
 from flctl.agent import gpu
 from flctl.agent.secure import SecureRounds
-from flctl.agent.task_data import load_host_data, summary
+from flctl.agent.task_data import load_host_data, stats_table, summary
 from flctl.agent.transfers import RESUMABLE_KINDS, Transfers, transfer_key
 from flctl.core.agentconfig import AgentConfig
 from flctl.core.compression import ErrorFeedback
+from flctl.core.fedstats import MAX_BINS, MIN_COUNT, host_histograms, host_summary
 from flctl.core.frozen import FrozenPart, digest, signature
 from flctl.core.fsutil import atomic_write
 from flctl.core.memory import available_memory
@@ -123,6 +124,7 @@ class RequestHandler:
             "secagg_share": lambda r: Message("secagg_boxes", self.secure.share(r.meta)),
             "secagg_fit": self._secure_fit,
             "secagg_unmask": lambda r: Message("secagg_shares", self.secure.unmask(r.meta)),
+            "stats": self._stats,
             "transfer_status": lambda r: self.transfers.status(r.meta),
             "resend": lambda r: self.transfers.resend(r.meta, RESEND_WAIT_S),
         }.get(request.kind)
@@ -185,6 +187,32 @@ class RequestHandler:
             weights = [np.asarray(w) for w in task.init(seed)]
             names = task.names() if callable(getattr(task, "names", None)) else None
         return Message("init_result", {"names": names}, weights)
+
+    def _stats(self, request: Message) -> Message:
+        """This host's sums for flctl stats (flctl.core.fedstats), or with bin
+        edges its histograms: never a row, and nothing below min_count rows."""
+        min_count = request.meta.get("min_count", MIN_COUNT)
+        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
+            raise FlctlError("stats: min_count must be a positive integer")
+        data = self._require_data()
+        x, y = stats_table(self.config, data)
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2:
+            raise FlctlError(f"stats: the features are {x.ndim}-D, not a table")
+        meta = {"rows": int(x.shape[0]), "features": getattr(data, "feature_names", None),
+                "file": str(self.config.data_path)}
+        if request.arrays:
+            edges = np.asarray(request.arrays[0])
+            if edges.dtype != np.float64 or edges.ndim != 2 or edges.shape[0] != x.shape[1] \
+                    or not 2 <= edges.shape[1] <= MAX_BINS + 1 or not np.isfinite(edges).all():
+                raise FlctlError("stats: bad histogram edges")
+            return Message("stats_result", meta,
+                           [host_histograms(x, edges, x.shape[0] >= min_count)])
+        try:
+            _, sums, labels = host_summary(x, None if y is None else np.asarray(y), min_count)
+        except ValueError as exc:
+            raise FlctlError(f"stats: {exc}") from None
+        return Message("stats_result", meta, [sums, labels.astype(np.int64)])
 
     def _require_data(self) -> Any:
         if self.data is None:

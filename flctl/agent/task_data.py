@@ -69,3 +69,20 @@ def summary(data: Any) -> dict[str, Any]:
                             f"got {value!r}")
         counts[name] = value
     return {**counts, "n_features": None, "n_classes": None}
+
+
+def stats_table(config: AgentConfig, data: Any) -> tuple[Any, Any]:
+    """(features, labels) for flctl stats: the built-in data's training part,
+    or what a task's `table(data)` staticmethod returns for its own data."""
+    if isinstance(data, Dataset):
+        return data.x_train, data.y_train
+    cls = task_class(config.task, Path(config.tasks_dir) if config.tasks_dir else None)
+    table = getattr(cls, "table", None)
+    if not callable(table):
+        raise TaskError(f"task {config.task!r} reads its own data and has no table(data) "
+                        f"(features, labels): flctl stats cannot see it")
+    try:
+        return table(data)
+    except Exception as exc:   # the user's code: this host's problem, in one line
+        text = " ".join(str(exc).split())
+        raise TaskError(f"{config.task}.table: {type(exc).__name__}: {text}") from None

@@ -35,8 +35,10 @@ from flctl.cli.pki_commands import pki_app
 from flctl.cli.progress import HostProgress
 from flctl.cli.runs_commands import runs_app
 from flctl.coordinator.records import latest_run
-from flctl.coordinator.session import info_probe, train_workspace
+from flctl.coordinator.session import info_probe, stats_workspace, train_workspace
+from flctl.coordinator.stats import describe_findings
 from flctl.coordinator.summary import RoundRecord, RunSummary
+from flctl.core.fedstats import DEFAULT_BINS, MAX_BINS, MIN_COUNT
 from flctl.core.settings import AgentSettings, Settings
 from flctl.core.text import clean_text
 from flctl.deploy import engine
@@ -138,6 +140,35 @@ def status(
     down = [r["host"] for r in rows if not r["reachable"]]
     if down:
         raise HostError(f"unreachable: {', '.join(down)}")
+
+
+@app.command()
+def stats(
+    workspace_dir: Path = WorkspaceOpt,
+    limit: Optional[list[str]] = LimitOpt,
+    min_count: int = typer.Option(MIN_COUNT, "--min-count", min=1,
+                                  help="A host with fewer rows contributes nothing."),
+    bins: int = typer.Option(DEFAULT_BINS, "--bins", min=2, max=MAX_BINS,
+                             help="Histogram bins per feature (for the quantiles)."),
+    json_output: bool = JsonOpt,
+) -> None:
+    """Statistics of every host's data without moving a row: per feature count,
+    missing values, mean, std, min, max and quantiles; labels per host and how
+    skewed each host is. Min, max and quantiles show values of real rows."""
+    workspace = load_workspace(workspace_dir)
+
+    def note(text: str) -> None:
+        render.err.print(render.literal(text, "yellow"))
+
+    found = stats_workspace(workspace, selected(workspace, limit), min_count=min_count,
+                            bins=bins, tell=note)
+    for line in describe_findings(found):
+        note(line)
+    if json_output:
+        render.emit_json(found.as_dict())
+    else:
+        render.out.print(render.feature_table(found))
+        render.out.print(render.label_table(found))
 
 
 @app.command()

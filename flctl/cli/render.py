@@ -21,6 +21,7 @@ from rich.text import Text
 
 from flctl.coordinator.records import RunInfo
 from flctl.coordinator.summary import RoundRecord
+from flctl.core.fedstats import FederatedStats
 from flctl.core.text import clean_text
 from flctl.deploy.results import HostResult
 
@@ -202,4 +203,42 @@ def certificates_table(rows: Sequence[dict[str, Any]]) -> Table:
                              else Text("valid", "green"))
         table.add_row(Text(str(row.get("cn"))), Text(str(row.get("role") or "-")),
                       Text(str(row.get("serial"))[:16]), "-" if days is None else str(days), state)
+    return table
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def feature_table(stats: FederatedStats) -> Table:
+    """One row per feature: what `flctl stats` found."""
+    document = stats.as_dict()
+    table = Table(title=f"features over {len(stats.hosts)} hosts, {stats.rows} rows")
+    for column in ("feature", "count", "missing", "mean", "std", "min", "p5", "median",
+                   "p95", "max"):
+        table.add_column(column, justify="left" if column == "feature" else "right")
+    for row in document["features"]:
+        q = row.get("quantiles") or {}
+        table.add_row(literal(row["name"]), str(row["count"]), str(row["missing"]),
+                      _num(row["mean"]), _num(row["std"]), _num(row["min"]),
+                      _num(q.get("0.05")), _num(q.get("0.5")), _num(q.get("0.95")),
+                      _num(row["max"]))
+    return table
+
+
+def label_table(stats: FederatedStats) -> Table:
+    """Rows per label on each host, and each host's label skew (0 = the mix)."""
+    totals = stats.label_totals()
+    table = Table(title="labels per host (skew: 0 = the federation's mix, 1 = disjoint)")
+    table.add_column("host")
+    for label in totals:
+        table.add_column(str(label), justify="right")
+    table.add_column("skew", justify="right")
+    skew = stats.skew()
+    for host in stats.hosts:
+        counts = stats.labels.get(host, {})
+        table.add_row(literal(host), *(str(counts.get(k, 0)) for k in totals),
+                      f"{skew.get(host, 0.0):.2f}")
+    for host in stats.withheld:
+        table.add_row(literal(host), *("-" for _ in totals), literal("withheld", "yellow"))
     return table

@@ -43,6 +43,7 @@ METRICS = "metrics.jsonl"
 FINAL = "final.npz"
 MANIFEST = "manifest.json"
 FROZEN_KEY = "frozen_sha256"
+STATS = "stats.json"   # the federated statistics a run started from
 
 
 def new_run_id(clock: float | None = None) -> str:

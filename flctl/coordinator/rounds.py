@@ -9,6 +9,7 @@ O(model), not O(hosts x model).
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -21,7 +22,7 @@ import numpy as np
 
 from flctl.coordinator.budget import MemoryBudget
 from flctl.coordinator.privacy import PrivacyLedger, hosts_per_round
-from flctl.coordinator.records import Checkpoint, RunDir
+from flctl.coordinator.records import STATS, Checkpoint, RunDir
 from flctl.coordinator.replies import (
     HostProfile,
     HostRefused,
@@ -36,6 +37,7 @@ from flctl.coordinator.replies import (
     shape_params,
 )
 from flctl.coordinator.secure_round import SecureAggregation, check_secure_settings
+from flctl.coordinator.stats import describe_findings, federated_stats
 from flctl.coordinator.summary import (
     MessageCallback,
     RoundCallback,
@@ -45,8 +47,11 @@ from flctl.coordinator.summary import (
 )
 from flctl.core.aggregation import update_distance
 from flctl.core.data import Dataset
+from flctl.core.divergence import divergence
+from flctl.core.fedstats import STANDARDIZE_FACTOR, scales_differ, standardize_transform
 from flctl.core.frozen import FrozenDisagreement, reference_digest
 from flctl.core.frozen import mismatch as frozen_mismatch
+from flctl.core.fsutil import atomic_write
 from flctl.core.memory import available_memory, coordinator_need, host_need, shortfall
 from flctl.core.secagg import SecAggError
 from flctl.core.settings import TrainingSettings
@@ -171,6 +176,49 @@ class Coordinator:
         self._agree_on_frozen()
         self._enough_hosts()
         return [infos[c.name] for c in self.clients if c.name in self.profiles]
+
+    def _federated_statistics(self, clients: Sequence[AgentClient]) -> None:
+        """Before round 1 (flctl.core.fedstats): the statistics of the hosts' data,
+        recorded with the run; for the built-in tasks the transform they
+        standardise with (training.standardize), for a user's task the
+        statistics themselves when it asks (training.task_stats). Hosts whose
+        data fail the check (other columns, impossible numbers) sit the run out."""
+        t = self.training
+        standardize = t.task in BUILTIN_TASKS and t.standardize != "off"
+        if not (standardize or t.task_stats):
+            return
+        if t.secure_aggregation:
+            if t.standardize == "on" or t.task_stats:
+                raise TrainingError("training.standardize: on and training.task_stats show the "
+                                    "coordinator each host's sums, which secure_aggregation "
+                                    "hides: set standardize: off (and task_stats: false)")
+            return
+        asked = [c for c in clients if c.name in self.profiles]
+        found = federated_stats(asked, tell=self.on_message)
+        for client in asked:
+            if client.name not in found.hosts and client.name not in found.withheld:
+                self.profiles.pop(client.name, None)
+                self.refused.add(client.name)
+        self._enough_hosts()
+        for line in describe_findings(found):
+            self.on_message(line)
+        atomic_write(self.run.path / STATS, json.dumps(found.as_dict(), indent=2))
+        if t.task_stats:
+            self.task_params["stats"] = found.as_dict()
+        if not standardize:
+            return
+        width = self.task_params.get("n_features")
+        if len(found.count) != width:
+            raise TrainingError(f"the hosts' data have {len(found.count)} features; "
+                                f"training.task_params.n_features is {width}")
+        if t.standardize == "on" or scales_differ(found) or found.missing.sum() > 0:
+            self.task_params["transform"] = standardize_transform(found).as_params()
+            why = ("training.standardize: on" if t.standardize == "on" else
+                   "values are missing" if found.missing.sum() > 0 else
+                   "feature magnitudes differ by more than "
+                   f"{STANDARDIZE_FACTOR:g}x")
+            self.on_message(f"standardizing features with the federated mean and standard "
+                            f"deviation ({why}); the transform is stored with the run")
 
     def _leave_out(self, name: str, reason: str) -> None:
         self.profiles.pop(name, None)
@@ -363,9 +411,13 @@ class Coordinator:
         return unpack_update(self.codec, reply.encoding, reply.weights, weights)
 
     def _tell_resumed(self, name: str, transfer: Transfer) -> None:
-        if transfer.resumed:
-            self.on_message(f"{name}: the connection dropped {transfer.resumed} time(s); "
-                            f"the transfer went on from where it stopped")
+        if not transfer.resumed:
+            return
+        again = (f" ({transfer.restarted} time(s) the agent had none of it, a restart or "
+                 f"a cut before it arrived, and got it again in full)"
+                 if transfer.restarted else "")
+        self.on_message(f"{name}: the connection dropped {transfer.resumed} time(s); "
+                        f"the transfer went on from where it stopped{again}")
 
     def evaluate(self, weights: list[np.ndarray], round_number: int,
                  clients: Sequence[AgentClient]) -> tuple[float | None, float | None]:
@@ -418,6 +470,9 @@ class Coordinator:
                 self.secure = SecureAggregation(
                     self.training, self.ca_pem, self._parallel,
                     self.budget.allocator, self.budget.release, counts, self.revoked)
+            if self.resume_from is None:   # a resumed run keeps its transform (task_params)
+                self._federated_statistics(available)
+                available = [c for c in available if c.name not in self.refused]
             # The coordinator runs a user's task itself only to evaluate on eval_file:
             # its framework (PyTorch) need not be installed here otherwise.
             if t.task in BUILTIN_TASKS or self.eval_data is not None:
@@ -450,6 +505,7 @@ class Coordinator:
                 eval_loss, accuracy = (record.eval_loss, record.accuracy) if (
                     record.accuracy is not None) else (eval_loss, accuracy)
                 history.append(record)
+                self._stop_if_diverging(history)
                 if (t.target_accuracy > 0 and record.accuracy is not None
                         and record.accuracy >= t.target_accuracy):
                     stopped_early = round_number
@@ -490,6 +546,22 @@ class Coordinator:
             for client in self.clients:
                 client.close()
 
+    def _stop_if_diverging(self, history: Sequence[RoundRecord]) -> None:
+        """Stop a diverging run (flctl.core.divergence) with its fix, rather than
+        train on to a poor model; its checkpoints stay."""
+        losses = [(r.round, r.eval_loss) for r in history if r.eval_loss is not None]
+        why = divergence(losses)
+        if why is None:
+            return
+        t = self.training
+        scaled = "transform" in self.task_params
+        raise TrainingError(
+            f"the run is diverging: {why}. Lower training.lr (now {t.lr:g}, try "
+            f"{t.lr / 10:g})" + ("" if scaled or t.task not in BUILTIN_TASKS else
+                                 ", or standardize the features (training.standardize: on; "
+                                 "see `flctl stats`)") + "; the checkpoints are in "
+            f"{self.run.path}")
+
     def _local_task(self) -> Task:
         t = self.training
         try:
@@ -510,7 +582,11 @@ class Coordinator:
         for client in sorted((c for c in available if c.name in self.profiles),
                              key=lambda c: c.name):
             try:
-                weights, names = client.init_weights(t.task, self.task_params, t.seed)
+                transfer = Transfer(f"{self.run.run_id}/init", time.monotonic() + t.deadline_s,
+                                    stop=self._stopping)
+                weights, names = client.init_weights(t.task, self.task_params, t.seed,
+                                                     transfer)
+                self._tell_resumed(client.name, transfer)
                 check_initial(weights)
                 self.names = check_names(names, len(weights))
                 self.on_message(f"initial weights from {client.name} "

@@ -14,8 +14,10 @@ from flctl.coordinator.records import (
     resumable_run,
 )
 from flctl.coordinator.rounds import Coordinator
+from flctl.coordinator.stats import federated_stats
 from flctl.coordinator.summary import MessageCallback, RoundCallback, RunSummary
 from flctl.core.data import load_dataset
+from flctl.core.fedstats import FederatedStats
 from flctl.core.inventory import Host
 from flctl.core.layout import Endpoint, agent_endpoint
 from flctl.core.messages import Limits
@@ -119,3 +121,16 @@ def train_workspace(
                               ca_pem=workspace.paths.ca_cert.read_bytes(),
                               revoked=workspace_revocations(workspace), initial=initial)
     return coordinator.train()
+
+
+def stats_workspace(workspace: Workspace, hosts: Sequence[Host], *, min_count: int,
+                    bins: int, tell: MessageCallback = lambda text: None) -> FederatedStats:
+    """`flctl stats`: the federation's statistics over `hosts` (no row moves)."""
+    context = workspace_context(workspace)
+    clients = [AgentClient(e, context, timeout=120.0)
+               for e in endpoints_for(workspace, hosts)]
+    try:
+        return federated_stats(clients, min_count=min_count, bins=bins, tell=tell)
+    finally:
+        for client in clients:
+            client.close()

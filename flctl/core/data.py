@@ -27,6 +27,8 @@ PathLike = Union[Path, str]
 DIGITS_RESOURCE = "data/digits.npz"
 DIGITS_MAX_PIXEL = 16.0
 MAX_SPLIT_ATTEMPTS = 1000
+# CSV cells that mean "no value" (a missing value, not a mistake)
+MISSING = frozenset({"", "na", "nan", "null", "?"})
 
 
 class DataError(FlctlError):
@@ -55,6 +57,9 @@ class Dataset:
     y_train: np.ndarray
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
+    # a CSV's feature columns by name (the label column left out); None for .npz
+    feature_names: list[str] | None = None
+    source: str | None = None    # the file it was read from
 
     @property
     def n_train(self) -> int:
@@ -172,6 +177,9 @@ def _load_csv(file: Path) -> Dataset:
                             file=file, line=line)
         values = []
         for column, cell in zip(header, row):
+            if cell.strip().lower() in MISSING:
+                values.append(math.nan)    # counted by flctl stats, filled by the transform
+                continue
             try:
                 value = float(cell)
             except ValueError:
@@ -191,9 +199,14 @@ def _load_csv(file: Path) -> Dataset:
 
     label_col = header.index("label") if "label" in header else len(header) - 1
     table = np.asarray(rows, dtype=np.float64)
+    if np.isnan(table[:, label_col]).any():
+        line = int(np.flatnonzero(np.isnan(table[:, label_col]))[0])
+        raise DataError(f"label column {header[label_col]!r}: a label is missing (data row "
+                        f"{line + 1})", file=file)
     y = _labels(table[:, label_col], f"label column {header[label_col]!r}", file)
     x = np.delete(table, label_col, axis=1).astype(np.float32)
-    return Dataset(x, y)
+    names = [name for i, name in enumerate(header) if i != label_col]
+    return Dataset(x, y, feature_names=names, source=str(file))
 
 
 def save_dataset(ds: Dataset, path: PathLike) -> None:

@@ -44,6 +44,7 @@ PLUGIN_RE = re.compile(r"[a-z][a-z0-9_]*\Z|[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z
 LISTEN_CHOICES = ("overlay", "underlay")
 COMPRESSION_CHOICES = ("float32", "float16", "int8", "topk")
 PRIVACY_CHOICES = ("none", "central", "local")  # not "off": YAML reads that as false
+STANDARDIZE_CHOICES = ("auto", "on", "off")
 MAX_PREFIXLEN = 30  # hub + network + broadcast + at least one host
 MAX_MESSAGE_MB = 65536
 
@@ -126,6 +127,12 @@ class TrainingSettings:
     # Stop before the privacy budget would exceed this epsilon (0 = no limit).
     target_epsilon: float = 0.0
     # The coordinator learns only the sum of the round's updates (SecAgg+).
+    # Standardise the built-in tasks' features with the federated mean and
+    # std (flctl.core.fedstats): auto = when magnitudes differ by more than
+    # 100x or values are missing; the transform is stored with the run.
+    standardize: str = "auto"
+    # Hand the federated statistics to a user's task (task_params["stats"]).
+    task_stats: bool = False
     secure_aggregation: bool = False
     # SecAgg+ graph: each host masks with k neighbours (0 = chosen from the host
     # count: every other host below 14 hosts, O(log n) above).
@@ -239,6 +246,13 @@ def _check_project(value: Any, spot: Spot) -> str:
     return text
 
 
+def _standardize(value: Any, spot: Spot) -> str:
+    """auto | on | off; YAML reads a bare on/off as true/false, so those count too."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return expect_choice(value, spot, STANDARDIZE_CHOICES)
+
+
 def _sha256_or_empty(value: Any, spot: Spot) -> str:
     text = expect_str(value, spot, allow_empty=True).lower()
     if text and not is_sha256(text):
@@ -280,6 +294,8 @@ _TRAINING_FIELDS: dict[str, Check] = {
     "noise_multiplier": lambda v, s: expect_float(v, s, minimum=0.0),
     "dp_delta": lambda v, s: expect_float(v, s, above=0.0, maximum=0.1),
     "target_epsilon": lambda v, s: expect_float(v, s, minimum=0.0),
+    "standardize": _standardize,
+    "task_stats": expect_bool,
     "secure_aggregation": expect_bool,
     "secagg_neighbours": lambda v, s: expect_int(v, s, minimum=0),
     "secagg_threshold": lambda v, s: expect_int(v, s, minimum=0),
@@ -384,6 +400,10 @@ _COMMENTS = {
     "training.noise_multiplier": "DP: noise std / clip_norm",
     "training.dp_delta": "DP: delta of the reported (epsilon, delta)",
     "training.target_epsilon": "DP: stop before epsilon exceeds this (0: no limit)",
+    "training.standardize": "auto | on | off: standardise built-in tasks' features with "
+                            "the federated mean/std (auto: scales differ >100x or values "
+                            "missing)",
+    "training.task_stats": "give your task the federated statistics (task_params.stats)",
     "training.secure_aggregation": "coordinator sees only the sum (SecAgg+)",
     "training.secagg_neighbours": "SecAgg+ neighbours per host (0: by host count)",
     "training.secagg_threshold": "neighbourhood hosts needed to unmask (0: 2/3)",

@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import numpy as np
 
 from flctl.core.data import Dataset
+from flctl.core.fedstats import Transform
 from flctl.core.fsutil import sha256_hex
 from flctl.core.models import MLP, LogisticRegression
 from flctl.core.settings import TrainingSettings
@@ -73,12 +74,24 @@ def check_weights(weights: Sequence[np.ndarray], reference: Sequence[np.ndarray]
 
 
 class _SGDTask:
-    """Plain mini-batch SGD over the local data for a model with loss_and_grads/predict_proba."""
+    """Plain mini-batch SGD over the local data for a model with loss_and_grads/predict_proba.
 
-    def __init__(self, model: LogisticRegression | MLP) -> None:
+    With a `transform` (the federated mean and scale, flctl.core.fedstats),
+    features are standardised and missing values filled with the mean
+    before the model sees them, the same on every host and at evaluation.
+    """
+
+    def __init__(self, model: LogisticRegression | MLP,
+                 transform: dict[str, Any] | None = None) -> None:
         self.model = model
         # Zero-size-cost stand-ins for check_weights: shapes and dtype only.
         self._reference = [np.empty(shape, dtype=np.float32) for shape in model.param_shapes()]
+        try:
+            self.transform = None if transform is None else \
+                Transform.from_params(transform, model.n_features)
+        except ValueError as exc:
+            raise TaskError(str(exc)) from None
+        self._transformed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def init(self, seed: int) -> list[np.ndarray]:
         return self.model.init_params(np.random.default_rng(seed))
@@ -155,7 +168,20 @@ class _SGDTask:
         if y.size and (y.min() < 0 or y.max() >= self.model.n_classes):
             raise TaskError(f"{part} labels must be in 0..{self.model.n_classes - 1}, "
                             f"found {int(y.min())}..{int(y.max())}")
-        return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
+        return self._prepared(x), y.astype(np.int64, copy=False)
+
+    def _prepared(self, x: np.ndarray) -> np.ndarray:
+        """`x` as the model takes it: transformed once per array (then kept)."""
+        if self.transform is None:
+            if np.isnan(x).any():
+                raise TaskError("the data has missing values: they are filled with the "
+                                "federated mean when training.standardize is on (or auto)")
+            return x.astype(np.float32, copy=False)
+        cached = self._transformed.get(id(x))
+        if cached is None or cached[0] is not x:
+            cached = (x, self.transform.apply(x))
+            self._transformed[id(x)] = cached
+        return cached[1]
 
 
 def _fit_settings(config: dict) -> dict[str, Any]:
@@ -181,16 +207,18 @@ def _fit_settings(config: dict) -> dict[str, Any]:
 class LogRegTask(_SGDTask):
     """Softmax logistic regression trained with mini-batch SGD."""
 
-    def __init__(self, n_features: int = 64, n_classes: int = 10, l2: float = 1e-4) -> None:
-        super().__init__(LogisticRegression(n_features, n_classes, l2))
+    def __init__(self, n_features: int = 64, n_classes: int = 10, l2: float = 1e-4,
+                 transform: dict[str, Any] | None = None) -> None:
+        super().__init__(LogisticRegression(n_features, n_classes, l2), transform)
 
 
 class MLPTask(_SGDTask):
     """ReLU MLP trained with mini-batch SGD."""
 
     def __init__(self, n_features: int = 64, n_classes: int = 10,
-                 hidden: Sequence[int] = (64,), l2: float = 1e-4) -> None:
-        super().__init__(MLP(n_features, n_classes, hidden, l2))
+                 hidden: Sequence[int] = (64,), l2: float = 1e-4,
+                 transform: dict[str, Any] | None = None) -> None:
+        super().__init__(MLP(n_features, n_classes, hidden, l2), transform)
 
 
 BUILTIN_TASKS: dict[str, type] = {"logreg": LogRegTask, "mlp": MLPTask}

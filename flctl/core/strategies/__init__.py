@@ -14,6 +14,8 @@ from flctl.core.strategies.base import (
     StrategyError,
     StrategyState,
 )
+from flctl.core.strategies.bucketing import Bucketing
+from flctl.core.strategies.centeredclip import CenteredClip
 from flctl.core.strategies.fedadagrad import FedAdagrad
 from flctl.core.strategies.fedadam import FedAdam
 from flctl.core.strategies.fedavg import FedAvg, FedAvgRound
@@ -28,11 +30,11 @@ from flctl.core.strategies.serveropt import ServerOptStrategy
 STRATEGIES: dict[str, type] = {
     cls.name: cls
     for cls in (FedAvg, FedAvgM, FedProx, FedAdagrad, FedAdam, FedYogi,
-                FedMedian, FedTrimmedAvg, Krum, MultiKrum)
+                FedMedian, FedTrimmedAvg, Krum, MultiKrum, CenteredClip)
 }
 
-__all__ = ["STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedAvgRound",
-           "FedMedian", "FedProx", "FedTrimmedAvg", "FedYogi", "Krum", "MultiKrum",
+__all__ = ["STRATEGIES", "Bucketing", "CenteredClip", "FedAdagrad", "FedAdam", "FedAvg",
+           "FedAvgM", "FedAvgRound", "FedMedian", "FedProx", "FedTrimmedAvg", "FedYogi", "Krum", "MultiKrum",
            "RoundAggregator", "StatelessStrategy", "Strategy", "StrategyError",
            "StrategyState", "make_strategy", "needs_only_the_mean"]
 
@@ -40,7 +42,7 @@ __all__ = ["STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedAvgRo
 def needs_only_the_mean(strategy: object) -> bool:
     """True for the FedAvg family, whose step depends only on the round's weighted
     mean update: the strategies central DP and secure aggregation can serve
-    (median, trimmed mean and Krum need every single update)."""
+    (median, trimmed mean, Krum and centered clipping need every single update)."""
     return isinstance(strategy, (FedAvg, ServerOptStrategy))
 
 

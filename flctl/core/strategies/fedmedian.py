@@ -6,12 +6,18 @@ than half the hosts cannot drag any coordinate outside the range of the
 honest values. Unweighted, as in Flower. Holds a copy of every update of
 the round (N x model of memory, or of disk for spooled updates; see
 robust.py).
+
+bucket_size s > 1 (with `seed`) takes the median of the means of random
+buckets of s updates instead (bucketing.py): less biased on label-skewed
+data (0-4 points on the demo split, measured there), as long as the hostile
+hosts spoil fewer than half the buckets.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from flctl.core.strategies.bucketing import Bucketing
 from flctl.core.strategies.robust import HeldRound, RobustStrategy, merge_coordinates
 
 
@@ -38,5 +44,8 @@ class FedMedianRound(HeldRound):
 class FedMedian(RobustStrategy):
     name = "fedmedian"
 
+    def __init__(self, bucket_size: int = 1, seed: int = 0) -> None:
+        self.bucketing = Bucketing.from_params(bucket_size, seed)
+
     def start_round(self, global_weights: list[np.ndarray], round_number: int) -> FedMedianRound:
-        return FedMedianRound(global_weights, round_number)
+        return FedMedianRound(global_weights, round_number, self.bucketing)

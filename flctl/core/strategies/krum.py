@@ -20,6 +20,15 @@ result costs 2x the model, not 3x.
 Parameters: num_malicious f (default 0, as in Flower), and for Multi-Krum
 to_keep m (default n - f; never more than n - f, since averaging more would
 take in a hostile update for sure).
+
+bucket_size s > 1 (with `seed`) scores the means of random buckets of s
+updates instead (bucketing.py); scores and selection then name buckets
+("h1+h5"). num_malicious stays the number of hostile HOSTS, and counts as
+that many hostile buckets: in the worst case every hostile host lands in a
+bucket of its own, so f hosts spoil f buckets (the paper's reading). The
+n > 2f + 2 rule then applies to the ceil(n / s) buckets, and to_keep counts
+buckets (at most buckets - f); with 8 hosts in buckets of 2 that leaves 4
+buckets: not even f = 1 (which needs 5) is possible.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import numpy as np
 
 from flctl.core.aggregation import WeightedAccumulator, narrow_in_place
 from flctl.core.strategies.base import StrategyError, check_count
+from flctl.core.strategies.bucketing import Bucketing
 from flctl.core.strategies.robust import HeldRound, RobustStrategy, column_blocks, in_memory
 
 
@@ -41,8 +51,9 @@ def krum_scores(distances: np.ndarray, num_malicious: int) -> np.ndarray:
 
 class KrumRound(HeldRound):
     def __init__(self, global_weights: list[np.ndarray], round_number: int,
-                 num_malicious: int, multi: bool, to_keep: int | None = None) -> None:
-        super().__init__(global_weights, round_number)
+                 num_malicious: int, multi: bool, to_keep: int | None = None,
+                 bucketing: Bucketing | None = None) -> None:
+        super().__init__(global_weights, round_number, bucketing)
         self.num_malicious = num_malicious
         self.multi = multi
         self.to_keep = to_keep
@@ -52,8 +63,11 @@ class KrumRound(HeldRound):
     def aggregate(self, hosts: list[str], updates: list[list[np.ndarray]]) -> list[np.ndarray]:
         n, f = len(updates), self.num_malicious
         if n < 2 * f + 3:
+            needed, got = "updates", f"{n}"
+            if self.bucketing is not None:
+                needed, got = "buckets", self.inputs(n)
             raise StrategyError(f"round {self.round_number}: krum with num_malicious={f} "
-                                f"needs at least {2 * f + 3} updates (n > 2f + 2), got {n}")
+                                f"needs at least {2 * f + 3} {needed} (n > 2f + 2), got {got}")
         scores = krum_scores(self.squared_distances(updates), f)
         keep = min(self.to_keep or n - f, n - f) if self.multi else 1
         order = np.argsort(scores, kind="stable")[:keep]
@@ -87,11 +101,13 @@ class Krum(RobustStrategy):
 
     name = "krum"
 
-    def __init__(self, num_malicious: int = 0) -> None:
+    def __init__(self, num_malicious: int = 0, bucket_size: int = 1, seed: int = 0) -> None:
         self.num_malicious = check_count("num_malicious", num_malicious, 0)
+        self.bucketing = Bucketing.from_params(bucket_size, seed)
 
     def start_round(self, global_weights: list[np.ndarray], round_number: int) -> KrumRound:
-        return KrumRound(global_weights, round_number, self.num_malicious, multi=False)
+        return KrumRound(global_weights, round_number, self.num_malicious, multi=False,
+                         bucketing=self.bucketing)
 
 
 class MultiKrum(RobustStrategy):
@@ -99,10 +115,12 @@ class MultiKrum(RobustStrategy):
 
     name = "multikrum"
 
-    def __init__(self, num_malicious: int = 0, to_keep: int | None = None) -> None:
+    def __init__(self, num_malicious: int = 0, to_keep: int | None = None,
+                 bucket_size: int = 1, seed: int = 0) -> None:
         self.num_malicious = check_count("num_malicious", num_malicious, 0)
         self.to_keep = None if to_keep is None else check_count("to_keep", to_keep, 1)
+        self.bucketing = Bucketing.from_params(bucket_size, seed)
 
     def start_round(self, global_weights: list[np.ndarray], round_number: int) -> KrumRound:
         return KrumRound(global_weights, round_number, self.num_malicious, multi=True,
-                         to_keep=self.to_keep)
+                         to_keep=self.to_keep, bucketing=self.bucketing)

@@ -20,6 +20,10 @@ claim a huge count. Updates are aggregated in host-name order, so the
 result does not depend on the order in which they arrived; a copy on disk
 holds the same values as one in memory, so where an update was kept does
 not change the result by a bit.
+
+With bucketing (bucketing.py, the `bucket_size` parameter) `result()` first
+replaces the sorted updates by the means of random buckets of them, drops
+the copies, and the rule combines the bucket means instead.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import shutil
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +40,9 @@ from flctl.core.aggregation import UpdateArray, all_finite, flat_blocks
 from flctl.core.dtypes import cast_back, is_bfloat16, is_number
 from flctl.core.spooled import FileArray, SpoolFile
 from flctl.core.strategies.base import StatelessStrategy, StrategyError, check_num_examples
+
+if TYPE_CHECKING:   # bucketing.py builds on this module
+    from flctl.core.strategies.bucketing import Bucketing
 
 # Elements in one (N, C) column block: 4 MB of float32, whatever N. Also the
 # piece a spooled update is copied in: a multiple of aggregation.CHUNK, so the
@@ -123,7 +131,7 @@ def in_memory(update: Sequence[UpdateArray]) -> list[np.ndarray]:
     return [np.asarray(a) for a in update]
 
 
-def _spool_directory(arrays: Sequence[UpdateArray]) -> Path | None:
+def spool_directory(arrays: Sequence[UpdateArray]) -> Path | None:
     """Where a spooled update's copy goes: beside its first file (None: in memory)."""
     for array in arrays:
         if isinstance(array, FileArray) and array.directory is not None:
@@ -144,8 +152,12 @@ class HeldRound:
     itself when `result()` is done or when an abandoned round is collected.
     """
 
-    def __init__(self, global_weights: Sequence[np.ndarray], round_number: int) -> None:
+    def __init__(self, global_weights: Sequence[np.ndarray], round_number: int,
+                 bucketing: Bucketing | None = None) -> None:
         self.round_number = round_number
+        # The rule sees bucket means instead of the updates when it is active.
+        self.bucketing = bucketing if bucketing is not None and bucketing.active else None
+        self.buckets: tuple[str, ...] = ()   # the buckets' names, once result() made them
         self.shapes = [tuple(np.shape(w)) for w in global_weights]
         self._dtypes = [np.asarray(w).dtype for w in global_weights]
         self._held = [held_dtype(w) for w in global_weights]
@@ -180,7 +192,7 @@ class HeldRound:
         check_num_examples(self.round_number, host, num_examples)
         arrays = [a if isinstance(a, FileArray) else np.asarray(a) for a in weights]
         self._check_layout(where, arrays)
-        directory = _spool_directory(arrays)
+        directory = spool_directory(arrays)
         if directory is None:
             copies = self._copy_in_memory(where, arrays)
         else:
@@ -263,10 +275,35 @@ class HeldRound:
             if not self._updates:
                 raise StrategyError(f"round {self.round_number}: no updates to aggregate")
             hosts = sorted(self._updates)
-            merged = self.aggregate(hosts, [self._updates[h] for h in hosts])
+            updates = [self._updates[h] for h in hosts]
+            if self.bucketing is not None:
+                hosts, updates = self._bucketed(hosts, updates)
+            merged = self.aggregate(hosts, updates)
+            del updates
             self.close()  # the copies are the bulk of this round's memory, or disk
             self._result = [cast_back(m, dtype) for m, dtype in zip(merged, self._dtypes)]
         return self._result
+
+    def _bucketed(self, hosts: list[str], updates: list[list[UpdateArray]]
+                  ) -> tuple[list[str], list[list[UpdateArray]]]:
+        """The bucket means in place of the updates; the copies are dropped at once."""
+        assert self.bucketing is not None
+        copies = len(self._spools)
+        # new spool files go on self._spools as they are made: closed with the round
+        names, means = self.bucketing.apply(self.round_number, hosts, updates, self._spools)
+        for spool in self._spools[:copies]:
+            spool.close()
+        del self._spools[:copies]
+        self._updates = {}
+        self.buckets = tuple(names)
+        return names, means
+
+    def inputs(self, n: int) -> str:
+        """What the rule combines, for messages: '4 updates' or '4 buckets (8 updates
+        in buckets of 2)'."""
+        if self.bucketing is None:
+            return f"{n} updates"
+        return f"{n} buckets ({self.bucketing.describe(self.count)})"
 
     def aggregate(self, hosts: list[str], updates: list[list[UpdateArray]]
                   ) -> list[np.ndarray]:
