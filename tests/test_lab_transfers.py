@@ -50,8 +50,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     lab = lab_up(HOSTS, workspace)
     try:
         (workspace / "tasks" / "steptask.py").write_text(STEP_TASK)
+        # a 40 MB transfer over wireguard-go on a loaded machine can stall a
+        # few seconds: hosts are called silent after 30 s here, not 6
         set_training(workspace, task="steptask:Step", task_params={"n_params": N_PARAMS},
-                     rounds=ROUNDS, deadline_s=300.0)
+                     rounds=ROUNDS, deadline_s=300.0, heartbeat_s=10.0)
         deployed = deploy_json(workspace)
         assert deployed["code"] == 0, deployed
         yield lab

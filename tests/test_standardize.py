@@ -99,3 +99,35 @@ def test_on_is_refused_with_secure_aggregation(raw) -> None:
     fed, test = raw
     with pytest.raises(TrainingError, match="secure_aggregation"):
         _train(fed, test, standardize="on", secure_aggregation=True)
+
+
+STATS_TASK = '''
+import numpy as np
+
+class UsesStats:
+    """A user's task that asks for the federated statistics (training.task_stats)."""
+    def __init__(self, stats=None, **params):
+        self.stats = stats
+    def init(self, seed):
+        return [np.zeros(1, np.float32)]
+    def fit(self, weights, data, config):
+        mean = self.stats["features"][0]["mean"]
+        return [np.array([mean], np.float32)], len(data.x_train), {"train_loss": 0.0}
+    def evaluate(self, weights, data, config):
+        return 0.0, len(data.x_train), {"accuracy": 1.0}
+'''
+
+
+def test_a_users_task_gets_the_statistics_when_it_asks(tmp_path: Path) -> None:
+    from flctl.coordinator.records import load_weights
+
+    fed = Federation(tmp_path, [10, 30, 60], task="usesstats:UsesStats",
+                     tasks={"usesstats": STATS_TASK}, spread=2.0)
+    try:
+        summary = fed.coordinator(TrainingSettings(task="usesstats:UsesStats", rounds=1,
+                                                   task_stats=True)).train()
+    finally:
+        fed.close()
+    pooled_mean = sum(m[0] * n for m, n in zip(fed.means, (10, 30, 60))) / 100
+    assert load_weights(summary.final_weights)[0][0] == pytest.approx(pooled_mean, rel=1e-5)
+    assert (Path(summary.run_dir) / "stats.json").exists()

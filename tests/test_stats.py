@@ -204,3 +204,19 @@ def test_no_usable_host_is_one_line(tmp_path: Path) -> None:
             federated_stats(_clients(fed))
     finally:
         fed.close()
+
+
+def test_equal_bins_in_one_pass_count_as_the_loop_does() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(500, 7)) * [1, 10, 100, 1e-3, 5, 1, 1]
+    x[3, 2] = np.nan
+    stats = combine([check_summary("h", *host_summary(x, rng.integers(0, 2, 500)), width=7)])
+    edges = histogram_edges(stats, 16)
+    fast = host_histograms(x, edges)
+    uneven = edges.copy()
+    uneven[:, 1] += 1e-9 * (uneven[:, 2] - uneven[:, 1])     # forces the per-feature loop
+    slow = host_histograms(x, uneven)
+    assert fast.sum() == 500 * 7 - 1 and np.abs(fast - slow).sum() <= 2
+    for i in range(7):   # numpy's own histogram (last bin closed, like ours)
+        column = x[:, i][~np.isnan(x[:, i])]
+        assert np.array_equal(fast[i], np.histogram(column, bins=edges[i])[0])

@@ -62,15 +62,15 @@ def host_summary(x: np.ndarray, y: np.ndarray | None, min_count: int = MIN_COUNT
     out = np.zeros((len(ROWS), width))
     if rows < min_count:
         return rows, out, np.zeros(0, np.int64)
-    present = ~np.isnan(x)
-    out[0] = present.sum(axis=0)
-    out[1] = rows - out[0]
-    filled = np.where(present, x, 0.0)
+    missing = np.isnan(x)
+    filled = np.where(missing, 0.0, x) if missing.any() else x
+    out[1] = missing.sum(axis=0)
+    out[0] = rows - out[1]
     out[2] = filled.sum(axis=0)
-    out[3] = np.square(filled).sum(axis=0)
-    with np.errstate(invalid="ignore"):
-        out[4] = np.where(out[0] > 0, np.nanmin(np.where(present, x, np.inf), axis=0), np.nan)
-        out[5] = np.where(out[0] > 0, np.nanmax(np.where(present, x, -np.inf), axis=0), np.nan)
+    out[3] = np.einsum("ij,ij->j", filled, filled)
+    # fmin/fmax skip NaN (a feature with no value at all stays NaN)
+    out[4] = np.fmin.reduce(x, axis=0)
+    out[5] = np.fmax.reduce(x, axis=0)
     labels = np.zeros(0, np.int64)
     if y is not None and len(y):
         y = np.asarray(y)
@@ -255,6 +255,20 @@ def host_histograms(x: np.ndarray, edges: np.ndarray, rows_ok: bool = True) -> n
     out = np.zeros((width, bins), np.int64)
     if not rows_ok:
         return out
+    step = (edges[:, -1] - edges[:, 0]) / bins
+    if np.all(step > 0) and np.allclose(edges, edges[:, :1] + step[:, None] * np.arange(bins + 1),
+                                        rtol=1e-12, atol=0):
+        # equal bins (what histogram_edges makes): one pass over the whole table
+        missing = np.isnan(x)
+        scaled = x - edges[:, 0]
+        scaled *= 1.0 / step
+        np.clip(scaled, 0, bins - 1, out=scaled)      # NaN stays NaN, dropped below
+        index = scaled.astype(np.int64) if not missing.any() else \
+            np.where(missing, 0, scaled).astype(np.int64)
+        index += np.arange(width) * bins
+        counts = np.bincount(index[~missing] if missing.any() else index.ravel(),
+                             minlength=width * bins)
+        return counts.reshape(width, bins)
     for i in range(width):
         column = x[:, i]
         column = column[~np.isnan(column)]
