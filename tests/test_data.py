@@ -128,7 +128,9 @@ def test_csv_without_label_column_uses_the_last(tmp_path):
     ("a,label\n1,0\n2,x\n", ":3: column 'label': not a number: 'x'"),
     ("a,b,label\n1,2,0\n\n1,oops,1\n", ":4: column 'b': not a number: 'oops'"),
     ("a,label\n1,0\n1,2,3\n", ":3: expected 2 columns as in the header, got 3"),
-    ("a,label\n1,nan\n", ":2: column 'label': not a finite number: 'nan'"),
+    ("a,label\n1,inf\n", ":2: column 'label': not a finite number: 'inf'"),
+    ("a,label\n1,0\n2,\n", ":3: column 'label': the label is missing (a missing value may "
+                             "be a feature's, not a label)"),
     ("a,label\n", ": no data rows after the header"),
     ("", ": empty file (expected a header row and data rows)"),
     ("a,label\n1,0.5\n", ": label column 'label' must hold integer class labels"),
@@ -234,3 +236,12 @@ def test_federated_shards_deterministic_and_seeded():
     assert all(np.array_equal(p.x_train, q.x_train) and np.array_equal(p.y_test, q.y_test)
                for p, q in zip(a, b))
     assert [s.n_train for s in a] != [s.n_train for s in c]
+
+
+def test_csv_missing_values_are_nan_and_named_columns(tmp_path):
+    path = tmp_path / "gaps.csv"
+    path.write_text("area,smooth,label\n1000,,0\nNA,0.1,1\n?,null,1\n3,NaN,0\n")
+    ds = load_dataset(path)
+    assert ds.feature_names == ["area", "smooth"] and ds.source == str(path)
+    assert np.isnan(ds.x_train).sum() == 5 and ds.x_train[0, 0] == 1000
+    np.testing.assert_array_equal(ds.y_train, [0, 1, 1, 0])

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 
@@ -135,7 +134,3 @@ def describe_findings(stats: FederatedStats) -> list[str]:
         lines.append(f"{host}: feature {names[index]!r} averages {sigmas:+.1f} standard "
                      f"deviations from the other hosts' mean (other units or data?)")
     return lines
-
-
-def stats_document(stats: FederatedStats) -> dict[str, Any]:
-    return stats.as_dict()

@@ -165,6 +165,7 @@ def _load_csv(file: Path) -> Dataset:
     reader = csv.reader(io.StringIO(text))
     header: list[str] | None = None
     rows: list[list[float]] = []
+    lines: list[int] = []   # each row's line in the file, for errors found later
     for row in reader:
         line = reader.line_num
         if not row or all(not cell.strip() for cell in row):
@@ -190,6 +191,7 @@ def _load_csv(file: Path) -> Dataset:
                                 file=file, line=line)
             values.append(value)
         rows.append(values)
+        lines.append(line)
     if header is None:
         raise DataError("empty file (expected a header row and data rows)", file=file)
     if len(header) < 2:
@@ -200,9 +202,10 @@ def _load_csv(file: Path) -> Dataset:
     label_col = header.index("label") if "label" in header else len(header) - 1
     table = np.asarray(rows, dtype=np.float64)
     if np.isnan(table[:, label_col]).any():
-        line = int(np.flatnonzero(np.isnan(table[:, label_col]))[0])
-        raise DataError(f"label column {header[label_col]!r}: a label is missing (data row "
-                        f"{line + 1})", file=file)
+        row_index = int(np.flatnonzero(np.isnan(table[:, label_col]))[0])
+        raise DataError(f"column {header[label_col]!r}: the label is missing (a missing "
+                        f"value may be a feature's, not a label)", file=file,
+                        line=lines[row_index])
     y = _labels(table[:, label_col], f"label column {header[label_col]!r}", file)
     x = np.delete(table, label_col, axis=1).astype(np.float32)
     names = [name for i, name in enumerate(header) if i != label_col]
