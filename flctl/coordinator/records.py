@@ -138,6 +138,10 @@ class RunDir:
                     old.name not in current:
                 old.unlink(missing_ok=True)
 
+    def save_stats(self, document: dict[str, Any]) -> None:
+        """The federated statistics the run started from (STATS)."""
+        atomic_write(self.path / STATS, json.dumps(document, indent=2))
+
     def forget_secrets(self) -> None:
         """Delete the secret state: the run is over, nothing may resume it."""
         secrets_left = list(self.path.glob(f"{SECRET_PREFIX}*.npz"))

@@ -9,7 +9,6 @@ O(model), not O(hosts x model).
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -22,7 +21,7 @@ import numpy as np
 
 from flctl.coordinator.budget import MemoryBudget
 from flctl.coordinator.privacy import PrivacyLedger, hosts_per_round
-from flctl.coordinator.records import STATS, Checkpoint, RunDir
+from flctl.coordinator.records import Checkpoint, RunDir
 from flctl.coordinator.replies import (
     HostProfile,
     HostRefused,
@@ -51,7 +50,6 @@ from flctl.core.divergence import divergence
 from flctl.core.fedstats import STANDARDIZE_FACTOR, scales_differ, standardize_transform
 from flctl.core.frozen import FrozenDisagreement, reference_digest
 from flctl.core.frozen import mismatch as frozen_mismatch
-from flctl.core.fsutil import atomic_write
 from flctl.core.memory import available_memory, coordinator_need, host_need, shortfall
 from flctl.core.secagg import SecAggError
 from flctl.core.settings import TrainingSettings
@@ -202,7 +200,7 @@ class Coordinator:
         self._enough_hosts()
         for line in describe_findings(found):
             self.on_message(line)
-        atomic_write(self.run.path / STATS, json.dumps(found.as_dict(), indent=2))
+        self.run.save_stats(found.as_dict())
         if t.task_stats:
             self.task_params["stats"] = found.as_dict()
         if not standardize:

@@ -53,7 +53,7 @@ flipped and x10, 85.2% with 2 of 8, against 94.4% for clean FedAvg.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -154,14 +154,9 @@ class CenteredClipRound(HeldRound):
                            flat_global: list[np.ndarray], v: list[np.ndarray]) -> np.ndarray:
         """||x_i - v||^2 with x_i = u_i - w, summed in float64 over every array."""
         total = np.zeros(len(updates))
-        for index, (reference, change) in enumerate(zip(flat_global, v)):
-            if not reference.size:
-                continue
-            for start, stop, block in column_blocks(updates, index, np.float64):
-                block -= reference[start:stop]
-                block -= change[start:stop]
-                np.square(block, out=block)
-                total += block.sum(axis=1)
+        for _, _, _, block in _centred_blocks(updates, flat_global, v):
+            np.square(block, out=block)
+            total += block.sum(axis=1)
         return total
 
     def _step(self, updates: list[list[UpdateArray]], flat_global: list[np.ndarray],
@@ -169,18 +164,27 @@ class CenteredClipRound(HeldRound):
         """v += (1/n) sum_i scale_i (x_i - v), in place, one column block at a time
         (elementwise and in host order: the same bits from memory or disk)."""
         n = len(updates)
-        for index, (reference, change) in enumerate(zip(flat_global, v)):
-            if not reference.size:
-                continue
-            for start, stop, block in column_blocks(updates, index, np.float64):
-                block -= reference[start:stop]
-                block -= change[start:stop]
-                total = np.zeros(stop - start)
-                for row, scale in zip(block, scales):
-                    row *= scale
-                    total += row
-                total /= n
-                change[start:stop] += total
+        for change, start, stop, block in _centred_blocks(updates, flat_global, v):
+            total = np.zeros(stop - start)
+            for row, scale in zip(block, scales):
+                row *= scale
+                total += row
+            total /= n
+            change[start:stop] += total
+
+
+def _centred_blocks(updates: list[list[UpdateArray]], flat_global: list[np.ndarray],
+                    v: list[np.ndarray]
+                    ) -> Iterator[tuple[np.ndarray, int, int, np.ndarray]]:
+    """(centre array, start, stop, block of x_i - v) over every model array, in
+    float64 column blocks: what both the distances and the step read."""
+    for index, (reference, change) in enumerate(zip(flat_global, v)):
+        if not reference.size:
+            continue
+        for start, stop, block in column_blocks(updates, index, np.float64):
+            block -= reference[start:stop]
+            block -= change[start:stop]
+            yield change, start, stop, block
 
 
 class CenteredClip:
