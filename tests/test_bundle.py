@@ -30,6 +30,7 @@ from flctl.deploy.bundle import (
     BundleError,
     HostEnv,
     WheelFile,
+    agent_requirements,
     bundle_digest,
     digest_path,
     host_tags,
@@ -83,6 +84,18 @@ def test_host_tags_refuses(version: str, machine: str, reason: str) -> None:
     with pytest.raises(BundleError, match=reason) as caught:
         host_tags(version, machine)
     assert isinstance(caught.value, FlctlError)
+
+
+@pytest.mark.parametrize("version, numpy", [("3.9.2", "1.23.2"), ("3.11.2", "1.23.2"),
+                                           ("3.12.3", "1.26.0"), ("3.13.0", "2.1.0"),
+                                           ("3.14.0", "2.3.2")])
+def test_the_agent_gets_the_bounds_of_the_hosts_python(version: str, numpy: str) -> None:
+    """A host's bundle is resolved with the lower bounds declared for its
+    Python (the first numpy with wheels for it), not the operator's."""
+    wanted = {r.split(">=")[0]: r.split(">=")[1] for r in agent_requirements(version)
+              if ">=" in r}
+    assert wanted["numpy"] == numpy
+    assert set(wanted) == {"cryptography", "numpy", "PyYAML"}
 
 
 # ------------------------------------------------------------ install_script
@@ -191,7 +204,8 @@ def test_bundle_holds_wheels_for_the_target(bundle: Bundle) -> None:
     assert bundle.digest == bundle_digest(bundle.wheels)
     # the version bounds are flctl's own (pyproject), not a second list
     numpy_bound = next(r for r in bundle.requirements if r.lower().startswith("numpy"))
-    assert numpy_bound in {r.replace(" ", "") for r in metadata.requires("flctl") or ()}
+    assert numpy_bound in {r.replace(" ", "").split(";")[0]
+                           for r in metadata.requires("flctl") or ()}
 
 
 def test_warm_prepare_is_fast_and_identical(bundle: Bundle) -> None:

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -32,15 +34,31 @@ USAGE_ERRORS = [
 ]
 
 
-def lower_bounds() -> dict[str, str]:
-    """{"typer": "0.15.4", ...} from pyproject.toml's `>=` bounds."""
+def lower_bounds(python: str | None = None) -> dict[str, str]:
+    """{"typer": "0.15.4", ...}: pyproject.toml's `>=` bounds that apply on
+    `python` (default: this interpreter), markers evaluated."""
     project = tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["project"]
+    environment = {"python_version": python} if python else None
     bounds = {}
-    for requirement in project["dependencies"]:
-        match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9][A-Za-z0-9.]*)", requirement)
-        assert match, f"dependency {requirement!r} has no plain lower bound"
-        bounds[match.group(1)] = match.group(2)
+    for text in project["dependencies"]:
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate(environment):
+            continue
+        match = re.fullmatch(r">=([0-9][A-Za-z0-9.]*)", str(requirement.specifier))
+        assert match, f"dependency {text!r} has no plain lower bound"
+        assert requirement.name not in bounds, f"two bounds for {requirement.name} on {python}"
+        bounds[requirement.name] = match.group(1)
     return bounds
+
+
+@pytest.mark.parametrize("python", ["3.9", "3.11", "3.12", "3.13", "3.14"])
+def test_each_python_gets_one_lower_bound_per_dependency(python: str) -> None:
+    names = set(lower_bounds(python))
+    assert names == {"typer", "rich", "numpy", "cryptography", "paramiko", "PyYAML",
+                     "packaging"}
+    # the compiled ones move up with the Python (first release with its wheels)
+    newer = Version(python) >= Version("3.12")
+    assert Version(lower_bounds(python)["numpy"]) >= Version("1.26" if newer else "1.23.2")
 
 
 def make_venv(where: Path, *pip_args: str) -> Path:

@@ -81,6 +81,40 @@ def test_a_host_certificate_cannot_command_another_agent(workspace: Path, tmp_pa
     assert "unsuitable certificate purpose" in log.read_text()
 
 
+def test_a_client_certificate_that_is_not_the_coordinators_is_refused_by_role(
+        workspace: Path, tmp_path: Path) -> None:
+    """Behind the handshake, the agent's own role check: a certificate from the
+    project CA that TLS accepts as a client (client-auth usage) but that is
+    not the coordinator's (its name is a host's) is refused and logged."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pki_dir = workspace / "pki"
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = pki._leaf((pki_dir / "ca.key").read_bytes(), (pki_dir / "ca.crt").read_bytes(),
+                     key.public_key(), "local1", ["local1"], [], pki.ROLE_COORDINATOR, 1)
+    assert pki.certificate_role(cert) != pki.ROLE_COORDINATOR
+    (tmp_path / "impostor.crt").write_bytes(cert)
+    (tmp_path / "impostor.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    target = endpoint(workspace, "local2")
+    marker = tmp_path / "MARKER"
+    with FrameClient(target.connect_address, target.port,
+                     context_of(workspace, tmp_path / "impostor.crt", tmp_path / "impostor.key"),
+                     server_hostname="local2", timeout=10) as client:
+        with pytest.raises(RemoteError, match="only the coordinator may send requests"):
+            client.request(Message("fit", {"task": "subprocess:Popen",
+                                           "task_params": {"args": ["touch", str(marker)]}}))
+    assert not marker.exists()
+    log = host_dir(workspace, "local2") / "agent.log"
+    deadline = time.monotonic() + 10
+    while "refused" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "certificate 'local1'" in log.read_text()
+    assert "only the coordinator may send requests" in log.read_text()
+
+
 def test_the_coordinator_cannot_name_another_task(workspace: Path, tmp_path: Path) -> None:
     """Even the coordinator's requests cannot pick what runs: the task is fixed at deploy."""
     marker = tmp_path / "MARKER"

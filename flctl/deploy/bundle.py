@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 from flctl.core.facts import MIN_PYTHON
 from flctl.core.fsutil import atomic_write, file_sha256, sha256_hex
 from flctl.core.requirements import name_of, satisfied_by, with_companions
@@ -146,15 +148,25 @@ def host_tags(python_version: str, machine: str) -> tuple[str, str]:
     return f"cp{major}{minor}", f"manylinux2014_{_architecture(machine)}"
 
 
-def agent_requirements() -> tuple[str, ...]:
-    """What the agent needs on a host, with the version bounds flctl itself declares."""
+def agent_requirements(python_version: str | None = None) -> tuple[str, ...]:
+    """What the agent needs on a host running `python_version` (default: this
+    interpreter's), with the version bounds flctl itself declares. A bound
+    may depend on the Python (numpy's first wheels for 3.13 are 2.1.0), so
+    markers are evaluated for the host's; extras' lines never apply."""
     wanted = {normalize_project(p) for p in RUNTIME_PROJECTS}
+    environment = {"extra": ""}
+    if python_version is not None:
+        major, minor = _python_xy(python_version)
+        environment.update(python_version=f"{major}.{minor}",
+                           python_full_version=python_version)
     found: dict[str, str] = {}
     for line in metadata.requires(DISTRIBUTION) or ():
-        spec, _, marker = line.partition(";")
-        match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", spec)
-        if match and not marker.strip() and normalize_project(match.group(1)) in wanted:
-            found[normalize_project(match.group(1))] = spec.strip().replace(" ", "")
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate(environment):
+            continue
+        name = normalize_project(requirement.name)
+        if name in wanted:
+            found[name] = f"{requirement.name}{requirement.specifier}"
     missing = sorted(wanted - set(found))
     if missing:
         raise BundleError(f"flctl's metadata does not require {', '.join(missing)}: "
@@ -165,10 +177,11 @@ def agent_requirements() -> tuple[str, ...]:
 # --------------------------------------------------------------- preparing
 
 
-def all_requirements(task_requirements: Sequence[str] = ()) -> tuple[str, ...]:
+def all_requirements(task_requirements: Sequence[str] = (),
+                     python_version: str | None = None) -> tuple[str, ...]:
     """Everything an agent needs: its own and the task's requirements, with their
     companions (ml_dtypes beside torch)."""
-    found = list(agent_requirements()) + with_companions(task_requirements)
+    found = list(agent_requirements(python_version)) + with_companions(task_requirements)
     return tuple(sorted(set(found), key=str.lower))
 
 
@@ -189,7 +202,7 @@ class HostEnv:
     extra: tuple[str, ...] = ()
 
     def requirements(self) -> tuple[str, ...]:
-        return all_requirements(self.extra)
+        return all_requirements(self.extra, self.python_version)
 
     @property
     def target(self) -> str:
