@@ -4,7 +4,8 @@
 Measures FrameClient -> FrameServer with the real framing and TLS stack
 (the client is the coordinator, the server an agent):
   upload     client sends the model, server answers with a small ack
-             (received into fresh memory each time, as an agent does)
+             (received as an agent receives a fit's model: agent.transfers,
+             into the last model's buffers once nothing holds them)
   update     server replies with the model, and the client receives it as
              a round receives a host's update (coordinator.budget's
              UpdateReceiver: in memory up to 64 MiB, else spooled to disk
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from verdict import Target, exit_status  # noqa: E402  (the script's own folder)
 
+from flctl.agent.transfers import Transfers
 from flctl.coordinator.budget import MemoryBudget
 from flctl.core import messages, pki
 from flctl.core.messages import Message
@@ -66,7 +68,13 @@ def make_certs(root: Path) -> None:
 _REPLY: list[np.ndarray] = []   # what an "update" request gets back (the server's model)
 
 
+TRANSFERS = Transfers()
+
+
 def handler(msg: Message, peer: PeerInfo) -> Message:
+    if msg.kind == "fit":
+        TRANSFERS.start(msg.meta["transfer"])   # handed over, as the agent's handler does
+        return Message("ack", {"nbytes": msg.body_bytes})
     if msg.kind == "echo":
         return Message("echo", {}, msg.arrays)
     if msg.kind == "send":
@@ -78,7 +86,7 @@ def handler(msg: Message, peer: PeerInfo) -> Message:
 
 def make_server(root: Path) -> FrameServer:
     ctx = server_context(root / "ca.crt", root / "server.crt", root / "server.key")
-    return FrameServer(LOOPBACK, 0, ctx, handler)
+    return FrameServer(LOOPBACK, 0, ctx, handler, receiver=TRANSFERS.receiver)
 
 
 def single_frame() -> None:
@@ -107,9 +115,10 @@ def timed(client: FrameClient, msg: Message, receive=None) -> float:
     return time.perf_counter() - started
 
 
-def timed_update(client: FrameClient, size: int, spool: Path) -> float:
-    """One update received as a round receives it (spooled when large)."""
-    receiver = MemoryBudget(1).receiver(lambda specs: None, spool)
+def timed_update(client: FrameClient, size: int, spool: Path, budget: MemoryBudget) -> float:
+    """One update received as a round receives it (spooled when large, into
+    the file the last update used)."""
+    receiver = budget.receiver(lambda specs: None, spool)
     try:
         return timed(client, Message("send", {"size": size}), receiver)
     finally:
@@ -121,14 +130,17 @@ def bench(root: Path, port: int, size_mb: float, runs: int) -> dict:
     model = model_of(int(size_mb * 1e6) // 4)
     nbytes = model.nbytes
     spool = root / "spool"
+    budget = MemoryBudget(1)   # one per run, as a training run has
+    uploads = (Message("fit", {"transfer": f"bench/{i}/1/fit"}, [model]) for i in range(10**6))
     with FrameClient(LOOPBACK, port, ctx, server_hostname=LOOPBACK, timeout=120) as client:
-        upload_msg, echo_msg = Message("model", {}, [model]), Message("echo", {}, [model])
-        timed(client, upload_msg)  # warm-up: first-touch page faults, TCP window growth
-        timed_update(client, model.size, spool)
+        echo_msg = Message("echo", {}, [model])
+        timed(client, next(uploads))  # warm-up: first-touch page faults, TCP window growth
+        timed_update(client, model.size, spool, budget)
         timed(client, echo_msg)
-        upload = [timed(client, upload_msg) for _ in range(runs)]
-        update = [timed_update(client, model.size, spool) for _ in range(runs)]
+        upload = [timed(client, next(uploads)) for _ in range(runs)]
+        update = [timed_update(client, model.size, spool, budget) for _ in range(runs)]
         roundtrip = [timed(client, echo_msg) for _ in range(runs)]
+    budget.close()
     up_mb_s = nbytes / 1e6 / statistics.median(upload)
     update_mb_s = nbytes / 1e6 / statistics.median(update)
     rt_mb_s = 2 * nbytes / 1e6 / statistics.median(roundtrip)

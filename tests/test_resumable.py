@@ -190,3 +190,49 @@ def test_the_first_model_survives_a_cut_too(tmp_path: Path, monkeypatch, uncut: 
     assert any(line.startswith("h0: the connection dropped") for line in told), told
     assert any(line.startswith("initial weights from h0") for line in told), told
     assert [w.tobytes() for w in load_weights(summary.final_weights)] == uncut
+
+
+def test_the_next_model_is_received_into_the_last_one_once_nothing_holds_it() -> None:
+    """The agent receives a round's model into the previous round's buffers
+    (pages already backed), unless anything still holds them: a task that
+    kept the weights (or a view of them) gets fresh ones, and so does a
+    model of another layout."""
+    import socket
+    import threading
+
+    import numpy as np
+
+    from flctl.agent.transfers import Transfers
+    from flctl.core.messages import Message
+    from flctl.net.framing import recv_message, send_message
+
+    transfers = Transfers()
+    layout = [np.zeros((300, 7), np.float32), np.zeros(5, np.int64)]
+
+    def receive(round_number: int, model: list[np.ndarray]) -> list[np.ndarray]:
+        key = f"run/{round_number}/1/fit"
+        a, b = socket.socketpair()
+        with a, b:
+            sender = threading.Thread(target=send_message,
+                                      args=(a, Message("fit", {"transfer": key}, model)))
+            sender.start()
+            got, _ = recv_message(b, receive=transfers.receiver())
+            sender.join()
+        transfers.start(key)   # handed to the handler
+        for want, have in zip(model, got.arrays):
+            assert have.tobytes() == want.tobytes()
+        return got.arrays
+
+    first = receive(1, [x + 1 for x in layout])
+    first_data = [a.ctypes.data for a in first]
+    del first
+    second = receive(2, [x + 2 for x in layout])
+    assert [a.ctypes.data for a in second] == first_data    # written over in place
+    kept = second[0].reshape(-1)                            # a task keeps a view
+    del second
+    third = receive(3, [x + 3 for x in layout])
+    assert third[0].ctypes.data != kept.ctypes.data         # fresh: the view is untouched
+    assert kept[0] == 2
+    del third
+    other = receive(4, [np.ones(9, np.float32)])        # another layout: fresh too
+    assert other[0].shape == (9,)

@@ -209,9 +209,21 @@ def test_a_stream_that_ends_early_is_a_closed_connection() -> None:
 # ------------------------------------------------------------------ the spool
 
 
+_BUDGETS: list[MemoryBudget] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_budgets():
+    """A run closes its budget (and the spool files it keeps); so do these tests."""
+    yield
+    while _BUDGETS:
+        _BUDGETS.pop().close()
+
+
 def _spooled(arrays: list[np.ndarray], tmp_path: Path, monkeypatch) -> tuple:
     monkeypatch.setattr(budget_module, "IN_MEMORY_BYTES", 0)
-    receiver = MemoryBudget(1).receiver(expect_weights(arrays), tmp_path / "spool")
+    _BUDGETS.append(MemoryBudget(1))
+    receiver = _BUDGETS[-1].receiver(expect_weights(arrays), tmp_path / "spool")
     got, _, _ = _pair_roundtrip(Message("fit_result", {}, arrays), SMALL, receiver)
     return receiver, got.arrays
 
@@ -240,6 +252,52 @@ def test_a_large_update_goes_to_an_unlinked_file_and_reads_back_exactly(
     receiver.release()
     with pytest.raises(OSError):
         got[0].read(0, 10)   # released: the file is gone
+
+
+def test_the_next_update_overwrites_a_released_spool_file(tmp_path: Path, monkeypatch) -> None:
+    """A released spool file is kept for the next update (its pages are reused,
+    not taken fresh): the next one reads back exactly, a smaller one leaves no
+    stale bytes past its end, the old FileArrays fail rather than read the new
+    update, and close() frees the kept files."""
+    monkeypatch.setattr(budget_module, "IN_MEMORY_BYTES", 0)
+    budget = MemoryBudget(2)
+    rng = np.random.default_rng(2)
+
+    def receive(arrays: list[np.ndarray]):
+        receiver = budget.receiver(expect_weights(arrays), tmp_path / "spool")
+        got, _, _ = _pair_roundtrip(Message("fit_result", {}, arrays), SMALL, receiver)
+        return receiver, got.arrays
+
+    big = [rng.standard_normal(5000).astype(np.float32)]
+    first, old = receive(big)
+    first.release()
+    with pytest.raises(OSError):
+        old[0].read(0, 10)
+    kept = budget._spare[0][1]
+    small = [rng.standard_normal(3000).astype(np.float32)]
+    second, got = receive(small)
+    assert second._spool is not None and second._spool._fd == kept   # the same file
+    assert os.fstat(kept).st_size == small[0].nbytes
+    assert np.asarray(got[0]).tobytes() == small[0].tobytes()
+    with pytest.raises(OSError):
+        old[0].read(0, 10)
+    # two at once: one reuses, one is new; both come back
+    third, _ = receive(big)
+    assert third._spool is not None and third._spool._fd != kept
+    second.release()
+    third.release()
+    assert len(budget._spare) == 2
+    fds = [fd for _, fd, _ in budget._spare]
+    budget.close()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    late, _ = receive(small)   # a worker that outlives the run: its file is closed
+    late_fd = late._spool._fd
+    late.release()
+    assert budget._spare == []
+    with pytest.raises(OSError):
+        os.fstat(late_fd)
 
 
 def test_a_spooled_nan_is_seen_while_it_is_written(tmp_path: Path, monkeypatch) -> None:

@@ -543,6 +543,7 @@ class Coordinator:
             self._pool.shutdown(wait=False, cancel_futures=True)
             for client in self.clients:
                 client.close()
+            self.budget.close()
 
     def _stop_if_diverging(self, history: Sequence[RoundRecord]) -> None:
         """Stop a diverging run (flctl.core.divergence) with its fix, rather than

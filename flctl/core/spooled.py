@@ -37,12 +37,21 @@ def _finite(piece: np.ndarray) -> bool:
     return bool(np.isfinite(piece).all())
 
 
+class _Lease:
+    """The spool file's descriptor as its FileArrays see it: -1 once the file
+    is closed or handed to another update, so a late read fails (EBADF)
+    instead of reading someone else's bytes."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+
 class FileArray:
     """One array of a spooled update: shape, dtype, and its bytes in a file."""
 
-    def __init__(self, fd: int, offset: int, dtype: np.dtype, shape: tuple[int, ...],
+    def __init__(self, lease: _Lease, offset: int, dtype: np.dtype, shape: tuple[int, ...],
                  finite: bool, directory: Path | None = None) -> None:
-        self._fd = fd
+        self._lease = lease
         self._offset = offset
         self.dtype = np.dtype(dtype)
         self.shape = tuple(shape)
@@ -63,7 +72,7 @@ class FileArray:
         position = self._offset + start * self.dtype.itemsize
         done = 0
         while done < view.nbytes:
-            n = os.preadv(self._fd, [view[done:]], position + done)
+            n = os.preadv(self._lease.fd, [view[done:]], position + done)
             if n <= 0:
                 raise OSError(f"spool file ended {view.nbytes - done} bytes early")
             done += n
@@ -80,16 +89,15 @@ class FileArray:
 class SpoolFile:
     """An update's arrays written into one unlinked temporary file (0600)."""
 
-    def __init__(self, directory: Path, layout: Sequence[tuple[np.dtype, tuple[int, ...]]]
-                 ) -> None:
+    def __init__(self, directory: Path, layout: Sequence[tuple[np.dtype, tuple[int, ...]]],
+                 reuse: int | None = None) -> None:
+        """`reuse`: the descriptor of a released spool file of the same
+        directory (`detach`), whose pages are overwritten instead of new ones
+        being taken (see budget.MemoryBudget)."""
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory = directory
-        try:   # never has a name: a crash leaves nothing behind
-            self._fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
-        except (AttributeError, OSError):
-            fd, name = tempfile.mkstemp(dir=directory, prefix=".update-")
-            os.unlink(name)
-            self._fd = fd
+        self._fd = reuse if reuse is not None else open_unlinked(directory)
+        self._lease = _Lease(self._fd)
         self.layout = [(np.dtype(dtype), tuple(shape)) for dtype, shape in layout]
         self.offsets: list[int] = []
         total = 0
@@ -97,6 +105,8 @@ class SpoolFile:
             self.offsets.append(total)
             total += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         self.nbytes = total
+        if reuse is not None and os.fstat(reuse).st_size > total:
+            os.ftruncate(reuse, total)   # no stale bytes of a bigger update past the end
         self._finite = [True] * len(self.layout)
         self._piece = np.empty(0, np.uint8)
 
@@ -124,11 +134,28 @@ class SpoolFile:
 
     def arrays(self) -> list[FileArray]:
         self._piece = np.empty(0, np.uint8)
-        return [FileArray(self._fd, offset, dtype, shape, finite, self.directory)
+        return [FileArray(self._lease, offset, dtype, shape, finite, self.directory)
                 for (dtype, shape), offset, finite
                 in zip(self.layout, self.offsets, self._finite)]
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
-            self._fd = -1
+            self._fd = self._lease.fd = -1
+
+    def detach(self) -> int:
+        """Give up the file without closing it, for the next update to reuse
+        (its FileArrays must not be read after this)."""
+        fd, self._fd = self._fd, -1
+        self._lease.fd = -1
+        return fd
+
+
+def open_unlinked(directory: Path) -> int:
+    """A new 0600 file in `directory` that never has a name: a crash leaves nothing behind."""
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except (AttributeError, OSError):
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".update-")
+        os.unlink(name)
+        return fd
