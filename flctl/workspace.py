@@ -158,10 +158,10 @@ def deployed_overlay_addresses(paths: WorkspacePaths) -> dict[str, ipaddress.IPv
 
 
 def record_overlay_addresses(paths: WorkspacePaths, hosts: dict[str, str]) -> None:
-    """Remember deployed hosts' overlay addresses (merged with earlier ones)."""
+    """Remember deployed hosts' overlay addresses (merged with earlier ones, the
+    old peer list's too: a host this deploy left out keeps its address)."""
     exists = paths.overlay_addresses.exists()
-    known = {name: str(ip) for name, ip in deployed_overlay_addresses(paths).items()} \
-        if exists else {}
+    known = {name: str(ip) for name, ip in deployed_overlay_addresses(paths).items()}
     merged = {**known, **hosts}
     if merged != known or not exists:
         atomic_write(paths.overlay_addresses, json.dumps(merged, indent=2, sort_keys=True))

@@ -49,9 +49,9 @@ pytestmark = [pytest.mark.lab, pytest.mark.skipif(_REASON is not None, reason=_R
 # test run uses (installed in its venv). Lab hosts have a private /tmp (where
 # a CI clone may live), so they get their own copy of flctl's package and run
 # it with the host's python3, which has no flctl of its own.
-HOSTCTL = (sys.executable, "-m", "flctl.agent.host_helper")
+HOST_HELPER = (sys.executable, "-m", "flctl.agent.host_helper")
 LAB_SOURCE = "/opt/flctl-src"
-LAB_HOSTCTL = ("env", f"PYTHONPATH={LAB_SOURCE}", "python3", "-m", "flctl.agent.host_helper")
+LAB_HOST_HELPER = ("env", f"PYTHONPATH={LAB_SOURCE}", "python3", "-m", "flctl.agent.host_helper")
 HUB_OVERLAY = "198.19.0.1"
 HOST_OVERLAY = "198.19.0.11"
 WG_PORT = 51820
@@ -101,9 +101,9 @@ class Netns:
             raise AssertionError(f"{cmd} failed ({done.returncode}): {done.stdout}{done.stderr}")
         return done
 
-    def hostctl(self, *args: str, input_text: str | None = None) -> dict[str, Any]:
-        done = self.run(*HOSTCTL, *args, input_text=input_text, check=False)
-        assert done.returncode == 0, f"hostctl {args[0]}: {done.stdout}{done.stderr}"
+    def host_helper(self, *args: str, input_text: str | None = None) -> dict[str, Any]:
+        done = self.run(*HOST_HELPER, *args, input_text=input_text, check=False)
+        assert done.returncode == 0, f"host_helper {args[0]}: {done.stdout}{done.stderr}"
         return dict(json.loads(done.stdout))
 
     def pids(self) -> list[int]:
@@ -201,17 +201,17 @@ def tunnel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Side, Sid
         for side in (hub, host):
             side.ns.run("ip", "addr", "add", f"{side.underlay}/24", "dev", "eth0")
             side.ns.run("ip", "link", "set", "eth0", "up")
-            side.public_key = side.ns.hostctl("wg-key", "--dir", str(side.dir))["public_key"]
+            side.public_key = side.ns.host_helper("wg-key", "--dir", str(side.dir))["public_key"]
         psk = subprocess.run(["wg", "genpsk"], capture_output=True, text=True,
                              check=True).stdout
-        assert hub.ns.hostctl("wg-psk", "--path", str(hub.dir / "host.psk"),
+        assert hub.ns.host_helper("wg-psk", "--path", str(hub.dir / "host.psk"),
                               input_text=psk) == {"changed": True}
-        assert host.ns.hostctl("wg-psk", "--path", str(host.dir / "hub.psk"),
+        assert host.ns.host_helper("wg-psk", "--path", str(host.dir / "hub.psk"),
                                input_text=psk) == {"changed": True}
         _write(hub.config, _hub_config(hub, [("host", host)]))
         _write(host.config, _host_config(host, hub))
         for side in (hub, host):
-            answer = side.ns.hostctl("wg-up", "--config", str(side.config))
+            answer = side.ns.host_helper("wg-up", "--config", str(side.config))
             expected = "kernel" if Path("/sys/module/wireguard").exists() else "userspace"
             assert answer["result"] == "created" and answer["implementation"] == expected
         yield hub, host
@@ -228,19 +228,19 @@ class TestTunnel:
         assert host.dir.stat().st_mode & 0o777 == 0o700
         assert (host.dir / "hub.psk").stat().st_mode & 0o777 == 0o600
         before = key.read_bytes()
-        again = host.ns.hostctl("wg-key", "--dir", str(host.dir))
+        again = host.ns.host_helper("wg-key", "--dir", str(host.dir))
         assert again["public_key"] == host.public_key and key.read_bytes() == before
         derived = subprocess.run(["wg", "pubkey"], input=before.decode(), capture_output=True,
                                  text=True, check=True).stdout.strip()
         assert derived == host.public_key
-        same = host.ns.hostctl("wg-psk", "--path", str(host.dir / "hub.psk"),
+        same = host.ns.host_helper("wg-psk", "--path", str(host.dir / "hub.psk"),
                                input_text=(host.dir / "hub.psk").read_text())
         assert same == {"changed": False}
 
     def test_handshake_and_ping_over_the_overlay(self, tunnel: tuple[Side, Side]) -> None:
         hub, host = tunnel
         assert _ping(host.ns, HUB_OVERLAY) and _ping(hub.ns, HOST_OVERLAY)
-        shown = host.ns.hostctl("wg-show", "--interface", IFACE)
+        shown = host.ns.host_helper("wg-show", "--interface", IFACE)
         assert shown["present"] is True and shown["implementation"] in ("kernel", "userspace")
         (peer,) = shown["peers"]
         assert peer["public_key"] == hub.public_key and peer["preshared_key"] is True
@@ -248,15 +248,15 @@ class TestTunnel:
         assert peer["latest_handshake"] > 0 and 0 <= shown["now"] - peer["latest_handshake"] < 30
         assert peer["handshake_age_s"] == shown["now"] - peer["latest_handshake"]
         assert peer["rx_bytes"] > 0 and peer["tx_bytes"] > 0 and peer["keepalive"] == 25
-        on_hub = hub.ns.hostctl("wg-show", "--interface", IFACE)["peers"]
+        on_hub = hub.ns.host_helper("wg-show", "--interface", IFACE)["peers"]
         assert [p["public_key"] for p in on_hub] == [host.public_key]
         assert on_hub[0]["endpoint"] == f"{host.underlay}:{WG_PORT}"   # learnt, not configured
 
     def test_same_config_is_unchanged_and_keeps_the_daemon(self, tunnel: tuple[Side, Side]) -> None:
         hub, host = tunnel
         for side in (hub, host):
-            before = side.ns.hostctl("wg-show", "--interface", IFACE)
-            answer = side.ns.hostctl("wg-up", "--config", str(side.config))
+            before = side.ns.host_helper("wg-show", "--interface", IFACE)
+            answer = side.ns.host_helper("wg-up", "--config", str(side.config))
             assert answer["result"] == "unchanged"
             assert answer["pid"] == before["pid"]
             assert answer["pid"] is not None or answer["implementation"] == "kernel"
@@ -264,13 +264,13 @@ class TestTunnel:
     def test_peer_changes_are_live_without_restart(self, tunnel: tuple[Side, Side]) -> None:
         hub, host = tunnel
         _ping(host.ns, HUB_OVERLAY)
-        before = host.ns.hostctl("wg-show", "--interface", IFACE)
+        before = host.ns.host_helper("wg-show", "--interface", IFACE)
         handshake = before["peers"][0]["latest_handshake"]
         try:
             _write(host.config, _host_config(host, hub, keepalive=15))
-            answer = host.ns.hostctl("wg-up", "--config", str(host.config))
+            answer = host.ns.host_helper("wg-up", "--config", str(host.config))
             assert answer["result"] == "updated" and answer["pid"] == before["pid"]
-            after = host.ns.hostctl("wg-show", "--interface", IFACE)
+            after = host.ns.host_helper("wg-show", "--interface", IFACE)
             assert after["peers"][0]["keepalive"] == 15
             # the session survived: same handshake, keys and PSK still in place
             assert after["peers"][0]["latest_handshake"] == handshake
@@ -282,12 +282,12 @@ class TestTunnel:
                                       text=True, check=True).stdout.strip()
             (hub.dir / "stranger.psk").write_text(
                 subprocess.run(["wg", "genpsk"], capture_output=True, text=True).stdout)
-            hub_pid = hub.ns.hostctl("wg-show", "--interface", IFACE)["pid"]
+            hub_pid = hub.ns.host_helper("wg-show", "--interface", IFACE)["pid"]
             _write(hub.config, _hub_config(hub, [("host", host), ("stranger", stranger)]))
-            answer = hub.ns.hostctl("wg-up", "--config", str(hub.config))
+            answer = hub.ns.host_helper("wg-up", "--config", str(hub.config))
             assert answer["result"] == "updated" and answer["pid"] == hub_pid
             peers = {p["public_key"]: p for p in
-                     hub.ns.hostctl("wg-show", "--interface", IFACE)["peers"]}
+                     hub.ns.host_helper("wg-show", "--interface", IFACE)["peers"]}
             assert set(peers) == {host.public_key, stranger}
             assert peers[stranger]["preshared_key"] is True   # the new peer got its PSK live
             assert peers[stranger]["allowed_ips"] == ["198.19.0.99/32"]
@@ -295,17 +295,17 @@ class TestTunnel:
         finally:
             _write(host.config, _host_config(host, hub))
             _write(hub.config, _hub_config(hub, [("host", host)]))
-            assert host.ns.hostctl("wg-up", "--config", str(host.config))["result"] == "updated"
-            assert hub.ns.hostctl("wg-up", "--config", str(hub.config))["result"] == "updated"
-        assert {p["public_key"] for p in hub.ns.hostctl("wg-show", "--interface", IFACE)["peers"]
+            assert host.ns.host_helper("wg-up", "--config", str(host.config))["result"] == "updated"
+            assert hub.ns.host_helper("wg-up", "--config", str(hub.config))["result"] == "updated"
+        assert {p["public_key"] for p in hub.ns.host_helper("wg-show", "--interface", IFACE)["peers"]
                 } == {host.public_key}
 
     def test_new_address_restarts_the_interface(self, tunnel: tuple[Side, Side]) -> None:
         hub, host = tunnel
-        before = host.ns.hostctl("wg-show", "--interface", IFACE)["pid"]
+        before = host.ns.host_helper("wg-show", "--interface", IFACE)["pid"]
         try:
             _write(host.config, _host_config(host, hub, address="198.19.0.21/24"))
-            answer = host.ns.hostctl("wg-up", "--config", str(host.config))
+            answer = host.ns.host_helper("wg-up", "--config", str(host.config))
             assert answer["result"] == "updated"
             if answer["implementation"] == "userspace":
                 assert answer["pid"] != before and not is_alive(before)
@@ -313,19 +313,19 @@ class TestTunnel:
             assert "198.19.0.21/24" in shown and HOST_OVERLAY not in shown
         finally:
             _write(host.config, _host_config(host, hub))
-            host.ns.hostctl("wg-up", "--config", str(host.config))
+            host.ns.host_helper("wg-up", "--config", str(host.config))
         assert _ping(host.ns, HUB_OVERLAY)
 
     def test_down_removes_interface_and_daemon(self, tunnel: tuple[Side, Side]) -> None:
         hub, host = tunnel
-        pid = host.ns.hostctl("wg-show", "--interface", IFACE)["pid"]
-        assert host.ns.hostctl("wg-down", "--config", str(host.config)) == {"changed": True}
+        pid = host.ns.host_helper("wg-show", "--interface", IFACE)["pid"]
+        assert host.ns.host_helper("wg-down", "--config", str(host.config)) == {"changed": True}
         assert host.ns.run("ip", "link", "show", "dev", IFACE, check=False).returncode != 0
         assert pid is None or not is_alive(pid)
-        gone = host.ns.hostctl("wg-show", "--interface", IFACE)
+        gone = host.ns.host_helper("wg-show", "--interface", IFACE)
         assert gone["present"] is False and gone["peers"] == []
-        assert host.ns.hostctl("wg-down", "--config", str(host.config)) == {"changed": False}
-        assert host.ns.hostctl("wg-up", "--config", str(host.config))["result"] == "created"
+        assert host.ns.host_helper("wg-down", "--config", str(host.config)) == {"changed": False}
+        assert host.ns.host_helper("wg-up", "--config", str(host.config))["result"] == "created"
         assert _ping(host.ns, HUB_OVERLAY)
 
 
@@ -358,54 +358,54 @@ class TestFirewall:
         netns.run("nft", "-f", "-", input_text=FOREIGN_TABLE)
         foreign = netns.run("nft", "list", "table", "inet", "other").stdout
         state = str(tmp_path / "fw")
-        applied = netns.hostctl("fw-apply", "--ruleset", str(_ruleset(tmp_path)), "--state", state,
+        applied = netns.host_helper("fw-apply", "--ruleset", str(_ruleset(tmp_path)), "--state", state,
                                 "--timeout", "60")
         assert applied["changed"] is True
         assert netns.run("nft", "list", "table", "inet", "other").stdout == foreign
-        assert netns.hostctl("fw-confirm", "--state", state) == {"disarmed": True,
+        assert netns.host_helper("fw-confirm", "--state", state) == {"disarmed": True,
                                                                  "rolled_back": False}
-        assert netns.hostctl("fw-remove", "--state", state) == {"changed": True}
+        assert netns.host_helper("fw-remove", "--state", state) == {"changed": True}
         assert _table(netns) is None
         assert netns.run("nft", "list", "table", "inet", "other").stdout == foreign
-        assert netns.hostctl("fw-remove") == {"changed": False}
+        assert netns.host_helper("fw-remove") == {"changed": False}
 
     def test_apply_is_idempotent(self, netns: Netns, tmp_path: Path) -> None:
         state = str(tmp_path / "fw")
         ruleset = str(_ruleset(tmp_path))
-        first = netns.hostctl("fw-apply", "--ruleset", ruleset, "--state", state, "--timeout", "60")
+        first = netns.host_helper("fw-apply", "--ruleset", ruleset, "--state", state, "--timeout", "60")
         assert first["changed"] is True and is_alive(first["armed"])
-        netns.hostctl("fw-confirm", "--state", state)
+        netns.host_helper("fw-confirm", "--state", state)
         assert not is_alive(first["armed"])
         loaded = _table(netns)
-        second = netns.hostctl("fw-apply", "--ruleset", ruleset, "--state", state, "--timeout", "60")
+        second = netns.host_helper("fw-apply", "--ruleset", ruleset, "--state", state, "--timeout", "60")
         assert second == {"changed": False, "armed": None}
         assert _table(netns) == loaded
-        status = netns.hostctl("fw-status", "--state", state)
+        status = netns.host_helper("fw-status", "--state", state)
         assert status["present"] is True and status["as_applied"] is True
         assert status["armed"] is None and status["dropped_packets"] == 0
         # a table changed behind flctl's back is put right on the next apply
         netns.run("nft", "delete", "table", "inet", "flctl")
-        third = netns.hostctl("fw-apply", "--ruleset", ruleset, "--state", state, "--timeout", "60")
+        third = netns.host_helper("fw-apply", "--ruleset", ruleset, "--state", state, "--timeout", "60")
         assert third["changed"] is True and _table(netns) == loaded
-        netns.hostctl("fw-confirm", "--state", state)
+        netns.host_helper("fw-confirm", "--state", state)
 
     def test_unconfirmed_apply_rolls_back_for_real(self, netns: Netns, tmp_path: Path) -> None:
         state = str(tmp_path / "fw")
-        netns.hostctl("fw-apply", "--ruleset", str(_ruleset(tmp_path, 7443, "a.nft")),
+        netns.host_helper("fw-apply", "--ruleset", str(_ruleset(tmp_path, 7443, "a.nft")),
                       "--state", state, "--timeout", "60")
-        assert netns.hostctl("fw-confirm", "--state", state)["disarmed"] is True
+        assert netns.host_helper("fw-confirm", "--state", state)["disarmed"] is True
         previous = _table(netns)
         started = time.monotonic()
-        applied = netns.hostctl("fw-apply", "--ruleset", str(_ruleset(tmp_path, 8443, "b.nft")),
+        applied = netns.host_helper("fw-apply", "--ruleset", str(_ruleset(tmp_path, 8443, "b.nft")),
                                 "--state", state, "--timeout", "1.5")
         assert applied["changed"] is True
         assert "8443" in (_table(netns) or "")          # the new table is really loaded
         assert _wait_for(lambda: _table(netns) == previous, 8)
         assert time.monotonic() - started >= 1.4        # not before its time
         assert _wait_for(lambda: not is_alive(applied["armed"]), 3)
-        status = netns.hostctl("fw-status", "--state", state)
+        status = netns.host_helper("fw-status", "--state", state)
         assert status["rolled_back_at"] is not None and status["armed"] is None
-        assert netns.hostctl("fw-confirm", "--state", state) == {"disarmed": False,
+        assert netns.host_helper("fw-confirm", "--state", state) == {"disarmed": False,
                                                                  "rolled_back": True}
 
     def test_armed_before_the_tunnel_a_new_interface_is_undone_too(
@@ -414,45 +414,45 @@ class TestFirewall:
         host drops the interface that did not exist before, and restores the table.
         (A veth stands in for the tunnel: this kernel has no dummy or WireGuard module.)"""
         state = str(tmp_path / "fw")
-        armed = netns.hostctl("fw-arm", "--state", state, "--timeout", "1.5",
+        armed = netns.host_helper("fw-arm", "--state", state, "--timeout", "1.5",
                               "--new-interface", "fl-new")
         netns.run("ip", "link", "add", "fl-new", "type", "veth", "peer", "name", "fl-new-p")
-        applied = netns.hostctl("fw-apply", "--ruleset", str(_ruleset(tmp_path)),
+        applied = netns.host_helper("fw-apply", "--ruleset", str(_ruleset(tmp_path)),
                                 "--state", state, "--timeout", "1.5")
         assert applied["changed"] is True and _table(netns) is not None
         assert _wait_for(lambda: netns.run("ip", "link", "show", "fl-new",
                                            check=False).returncode != 0, 8)
         assert _wait_for(lambda: _table(netns) is None, 8)          # no table before: none after
         assert not is_alive(armed["armed"])
-        assert netns.hostctl("fw-status", "--state", state)["rolled_back_at"] is not None
+        assert netns.host_helper("fw-status", "--state", state)["rolled_back_at"] is not None
 
     def test_a_confirmed_new_interface_stays(self, netns: Netns, tmp_path: Path) -> None:
         state = str(tmp_path / "fw")
-        netns.hostctl("fw-arm", "--state", state, "--timeout", "1.5", "--new-interface", "fl-keep")
+        netns.host_helper("fw-arm", "--state", state, "--timeout", "1.5", "--new-interface", "fl-keep")
         netns.run("ip", "link", "add", "fl-keep", "type", "veth", "peer", "name", "fl-keep-p")
-        assert netns.hostctl("fw-confirm", "--state", state)["disarmed"] is True
+        assert netns.host_helper("fw-confirm", "--state", state)["disarmed"] is True
         time.sleep(2.0)
         assert netns.run("ip", "link", "show", "fl-keep", check=False).returncode == 0
 
     def test_confirm_disarms(self, netns: Netns, tmp_path: Path) -> None:
         state = str(tmp_path / "fw")
         # 5 s to confirm: two helper runs on a loaded machine can take 1.5 s
-        applied = netns.hostctl("fw-apply", "--ruleset", str(_ruleset(tmp_path)), "--state", state,
+        applied = netns.host_helper("fw-apply", "--ruleset", str(_ruleset(tmp_path)), "--state", state,
                                 "--timeout", "5")
         loaded = _table(netns)
         assert loaded is not None
-        assert netns.hostctl("fw-confirm", "--state", state) == {"disarmed": True,
+        assert netns.host_helper("fw-confirm", "--state", state) == {"disarmed": True,
                                                                  "rolled_back": False}
         assert not is_alive(applied["armed"])
         time.sleep(5.5)
         assert _table(netns) == loaded
-        assert netns.hostctl("fw-status", "--state", state)["rolled_back_at"] is None
+        assert netns.host_helper("fw-status", "--state", state)["rolled_back_at"] is None
 
     def test_rollback_restores_absence(self, netns: Netns, tmp_path: Path) -> None:
         netns.run("nft", "-f", "-", input_text=FOREIGN_TABLE)
         foreign = netns.run("nft", "list", "table", "inet", "other").stdout
         state = str(tmp_path / "fw")
-        netns.hostctl("fw-apply", "--ruleset", str(_ruleset(tmp_path)), "--state", state,
+        netns.host_helper("fw-apply", "--ruleset", str(_ruleset(tmp_path)), "--state", state,
                       "--timeout", "1.5")
         assert _table(netns) is not None
         assert _wait_for(lambda: _table(netns) is None, 8)
@@ -461,21 +461,21 @@ class TestFirewall:
     def test_rollback_now_and_pending_rollback_keeps_the_confirmed_state(
             self, netns: Netns, tmp_path: Path) -> None:
         state = str(tmp_path / "fw")
-        netns.hostctl("fw-apply", "--ruleset", str(_ruleset(tmp_path, 7443, "a.nft")),
+        netns.host_helper("fw-apply", "--ruleset", str(_ruleset(tmp_path, 7443, "a.nft")),
                       "--state", state, "--timeout", "60")
-        netns.hostctl("fw-confirm", "--state", state)
+        netns.host_helper("fw-confirm", "--state", state)
         confirmed = _table(netns)
-        first = netns.hostctl("fw-apply", "--ruleset", str(_ruleset(tmp_path, 8443, "b.nft")),
+        first = netns.host_helper("fw-apply", "--ruleset", str(_ruleset(tmp_path, 8443, "b.nft")),
                               "--state", state, "--timeout", "60")
         # a second apply while the first waits for its confirmation: one timer,
         # and going back still means going back to the last confirmed table
-        second = netns.hostctl("fw-apply", "--ruleset", str(_ruleset(tmp_path, 9443, "c.nft")),
+        second = netns.host_helper("fw-apply", "--ruleset", str(_ruleset(tmp_path, 9443, "c.nft")),
                                "--state", state, "--timeout", "60")
         assert second["changed"] is True and not is_alive(first["armed"]) and is_alive(second["armed"])
         assert "9443" in (_table(netns) or "")
-        assert netns.hostctl("fw-rollback", "--state", state) == {"changed": True}
+        assert netns.host_helper("fw-rollback", "--state", state) == {"changed": True}
         assert _table(netns) == confirmed and not is_alive(second["armed"])
-        assert netns.hostctl("fw-rollback", "--state", state) == {"changed": False}
+        assert netns.host_helper("fw-rollback", "--state", state) == {"changed": False}
 
     def test_bad_ruleset_is_refused_before_anything_changes(self, netns: Netns,
                                                             tmp_path: Path) -> None:
@@ -483,7 +483,7 @@ class TestFirewall:
         bad.write_text(_ruleset(tmp_path).read_text().replace("tcp dport 7443 accept",
                                                               "tcp dport seven accept"))
         state = tmp_path / "fw"
-        done = netns.run(*HOSTCTL, "fw-apply", "--ruleset", str(bad), "--state", str(state),
+        done = netns.run(*HOST_HELPER, "fw-apply", "--ruleset", str(bad), "--state", str(state),
                          "--timeout", "60", check=False)
         assert done.returncode == 1
         assert "rejected by nft -c" in json.loads(done.stdout)["error"]
@@ -515,11 +515,11 @@ def _connects(lab: Lab, source: str | None, address: str, port: int) -> str:
     return lab.exec(source, "python3", "-c", script, timeout=20).stdout.strip()
 
 
-def _lab_hostctl(lab: Lab, host: str, *args: str, input_text: str = "") -> dict[str, Any]:
-    """hostctl over a NEW SSH connection, as deploy runs it."""
-    done = subprocess.run(lab.ssh_command(host, *LAB_HOSTCTL, *args), input=input_text,
+def _lab_host_helper(lab: Lab, host: str, *args: str, input_text: str = "") -> dict[str, Any]:
+    """host_helper over a NEW SSH connection, as deploy runs it."""
+    done = subprocess.run(lab.ssh_command(host, *LAB_HOST_HELPER, *args), input=input_text,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, f"{host}: hostctl {args[0]}: {done.stdout}{done.stderr}"
+    assert done.returncode == 0, f"{host}: host_helper {args[0]}: {done.stdout}{done.stderr}"
     return dict(json.loads(done.stdout))
 
 
@@ -572,11 +572,11 @@ def _run_lab_checks(lab: Lab) -> None:
                                f"{agent_port} --bind 0.0.0.0' </dev/null >/tmp/agent.log 2>&1")
     assert _wait_for(lambda: _connects(lab, host, "127.0.0.1", agent_port) == "open", 10)
 
-    keys = {name: _lab_hostctl(lab, name, "wg-key", "--dir", root)["public_key"]
+    keys = {name: _lab_host_helper(lab, name, "wg-key", "--dir", root)["public_key"]
             for name in (host, hub)}
     psk = subprocess.run(["wg", "genpsk"], capture_output=True, text=True, check=True).stdout
     for name in (host, hub):
-        assert _lab_hostctl(lab, name, "wg-psk", "--path", f"{root}/pair.psk",
+        assert _lab_host_helper(lab, name, "wg-psk", "--path", f"{root}/pair.psk",
                             input_text=psk)["changed"] is True
     _put(lab, hub, config, render_wg_config(
         address=f"{HUB_OVERLAY}/24", listen_port=WG_PORT, private_key_file=f"{root}/private.key",
@@ -589,7 +589,7 @@ def _run_lab_checks(lab: Lab) -> None:
                       keepalive=25, comment="hub")]))
     for name in (hub, host):     # over SSH: wireguard-go must not hold the session open
         began = time.monotonic()
-        assert _lab_hostctl(lab, name, "wg-up", "--config", config)["result"] == "created"
+        assert _lab_host_helper(lab, name, "wg-up", "--config", config)["result"] == "created"
         print(f"{name}: wg-up over SSH {time.monotonic() - began:.2f} s")
 
     # before the firewall: open everywhere (so the checks below can fail)
@@ -609,11 +609,11 @@ def _run_lab_checks(lab: Lab) -> None:
     _put(lab, host, f"{root}/firewall.nft", render_nft_ruleset(
         interface=IFACE, hub_overlay_ip=HUB_OVERLAY, agent_port=agent_port, wg_port=WG_PORT))
     began = time.monotonic()
-    applied = _lab_hostctl(lab, host, "fw-apply", "--ruleset", f"{root}/firewall.nft",
+    applied = _lab_host_helper(lab, host, "fw-apply", "--ruleset", f"{root}/firewall.nft",
                            "--state", f"{root}/fw", "--timeout", "60")
     assert applied["changed"] is True and applied["armed"]
     applied_at = time.monotonic()
-    assert _lab_hostctl(lab, host, "fw-confirm", "--state", f"{root}/fw") == {
+    assert _lab_host_helper(lab, host, "fw-confirm", "--state", f"{root}/fw") == {
         "disarmed": True, "rolled_back": False}
     print(f"fw-apply {applied_at - began:.2f} s, then new SSH + fw-confirm "
           f"{time.monotonic() - applied_at:.2f} s")
@@ -624,7 +624,7 @@ def _run_lab_checks(lab: Lab) -> None:
                                            sources.values())))
     assert after == {"hub-overlay": "open", "root-underlay": "timeout", "hub-underlay": "timeout",
                      "other-host": "timeout", "stranger": "timeout"}, after
-    status = _lab_hostctl(lab, host, "fw-status", "--state", f"{root}/fw")
+    status = _lab_host_helper(lab, host, "fw-status", "--state", f"{root}/fw")
     assert status["dropped_packets"] >= 4 and status["as_applied"] is True
     assert lab.exec(host, "nft", "list", "table", "inet", "other").stdout == foreign
 
@@ -634,19 +634,19 @@ def _run_lab_checks(lab: Lab) -> None:
                "\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n"
                "\t\ttcp dport 22 ct state new drop\n\t}\n}\n")
     _put(lab, host, f"{root}/lockout.nft", lockout)
-    locked = _lab_hostctl(lab, host, "fw-apply", "--ruleset", f"{root}/lockout.nft",
+    locked = _lab_host_helper(lab, host, "fw-apply", "--ruleset", f"{root}/lockout.nft",
                           "--state", f"{root}/fw", "--timeout", "4")
     assert locked["changed"] is True
     assert not _ssh_works(lab, host)              # a new connection cannot get in ...
     assert _wait_for(lambda: _ssh_works(lab, host), 15)   # ... until the rollback fires
-    back = _lab_hostctl(lab, host, "fw-status", "--state", f"{root}/fw")
+    back = _lab_host_helper(lab, host, "fw-status", "--state", f"{root}/fw")
     assert back["sha256"] == status["sha256"] and back["rolled_back_at"] is not None
     assert _connects(lab, hub, HOST_OVERLAY, agent_port) == "open"
     assert _connects(lab, None, host_ip, agent_port) == "timeout"
 
-    assert _lab_hostctl(lab, host, "fw-remove", "--state", f"{root}/fw") == {"changed": True}
+    assert _lab_host_helper(lab, host, "fw-remove", "--state", f"{root}/fw") == {"changed": True}
     assert _ssh_works(lab, host)
     assert lab.exec(host, "nft", "list", "table", "inet", "other").stdout == foreign
     assert _connects(lab, other, host_ip, agent_port) == "open"
     for name in (host, hub):
-        assert _lab_hostctl(lab, name, "wg-down", "--config", config) == {"changed": True}
+        assert _lab_host_helper(lab, name, "wg-down", "--config", config) == {"changed": True}

@@ -12,13 +12,13 @@ it afresh; deploy records flctl's own wheel anew when flctl changes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from flctl.core.fsutil import sha256_hex
 from flctl.errors import ConfigError
 
 LOCK_FILE = "wheels.lock"
@@ -83,7 +83,7 @@ def target_key(python_tag: str, arch: str,
     if provided is None:
         return base
     listing = "".join(f"{name}=={version}\n" for name, version in sorted(provided))
-    return f"{base}-on-{hashlib.sha256(listing.encode()).hexdigest()[:12]}"
+    return f"{base}-on-{sha256_hex(listing)[:12]}"
 
 
 @dataclass

@@ -221,7 +221,7 @@ def prepare_bundle(env: HostEnv, cache_dir: Path, locked: LockTarget | None = No
     index: around what the host's interpreter already has, for a layered
     agent (its versions are pinned as constraints, and neither it nor
     anything it satisfies is shipped). A warm call reads the package files
-    and a few small notes.
+    and a few small notes, and hashes the cached wheels.
     """
     python_tag, platform_tag = host_tags(env.python_version, env.machine)
     major, minor = _python_xy(env.python_version)
@@ -239,6 +239,10 @@ def prepare_bundle(env: HostEnv, cache_dir: Path, locked: LockTarget | None = No
     with _locked(cache / ".lock"):  # parallel deploys: one downloads, the others reuse
         if locked is not None and tuple(locked.requirements) == requirements \
                 and dict(locked.provided) == kept:
+            # flctl's own wheel is not held to the lock: it is rebuilt from the flctl
+            # running this deploy, whose bytes rightly change with any edit or
+            # reinstall, and a tampered install would run tampered checks anyway;
+            # the lock records it so every host of a run gets the same bytes.
             deps = _fetch_pinned(cache, f"{major}.{minor}", platforms,
                                  locked.without(DISTRIBUTION))
         else:
@@ -274,11 +278,14 @@ def _files_dir(cache: Path) -> Path:
 
 
 def _cached(cache: Path, name: str, sha256: str | None = None) -> WheelFile | None:
-    """A cached wheel whose note (sha256 and size) still matches the file."""
+    """A cached wheel whose bytes still hash to its note (and to `sha256`); None
+    sends it to be fetched again. The bytes are hashed every time, not trusted to
+    the note: a changed file of the same size would otherwise be shipped (a few
+    ms for all of a bundle's wheels)."""
     path = _files_dir(cache) / name
     try:
         sha, size = (path.parent / f"{name}.sha256").read_text().split()
-        if path.stat().st_size != int(size):
+        if path.stat().st_size != int(size) or file_sha256(path) != sha:
             return None
     except (OSError, ValueError):
         return None

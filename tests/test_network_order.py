@@ -1,0 +1,47 @@
+"""A deploy arms the host's firewall rollback before it touches the network.
+
+A new tunnel can cut SSH as surely as a bad table, so the rollback timer
+(`fw-arm`) must be armed before the tunnel comes up (`wg-up`) and before
+the table is loaded (`fw-apply`), and before any network file is uploaded;
+only a fresh connection confirms (`fw-confirm`), after both. The SSH host
+is played on this machine (tests/sandbox_host.py): the real order of a real
+deploy, without changing this machine's network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flctl.deploy import engine, host_deploy
+from flctl.workspace import load_workspace
+from sandbox_host import sandbox, ssh_inventory
+
+from helpers import run_cli, use_ports
+
+
+def test_the_rollback_is_armed_before_the_tunnel_and_table_and_confirmed_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "ws"
+    assert run_cli("init", str(root), "--local", "1").returncode == 0
+    use_ports(root, 1)
+    ssh_inventory(root, ["alpha"])
+    log = sandbox(tmp_path, monkeypatch)
+    monkeypatch.setattr(host_deploy, "ensure_agent_software",
+                        lambda connector, host, bundles, **kw: {"agent_user": "yes"})
+    workspace = load_workspace(root)
+    results = engine.deploy(workspace, list(workspace.inventory.hosts))
+
+    assert [r.status for r in results] == ["changed", "changed"], [r.error for r in results]
+    helper = [command for kind, command in log if kind == "helper"]
+    for command in ("fw-arm", "wg-up", "fw-apply", "fw-confirm"):
+        assert helper.count(command) == 1, helper
+    arm, up, apply, confirm = (helper.index(c) for c in ("fw-arm", "wg-up", "fw-apply",
+                                                         "fw-confirm"))
+    assert arm < up < apply < confirm, helper
+    network_files = [i for i, (kind, path) in enumerate(log) if kind == "put"
+                     and (path.endswith(".nft") or "/wg/" in path)]
+    armed_at = log.index(("helper", "fw-arm"))
+    assert network_files and min(network_files) > armed_at, log
+    assert log.index(("helper", "fw-confirm")) > max(network_files)
