@@ -131,3 +131,30 @@ def test_status_survives_a_host_that_answers_nonsense(workspace: Path,
         workspace_, list(workspace_.inventory.hosts), info_probe(workspace_, 5.0))}
     assert rows["local1"]["agent"] == "idle"
     assert rows["local2"]["reachable"] is False and "status" in rows["local2"]["error"]
+
+
+# The other helper commands a local host's deploy parses an answer from. (The
+# SSH-only ones, ensure-user, install-boot, wg-key, fw-arm, wg-up, fw-apply and
+# fw-confirm, are below, step by step.)
+HELPER_ANSWERS = {
+    "task-check": [('["x"]', "task-check: the host's answer is not a JSON object"),
+                   ('{"data": null}', "task-check.check: missing"),
+                   ("not json", "task-check: the host's answer is not a JSON object")],
+    # the agent's start answer is not read, only its shape
+    "start": [('["x"]', "start: the host's answer is not a JSON object"),
+              ('"started"', "start: the host's answer is not a JSON object"),
+              ("not json", "start: the host's answer is not a JSON object")],
+}
+
+
+@pytest.mark.parametrize("command", sorted(HELPER_ANSWERS))
+def test_a_bad_answer_to_any_helper_fails_only_its_host(
+        workspace: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    cases = HELPER_ANSWERS[command]
+    liars = {f"local{i + 2}": (command, answer) for i, (answer, _) in enumerate(cases)}
+    results = deploy_with(workspace, liars, monkeypatch)
+    assert results["local1"].status == "changed", results["local1"].error
+    for i, (_, complaint) in enumerate(cases):
+        result = results[f"local{i + 2}"]
+        assert result.status == "failed" and complaint in (result.error or ""), result.error
+        assert "unexpected error" not in result.error and "\n" not in result.error
