@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -595,6 +596,116 @@ def test_counts_and_metrics_are_held_to_what_discovery_saw(tmp_path: Path) -> No
     expected = (fed.means[0] * 10 + fed.means[1] * 30) / 40
     with np.load(summary.final_weights) as final:
         np.testing.assert_allclose(final[final.files[0]], expected, rtol=1e-5)
+
+
+def scored(accuracy: float, examples: int | None = None):
+    """A host whose evaluation reports `accuracy` (and, if given, `examples`)."""
+    def change(request, reply):
+        if reply.kind != "eval_result":
+            return reply
+        changes = {"metrics": {**reply.meta.get("metrics", {}), "accuracy": accuracy}}
+        if examples is not None:
+            changes["num_examples"] = examples
+        return _meta(reply, **changes)
+    return change
+
+
+@pytest.mark.parametrize("claimed", [61, 10**9])
+def test_an_evaluation_counts_no_more_than_discovery_saw_and_cannot_stop_the_run(
+        tmp_path: Path, claimed: int) -> None:
+    """h2 (60 examples) claims a perfect score over more examples than it has:
+    believed, its 1.0 would lift the federation's accuracy past target_accuracy
+    (0.75) in round 1; refused, the honest 0.5 runs all three rounds."""
+    fed = Federation(tmp_path, [10, 30, 60],
+                     tamper={0: scored(0.5), 1: scored(0.5), 2: scored(1.0, claimed)})
+    messages: list[str] = []
+    try:
+        training = TrainingSettings(task="meantask:MeanTask", rounds=3, target_accuracy=0.75)
+        summary = fed.coordinator(training, on_message=messages.append).train()
+        # the same federation does stop early when the target is honestly met
+        honest = fed.coordinator(TrainingSettings(task="meantask:MeanTask", rounds=3,
+                                                  target_accuracy=0.5)).train()
+    finally:
+        fed.close()
+    assert len(summary.history) == 3 and len(honest.history) == 1
+    assert not any("target_accuracy" in m for m in messages), messages
+    assert summary.accuracy == pytest.approx(0.5)
+    assert any(m.startswith(f"h2: evaluation rejected: it claims {claimed} examples, the host "
+                            f"has 60") for m in messages), messages
+    # only its evaluation is refused; its update still counts
+    assert all(r.participants == ["h0", "h1", "h2"] for r in summary.history)
+
+
+def non_finite(where: str, value: float):
+    def change(request, reply):
+        if where == "eval" and reply.kind == "eval_result":
+            return _meta(reply, loss=value)
+        if where == "fit" and reply.kind == "fit_result":
+            return _meta(reply, metrics={**reply.meta.get("metrics", {}), "train_loss": value})
+        return reply
+    return change
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["fit", "eval"])
+def test_a_non_finite_loss_is_refused(tmp_path: Path, where: str, value: float) -> None:
+    """A NaN or infinite loss (JSON allows NaN and Infinity) would poison the
+    round's weighted mean; the host's reply is refused, the figures stay finite."""
+    fed = Federation(tmp_path, [10, 30, 60], tamper={2: non_finite(where, value)})
+    messages: list[str] = []
+    try:
+        training = TrainingSettings(task="meantask:MeanTask", rounds=2)
+        summary = fed.coordinator(training, on_message=messages.append).train()
+    finally:
+        fed.close()
+    for record in summary.history:
+        assert math.isfinite(record.train_loss) and math.isfinite(record.eval_loss)
+        assert record.eval_loss == pytest.approx(0.5)
+        if where == "fit":
+            assert record.participants == ["h0", "h1"]
+            assert f"train_loss {value!r} is not a finite number" in record.dropped["h2"]
+        else:
+            assert record.participants == ["h0", "h1", "h2"]
+    if where == "eval":
+        assert any(m.startswith(f"h2: evaluation rejected: loss {value!r} is not a finite")
+                   for m in messages), messages
+
+
+def info_change(path: tuple[str, ...], value):
+    """A host whose info answer has `value` at `path`."""
+    def change(request, reply):
+        if reply.kind != "info":
+            return reply
+        meta = json.loads(json.dumps(reply.meta))
+        target = meta
+        for key in path[:-1]:
+            target = target.setdefault(key, {})
+        target[path[-1]] = value
+        return Message(reply.kind, meta, reply.arrays)
+    return change
+
+
+@pytest.mark.parametrize("path, value, field", [
+    (("data", "n_train"), "many", "info.data.n_train"),
+    (("data", "n_features"), -3, "info.data.n_features"),
+    (("data", "n_test"), 1.5, "info.data.n_test"),
+    (("memory", "available_bytes"), "x", "info.memory.available_bytes"),
+    (("state",), ["training"], "info.state"),
+    (("name",), 42, "info.name"),
+])
+def test_an_info_answer_of_wrong_types_leaves_out_only_that_host(
+        tmp_path: Path, path, value, field: str) -> None:
+    fed = Federation(tmp_path, [10, 30, 60], tamper={1: info_change(path, value)})
+    messages: list[str] = []
+    try:
+        training = TrainingSettings(task="meantask:MeanTask", rounds=1, min_hosts=2)
+        summary = fed.coordinator(training, on_message=messages.append).train()
+    finally:
+        fed.close()
+    assert summary.history[0].participants == ["h0", "h2"]
+    told = [m for m in messages if "h1" in m]
+    assert len(told) == 1 and "\n" not in told[0], messages
+    assert told[0].startswith("left out: h1: bad info answer") and field in told[0], told
 
 
 def test_a_reply_of_the_wrong_layout_takes_no_memory(tmp_path: Path) -> None:

@@ -131,3 +131,124 @@ def test_status_survives_a_host_that_answers_nonsense(workspace: Path,
         workspace_, list(workspace_.inventory.hosts), info_probe(workspace_, 5.0))}
     assert rows["local1"]["agent"] == "idle"
     assert rows["local2"]["reachable"] is False and "status" in rows["local2"]["error"]
+
+
+# The other helper commands a local host's deploy parses an answer from. (The
+# SSH-only ones, ensure-user, install-boot, wg-key, fw-arm, wg-up, fw-apply and
+# fw-confirm, are below, step by step.)
+HELPER_ANSWERS = {
+    "task-check": [('["x"]', "task-check: the host's answer is not a JSON object"),
+                   ('{"data": null}', "task-check.check: missing"),
+                   ("not json", "task-check: the host's answer is not a JSON object")],
+    # the agent's start answer is not read, only its shape
+    "start": [('["x"]', "start: the host's answer is not a JSON object"),
+              ('"started"', "start: the host's answer is not a JSON object"),
+              ("not json", "start: the host's answer is not a JSON object")],
+}
+
+
+@pytest.mark.parametrize("command", sorted(HELPER_ANSWERS))
+def test_a_bad_answer_to_any_helper_fails_only_its_host(
+        workspace: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    cases = HELPER_ANSWERS[command]
+    liars = {f"local{i + 2}": (command, answer) for i, (answer, _) in enumerate(cases)}
+    results = deploy_with(workspace, liars, monkeypatch)
+    assert results["local1"].status == "changed", results["local1"].error
+    for i, (_, complaint) in enumerate(cases):
+        result = results[f"local{i + 2}"]
+        assert result.status == "failed" and complaint in (result.error or ""), result.error
+        assert "unexpected error" not in result.error and "\n" not in result.error
+
+
+GOOD_ANSWERS = {
+    "ensure-user": {"changed": True, "uid": 990},
+    "install-boot": {"result": "changed", "service": "systemd"},
+    "wg-key": {"public_key": "cHVibGljIGtleSBvZiB0aGUgaG9zdA=="},
+    "fw-arm": {"armed": 1},
+    "wg-up": {"result": "changed", "implementation": None},
+    "fw-apply": {"changed": True, "armed": 1},
+    "fw-confirm": {"disarmed": True, "rolled_back": False},
+}
+
+
+class Scripted:
+    """An SSH host's helper, answering each command from a script (nothing
+    runs here: these commands change users, boot units, tunnels, firewalls)."""
+
+    python = "python3"
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+
+    def run(self, argv: Sequence[str], timeout: float = 120.0) -> CommandResult:
+        return CommandResult(0, self.answers[argv[3]] + "\n", "")
+
+    def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        pass
+
+    def local_address(self) -> str:
+        return "127.0.0.1"
+
+    def close(self) -> None:
+        pass
+
+
+class FakeHub:
+    interface, overlay_ip = "flctl-demo", "10.213.0.1"
+
+    def known_peers(self) -> dict:
+        return {}
+
+    def preshared_key(self, host: str) -> bytes:
+        return b"psk"
+
+    def host_config(self, *args: str) -> str:
+        return "[Interface]\n"
+
+
+def ssh_steps(root: Path, answers: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    """The SSH-only steps of one host's deploy against `answers`; its result."""
+    from types import SimpleNamespace
+
+    from flctl.deploy.network_steps import NetworkSteps
+    from flctl.deploy.results import run_guarded
+
+    connector = Scripted(answers)
+    monkeypatch.setattr(engine, "connect", lambda host, options: connector)
+    workspace = load_workspace(root)
+    ctx = SimpleNamespace(workspace=workspace, check=False, hub=FakeHub(), options=None,
+                          rollback_after_s=60.0,
+                          confirm_new_connection=engine.confirm_with_new_connection)
+    job = host_deploy.HostDeploy(ctx, workspace.inventory.hosts[0], 0, lambda *a: None)
+    facts = {"boot_current": False, "wg_files": {}, "net_interfaces": [], "files": {},
+             "firewall": None}
+
+    def action() -> None:
+        job._agent_user(connector, {})
+        NetworkSteps(job).apply(connector, facts)
+        job._boot(connector, facts, True)
+
+    return run_guarded(job.result, action)
+
+
+@pytest.fixture(scope="module")
+def bare_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace that is never deployed (nothing to tear down)."""
+    root = tmp_path_factory.mktemp("bare") / "ws"
+    assert run_cli("init", str(root), "--local", "1").returncode == 0
+    return root
+
+
+@pytest.mark.parametrize("command", sorted(GOOD_ANSWERS))
+@pytest.mark.parametrize("answer", ['["x"]', '{"data": null}', "not json"])
+def test_a_bad_answer_to_an_ssh_only_helper_fails_that_host_in_one_line(
+        bare_workspace: Path, monkeypatch: pytest.MonkeyPatch, command: str, answer: str) -> None:
+    good = {k: json.dumps(v) for k, v in GOOD_ANSWERS.items()}
+    assert ssh_steps(bare_workspace, good, monkeypatch).status == "changed"
+    result = ssh_steps(bare_workspace, {**good, command: answer}, monkeypatch)
+    assert result.status == "failed", result
+    if command == "fw-confirm":   # not confirmed: the host rolls the change back itself
+        assert result.error.startswith("network: no new SSH connection"), result.error
+    else:
+        assert command in result.error, result.error
+    assert "unexpected error" not in result.error and "\n" not in result.error
