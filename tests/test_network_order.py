@@ -45,3 +45,39 @@ def test_the_rollback_is_armed_before_the_tunnel_and_table_and_confirmed_after(
     armed_at = log.index(("helper", "fw-arm"))
     assert network_files and min(network_files) > armed_at, log
     assert log.index(("helper", "fw-confirm")) > max(network_files)
+
+
+@pytest.mark.parametrize("software_changed, action", [(True, "restart"), (False, None)])
+def test_new_agent_software_alone_restarts_a_running_agent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, software_changed: bool,
+        action: str | None) -> None:
+    """An upgrade of flctl on a host whose agent runs and whose config,
+    certificates and task are unchanged: the old code must not keep serving."""
+    root = tmp_path / "ws"
+    assert run_cli("init", str(root), "--local", "1").returncode == 0
+    use_ports(root, 1)
+    ssh_inventory(root, ["alpha"])
+    log = sandbox(tmp_path, monkeypatch)
+
+    def software(connector, host, bundles, step, **kw):
+        step("agent software", software_changed, "flctl bundle")
+        return {"agent_user": "yes"}
+
+    monkeypatch.setattr(host_deploy, "ensure_agent_software",
+                        lambda connector, host, bundles, **kw: {"agent_user": "yes"})
+    workspace = load_workspace(root)
+    engine.deploy(workspace, list(workspace.inventory.hosts))   # first deploy: all new
+    log.clear()
+    real_facts = host_deploy.HostDeploy._facts
+
+    def running(self, connector):   # the agent runs, as it would after the first deploy
+        return {**real_facts(self, connector), "service_pid": 4242}
+
+    monkeypatch.setattr(host_deploy.HostDeploy, "_facts", running)
+    monkeypatch.setattr(host_deploy, "ensure_agent_software", software)
+    workspace = load_workspace(root)
+    results = engine.deploy(workspace, list(workspace.inventory.hosts))
+    assert all(r.status in ("ok", "changed") for r in results), [r.error for r in results]
+    helper = [command for kind, command in log if kind == "helper"]
+    assert "start" not in helper
+    assert ("restart" in helper) == (action == "restart"), helper

@@ -168,7 +168,8 @@ class HostDeploy:
         self._task_check(connector, facts, config_changed or code_changed or software_changed)
         if self.remote:
             self._boot(connector, facts, config_changed or self.result.changed > 0)
-        self._service(connector, facts, changed)
+        # new agent software (an upgrade of flctl) is new code: a running agent restarts
+        self._service(connector, facts, changed or software_changed)
 
     def _facts(self, connector: Connector) -> dict[str, Any]:
         args = ["facts", "--root", str(self.paths.root)]
