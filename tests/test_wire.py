@@ -248,6 +248,29 @@ def test_tls_roundtrip_and_counters(server: FrameServer, certs: Certs) -> None:
     assert server.protocol_errors_total == server.handshake_failures_total == 0
 
 
+def test_the_server_holds_no_request_while_it_waits_for_the_next(certs: Certs) -> None:
+    """Once a reply is sent, the server keeps nothing of the request: the
+    agent receives the next model into the last one's buffers only when
+    nothing holds them (agent.transfers)."""
+    import weakref
+
+    seen: list[weakref.ref] = []
+
+    def handler(msg: Message, peer: PeerInfo) -> Message:
+        seen.append(weakref.ref(msg.arrays[0]))
+        return Message("ack")
+
+    srv = FrameServer(LOOPBACK, 0, certs.server_ctx(), handler, handshake_timeout=5.0)
+    srv.start()
+    try:
+        with client_for(srv, certs) as client:
+            client.request(Message("fit", {}, [np.ones(1000, np.float32)]))
+            # the connection stays open, its thread waiting for the next request
+            assert wait_for(lambda: seen[0]() is None), "the request is still held"
+    finally:
+        srv.stop()
+
+
 def test_byte_counters_match_frames(server: FrameServer, certs: Certs) -> None:
     msg = Message("ack", {}, [np.zeros(1000, dtype=np.float32)])
     with client_for(server, certs) as client:

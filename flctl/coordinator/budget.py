@@ -41,10 +41,11 @@ class MemoryBudget:
 
     Why keep them: a new spool file takes fresh pages for every update, and
     on a virtual machine that hands free memory back to its host (virtio
-    free page reporting) fresh pages cost far more than the bytes moved: a
-    1 GB update into pages freed seconds before arrived at 70 MB/s where
-    reused ones took 550 MB/s (scripts/bench_tls.py). A kept file's pages
-    are overwritten in place. `close()` at the end of the run frees them.
+    free page reporting) fresh pages cost far more than the bytes moved:
+    five 1 GB updates into new spool files arrived at 68-562 MB/s, into a
+    kept one at 545-920 MB/s (scripts/bench_tls.py --size-mb 1000). A kept
+    file's pages are overwritten in place. `close()` at the end of the run
+    frees them.
     """
 
     def __init__(self, slots: int) -> None:

@@ -268,6 +268,9 @@ class FrameServer:
             except OSError as exc:
                 self.log.debug("sending reply to %s failed: %s", peer.address, exc)
                 return
+            # Not held while the next request arrives: its receiver may reuse
+            # this one's buffers once nothing holds them (agent.transfers).
+            del request, reply
 
     def _handle_with_heartbeats(self, tls: ssl.SSLSocket, request: Message,
                                 peer: PeerInfo) -> Message:
