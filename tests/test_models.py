@@ -170,7 +170,7 @@ def test_fit_rejects_data_and_weights_it_cannot_use():
     with pytest.raises(TaskError, match=r"labels must be in 0\.\.9"):
         task.fit(task.init(0), Dataset(x[:40], y[:40] + 5), {})
     with pytest.raises(TaskError, match="diverged"):
-        task.fit(task.init(0), Dataset(x[:200] * 1e4, y[:200]), {"lr": 1e6})
+        task.fit(task.init(0), Dataset(x[:200] * 1e4, y[:200]), {"lr": 1e6, "lr_bound": False})
     with pytest.raises(TaskError, match="expected 2 weight arrays, got 4"):
         task.fit(MLPTask().init(0), Dataset(x[:40], y[:40]), {})
     with pytest.raises(TaskError, match="no training examples"):
@@ -305,3 +305,51 @@ def test_load_task_errors_are_one_clear_line(tmp_path):
         load_task("logreg", {"layers": 3})
     with pytest.raises(TaskError, match="bad params"):
         load_task("mlp", {"hidden": [0]})
+
+
+@pytest.mark.parametrize("width, rank", [(5, 5), (64, 64), (400, 8)])
+def test_the_stable_step_is_four_over_the_largest_curvature(width: int, rank: int) -> None:
+    """stable_step(x) = 4 / lambda_max(E[z z^T]), z = [x, 1], within its 10%
+    safety margin and never above the true bound (correlated columns make
+    lambda_max grow with the width: 400 columns of rank 8)."""
+    from flctl.core.models import stable_step
+
+    rng = np.random.default_rng(width)
+    x = rng.standard_normal((1500, rank)) @ rng.standard_normal((rank, width))
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    z = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
+    exact = 4.0 / np.linalg.eigvalsh(z.T @ z / len(z)).max()
+    step = stable_step(x)
+    assert exact / 1.1 * 0.98 <= step <= exact
+    assert stable_step(np.zeros((0, width), np.float32)) == float("inf")
+
+
+def test_default_lr_trains_wide_correlated_data_and_would_diverge_unbounded() -> None:
+    """3000 standardised, strongly correlated features: the default lr (0.5)
+    is far past the stable step; bounded, the built-in task trains; with
+    training.lr_bound off the same fit overshoots (its loss is many times
+    the bounded one's)."""
+    from flctl.core.data import Dataset
+    from flctl.core.tasks import LogRegTask
+
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((600, 20))
+    y = (latent[:, 0] > 0).astype(np.int64)
+    x = latent @ rng.standard_normal((20, 3000)) + 0.1 * rng.standard_normal((600, 3000))
+    x = x.astype(np.float32)
+    data = Dataset(x[:500], y[:500], x[500:], y[500:])
+    transform = {"mean": x.mean(0).tolist(), "scale": x.std(0).tolist()}
+    task = LogRegTask(n_features=3000, n_classes=2, transform=transform)
+    _, _, unstandardised = LogRegTask(n_features=3000, n_classes=2).fit(
+        task.init(0), data, {"epochs": 1, "lr": 0.01})
+    assert unstandardised["lr"] == 0.01   # raw data: the step is the user's
+    weights = task.init(0)
+    config = {"epochs": 2, "batch_size": 32, "lr": 0.5, "seed": 0, "round": 1}
+    new, _, metrics = task.fit(weights, data, config)
+    assert metrics["lr"] < 0.05 and np.isfinite(metrics["train_loss"])
+    _, _, scores = task.evaluate(new, data, {})
+    assert scores["accuracy"] >= 0.9
+    loss, _, _ = task.evaluate(new, data, {})
+    unbounded, _, wild = task.fit(weights, data, {**config, "lr_bound": False})
+    assert wild["lr"] == 0.5 and wild["train_loss"] > 5 * metrics["train_loss"]
+    assert task.evaluate(unbounded, data, {})[0] > 3 * loss

@@ -40,6 +40,41 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def stable_step(x: np.ndarray, iterations: int = 50, seed: int = 0) -> float:
+    """The largest gradient step that keeps softmax regression on `x` stable.
+
+    The cross-entropy's Hessian in (W, b) is E[(diag(p) - p p^T) (x) z z^T]
+    with z = [x, 1], and the softmax covariance's norm is at most 1/2, so the
+    loss is L-smooth with L <= lambda_max(E[z z^T]) / 2; gradient descent is
+    stable below 2 / L = 4 / lambda_max. lambda_max comes from power
+    iteration (from below, so it is raised by 10% to stay on the safe side).
+    Standardised features give E[z z^T] the correlation matrix: its
+    lambda_max is 1 for independent features and up to d for d copies of
+    one, which is why no fixed step suits data of every width.
+    """
+    n = x.shape[0]
+    if n == 0:
+        return float("inf")
+    x = np.asarray(x, dtype=np.float32)
+    v = np.random.default_rng(seed).standard_normal(x.shape[1] + 1).astype(np.float64)
+    lam = 0.0
+    for _ in range(iterations):
+        v /= np.linalg.norm(v)
+        xv = x @ v[:-1].astype(np.float32) + np.float32(v[-1])      # z v, row by row
+        w = np.empty_like(v)
+        w[:-1] = (x.T @ xv) / n                                     # E[z z^T] v
+        w[-1] = float(xv.sum()) / n
+        lam_next = float(v @ w)
+        v = w
+        if lam_next <= 0 or abs(lam_next - lam) <= 1e-4 * lam_next:
+            lam = lam_next
+            break
+        lam = lam_next
+    if not np.isfinite(lam) or lam <= 0:
+        return float("inf")
+    return 4.0 / (1.1 * lam)
+
+
 class LogisticRegression:
     """Multinomial logistic regression: logits = x @ W + b, L2 on W only."""
 

@@ -86,6 +86,10 @@ class TrainingSettings:
     epochs: int = 5
     batch_size: int = 32
     lr: float = 0.5
+    # On standardised data the built-in tasks take at most the stable step
+    # of the host's data (core.models.stable_step): lr 0.5 is safe however
+    # wide and correlated the features are.
+    lr_bound: bool = True
     fraction: float = 1.0
     min_hosts: int = 1
     # Training starts once this many hosts answer (never fewer than min_hosts):
@@ -273,6 +277,7 @@ _TRAINING_FIELDS: dict[str, Check] = {
     "epochs": _positive_int,
     "batch_size": _positive_int,
     "lr": _positive_float,
+    "lr_bound": expect_bool,
     "fraction": lambda v, s: expect_float(v, s, above=0.0, maximum=1.0),
     "min_hosts": _positive_int,
     "min_hosts_to_start": _positive_int,
@@ -375,7 +380,9 @@ _COMMENTS = {
     "training.rounds": "federated rounds",
     "training.epochs": "local epochs per round",
     "training.batch_size": "local mini-batch size",
-    "training.lr": "local learning rate",
+    "training.lr": "local learning rate (the built-in tasks' largest step)",
+    "training.lr_bound": "built-in tasks on standardised data: step at most "
+                         "4/lambda_max of the host's data",
     "training.fraction": "fraction of hosts per round (0,1]",
     "training.min_hosts": "minimum replies to accept a round",
     "training.min_hosts_to_start": "hosts that must answer before round 1",

@@ -28,7 +28,7 @@ def host_fit_config(training: TrainingSettings, seed: int, host: int, round_numb
                     strategy: Strategy) -> dict:
     """What the coordinator would send host `host` in round `round_number`."""
     return {"epochs": training.epochs, "batch_size": training.batch_size, "lr": training.lr,
-            "seed": seed * 1000 + host, "round": round_number,
+            "lr_bound": training.lr_bound, "seed": seed * 1000 + host, "round": round_number,
             **strategy.fit_config_extra()}
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from flctl.core.data import Dataset
 from flctl.core.fedstats import Transform
 from flctl.core.fsutil import sha256_hex
-from flctl.core.models import MLP, LogisticRegression
+from flctl.core.models import MLP, LogisticRegression, stable_step
 from flctl.core.settings import TrainingSettings
 from flctl.core.spooled import FileArray
 from flctl.errors import FlctlError
@@ -39,6 +39,8 @@ FIT_DEFAULTS: dict[str, Any] = {
     "round": 0,
     # FedProx's mu (the coordinator sends it when the strategy is fedprox); 0 is plain SGD.
     "proximal_mu": 0.0,
+    # lr is the largest step: the built-in tasks take at most the data's stable step
+    "lr_bound": _DEFAULTS.lr_bound,
 }
 EVAL_BATCH = 4096
 
@@ -92,6 +94,20 @@ class _SGDTask:
         except ValueError as exc:
             raise TaskError(str(exc)) from None
         self._transformed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._steps: dict[int, tuple[np.ndarray, float]] = {}
+
+    def _step(self, x: np.ndarray, lr: float, bound: bool) -> float:
+        """`lr`, or on standardised data its stable step when that is smaller
+        (models.stable_step; computed once per array). On raw data the bound
+        is the data's scale, not the step that works (saturated softmax
+        learns at far larger steps): the user's lr goes as given."""
+        if not bound or self.transform is None:
+            return lr
+        cached = self._steps.get(id(x))
+        if cached is None or cached[0] is not x:
+            cached = (x, stable_step(x))
+            self._steps[id(x)] = cached
+        return min(lr, cached[1])
 
     def init(self, seed: int) -> list[np.ndarray]:
         return self.model.init_params(np.random.default_rng(seed))
@@ -113,7 +129,8 @@ class _SGDTask:
         if n == 0:
             raise TaskError("no training examples")
         params = [w.copy() for w in weights]
-        lr = np.float32(settings["lr"])
+        step = self._step(x, float(settings["lr"]), bool(settings["lr_bound"]))
+        lr = np.float32(step)
         mu = np.float32(settings["proximal_mu"])
         batch = settings["batch_size"]
         # Seeded by (seed, round) so a resumed run replays the same shuffles.
@@ -135,8 +152,8 @@ class _SGDTask:
             finite = np.isfinite(loss_sum) and all(np.all(np.isfinite(p)) for p in params)
         if not finite:
             raise TaskError(f"training diverged (non-finite loss or weights); lower lr "
-                            f"(now {settings['lr']})")
-        return params, n, {"train_loss": loss_sum / n}
+                            f"(now {settings['lr']}, step {step:.4g})")
+        return params, n, {"train_loss": loss_sum / n, "lr": step}
 
     def evaluate(self, weights: list[np.ndarray], data: Dataset,
                  config: dict) -> tuple[float, int, dict]:
@@ -198,6 +215,9 @@ def _fit_settings(config: dict) -> dict[str, Any]:
     lr = settings["lr"]
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < float("inf"):
         raise TaskError(f"fit config 'lr' must be a positive number, got {lr!r}")
+    if not isinstance(settings["lr_bound"], bool):
+        raise TaskError(f"fit config 'lr_bound' must be true or false, "
+                        f"got {settings['lr_bound']!r}")
     mu = settings["proximal_mu"]
     if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not 0 <= mu < float("inf"):
         raise TaskError(f"fit config 'proximal_mu' must be a number >= 0, got {mu!r}")
