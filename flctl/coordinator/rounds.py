@@ -289,7 +289,8 @@ class Coordinator:
     def _fit_config(self, round_number: int) -> dict[str, Any]:
         t = self.training
         config = {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr,
-                  "lr_bound": t.lr_bound, "seed": t.seed, "round": round_number, **self.strategy.fit_config_extra()}
+                  "lr_bound": t.lr_bound, "seed": t.seed, "round": round_number,
+                  **self.strategy.fit_config_extra()}
         if self.uplink.sends_delta:
             config["uplink"] = self.uplink.as_config()
         return config
