@@ -33,6 +33,7 @@ from flctl.core.secagg import (
     effective_degree,
     encode,
     encode_weighted,
+    exactsum,
     flatten,
     prg,
     shamir,
@@ -677,3 +678,36 @@ def test_every_payload_survives_a_json_round_trip(creds, ca, updates) -> None:
     result = server.finish()
     assert np.abs(result.mean() - weighted_reference(updates, names)).max() \
         <= mean_error_bound(3, names)
+
+
+@pytest.mark.parametrize("gone", [(), ("host2",)])
+def test_the_raw_sum_is_the_sum_of_the_encodings_even_with_a_dropped_host(
+        creds, ca, gone) -> None:
+    """finish_raw: the caller's own encodings (exact sums) come back added mod 2^32."""
+    rng = np.random.default_rng(21)
+    values = {h: rng.normal(0, 1e6, 50) for h in HOSTS}
+    encoded = {h: exactsum.encode(v, exactsum.REALS) for h, v in values.items()}
+    server, clients, roster = start_round(creds, ca[1], HOSTS)
+    for host, client in clients.items():
+        server.collect_shares(host, client.share(roster))
+    for host, boxes in server.route_shares().items():
+        clients[host].receive_shares(boxes)
+    for host in HOSTS:
+        if host not in gone:
+            masked = clients[host].masked_vector(encoded[host].copy())
+            assert not np.array_equal(masked, encoded[host])
+            server.collect_masked(host, masked)
+    request = server.unmask_request()
+    for host in request["survivors"]:
+        server.collect_unmask(host, clients[host].unmask(request["dropped"],
+                                                         request["survivors"]))
+    total = server.finish_raw()
+    senders = [h for h in HOSTS if h not in gone]
+    assert server.survivors == senders and server.dropped == sorted(gone)
+    assert np.array_equal(total, exactsum.word_sum([encoded[h] for h in senders]))
+    summed = exactsum.decode(total, exactsum.REALS, len(senders))
+    assert np.allclose(summed, [math.fsum(c) for c in zip(*(values[h] for h in senders))],
+                       rtol=1e-12, atol=1e-12)
+    assert server.stage == "done" and holds_no_vector(server)
+    with pytest.raises(SecAggError, match="cannot masked now"):
+        clients[senders[0]].masked_vector(encoded[senders[0]].copy())
