@@ -711,3 +711,28 @@ def test_the_raw_sum_is_the_sum_of_the_encodings_even_with_a_dropped_host(
     assert server.stage == "done" and holds_no_vector(server)
     with pytest.raises(SecAggError, match="cannot masked now"):
         clients[senders[0]].masked_vector(encoded[senders[0]].copy())
+
+
+def test_a_certificate_checked_once_is_still_refused_when_revoked_or_expired(
+        creds, ca, monkeypatch) -> None:
+    """The CA signature check is remembered per (certificate, CA); revocation and
+    validity are not: they are checked on every advertisement."""
+    from flctl.core.secagg import keys
+
+    advert = SecAggClient("host3", ROUND, *creds["host3"], ca[1], PARAMS).advertise()
+    keys.verify_advert("host3", advert, ROUND, ca[1])          # checked, and remembered
+    serial = pki.certificate_info(creds["host3"][1])["serial"]
+    with pytest.raises(PeerError, match="revoked"):
+        keys.verify_advert("host3", advert, ROUND, ca[1], frozenset({serial}))
+    other_ca = pki.make_ca("another CA")[1]
+    with pytest.raises(PeerError, match="not issued by the project CA"):
+        keys.verify_advert("host3", advert, ROUND, other_ca)
+
+    class Later(keys.datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return keys.datetime.datetime(2200, 1, 1, tzinfo=tz)
+
+    monkeypatch.setattr(keys.datetime, "datetime", Later)
+    with pytest.raises(PeerError, match="expired"):
+        keys.verify_advert("host3", advert, ROUND, ca[1])
