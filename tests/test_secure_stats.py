@@ -215,3 +215,20 @@ def test_a_host_failing_its_masked_step_is_left_out_and_the_rest_summed(tmp_path
         assert np.allclose(stats.mean, expected.mean(axis=0), rtol=1e-6)
     finally:
         fed.close()
+
+
+def test_a_host_sending_a_vector_of_another_size_is_left_out(tmp_path: Path) -> None:
+    def shorten(request: Message, reply: Message) -> Message:
+        if request.kind == "secagg_stats" and not request.arrays:
+            return Message(reply.kind, reply.meta, [reply.arrays[0][:-1].copy()])
+        return reply
+
+    fed = Federation(tmp_path, [20, 30, 40, 50], tamper={0: shorten})
+    try:
+        told: list[str] = []
+        stats = _secure(fed, told)
+        assert stats.rows == 30 + 40 + 50 and "h0" not in stats.hosts
+        assert any(line.startswith("left out: h0") and "uint32 values" in line
+                   for line in told), told
+    finally:
+        fed.close()

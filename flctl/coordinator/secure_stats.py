@@ -39,7 +39,7 @@ from flctl.core.securestats import (
     read_pass2,
     secure_stats,
 )
-from flctl.errors import FlctlError, TrainingError
+from flctl.errors import FlctlError, ProtocolError, TrainingError
 from flctl.net.agent_client import AgentClient
 
 QUANTILE_NOTE = (f"quantiles are read off histograms over mean +- {EDGE_SIGMAS:g} std (values "
@@ -129,10 +129,20 @@ def secure_federated_stats(clients: Sequence[AgentClient], *, ca_pem: bytes,
                 degree=neighbours or default_neighbours(len(members)))
             meta = {"round_id": server.round_id, "min_count": min_count,
                     "width": layout.width, "labels": layout.labels}
+            words = layout.pass1_words() if edges is None else layout.pass2_words()
+
+            def contribute(client: AgentClient, shares: dict[str, Any],
+                           deliver: Callable[[np.ndarray], None]) -> None:
+                masked = client.secure_stats({**meta, "shares": shares}, edges)
+                if not isinstance(masked, np.ndarray) or masked.dtype != np.uint32 \
+                        or masked.shape != (words,):
+                    # refused before the sum: a wrong size must not set the sum's size
+                    raise ProtocolError(f"secure stats: expected {words} uint32 values")
+                deliver(masked)
+
             rounds = SecureSum(server, members, run, timeout)
             try:
-                rounds.run(lambda c, shares, deliver: deliver(
-                    c.secure_stats({**meta, "shares": shares}, edges)))
+                rounds.run(contribute)
                 total = server.finish_raw()
             except SecAggError as exc:
                 raise TrainingError(f"secure statistics: {exc.message}") from None

@@ -134,12 +134,11 @@ class AgentClient:
         """The host's columns and label space, before secure statistics (its claim)."""
         return self._client.request(Message("stats_layout", {"min_count": min_count})).meta
 
-    def secure_stats(self, meta: dict[str, Any], edges: np.ndarray | None = None,
-                     receive: Receive = None) -> np.ndarray:
+    def secure_stats(self, meta: dict[str, Any], edges: np.ndarray | None = None) -> np.ndarray:
         """The host's masked statistics (sums, or with `edges` histograms): one vector,
-        unchecked (the secure-aggregation server checks its type and size)."""
+        unchecked (the caller knows its size)."""
         reply = self._client.request(Message("secagg_stats", dict(meta),
-                                             [] if edges is None else [edges]), receive)
+                                             [] if edges is None else [edges]))
         if len(reply.arrays) != 1:
             raise ProtocolError(f"secure stats: expected one masked vector, got "
                                 f"{len(reply.arrays)} arrays")
