@@ -232,3 +232,14 @@ def test_a_host_sending_a_vector_of_another_size_is_left_out(tmp_path: Path) -> 
                    for line in told), told
     finally:
         fed.close()
+
+
+def test_an_unsafe_threshold_or_a_single_host_is_one_line(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, [20, 30, 40])
+    try:
+        with pytest.raises(TrainingError, match="secure statistics: threshold 1 is unsafe"):
+            _secure(fed, threshold=1)
+        with pytest.raises(TrainingError, match="need at least 2 hosts; 1 can take part"):
+            secure_federated_stats(_clients(fed)[:1], ca_pem=(fed.root / "ca.crt").read_bytes())
+    finally:
+        fed.close()

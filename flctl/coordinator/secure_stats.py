@@ -83,6 +83,34 @@ def _layout(meta: Any) -> tuple[tuple[str, ...] | None, int, int]:
     return names, width, labels
 
 
+def _agree(replies: dict[str, Any], failures: dict[str, str], bins: int, tell: Tell
+           ) -> tuple[tuple[str, ...] | None, Layout, list[str]]:
+    """(column names, layout, hosts) most hosts share; the others left out, one
+    line each naming the file and the column (as the plain statistics do)."""
+    for name, reason in sorted(failures.items()):
+        tell(f"left out: {name}: {reason}")
+    claims = {}
+    for name, meta in sorted(replies.items()):
+        try:
+            claims[name] = _layout(meta)
+        except ValueError as exc:
+            tell(f"left out: {name}: bad layout from {where_of(meta)} ({exc})")
+    if not claims:
+        raise TrainingError("no host answered with its layout")
+    want_names, width = Counter(c[:2] for c in claims.values()).most_common(1)[0][0]
+    used = []
+    for name, (names, got, _) in sorted(claims.items()):
+        if (names, got) == (want_names, width):
+            used.append(name)
+        elif want_names is not None and names is not None:
+            tell(f"left out: {name}: {where_of(replies[name])}: "
+                 f"{column_difference(names, want_names)}")
+        else:
+            tell(f"left out: {name}: {where_of(replies[name])}: {got} columns where the "
+                 f"other hosts have {width}")
+    return want_names, Layout(width, max(claims[n][2] for n in used), bins), used
+
+
 def secure_federated_stats(clients: Sequence[AgentClient], *, ca_pem: bytes,
                            revoked: frozenset[int] = frozenset(), min_count: int = MIN_COUNT,
                            bins: int = DEFAULT_BINS, threshold: int = 0, neighbours: int = 0,
@@ -93,28 +121,7 @@ def secure_federated_stats(clients: Sequence[AgentClient], *, ca_pem: bytes,
     with ThreadPoolExecutor(max_workers=max(1, len(clients))) as pool:
         run = parallel or pooled(pool)
         replies, failures = run(clients, lambda c: c.stats_layout(min_count), timeout)
-        for name, reason in sorted(failures.items()):
-            tell(f"left out: {name}: {reason}")
-        claims = {}
-        for name, meta in sorted(replies.items()):
-            try:
-                claims[name] = _layout(meta)
-            except ValueError as exc:
-                tell(f"left out: {name}: bad layout from {where_of(meta)} ({exc})")
-        if not claims:
-            raise TrainingError("no host answered with its layout")
-        want_names, width = Counter(c[:2] for c in claims.values()).most_common(1)[0][0]
-        used = []
-        for name, (names, got, _) in sorted(claims.items()):
-            if (names, got) == (want_names, width):
-                used.append(name)
-            elif want_names is not None and names is not None:
-                tell(f"left out: {name}: {where_of(replies[name])}: "
-                     f"{column_difference(names, want_names)}")
-            else:
-                tell(f"left out: {name}: {where_of(replies[name])}: {got} columns where the "
-                     f"other hosts have {width}")
-        layout = Layout(width, max(claims[n][2] for n in used), bins)
+        want_names, layout, used = _agree(replies, failures, bins, tell)
         tag = secrets.token_hex(6)
 
         def secure_sum(hosts: Sequence[str], part: int, edges: np.ndarray | None,
@@ -123,10 +130,13 @@ def secure_federated_stats(clients: Sequence[AgentClient], *, ca_pem: bytes,
             if len(members) < 2:
                 raise TrainingError(f"secure statistics need at least 2 hosts; "
                                     f"{len(members)} can take part")
-            server = SecAggServer(
-                [c.name for c in members], f"stats/{tag}/{part}", threshold or None,
-                FixedPointParams(), ca_pem=ca_pem, revoked=revoked,
-                degree=neighbours or default_neighbours(len(members)))
+            try:
+                server = SecAggServer(
+                    [c.name for c in members], f"stats/{tag}/{part}", threshold or None,
+                    FixedPointParams(), ca_pem=ca_pem, revoked=revoked,
+                    degree=neighbours or default_neighbours(len(members)))
+            except SecAggError as exc:
+                raise TrainingError(f"secure statistics: {exc.message}") from None
             meta = {"round_id": server.round_id, "min_count": min_count,
                     "width": layout.width, "labels": layout.labels}
             words = layout.pass1_words() if edges is None else layout.pass2_words()
