@@ -33,7 +33,7 @@ from flctl.core.frozen import FrozenPart, digest, signature
 from flctl.core.fsutil import atomic_write
 from flctl.core.memory import available_memory
 from flctl.core.messages import PROTOCOL_VERSION, Message
-from flctl.core.securestats import Layout, host_pass1, host_pass2, label_bound
+from flctl.core.securestats import MAX_WIDTH, Layout, host_pass1, host_pass2, label_bound
 from flctl.core.tasks import Task, attach_frozen, load_task
 from flctl.core.text import clean_text
 from flctl.core.uplink import UplinkSpec, host_rng, local_delta, pack_update
@@ -233,8 +233,8 @@ class RequestHandler:
         meta = request.meta
         min_count = _min_count(meta)
         width, labels = meta.get("width"), meta.get("labels")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LABEL
-                   for v in (width, labels)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= bound
+                   for v, bound in ((width, MAX_WIDTH), (labels, MAX_LABEL))):
             raise FlctlError("secure stats: width and labels must be small integers")
         x, y, _ = self._table()
         try:

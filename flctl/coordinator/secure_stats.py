@@ -33,6 +33,7 @@ from flctl.core.fedstats import (
 )
 from flctl.core.secagg import FixedPointParams, SecAggError, SecAggServer, default_neighbours
 from flctl.core.securestats import (
+    MAX_WIDTH,
     Layout,
     public_edges,
     read_pass1,
@@ -74,8 +75,8 @@ def _layout(meta: Any) -> tuple[tuple[str, ...] | None, int, int]:
     if not isinstance(meta, dict):
         raise ValueError("not an object")
     width, labels = meta.get("width"), meta.get("labels")
-    for value, what in ((width, "width"), (labels, "labels")):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LABEL:
+    for value, what, bound in ((width, "width", MAX_WIDTH), (labels, "labels", MAX_LABEL)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= bound:
             raise ValueError(f"{what} is not a small count")
     names = names_of(meta)
     if names is not None and len(names) != width:

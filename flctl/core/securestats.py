@@ -31,6 +31,8 @@ from flctl.core.secagg.exactsum import COUNTS, REALS, decode, encode
 # variance below this share of the mean square is float64 cancellation, not spread
 # (sumsq/n - mean^2 of a constant column is a few ulps of mean^2, not zero)
 CONSTANT_RELATIVE = 64 * float(np.finfo(np.float64).eps)
+# columns a layout may claim (a vector is ~20 words per column: 80 MB at this bound)
+MAX_WIDTH = 1 << 20
 UNAVAILABLE = "min, max and per-host label counts are not computed under secure aggregation"
 UNAVAILABLE_WARNINGS = ("per-host label skew and shifted hosts cannot be computed under "
                         "secure aggregation")
