@@ -28,6 +28,7 @@ from flctl.core.securestats import (
     secure_stats,
 )
 from flctl.errors import TrainingError
+from flctl.net.agent_client import AgentClient
 from test_coordinator import Federation
 from test_stats import _clients, _table, _write_csv, make_csv_federation
 
@@ -241,5 +242,29 @@ def test_an_unsafe_threshold_or_a_single_host_is_one_line(tmp_path: Path) -> Non
             _secure(fed, threshold=1)
         with pytest.raises(TrainingError, match="need at least 2 hosts; 1 can take part"):
             secure_federated_stats(_clients(fed)[:1], ca_pem=(fed.root / "ca.crt").read_bytes())
+    finally:
+        fed.close()
+
+
+class _Lying(AgentClient):
+    """A coordinator that tells this host another min_count than the round was made for."""
+
+    def secure_stats(self, meta, edges=None):
+        return super().secure_stats({**meta, "min_count": 10 ** 9}, edges)
+
+
+def test_hosts_told_other_parameters_refuse_instead_of_exposing_one_host(tmp_path: Path) -> None:
+    """Every host but h0 told min_count 10^9 would send zeros, and the 'sum' would be
+    h0's own sums: the parameters are bound into the signed round id, so they refuse."""
+    fed = Federation(tmp_path, [20, 30, 40, 50])
+    try:
+        clients = [AgentClient(e, fed.context, timeout=30) if e.host == "h0" else
+                   _Lying(e, fed.context, timeout=30) for e in fed.endpoints]
+        told: list[str] = []
+        with pytest.raises(TrainingError, match="secure statistics: .*only 1 of 4 hosts sent"):
+            secure_federated_stats(clients, ca_pem=(fed.root / "ca.crt").read_bytes(),
+                                   tell=told.append)
+        assert sum("not the ones the round's keys were made for" in line
+                   for line in told) == 3, told
     finally:
         fed.close()

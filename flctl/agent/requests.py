@@ -33,7 +33,14 @@ from flctl.core.frozen import FrozenPart, digest, signature
 from flctl.core.fsutil import atomic_write
 from flctl.core.memory import available_memory
 from flctl.core.messages import PROTOCOL_VERSION, Message
-from flctl.core.securestats import MAX_WIDTH, Layout, host_pass1, host_pass2, label_bound
+from flctl.core.securestats import (
+    MAX_WIDTH,
+    Layout,
+    host_pass1,
+    host_pass2,
+    label_bound,
+    round_tag,
+)
 from flctl.core.tasks import Task, attach_frozen, load_task
 from flctl.core.text import clean_text
 from flctl.core.uplink import UplinkSpec, host_rng, local_delta, pack_update
@@ -237,9 +244,13 @@ class RequestHandler:
                    for v, bound in ((width, MAX_WIDTH), (labels, MAX_LABEL))):
             raise FlctlError("secure stats: width and labels must be small integers")
         x, y, _ = self._table()
+        edges = _edges(request.arrays[0], x.shape[1]) if request.arrays else None
+        if not str(meta.get("round_id")).endswith("/" + round_tag(min_count,
+                                                                   Layout(width, labels), edges)):
+            raise FlctlError("secure stats: this request's parameters are not the ones the "
+                             "round's keys were made for (hosts asked different things?)")
         try:
-            if request.arrays:
-                edges = _edges(request.arrays[0], x.shape[1])
+            if edges is not None:
                 encoded = host_pass2(host_histograms(x, edges, x.shape[0] >= min_count))
             else:
                 encoded = host_pass1(x, y, Layout(width, labels), min_count)

@@ -38,6 +38,7 @@ from flctl.core.securestats import (
     public_edges,
     read_pass1,
     read_pass2,
+    round_tag,
     secure_stats,
 )
 from flctl.errors import FlctlError, ProtocolError, TrainingError
@@ -132,8 +133,10 @@ def secure_federated_stats(clients: Sequence[AgentClient], *, ca_pem: bytes,
                 raise TrainingError(f"secure statistics need at least 2 hosts; "
                                     f"{len(members)} can take part")
             try:
+                # the pass's parameters end its round id: hosts told others refuse
+                round_id = f"stats/{tag}/{part}/{round_tag(min_count, layout, edges)}"
                 server = SecAggServer(
-                    [c.name for c in members], f"stats/{tag}/{part}", threshold or None,
+                    [c.name for c in members], round_id, threshold or None,
                     FixedPointParams(), ca_pem=ca_pem, revoked=revoked,
                     degree=neighbours or default_neighbours(len(members)))
             except SecAggError as exc:

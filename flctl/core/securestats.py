@@ -21,6 +21,8 @@ sums of squares are possible) and a failed check refuses the whole result.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +57,22 @@ class Layout:
 
     def pass2_words(self) -> int:
         return COUNTS.size(self.width * self.bins)
+
+
+def round_tag(min_count: int, layout: Layout, edges: np.ndarray | None) -> str:
+    """A digest of what a pass asks every host, for the end of its round id.
+
+    The round id is in every host's signed advertisement, and every host checks
+    all the others' against its own, so hosts told different parameters cannot
+    share a round. Without this a coordinator could tell every host but one a
+    huge min_count (or far-away edges): their zeros would leave that one host's
+    sums in the clear. A host recomputes the tag from its request and refuses
+    the pass if it differs."""
+    digest = hashlib.sha256(json.dumps([min_count, layout.width, layout.labels]).encode())
+    if edges is not None:
+        digest.update(np.ascontiguousarray(edges, dtype="<f8").tobytes())
+        digest.update(json.dumps(list(edges.shape)).encode())
+    return digest.hexdigest()[:32]
 
 
 def label_bound(y: np.ndarray | None) -> int:
