@@ -143,6 +143,27 @@ def test_stats_over_the_local_hosts(workspace) -> None:
     assert table.returncode == 0 and "skew" in table.stdout and "median" in table.stdout
 
 
+def test_secure_stats_over_the_local_hosts(workspace) -> None:
+    """`flctl stats --secure`: the same counts, means, stds and label totals as
+    the plain statistics; min, max and per-host labels absent, and said so."""
+    root, _ = workspace
+    plain = run_cli("stats", "-w", str(root), "--json").json()
+    result = run_cli("stats", "-w", str(root), "--secure", "--json")
+    assert result.returncode == 0, result.stderr
+    secure = result.json()
+    assert secure["secure_aggregation"] is True and secure["rows"] == plain["rows"]
+    for mine, theirs in zip(secure["features"], plain["features"]):
+        assert (mine["count"], mine["missing"]) == (theirs["count"], theirs["missing"])
+        assert mine["mean"] == pytest.approx(theirs["mean"], rel=1e-9, abs=1e-12)
+        assert mine["std"] == pytest.approx(theirs["std"], rel=1e-9, abs=1e-12)
+        assert mine["min"] is None and mine["max"] is None
+    assert secure["label_totals"] == plain["label_totals"] and secure["labels"] == {}
+    assert secure["constant"] == plain["constant"]
+    assert "not computed under secure aggregation" in result.stderr
+    table = run_cli("stats", "-w", str(root), "--secure")
+    assert table.returncode == 0 and f"all {HOSTS} hosts" in table.stdout
+
+
 def test_train_saves_weights_manifest_and_metrics(workspace) -> None:
     root, _ = workspace
     result = run_cli("train", "-w", str(root), "--rounds", "3", "--json")

@@ -33,6 +33,7 @@ from flctl.core.secagg import (
     effective_degree,
     encode,
     encode_weighted,
+    exactsum,
     flatten,
     prg,
     shamir,
@@ -677,3 +678,61 @@ def test_every_payload_survives_a_json_round_trip(creds, ca, updates) -> None:
     result = server.finish()
     assert np.abs(result.mean() - weighted_reference(updates, names)).max() \
         <= mean_error_bound(3, names)
+
+
+@pytest.mark.parametrize("gone", [(), ("host2",)])
+def test_the_raw_sum_is_the_sum_of_the_encodings_even_with_a_dropped_host(
+        creds, ca, gone) -> None:
+    """finish_raw: the caller's own encodings (exact sums) come back added mod 2^32."""
+    rng = np.random.default_rng(21)
+    values = {h: rng.normal(0, 1e6, 50) for h in HOSTS}
+    encoded = {h: exactsum.encode(v, exactsum.REALS) for h, v in values.items()}
+    server, clients, roster = start_round(creds, ca[1], HOSTS)
+    for host, client in clients.items():
+        server.collect_shares(host, client.share(roster))
+    for host, boxes in server.route_shares().items():
+        clients[host].receive_shares(boxes)
+    for host in HOSTS:
+        if host not in gone:
+            masked = clients[host].masked_vector(encoded[host].copy())
+            assert not np.array_equal(masked, encoded[host])
+            server.collect_masked(host, masked)
+    request = server.unmask_request()
+    for host in request["survivors"]:
+        server.collect_unmask(host, clients[host].unmask(request["dropped"],
+                                                         request["survivors"]))
+    total = server.finish_raw()
+    senders = [h for h in HOSTS if h not in gone]
+    assert server.survivors == senders and server.dropped == sorted(gone)
+    assert np.array_equal(total, exactsum.word_sum([encoded[h] for h in senders]))
+    summed = exactsum.decode(total, exactsum.REALS, len(senders))
+    assert np.allclose(summed, [math.fsum(c) for c in zip(*(values[h] for h in senders))],
+                       rtol=1e-12, atol=1e-12)
+    assert server.stage == "done" and holds_no_vector(server)
+    with pytest.raises(SecAggError, match="cannot masked now"):
+        clients[senders[0]].masked_vector(encoded[senders[0]].copy())
+
+
+def test_a_certificate_checked_once_is_still_refused_when_revoked_or_expired(
+        creds, ca, monkeypatch) -> None:
+    """The CA signature check is remembered per (certificate, CA); revocation and
+    validity are not: they are checked on every advertisement."""
+    from flctl.core.secagg import keys
+
+    advert = SecAggClient("host3", ROUND, *creds["host3"], ca[1], PARAMS).advertise()
+    keys.verify_advert("host3", advert, ROUND, ca[1])          # checked, and remembered
+    serial = pki.certificate_info(creds["host3"][1])["serial"]
+    with pytest.raises(PeerError, match="revoked"):
+        keys.verify_advert("host3", advert, ROUND, ca[1], frozenset({serial}))
+    other_ca = pki.make_ca("another CA")[1]
+    with pytest.raises(PeerError, match="not issued by the project CA"):
+        keys.verify_advert("host3", advert, ROUND, other_ca)
+
+    class Later(keys.datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return keys.datetime.datetime(2200, 1, 1, tzinfo=tz)
+
+    monkeypatch.setattr(keys.datetime, "datetime", Later)
+    with pytest.raises(PeerError, match="expired"):
+        keys.verify_advert("host3", advert, ROUND, ca[1])

@@ -51,7 +51,8 @@ def raw(tmp_path: Path):
 def _train(fed: Federation, test: Path, **settings):
     from flctl.core.data import load_dataset
     told: list[str] = []
-    training = TrainingSettings(task="logreg", rounds=15, task_params=TASK_PARAMS, **settings)
+    training = TrainingSettings(task="logreg", task_params=TASK_PARAMS,
+                                **{"rounds": 15, **settings})
     records: list = []
     summary = fed.coordinator(training, on_message=told.append, on_round=records.append,
                               eval_data=load_dataset(test)).train()
@@ -95,10 +96,39 @@ def test_without_standardising_the_same_run_is_worse_or_refused(raw) -> None:
     assert standardised[-1].central_accuracy > accuracy + 0.1, (accuracy, standardised)
 
 
-def test_on_is_refused_with_secure_aggregation(raw) -> None:
+@pytest.mark.parametrize("standardize, why", [("auto", "values are missing"),
+                                               ("on", "training.standardize: on")])
+def test_secure_aggregation_standardises_with_secure_sums(raw, standardize, why) -> None:
+    """Mean and std from secure sums: the same transform as the plain statistics
+    give, and stats.json without min, max or per-host labels."""
     fed, test = raw
-    with pytest.raises(TrainingError, match="secure_aggregation"):
-        _train(fed, test, standardize="on", secure_aggregation=True)
+    summary, records, told = _train(fed, test, standardize=standardize,
+                                    secure_aggregation=True)
+    assert any(line.startswith("standardizing features") and why in line for line in told), told
+    assert records[-1].central_accuracy >= 0.9, [r.central_accuracy for r in records]
+    run = RunDir(summary.run_dir)
+    transform = json.loads((run.path / "manifest.json").read_text())["task_params"]["transform"]
+    stats = json.loads((run.path / "stats.json").read_text())
+    assert stats["secure_aggregation"] is True and stats["labels"] == {}
+    assert stats["features"][0]["min"] is None and stats["features"][0]["max"] is None
+    plain, _, _ = _train(fed, test, standardize=standardize, rounds=1)
+    reference = json.loads((RunDir(plain.run_dir).path / "manifest.json").read_text())
+    expected = reference["task_params"]["transform"]
+    assert np.allclose(transform["mean"], expected["mean"], rtol=1e-6)
+    assert np.allclose(transform["scale"], expected["scale"], rtol=1e-6)
+    assert transform["scale"][2] == 1.0                        # constant: centred, not scaled
+    assert records[0].participants == ["h0", "h1", "h2"]
+
+
+def test_task_stats_is_refused_with_secure_aggregation(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, [10, 30, 60], task="usesstats:UsesStats",
+                     tasks={"usesstats": STATS_TASK})
+    try:
+        with pytest.raises(TrainingError, match="task_stats .* secure_aggregation"):
+            fed.coordinator(TrainingSettings(task="usesstats:UsesStats", rounds=1,
+                                             task_stats=True, secure_aggregation=True)).train()
+    finally:
+        fed.close()
 
 
 STATS_TASK = '''

@@ -122,8 +122,8 @@ def test_standardizing_is_decided_by_the_scales() -> None:
 
 # ---------------------------------------------------------------- through agents
 
-@pytest.fixture
-def csv_federation(tmp_path: Path):
+def make_csv_federation(tmp_path: Path) -> tuple[Federation, list]:
+    """Four CSV hosts: h1 misses a value, h2 has 5 rows, h3's area is in other units."""
     rng = np.random.default_rng(4)
     fed = Federation(tmp_path, [10, 10, 10, 10])
     tables = [_table(rng, n) for n in (60, 80, 5, 70)]
@@ -133,6 +133,12 @@ def csv_federation(tmp_path: Path):
         path = _write_csv(tmp_path / f"h{i}.csv", x, y, missing=missing)
         service.config = dataclasses.replace(service.config, data_path=str(path))
         service._load_data()
+    return fed, tables
+
+
+@pytest.fixture
+def csv_federation(tmp_path: Path):
+    fed, tables = make_csv_federation(tmp_path)
     yield fed, tables
     fed.close()
 

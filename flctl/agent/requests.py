@@ -28,11 +28,19 @@ from flctl.agent.task_data import load_host_data, stats_table, summary
 from flctl.agent.transfers import RESUMABLE_KINDS, Transfers, transfer_key
 from flctl.core.agentconfig import AgentConfig
 from flctl.core.compression import ErrorFeedback
-from flctl.core.fedstats import MAX_BINS, MIN_COUNT, host_histograms, host_summary
+from flctl.core.fedstats import MAX_BINS, MAX_LABEL, MIN_COUNT, host_histograms, host_summary
 from flctl.core.frozen import FrozenPart, digest, signature
 from flctl.core.fsutil import atomic_write
 from flctl.core.memory import available_memory
 from flctl.core.messages import PROTOCOL_VERSION, Message
+from flctl.core.securestats import (
+    MAX_WIDTH,
+    Layout,
+    host_pass1,
+    host_pass2,
+    label_bound,
+    round_tag,
+)
 from flctl.core.tasks import Task, attach_frozen, load_task
 from flctl.core.text import clean_text
 from flctl.core.uplink import UplinkSpec, host_rng, local_delta, pack_update
@@ -125,6 +133,8 @@ class RequestHandler:
             "secagg_fit": self._secure_fit,
             "secagg_unmask": lambda r: Message("secagg_shares", self.secure.unmask(r.meta)),
             "stats": self._stats,
+            "stats_layout": self._stats_layout,
+            "secagg_stats": self._secure_stats,
             "transfer_status": lambda r: self.transfers.status(r.meta),
             "resend": lambda r: self.transfers.resend(r.meta, RESEND_WAIT_S),
         }.get(request.kind)
@@ -191,28 +201,63 @@ class RequestHandler:
     def _stats(self, request: Message) -> Message:
         """This host's sums for flctl stats (flctl.core.fedstats), or with bin
         edges its histograms: never a row, and nothing below min_count rows."""
-        min_count = request.meta.get("min_count", MIN_COUNT)
-        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
-            raise FlctlError("stats: min_count must be a positive integer")
+        min_count = _min_count(request.meta)
+        x, y, data = self._table()
+        meta = {"rows": int(x.shape[0]), "features": getattr(data, "feature_names", None),
+                "file": str(self.config.data_path)}
+        if request.arrays:
+            edges = _edges(request.arrays[0], x.shape[1])
+            return Message("stats_result", meta,
+                           [host_histograms(x, edges, x.shape[0] >= min_count)])
+        try:
+            _, sums, labels = host_summary(x, y, min_count)
+        except ValueError as exc:
+            raise FlctlError(f"stats: {exc}") from None
+        return Message("stats_result", meta, [sums, labels.astype(np.int64)])
+
+    def _table(self) -> tuple[np.ndarray, Any, Any]:
         data = self._require_data()
         x, y = stats_table(self.config, data)
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2:
             raise FlctlError(f"stats: the features are {x.ndim}-D, not a table")
-        meta = {"rows": int(x.shape[0]), "features": getattr(data, "feature_names", None),
-                "file": str(self.config.data_path)}
-        if request.arrays:
-            edges = np.asarray(request.arrays[0])
-            if edges.dtype != np.float64 or edges.ndim != 2 or edges.shape[0] != x.shape[1] \
-                    or not 2 <= edges.shape[1] <= MAX_BINS + 1 or not np.isfinite(edges).all():
-                raise FlctlError("stats: bad histogram edges")
-            return Message("stats_result", meta,
-                           [host_histograms(x, edges, x.shape[0] >= min_count)])
+        return x, None if y is None else np.asarray(y), data
+
+    def _stats_layout(self, request: Message) -> Message:
+        """Before secure statistics: this host's columns and label space, so all
+        hosts encode alike; no sums, and no label space below min_count rows."""
+        min_count = _min_count(request.meta)
+        x, y, data = self._table()
+        labels = label_bound(y) if x.shape[0] >= min_count else 0
+        return Message("stats_layout", {"features": getattr(data, "feature_names", None),
+                                        "width": int(x.shape[1]), "labels": labels,
+                                        "file": str(self.config.data_path)})
+
+    def _secure_stats(self, request: Message) -> Message:
+        """Secure statistics (flctl.core.securestats): this host's sums, or with bin
+        edges its histograms, masked like a secure update; zeros below min_count
+        rows. Nothing else goes back: no rows, no min or max, no labels."""
+        meta = request.meta
+        min_count = _min_count(meta)
+        width, labels = meta.get("width"), meta.get("labels")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= bound
+                   for v, bound in ((width, MAX_WIDTH), (labels, MAX_LABEL))):
+            raise FlctlError("secure stats: width and labels must be small integers")
+        x, y, _ = self._table()
+        edges = _edges(request.arrays[0], x.shape[1]) if request.arrays else None
+        if not str(meta.get("round_id")).endswith("/" + round_tag(min_count,
+                                                                   Layout(width, labels), edges)):
+            raise FlctlError("secure stats: this request's parameters are not the ones the "
+                             "round's keys were made for (hosts asked different things?)")
         try:
-            _, sums, labels = host_summary(x, None if y is None else np.asarray(y), min_count)
+            if edges is not None:
+                encoded = host_pass2(host_histograms(x, edges, x.shape[0] >= min_count))
+            else:
+                encoded = host_pass1(x, y, Layout(width, labels), min_count)
         except ValueError as exc:
-            raise FlctlError(f"stats: {exc}") from None
-        return Message("stats_result", meta, [sums, labels.astype(np.int64)])
+            raise FlctlError(f"secure stats: {exc}") from None
+        client = self.secure.open_shares(meta)
+        return Message("secagg_masked", {}, [client.masked_vector(encoded)])
 
     def _require_data(self) -> Any:
         if self.data is None:
@@ -332,6 +377,21 @@ class RequestHandler:
                 "compute_s": time.perf_counter() - started,
             },
         )
+
+
+def _min_count(meta: dict[str, Any]) -> int:
+    min_count = meta.get("min_count", MIN_COUNT)
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
+        raise FlctlError("stats: min_count must be a positive integer")
+    return min_count
+
+
+def _edges(value: Any, width: int) -> np.ndarray:
+    edges = np.asarray(value)
+    if edges.dtype != np.float64 or edges.ndim != 2 or edges.shape[0] != width \
+            or not 2 <= edges.shape[1] <= MAX_BINS + 1 or not np.isfinite(edges).all():
+        raise FlctlError("stats: bad histogram edges")
+    return edges
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:

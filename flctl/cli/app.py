@@ -150,18 +150,23 @@ def stats(
                                   help="A host with fewer rows contributes nothing."),
     bins: int = typer.Option(DEFAULT_BINS, "--bins", min=2, max=MAX_BINS,
                              help="Histogram bins per feature (for the quantiles)."),
+    secure: Optional[bool] = typer.Option(
+        None, "--secure/--no-secure",
+        help="Learn only the federation's sums (secure aggregation): no min, max or per-host "
+             "labels, approximate quantiles. Default: training.secure_aggregation."),
     json_output: bool = JsonOpt,
 ) -> None:
     """Statistics of every host's data without moving a row: per feature count,
     missing values, mean, std, min, max and quantiles; labels per host and how
-    skewed each host is. Min, max and quantiles show values of real rows."""
+    skewed each host is. Min, max and quantiles show values of real rows
+    (with --secure they are not computed, or approximate)."""
     workspace = load_workspace(workspace_dir)
 
     def note(text: str) -> None:
         render.err.print(render.literal(text, "yellow"))
 
     found = stats_workspace(workspace, selected(workspace, limit), min_count=min_count,
-                            bins=bins, tell=note)
+                            bins=bins, secure=secure, tell=note)
     for line in describe_findings(found):
         note(line)
     if json_output:

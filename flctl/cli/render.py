@@ -234,6 +234,10 @@ def label_table(stats: FederatedStats) -> Table:
     for label in totals:
         table.add_column(str(label), justify="right")
     table.add_column("skew", justify="right")
+    if stats.secure:   # the federation's counts only (securestats.py)
+        table.add_row(literal(f"all {len(stats.hosts)} hosts"),
+                      *(str(n) for n in totals.values()), "-")
+        return table
     skew = stats.skew()
     for host in stats.hosts:
         counts = stats.labels.get(host, {})

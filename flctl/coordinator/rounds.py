@@ -36,6 +36,7 @@ from flctl.coordinator.replies import (
     shape_params,
 )
 from flctl.coordinator.secure_round import SecureAggregation, check_secure_settings
+from flctl.coordinator.secure_stats import secure_federated_stats
 from flctl.coordinator.stats import describe_findings, federated_stats
 from flctl.coordinator.summary import (
     MessageCallback,
@@ -185,14 +186,20 @@ class Coordinator:
         standardize = t.task in BUILTIN_TASKS and t.standardize != "off"
         if not (standardize or t.task_stats):
             return
-        if t.secure_aggregation:
-            if t.standardize == "on" or t.task_stats:
-                raise TrainingError("training.standardize: on and training.task_stats show the "
-                                    "coordinator each host's sums, which secure_aggregation "
-                                    "hides: set standardize: off (and task_stats: false)")
-            return
+        if t.secure_aggregation and t.task_stats:
+            raise TrainingError("training.task_stats gives a task per-feature min and max, "
+                                "which secure_aggregation cannot compute: set task_stats: "
+                                "false (training.standardize works: it needs only sums)")
         asked = [c for c in clients if c.name in self.profiles]
-        found = federated_stats(asked, tell=self.on_message)
+        if t.secure_aggregation:
+            assert self.ca_pem is not None
+            # only the federation's sums: mean and std, no min, max or per-host labels
+            found = secure_federated_stats(
+                asked, ca_pem=self.ca_pem, revoked=self.revoked, threshold=t.secagg_threshold,
+                neighbours=t.secagg_neighbours, timeout=t.deadline_s, parallel=self._parallel,
+                tell=self.on_message)
+        else:
+            found = federated_stats(asked, tell=self.on_message)
         for client in asked:
             if client.name not in found.hosts and client.name not in found.withheld:
                 self.profiles.pop(client.name, None)

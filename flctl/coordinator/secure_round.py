@@ -1,9 +1,9 @@
 """A round under secure aggregation: the coordinator relays keys and learns
 only the sum of the hosts' updates.
 
-Four fan-outs over the round's hosts: advertise signed keys, share them
-(Shamir shares, encrypted host to host), fit and send masked updates
-(summed modulo 2^32 as they arrive, one vector held), unmask. Hosts that
+Four fan-outs over the round's hosts (secure_sum.py): advertise signed keys,
+share them (Shamir shares, encrypted host to host), fit and send masked
+updates (summed modulo 2^32 as they arrive, one vector held), unmask. Hosts that
 drop after sharing keys are recovered as long as `threshold` hosts answer
 the unmask request; below that the round fails with nothing learnt, and
 the caller may run it again with fresh keys.
@@ -12,7 +12,6 @@ the caller may run it again with fresh keys.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,11 +19,11 @@ from typing import Any, Callable
 import numpy as np
 
 from flctl.coordinator.replies import expect_vector
+from flctl.coordinator.secure_sum import Deliver, Parallel, SecureSum
 from flctl.core.dtypes import cast_back
 from flctl.core.messages import ArraySpec
 from flctl.core.secagg import (
     FixedPointParams,
-    PeerError,
     SecAggServer,
     default_neighbours,
     unflatten,
@@ -35,9 +34,6 @@ from flctl.errors import TrainingError
 from flctl.net.agent_client import AgentClient, FitReply
 from flctl.net.framing import Allocator
 
-# (clients, call, timeout) -> (results by host, failure reasons by host)
-Parallel = Callable[[Sequence[AgentClient], Callable[[AgentClient], Any], float | None],
-                    tuple[dict[str, Any], dict[str, str]]]
 # (client, shares for it, allocate) -> the masked update
 SecureFit = Callable[[AgentClient, dict[str, Any], Allocator], FitReply]
 AllocatorFactory = Callable[[list[bool], Callable[[list[ArraySpec]], None]], Allocator]
@@ -87,70 +83,24 @@ class SecureAggregation:
         server = SecAggServer([c.name for c in clients], round_id, t.secagg_threshold or None,
                               self.params, ca_pem=self.ca_pem, degree=degree,
                               revoked=self.revoked)
-        announced = server.advertise_request()
-        dropped: dict[str, str] = {}
-
-        def collect(results: dict[str, Any], failures: dict[str, str],
-                    take: Callable[[str, Any], None]) -> None:
-            dropped.update(failures)
-            for name, value in sorted(results.items()):
-                try:
-                    take(name, value)
-                except PeerError as exc:
-                    dropped[name] = exc.message
-
-        def step(kind: str, meta: Callable[[AgentClient], dict[str, Any]]
-                 ) -> Callable[[AgentClient], dict[str, Any]]:
-            return lambda c: c.secagg_step(kind, {"round_id": round_id, **meta(c)})
-
-        def among(names: Sequence[str]) -> list[AgentClient]:
-            return [c for c in clients if c.name in names]
-
-        adverts, failures = self.parallel(
-            clients, step("secagg_advertise", lambda c: announced),
-            t.deadline_s)
-        collect(adverts, failures, server.collect_advertisement)
-        roster = server.roster()
-        boxes, failures = self.parallel(
-            among(server.roster_hosts), step("secagg_share", lambda c: {"roster": roster}),
-            t.deadline_s)
-        collect(boxes, failures, lambda name, reply: server.collect_shares(name, reply["boxes"]))
-        routed = server.route_shares()
-
-        lock = threading.Lock()
-        closed = threading.Event()
         outcome = SecureOutcome(weights, 0, [])
         # the update, the host's training loss, then its weight
         size = sum(int(w.size) for w in weights) + 2
 
-        def fit_one(client: AgentClient) -> None:
+        def fit_one(client: AgentClient, shares: dict[str, Any], deliver: Deliver) -> None:
             held: list[bool] = []
             try:
-                reply = secure_fit(client, routed[client.name],
-                                   self.allocator(held, expect_vector(size)))
-                masked = reply.weights[0]
-                with lock:
-                    if closed.is_set():
-                        raise TrainingError("reply after the deadline")
-                    server.collect_masked(client.name, masked)
-                    outcome.compute.append(reply.compute_s)
-                    clipped = reply.metrics.get("secagg_clipped")
-                    if isinstance(clipped, int) and clipped > 0:
-                        outcome.clipped[client.name] = clipped
+                reply = secure_fit(client, shares, self.allocator(held, expect_vector(size)))
+                deliver(reply.weights[0])
+                outcome.compute.append(reply.compute_s)
+                clipped = reply.metrics.get("secagg_clipped")
+                if isinstance(clipped, int) and clipped > 0:
+                    outcome.clipped[client.name] = clipped
             finally:
                 self.release(held)
 
-        _, failures = self.parallel(among(sorted(routed)), fit_one, t.deadline_s)
-        with lock:
-            closed.set()
-        dropped.update(failures)
-        request = server.unmask_request()
-        answers, failures = self.parallel(
-            among(request["survivors"]),
-            step("secagg_unmask", lambda c: {"dropped": request["dropped"],
-                                             "survivors": request["survivors"]}),
-            t.deadline_s)
-        collect(answers, failures, server.collect_unmask)
+        rounds = SecureSum(server, clients, self.parallel, t.deadline_s)
+        rounds.run(fit_one)
         result = server.finish()
         mean = result.mean()
         outcome.train_loss = float(mean[-1])
@@ -158,8 +108,7 @@ class SecureAggregation:
         outcome.weights = [cast_back(g + d, g.dtype) for g, d in zip(weights, mean)]
         outcome.examples = int(round(result.examples_total))
         outcome.participants = sorted(result.survivors)
-        # a survivor that missed only the unmask request still counts (others held its shares)
-        outcome.dropped = {k: v for k, v in dropped.items() if k not in result.survivors}
+        outcome.dropped = rounds.left_out(result.survivors)
         return outcome
 
 

@@ -14,6 +14,7 @@ from flctl.coordinator.records import (
     resumable_run,
 )
 from flctl.coordinator.rounds import Coordinator
+from flctl.coordinator.secure_stats import secure_federated_stats
 from flctl.coordinator.stats import federated_stats
 from flctl.coordinator.summary import MessageCallback, RoundCallback, RunSummary
 from flctl.core.data import load_dataset
@@ -124,12 +125,22 @@ def train_workspace(
 
 
 def stats_workspace(workspace: Workspace, hosts: Sequence[Host], *, min_count: int,
-                    bins: int, tell: MessageCallback = lambda text: None) -> FederatedStats:
-    """`flctl stats`: the federation's statistics over `hosts` (no row moves)."""
+                    bins: int, secure: bool | None = None,
+                    tell: MessageCallback = lambda text: None) -> FederatedStats:
+    """`flctl stats`: the federation's statistics over `hosts` (no row moves);
+    `secure` (default: training.secure_aggregation) learns only their sums."""
+    training = workspace.settings.training
+    secure = training.secure_aggregation if secure is None else secure
     context = workspace_context(workspace)
     clients = [AgentClient(e, context, timeout=120.0)
                for e in endpoints_for(workspace, hosts)]
     try:
+        if secure:
+            return secure_federated_stats(
+                clients, ca_pem=workspace.paths.ca_cert.read_bytes(),
+                revoked=workspace_revocations(workspace), min_count=min_count, bins=bins,
+                threshold=training.secagg_threshold, neighbours=training.secagg_neighbours,
+                tell=tell)
         return federated_stats(clients, min_count=min_count, bins=bins, tell=tell)
     finally:
         for client in clients:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -47,18 +48,20 @@ def _ask(clients: Sequence[AgentClient], min_count: int, edges: np.ndarray | Non
         return dict(zip([c.name for c in clients], pool.map(one, clients)))
 
 
-def _where(reply: Message) -> str:
-    return clean_text(reply.meta.get("file") or "its data")[:200]
+def where_of(meta: dict[str, Any]) -> str:
+    """The host's data file, as it names it (cleaned, for one line)."""
+    return clean_text(meta.get("file") or "its data")[:200]
 
 
-def _names(reply: Message) -> tuple[str, ...] | None:
-    names = reply.meta.get("features")
+def names_of(meta: dict[str, Any]) -> tuple[str, ...] | None:
+    """The host's column names (CSV), if it sent a list of strings."""
+    names = meta.get("features")
     if isinstance(names, list) and all(isinstance(n, str) for n in names):
         return tuple(names)
     return None
 
 
-def _column_difference(names: tuple[str, ...], want: tuple[str, ...]) -> str:
+def column_difference(names: tuple[str, ...], want: tuple[str, ...]) -> str:
     for i, (got, expected) in enumerate(zip(names, want)):
         if got != expected:
             return (f"column {i + 1} is {clean_text(got)[:60]!r} where the other hosts have "
@@ -81,16 +84,16 @@ def federated_stats(clients: Sequence[AgentClient], *, min_count: int = MIN_COUN
         else:
             good[name] = reply
     # the columns most hosts have, by name (CSV) or by count
-    layouts = Counter((_names(r), len(r.arrays[0][0]) if r.arrays and np.ndim(r.arrays[0]) == 2
+    layouts = Counter((names_of(r.meta), len(r.arrays[0][0]) if r.arrays and np.ndim(r.arrays[0]) == 2
                        else -1) for r in good.values())
     if not layouts:
         raise TrainingError("no host answered with statistics")
     (want_names, width), _ = layouts.most_common(1)[0]
     summaries: list[HostSummary] = []
     for name, reply in sorted(good.items()):
-        names = _names(reply)
+        names = names_of(reply.meta)
         if want_names is not None and names is not None and names != want_names:
-            tell(f"left out: {name}: {_where(reply)}: {_column_difference(names, want_names)}")
+            tell(f"left out: {name}: {where_of(reply.meta)}: {column_difference(names, want_names)}")
             continue
         try:
             if len(reply.arrays) != 2:
@@ -98,7 +101,7 @@ def federated_stats(clients: Sequence[AgentClient], *, min_count: int = MIN_COUN
             summaries.append(check_summary(name, reply.meta.get("rows"), reply.arrays[0],
                                            reply.arrays[1], width))
         except ValueError as exc:
-            tell(f"left out: {name}: bad statistics from {_where(reply)} ({exc})")
+            tell(f"left out: {name}: bad statistics from {where_of(reply.meta)} ({exc})")
     try:
         stats = combine(summaries, list(want_names) if want_names else None, min_count)
     except ValueError as exc:
@@ -122,7 +125,7 @@ def federated_stats(clients: Sequence[AgentClient], *, min_count: int = MIN_COUN
 
 def describe_findings(stats: FederatedStats) -> list[str]:
     """Warnings worth a line: constant features, hosts whose features look
-    unlike the federation's."""
+    unlike the federation's, what secure aggregation left unknown."""
     names = stats.feature_names or [f"x{i}" for i in range(len(stats.count))]
     lines = []
     if stats.constant:
@@ -130,6 +133,7 @@ def describe_findings(stats: FederatedStats) -> list[str]:
         more = f" and {len(stats.constant) - 10} more" if len(stats.constant) > 10 else ""
         lines.append(f"{len(stats.constant)} feature(s) constant on every host ({shown}{more}): "
                      f"they carry nothing and are left at 0")
+    lines += stats.notes
     for host, index, sigmas in stats.shifted[:20]:
         lines.append(f"{host}: feature {names[index]!r} averages {sigmas:+.1f} standard "
                      f"deviations from the other hosts' mean (other units or data?)")

@@ -37,6 +37,8 @@ STANDARDIZE_FACTOR = 100.0
 # a host's feature mean this many standard deviations (of the other hosts'
 # data) from theirs looks like other data (units, a broken sensor), not skew
 SHIFT_SIGMAS = 3.0
+# secure aggregation's public histogram range: mean +- this many standard deviations
+EDGE_SIGMAS = 4.0
 MAX_LABEL = 1 << 16
 # rows of the per-feature array a host sends: count, missing, sum, sumsq, min, max
 ROWS = ("count", "missing", "sum", "sumsq", "min", "max")
@@ -136,6 +138,12 @@ class FederatedStats:
     quantiles: np.ndarray | None = None   # (F, len(QUANTILES))
     min_count: int = MIN_COUNT
     shifted: list[tuple[str, int, float]] = field(default_factory=list)
+    # under secure aggregation (securestats.py): min and max are NaN, `labels`
+    # is empty and the federation's label counts are all there is
+    secure: bool = False
+    label_total: dict[int, int] | None = None
+    magnitude: np.ndarray | None = None   # E[x^2] / E[|x|] per feature (scales_differ)
+    notes: list[str] = field(default_factory=list)   # what is approximate or unknown
 
     @property
     def constant(self) -> list[int]:
@@ -143,6 +151,8 @@ class FederatedStats:
         return [int(i) for i in np.flatnonzero((self.std == 0) | (self.count == 0))]
 
     def label_totals(self) -> dict[int, int]:
+        if self.label_total is not None:
+            return dict(sorted(self.label_total.items()))
         totals: dict[int, int] = {}
         for counts in self.labels.values():
             for label, n in counts.items():
@@ -181,10 +191,13 @@ class FederatedStats:
             "hosts": self.hosts, "withheld": self.withheld, "rows": self.rows,
             "min_count": self.min_count, "features": features,
             "labels": {h: {str(k): v for k, v in c.items()} for h, c in self.labels.items()},
+            "label_totals": {str(k): v for k, v in self.label_totals().items()},
             "label_skew": {h: round(v, 4) for h, v in self.skew().items()},
             "constant": [names[i] for i in self.constant],
             "shifted": [{"host": h, "feature": names[i], "sigmas": round(z, 2)}
                         for h, i, z in self.shifted],
+            "secure_aggregation": self.secure,
+            "notes": list(self.notes),
         }
 
 
@@ -332,7 +345,15 @@ def standardize_transform(stats: FederatedStats) -> Transform:
 def scales_differ(stats: FederatedStats, factor: float = STANDARDIZE_FACTOR) -> bool:
     """standardize: auto's test: do the non-constant features' magnitudes
     (largest absolute value) differ by more than `factor`?"""
-    magnitude = np.maximum(np.abs(np.nan_to_num(stats.min)), np.abs(np.nan_to_num(stats.max)))
+    if stats.magnitude is not None:
+        # secure aggregation: no min or max. E[x^2] / E[|x|] is a sum's ratio, the
+        # value itself for a feature that is 0 or v (a sparse pixel: its max, where
+        # mean + k std would be far below it), ~1.1-1.3x the spread of a dense one
+        # (digits: 13.9x against the maxima's 16x; area against smoothness: 10^4x)
+        magnitude = np.nan_to_num(stats.magnitude)
+    else:
+        magnitude = np.maximum(np.abs(np.nan_to_num(stats.min)),
+                               np.abs(np.nan_to_num(stats.max)))
     varying = (np.nan_to_num(stats.std) > 0) & (magnitude > 0)
     if varying.sum() < 2:
         return False

@@ -25,6 +25,7 @@ from flctl.core.messages import (
     Position,
     check_position,
 )
+from flctl.errors import ProtocolError
 from flctl.net.client import FrameClient, TransportError, TransportTimeout
 from flctl.net.framing import KeptReceiver, Receive
 from flctl.net.tls import client_context
@@ -128,6 +129,20 @@ class AgentClient:
         (the reply as sent: the caller checks it, flctl.core.fedstats)."""
         return self._client.request(Message("stats", {"min_count": min_count},
                                             [] if edges is None else [edges]))
+
+    def stats_layout(self, min_count: int) -> dict[str, Any]:
+        """The host's columns and label space, before secure statistics (its claim)."""
+        return self._client.request(Message("stats_layout", {"min_count": min_count})).meta
+
+    def secure_stats(self, meta: dict[str, Any], edges: np.ndarray | None = None) -> np.ndarray:
+        """The host's masked statistics (sums, or with `edges` histograms): one vector,
+        unchecked (the caller knows its size)."""
+        reply = self._client.request(Message("secagg_stats", dict(meta),
+                                             [] if edges is None else [edges]))
+        if len(reply.arrays) != 1:
+            raise ProtocolError(f"secure stats: expected one masked vector, got "
+                                f"{len(reply.arrays)} arrays")
+        return reply.arrays[0]
 
     def init_weights(self, task: str, task_params: dict[str, Any], seed: int,
                      transfer: Transfer | None = None) -> tuple[list[np.ndarray], Any]:

@@ -168,8 +168,15 @@ class SecAggClient:
 
     def masked_input(self, update: np.ndarray, weight: float) -> np.ndarray:
         """y = [encode(q*update), k] + PRG(b) +- PRG(s_uv) for every peer that shared."""
-        self._enter("masked")
         y, self.clipped = encode_weighted(update, weight, self.params)
+        return self.masked_vector(y)
+
+    def masked_vector(self, y: np.ndarray) -> np.ndarray:
+        """y + PRG(b) +- PRG(s_uv) for any uint32 encoding the caller made (a
+        model update above, statistics in exactsum.py), masked in place."""
+        self._enter("masked")
+        if not isinstance(y, np.ndarray) or y.dtype != np.uint32 or y.ndim != 1:
+            raise SecAggError("secure aggregation: the input to mask must be 1-D uint32")
         prg.add_mask(y, self._b, +1)
         for peer in sorted(self._held):
             if peer != self.host:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -124,13 +125,24 @@ def _utc(cert: x509.Certificate, field: str) -> datetime.datetime:
     return value
 
 
+@functools.lru_cache(maxsize=1024)
+def _issued(cert_pem: bytes, ca_pem: bytes) -> tuple[x509.Certificate, bool, str | None]:
+    """(certificate, issued by the CA?, role): fixed by the two PEMs, so computed once
+    per pair. Every round re-verifies all peers' certificates (twice a `flctl stats
+    --secure`), and the CA's signature check was most of a host's share step; the
+    checks that change with time (validity, revocation) stay in `_check_certificate`.
+    ValueError (not cached) for a PEM that is not a certificate."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return cert, verify_issued_by(cert_pem, ca_pem), certificate_role(cert_pem)
+
+
 def _check_certificate(host: str, cert_pem: bytes, ca_pem: bytes,
                        revoked: frozenset[int] = frozenset()) -> x509.Certificate:
     try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
+        cert, issued, role = _issued(cert_pem, ca_pem)
     except ValueError as exc:
         raise PeerError(host, "certificate is not a PEM certificate") from exc
-    if not verify_issued_by(cert_pem, ca_pem):
+    if not issued:
         raise PeerError(host, "certificate is not issued by the project CA")
     now = datetime.datetime.now(datetime.timezone.utc)
     if not _utc(cert, "not_valid_before") <= now <= _utc(cert, "not_valid_after"):
@@ -139,7 +151,7 @@ def _check_certificate(host: str, cert_pem: bytes, ca_pem: bytes,
     common_name = str(names[0].value) if names else None
     if common_name != host:
         raise PeerError(host, f"certificate is for {common_name!r}, not for this host")
-    if certificate_role(cert_pem) != ROLE_HOST:
+    if role != ROLE_HOST:
         raise PeerError(host, "certificate is not a host's (its usage is not server auth only)")
     if cert.serial_number in revoked:
         raise PeerError(host, "certificate is revoked")

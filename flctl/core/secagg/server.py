@@ -303,6 +303,24 @@ class SecAggServer:
 
     def finish(self) -> SecAggResult:
         """Remove every mask and decode; raises (and keeps nothing) below the threshold."""
+        total = self.finish_raw()
+        summed, weight_total = decode_weighted(total, self.params)
+        return SecAggResult(summed, weight_total, list(self._survivors), list(self._dropped),
+                            self.params)
+
+    @property
+    def survivors(self) -> list[str]:
+        """The hosts whose inputs are in the sum (known once unmasking starts)."""
+        return list(self._survivors)
+
+    @property
+    def dropped(self) -> list[str]:
+        """Hosts that shared keys but sent no input (their pair masks removed)."""
+        return list(self._dropped)
+
+    def finish_raw(self) -> np.ndarray:
+        """Remove every mask: the survivors' encodings added modulo 2^32, for a
+        caller with its own encoding (exactsum.py); same checks as `finish`."""
         self._expect("unmask")
         self._need(len(self._answers), "answered the unmask request")
         shares = {h: sum(h in a["b"] for a in self._answers.values()) for h in self._survivors}
@@ -316,7 +334,7 @@ class SecAggServer:
                 raise
             raise self._fail(str(exc)) from exc
 
-    def _unmask(self) -> SecAggResult:
+    def _unmask(self) -> np.ndarray:
         assert self._sum is not None
         total = self._sum
         for host in self._survivors:
@@ -329,8 +347,6 @@ class SecAggServer:
                     seed = keys.mask_seed(s_sk, self._mask_keys[host][0], self.round_id,
                                           gone, host)
                     prg.add_mask(total, seed, -mask_sign(host, gone))
-        summed, weight_total = decode_weighted(total, self.params)
         self._sum = None
         self.stage = "done"
-        return SecAggResult(summed, weight_total, list(self._survivors), list(self._dropped),
-                            self.params)
+        return total
