@@ -48,7 +48,8 @@ def deploy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     log = sandbox(tmp_path, monkeypatch)
     index = FakeIndex()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(bundle, "agent_requirements", lambda: ("demo-dep>=1", "installer"))
+    monkeypatch.setattr(bundle, "agent_requirements",
+                        lambda python_version=None: ("demo-dep>=1", "installer"))
     monkeypatch.setattr(bundle, "_pip_download", index.download)
     from flctl.deploy import engine
 
