@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flctl.coordinator import rounds as rounds_module
+from flctl.coordinator import admission as admission_module
 from flctl.coordinator.records import load_frozen_sha256, load_weights
 from flctl.core.frozen import (
     FrozenDisagreement,
@@ -223,7 +223,7 @@ def test_a_model_the_coordinator_cannot_hold_stops_before_round_one(tmp_path: Pa
                                                                      monkeypatch) -> None:
     part = _backbone(tmp_path / "backbone.npy")
     fed = _federation(tmp_path / "fed", {0: part, 1: part, 2: part})
-    monkeypatch.setattr(rounds_module, "available_memory", lambda: 150_000)
+    monkeypatch.setattr(admission_module, "available_memory", lambda: 150_000)
     try:
         with pytest.raises(TrainingError, match=r"this machine \(the coordinator\) needs about"):
             fed.coordinator(TRAINING).train()
