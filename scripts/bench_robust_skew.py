@@ -9,7 +9,8 @@ example count), and trains ROUNDS rounds per configuration:
 - clean FedAvg, the reference;
 - one attacker at a time (--attackers, default local2, local3, local8):
   FedAvg, FedMedian, centered clipping (default tau: the median distance),
-  and bucketing (s = 2) + median for every bucket seed in --bucket-seeds;
+  and bucketing (s = --bucket-size, default 2) + median for every bucket
+  seed in --bucket-seeds;
 - the two attackers local2 and local3 together: Multi-Krum (f = 2), centered
   clipping, bucketing + median per bucket seed.
 
@@ -69,7 +70,7 @@ def score(row: dict) -> float:
 
 
 def measure(root: Path, sizes: dict[str, int], attackers: list[str], seeds: list[int],
-            rounds: int, quiet: bool) -> list[dict]:
+            rounds: int, quiet: bool, bucket: int = 2) -> list[dict]:
     """Every configuration's final accuracy, clean FedAvg first."""
     rows: list[dict] = []
 
@@ -93,8 +94,8 @@ def measure(root: Path, sizes: dict[str, int], attackers: list[str], seeds: list
             run(scenario, "multikrum f=2", "multikrum", {"num_malicious": 2}, hostile)
         run(scenario, "centeredclip", "centeredclip", {}, hostile)
         for seed in seeds:
-            run(scenario, f"median bucket 2 seed {seed}", "fedmedian",
-                {"bucket_size": 2, "seed": seed}, hostile)
+            run(scenario, f"median bucket {bucket} seed {seed}", "fedmedian",
+                {"bucket_size": bucket, "seed": seed}, hostile)
     return rows
 
 
@@ -104,6 +105,8 @@ def main() -> int:
     parser.add_argument("--attackers", default="local2,local3,local8",
                         help="hosts that attack alone, one at a time (local1..local8)")
     parser.add_argument("--bucket-seeds", default="0,1,2,3,4")
+    parser.add_argument("--bucket-size", type=int, default=2,
+                        help="updates per bucket (the paper's usual 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     attackers = [a for a in args.attackers.split(",") if a]
@@ -128,7 +131,8 @@ def main() -> int:
                 if counts.count(sizes[host]) != 1:
                     parser.error(f"{host} holds as many examples as another host: the "
                                  f"hostile task cannot single it out")
-            rows = measure(root, sizes, attackers, seeds, args.rounds, quiet=args.json)
+            rows = measure(root, sizes, attackers, seeds, args.rounds, quiet=args.json,
+                           bucket=args.bucket_size)
 
     clean = rows[0]["accuracy"]
     targets = []
