@@ -196,7 +196,8 @@ def test_stats_shows_a_hosts_column_names_and_data_errors_literally(
     workspace = tmp_path / "ws"
     assert run_cli("init", str(workspace), "--local", "1").returncode == 0
 
-    def stats_workspace(workspace, hosts, *, min_count, bins, tell):
+    def stats_workspace(workspace, hosts, *, min_count, bins, tell, secure=None):
+        assert not secure   # the plain statistics: per-host names and errors
         return federated_stats(clients, min_count=min_count, bins=bins, tell=tell)
 
     out = Console(file=io.StringIO(), width=2000, highlight=False)
@@ -206,7 +207,7 @@ def test_stats_shows_a_hosts_column_names_and_data_errors_literally(
     monkeypatch.setattr(render, "err", err)
     try:
         cli_app.stats(workspace_dir=workspace, limit=None, min_count=10, bins=16,
-                      json_output=False)
+                      secure=None, json_output=False)
     finally:
         fed.close()
     table, notes = out.file.getvalue(), err.file.getvalue()
