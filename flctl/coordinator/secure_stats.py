@@ -16,11 +16,12 @@ from __future__ import annotations
 import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from flctl.coordinator.fanout import fan_out
 from flctl.coordinator.secure_sum import Parallel, SecureSum
 from flctl.coordinator.stats import Tell, column_difference, names_of, where_of
 from flctl.core.fedstats import (
@@ -41,34 +42,11 @@ from flctl.core.securestats import (
     round_tag,
     secure_stats,
 )
-from flctl.errors import FlctlError, ProtocolError, TrainingError
+from flctl.errors import ProtocolError, TrainingError
 from flctl.net.agent_client import AgentClient
 
 QUANTILE_NOTE = (f"quantiles are read off histograms over mean +- {EDGE_SIGMAS:g} std (values "
                  f"beyond are counted in the end bins): approximate, more so in the tails")
-
-
-def pooled(pool: ThreadPoolExecutor) -> Parallel:
-    """Run a call on every client in `pool`: (results, failure reasons) by host;
-    past `timeout` a host's connection is cut and it fails with the deadline."""
-    def parallel(clients: Sequence[AgentClient], call: Callable[[AgentClient], Any],
-                 timeout: float | None) -> tuple[dict[str, Any], dict[str, str]]:
-        futures = {pool.submit(call, c): c for c in clients}
-        done, pending = wait(futures, timeout=timeout)
-        results: dict[str, Any] = {}
-        failures: dict[str, str] = {}
-        for future in done:
-            name, error = futures[future].name, future.exception()
-            if error is None:
-                results[name] = future.result()
-            else:
-                failures[name] = error.message if isinstance(error, FlctlError) else \
-                    f"{type(error).__name__}: {error}"
-        for future in pending:
-            failures[futures[future].name] = "deadline exceeded"
-            futures[future].abort()
-        return results, failures
-    return parallel
 
 
 def _layout(meta: Any) -> tuple[tuple[str, ...] | None, int, int]:
@@ -121,7 +99,7 @@ def secure_federated_stats(clients: Sequence[AgentClient], *, ca_pem: bytes,
     """The federation's statistics over `clients` through secure aggregation
     (threshold and neighbours as training.secagg_threshold/_neighbours)."""
     with ThreadPoolExecutor(max_workers=max(1, len(clients))) as pool:
-        run = parallel or pooled(pool)
+        run = parallel or (lambda hosts, call, timeout: fan_out(pool, hosts, call, timeout))
         replies, failures = run(clients, lambda c: c.stats_layout(min_count), timeout)
         want_names, layout, used = _agree(replies, failures, bins, tell)
         tag = secrets.token_hex(6)
