@@ -73,6 +73,17 @@ def by_host(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {h["host"]: h for h in document["hosts"]}
 
 
+def local_workspace(root: Path, hosts: int, ports: int | None = None) -> Iterator[Path]:
+    """A workspace of `hosts` local hosts on free ports (`ports` of them: room to
+    add hosts), not deployed; torn down when the generator ends."""
+    assert run_cli("init", str(root), "--local", str(hosts)).returncode == 0
+    use_ports(root, ports or hosts)
+    try:
+        yield root
+    finally:
+        run_cli("teardown", "-w", str(root))
+
+
 def deployed_local_workspace(root: Path, hosts: int,
                              prepare: Callable[[Path], None] = lambda root: None,
                              ) -> Iterator[Path]:

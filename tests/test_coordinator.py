@@ -7,6 +7,7 @@ import math
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from flctl.agent.requests import RequestHandler
 from flctl.coordinator.budget import MemoryBudget
 from flctl.coordinator.records import create_run_dir, load_weights
 from flctl.coordinator.rounds import Coordinator
+from flctl.coordinator.summary import RunSummary
 from flctl.core import pki
 from flctl.core.agentconfig import AgentConfig
 from flctl.core.data import Dataset, save_dataset
@@ -570,6 +572,20 @@ def test_a_host_cannot_set_the_model_size(tmp_path: Path) -> None:
         "shapes"]] == [[3, 1], [1]]
 
 
+def train_tampered(tmp_path: Path, tamper: dict, **training: Any
+                   ) -> tuple[RunSummary, list[str], Federation]:
+    """A MeanTask run over hosts of 10, 30 and 60 examples whose replies pass
+    through `tamper` (host index -> change); its summary and messages."""
+    fed = Federation(tmp_path, [10, 30, 60], tamper=tamper)
+    messages: list[str] = []
+    try:
+        summary = fed.coordinator(TrainingSettings(task="meantask:MeanTask", **training),
+                                  on_message=messages.append).train()
+    finally:
+        fed.close()
+    return summary, messages, fed
+
+
 def test_counts_and_metrics_are_held_to_what_discovery_saw(tmp_path: Path) -> None:
     """One host inflating its example count (to dominate FedAvg) or reporting an
     impossible accuracy (to trigger target_accuracy) is refused, not believed."""
@@ -580,13 +596,7 @@ def test_counts_and_metrics_are_held_to_what_discovery_saw(tmp_path: Path) -> No
             return _meta(reply, metrics={"accuracy": 5.0})
         return reply
 
-    fed = Federation(tmp_path, [10, 30, 60], tamper={2: inflate})
-    messages: list[str] = []
-    try:
-        training = TrainingSettings(task="meantask:MeanTask", rounds=2)
-        summary = fed.coordinator(training, on_message=messages.append).train()
-    finally:
-        fed.close()
+    summary, messages, fed = train_tampered(tmp_path, {2: inflate}, rounds=2)
     for record in summary.history:
         assert record.participants == ["h0", "h1"]
         assert "claims 1000000000 examples" in record.dropped["h2"]
@@ -651,13 +661,7 @@ def non_finite(where: str, value: float):
 def test_a_non_finite_loss_is_refused(tmp_path: Path, where: str, value: float) -> None:
     """A NaN or infinite loss (JSON allows NaN and Infinity) would poison the
     round's weighted mean; the host's reply is refused, the figures stay finite."""
-    fed = Federation(tmp_path, [10, 30, 60], tamper={2: non_finite(where, value)})
-    messages: list[str] = []
-    try:
-        training = TrainingSettings(task="meantask:MeanTask", rounds=2)
-        summary = fed.coordinator(training, on_message=messages.append).train()
-    finally:
-        fed.close()
+    summary, messages, _ = train_tampered(tmp_path, {2: non_finite(where, value)}, rounds=2)
     for record in summary.history:
         assert math.isfinite(record.train_loss) and math.isfinite(record.eval_loss)
         assert record.eval_loss == pytest.approx(0.5)
@@ -695,13 +699,8 @@ def info_change(path: tuple[str, ...], value):
 ])
 def test_an_info_answer_of_wrong_types_leaves_out_only_that_host(
         tmp_path: Path, path, value, field: str) -> None:
-    fed = Federation(tmp_path, [10, 30, 60], tamper={1: info_change(path, value)})
-    messages: list[str] = []
-    try:
-        training = TrainingSettings(task="meantask:MeanTask", rounds=1, min_hosts=2)
-        summary = fed.coordinator(training, on_message=messages.append).train()
-    finally:
-        fed.close()
+    summary, messages, _ = train_tampered(tmp_path, {1: info_change(path, value)}, rounds=1,
+                                          min_hosts=2)
     assert summary.history[0].participants == ["h0", "h2"]
     told = [m for m in messages if "h1" in m]
     assert len(told) == 1 and "\n" not in told[0], messages
@@ -792,13 +791,7 @@ def test_the_first_model_comes_from_a_host_that_can_make_it(tmp_path: Path) -> N
             return Message(reply.kind, reply.meta, [np.full(3, np.nan, np.float32)])
         return reply
 
-    fed = Federation(tmp_path, [10, 30, 60], tamper={0: poisoned})
-    messages: list[str] = []
-    try:
-        training = TrainingSettings(task="meantask:MeanTask", rounds=1)
-        summary = fed.coordinator(training, on_message=messages.append).train()
-    finally:
-        fed.close()
+    summary, messages, _ = train_tampered(tmp_path, {0: poisoned}, rounds=1)
     assert any("h0: cannot make the initial weights (initial weights: array 0 holds NaN"
                in m for m in messages)
     assert "initial weights from h1 (1 arrays)" in messages

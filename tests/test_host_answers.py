@@ -20,7 +20,7 @@ from flctl.deploy.connector import CommandResult
 from flctl.deploy.local import LocalConnector
 from flctl.workspace import load_workspace
 
-from helpers import run_cli, use_ports
+from helpers import local_workspace, run_cli
 
 
 class Liar(LocalConnector):
@@ -38,11 +38,7 @@ class Liar(LocalConnector):
 
 @pytest.fixture
 def workspace(tmp_path: Path):
-    root = tmp_path / "ws"
-    assert run_cli("init", str(root), "--local", "4").returncode == 0
-    use_ports(root, 4)
-    yield root
-    run_cli("teardown", "-w", str(root))
+    yield from local_workspace(tmp_path / "ws", 4)
 
 
 def deploy_with(root: Path, liars: dict[str, tuple[str, str]],

@@ -20,16 +20,12 @@ import pytest
 
 from flctl.workspace import load_workspace
 
-from helpers import run_cli, use_ports
+from helpers import local_workspace, run_cli
 
 
 @pytest.fixture
 def workspace(tmp_path: Path):
-    root = tmp_path / "ws"
-    assert run_cli("init", str(root), "--local", "2").returncode == 0
-    use_ports(root, 3)
-    yield root
-    run_cli("teardown", "-w", str(root))
+    yield from local_workspace(tmp_path / "ws", 2, 3)
 
 
 def addresses(root: Path) -> dict[str, str]:

@@ -98,16 +98,22 @@ def run_round(creds: dict[str, tuple[bytes, bytes]], ca_pem: bytes,
     return server, finish_round(server, clients, roster, updates, **gone)
 
 
+def share_keys(server: SecAggServer, clients: dict[str, SecAggClient], roster: dict,
+               gone: Iterable[str] = ()) -> None:
+    """The share stage: every client not `gone` shares, every box is routed."""
+    for host, client in clients.items():
+        if host not in gone:
+            server.collect_shares(host, client.share(roster))
+    for host, boxes in server.route_shares().items():
+        clients[host].receive_shares(boxes)
+
+
 def finish_round(server: SecAggServer, clients: dict[str, SecAggClient], roster: dict,
                  updates: dict[str, np.ndarray], *, gone_after_advertise: Iterable[str] = (),
                  gone_before_masked: Iterable[str] = (),
                  gone_before_unmask: Iterable[str] = ()) -> SecAggResult:
     """Drive the rest of a round; hosts in the gone_* sets stop answering at that stage."""
-    for host, client in clients.items():
-        if host not in gone_after_advertise:
-            server.collect_shares(host, client.share(roster))
-    for host, boxes in server.route_shares().items():
-        clients[host].receive_shares(boxes)
+    share_keys(server, clients, roster, gone_after_advertise)
     for host in sorted(clients):
         if host not in set(gone_after_advertise) | set(gone_before_masked):
             server.collect_masked(host, clients[host].masked_input(updates[host], WEIGHTS[host]))
@@ -234,10 +240,7 @@ def test_a_masked_vector_looks_uniform_and_the_bare_encoding_does_not(creds, ca)
     rng = np.random.default_rng(3)
     update = rng.normal(0, 0.05, 100_000).astype(np.float32)
     server, clients, roster = start_round(creds, ca[1], HOSTS[:3])
-    for host, client in clients.items():
-        server.collect_shares(host, client.share(roster))
-    for host, boxes in server.route_shares().items():
-        clients[host].receive_shares(boxes)
+    share_keys(server, clients, roster)
     masked = clients["host0"].masked_input(update, 512)
     bare, _ = encode_weighted(update, 512, PARAMS)
 
@@ -353,10 +356,7 @@ def test_a_wrong_unmask_share_fails_the_round_instead_of_corrupting_the_sum(
         creds, ca, updates) -> None:
     names = HOSTS[:4]
     server, clients, roster = roster_for(creds, ca[1], names)
-    for host, client in clients.items():
-        server.collect_shares(host, client.share(roster))
-    for host, boxes in server.route_shares().items():
-        clients[host].receive_shares(boxes)
+    share_keys(server, clients, roster)
     for host in names:
         server.collect_masked(host, clients[host].masked_input(updates[host], WEIGHTS[host]))
     request = server.unmask_request()
@@ -688,10 +688,7 @@ def test_the_raw_sum_is_the_sum_of_the_encodings_even_with_a_dropped_host(
     values = {h: rng.normal(0, 1e6, 50) for h in HOSTS}
     encoded = {h: exactsum.encode(v, exactsum.REALS) for h, v in values.items()}
     server, clients, roster = start_round(creds, ca[1], HOSTS)
-    for host, client in clients.items():
-        server.collect_shares(host, client.share(roster))
-    for host, boxes in server.route_shares().items():
-        clients[host].receive_shares(boxes)
+    share_keys(server, clients, roster)
     for host in HOSTS:
         if host not in gone:
             masked = clients[host].masked_vector(encoded[host].copy())

@@ -22,7 +22,7 @@ from flctl.core.securestats import (
     UNAVAILABLE,
     Layout,
     host_pass1,
-    moments,
+    mean_std,
     public_edges,
     read_pass1,
     secure_stats,
@@ -30,7 +30,7 @@ from flctl.core.securestats import (
 from flctl.errors import TrainingError
 from flctl.net.agent_client import AgentClient
 from test_coordinator import Federation
-from test_stats import _clients, _table, _write_csv, make_csv_federation
+from test_stats import _clients, _table, make_csv_federation, rename_a_column_of_h0
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_pass1_encodings_sum_to_the_pooled_totals() -> None:
     assert totals.count.tolist() == [140, 139, 140] and totals.missing.tolist() == [0, 1, 0]
     labels = np.concatenate([y for _, y in parts[:2]])
     assert totals.labels.tolist() == [int((labels == k).sum()) for k in range(4)]
-    mean, std = moments(totals)
+    mean, std = mean_std(totals)
     assert np.allclose(mean, np.nanmean(pooled, axis=0), rtol=1e-12)
     assert np.allclose(std[:2], np.nanstd(pooled, axis=0)[:2], rtol=1e-9)
     assert std[2] == 0.0                                   # constant 7.0: exactly zero
@@ -168,12 +168,7 @@ def test_the_json_says_what_is_unavailable(csv_federation) -> None:
 def test_a_small_host_adds_nothing_and_other_columns_are_left_out(csv_federation,
                                                                   tmp_path: Path) -> None:
     fed, tables = csv_federation
-    x, y = tables[0]
-    renamed = _write_csv(tmp_path / "renamed.csv", x, y,
-                         header=["area", "roughness", "count", "label"])
-    service = fed.services[0]
-    service.config = dataclasses.replace(service.config, data_path=str(renamed))
-    service._load_data()
+    rename_a_column_of_h0(fed, tables, tmp_path)
     told: list[str] = []
     stats = _secure(fed, told)
     assert stats.hosts == ["h1", "h2", "h3"] and stats.rows == 80 + 70

@@ -169,15 +169,20 @@ def test_stats_through_agents(csv_federation) -> None:
     assert set(document["label_skew"]) == {"h0", "h1", "h3"}
 
 
-def test_a_host_with_other_columns_is_left_out_naming_file_and_column(csv_federation,
-                                                                      tmp_path: Path) -> None:
-    fed, tables = csv_federation
+def rename_a_column_of_h0(fed, tables, tmp_path: Path) -> None:
+    """h0's CSV calls its second column 'roughness' where the others have 'smoothness'."""
     x, y = tables[0]
     renamed = _write_csv(tmp_path / "renamed.csv", x, y,
                          header=["area", "roughness", "count", "label"])
     service = fed.services[0]
     service.config = dataclasses.replace(service.config, data_path=str(renamed))
     service._load_data()
+
+
+def test_a_host_with_other_columns_is_left_out_naming_file_and_column(csv_federation,
+                                                                      tmp_path: Path) -> None:
+    fed, tables = csv_federation
+    rename_a_column_of_h0(fed, tables, tmp_path)
     told: list[str] = []
     stats = federated_stats(_clients(fed), tell=told.append)
     assert "h0" not in stats.hosts

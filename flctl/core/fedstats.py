@@ -201,6 +201,16 @@ class FederatedStats:
         }
 
 
+def moments(count: np.ndarray, sums: np.ndarray, squares: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, mean of squares) per feature from summed counts, sums and squares;
+    NaN where a feature has no value (the variance is their difference)."""
+    seen = count > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.where(seen, sums / np.maximum(count, 1), np.nan),
+                np.where(seen, squares / np.maximum(count, 1), np.nan))
+
+
 def combine(summaries: Sequence[HostSummary], feature_names: list[str] | None = None,
             min_count: int = MIN_COUNT) -> FederatedStats:
     """The federation's statistics from the hosts' checked sums."""
@@ -210,9 +220,8 @@ def combine(summaries: Sequence[HostSummary], feature_names: list[str] | None = 
     total = np.sum([s.features for s in used], axis=0)
     count, missing, sums, squares = total[0], total[1], total[2], total[3]
     seen = count > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(seen, sums / np.maximum(count, 1), np.nan)
-        variance = np.where(seen, squares / np.maximum(count, 1) - mean * mean, np.nan)
+    mean, square = moments(count, sums, squares)
+    variance = square - mean * mean
     low = np.min([np.where(s.features[0] > 0, s.features[4], np.inf) for s in used], axis=0)
     high = np.max([np.where(s.features[0] > 0, s.features[5], -np.inf) for s in used], axis=0)
     low, high = np.where(seen, low, np.nan), np.where(seen, high, np.nan)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flctl.core.fedstats import EDGE_SIGMAS, MAX_LABEL, FederatedStats
+from flctl.core.fedstats import EDGE_SIGMAS, MAX_LABEL, FederatedStats, moments
 from flctl.core.secagg.exactsum import COUNTS, REALS, decode, encode
 
 # variance below this share of the mean square is float64 cancellation, not spread
@@ -153,15 +153,11 @@ def read_pass1(total: np.ndarray, layout: Layout, n_hosts: int) -> Totals:
                   sums, squares, absolute)
 
 
-def moments(totals: Totals) -> tuple[np.ndarray, np.ndarray]:
+def mean_std(totals: Totals) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) per feature, NaN where a feature has no value; a variance
     within float64 cancellation of zero is zero (a constant feature)."""
-    count = totals.count
-    seen = count > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(seen, totals.sums / np.maximum(count, 1), np.nan)
-        square = totals.squares / np.maximum(count, 1)
-        variance = np.where(seen, square - mean * mean, np.nan)
+    mean, square = moments(totals.count, totals.sums, totals.squares)
+    variance = square - mean * mean
     variance = np.where(variance <= CONSTANT_RELATIVE * square, 0.0, variance)
     return mean, np.sqrt(variance)
 
@@ -197,7 +193,7 @@ def secure_stats(totals: Totals, hosts: list[str], feature_names: list[str] | No
     (NaN), label counts for the federation only; notes say what is missing."""
     if not totals.contributing:
         raise ValueError(f"no host has {min_count} rows or more")
-    mean, std = moments(totals)
+    mean, std = mean_std(totals)
     width = len(totals.count)
     with np.errstate(invalid="ignore", divide="ignore"):
         magnitude = np.where(totals.absolute > 0, totals.squares / totals.absolute, 0.0)

@@ -93,8 +93,9 @@ class _SGDTask:
                 Transform.from_params(transform, model.n_features)
         except ValueError as exc:
             raise TaskError(str(exc)) from None
-        self._transformed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._steps: dict[int, tuple[np.ndarray, float]] = {}
+        # per data array (the agent's data stay the same objects between rounds)
+        self._transformed: dict[int, tuple[np.ndarray, Any]] = {}
+        self._steps: dict[int, tuple[np.ndarray, Any]] = {}
 
     def _step(self, x: np.ndarray, lr: float, bound: bool) -> float:
         """`lr`, or on standardised data its stable step when that is smaller
@@ -103,11 +104,7 @@ class _SGDTask:
         learns at far larger steps): the user's lr goes as given."""
         if not bound or self.transform is None:
             return lr
-        cached = self._steps.get(id(x))
-        if cached is None or cached[0] is not x:
-            cached = (x, stable_step(x))
-            self._steps[id(x)] = cached
-        return min(lr, cached[1])
+        return min(lr, _once_per_array(self._steps, x, stable_step))
 
     def init(self, seed: int) -> list[np.ndarray]:
         return self.model.init_params(np.random.default_rng(seed))
@@ -194,11 +191,18 @@ class _SGDTask:
                 raise TaskError("the data has missing values: they are filled with the "
                                 "federated mean when training.standardize is on (or auto)")
             return x.astype(np.float32, copy=False)
-        cached = self._transformed.get(id(x))
-        if cached is None or cached[0] is not x:
-            cached = (x, self.transform.apply(x))
-            self._transformed[id(x)] = cached
-        return cached[1]
+        return _once_per_array(self._transformed, x, self.transform.apply)
+
+
+def _once_per_array(cache: dict[int, tuple[np.ndarray, Any]], x: np.ndarray,
+                    make: Callable[[np.ndarray], Any]) -> Any:
+    """make(x), computed once per array object (the cache holds x, so its id
+    cannot be reused by another array while the entry lives)."""
+    cached = cache.get(id(x))
+    if cached is None or cached[0] is not x:
+        cached = (x, make(x))
+        cache[id(x)] = cached
+    return cached[1]
 
 
 def _fit_settings(config: dict) -> dict[str, Any]:
