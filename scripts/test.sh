@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # python3-torch: the lab hosts' admin-installed PyTorch, which layered agents
-# (inventory `python: /usr/bin/python3`) train with.
+# (inventory `python: /usr/bin/python3`) train with. chromium: `flctl report`'s
+# page is checked in a real headless browser; tmux: `flctl top` in a terminal.
 DEBIAN_PACKAGES=(python3-venv sudo openssh-server nftables wireguard-tools wireguard-go iproute2 iputils-ping
-                 python3-torch)
+                 python3-torch chromium tmux)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for pkg in "${DEBIAN_PACKAGES[@]}"; do
@@ -30,7 +31,7 @@ rm -rf build ./*.egg-info  # setuptools' build/ keeps deleted modules and would 
 # the installed copy, so what passes here is what `pip install flctl` gives.
 # torch 2.13.0 is the CPU build (an unpinned torch would pull a CUDA build of
 # several GB); flctl.torch's tests and the PyTorch example use it
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check '.[test,torch,safetensors]' 'torch==2.13.0'
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check '.[test,torch,safetensors,report,tensorboard,mlflow,prometheus]' 'torch==2.13.0'
 
 "$VENV/bin/ruff" check flctl tests scripts
 set +e
