@@ -467,6 +467,14 @@ def test_secure_aggregation_drops_a_straggler_and_unmasks_the_rest(
     assert record.participants == ["h0", "h1"] and record.dropped == {"h2": "deadline exceeded"}
     np.testing.assert_allclose(load_weights(summary.final_weights)[0],
                                weighted_mean(federation, [0, 1]), atol=1e-5)
+    # per host: who answered or straggled, and bytes; nothing of a single host's update
+    assert {name: entry["status"] for name, entry in record.hosts.items()} == {
+        "h0": "answered", "h1": "answered", "h2": "straggled"}
+    for entry in record.hosts.values():
+        assert set(entry) <= {"status", "reason", "bytes_sent", "bytes_received"}
+        assert entry["bytes_sent"] > 0
+    written = json.loads((summary.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert written["hosts"] == record.hosts
 
 
 def test_secure_aggregation_below_the_threshold_fails_and_reveals_nothing(

@@ -160,3 +160,55 @@ def test_a_round_short_of_min_hosts_is_run_again_once_the_agent_is_back(
             assert "running it again" in told
     finally:
         (workspace / "flctl.yaml").write_text(original)
+
+
+def test_each_hosts_round_is_recorded_and_shown_one_host_at_a_time(workspace: Path) -> None:
+    """metrics.jsonl keeps each sampled host's round (answered with its loss,
+    examples, time and bytes; straggled and why); `runs show --host` reads it."""
+    host_sizes = sizes(workspace)
+    counts = list(host_sizes.values())
+    slow_host, slow_size = next((h, n) for h, n in sorted(host_sizes.items())
+                                if counts.count(n) == 1)
+    original = (workspace / "flctl.yaml").read_text()
+    write_task_settings(workspace, {"slow_sizes": [slow_size], "delay": 6.0}, 1.5)
+    try:
+        result = run_cli("train", "-w", str(workspace), "--rounds", "2", "--run-id", "per-host",
+                         "--json", timeout=120)
+        assert result.returncode == 0, result.stderr
+    finally:
+        (workspace / "flctl.yaml").write_text(original)
+    lines = [json.loads(line) for line in
+             (workspace / "runs" / "per-host" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2]
+    for line in lines:
+        hosts = line["hosts"]
+        assert set(hosts) == set(host_sizes)
+        assert hosts[slow_host]["status"] == "straggled"
+        assert hosts[slow_host]["reason"] == "deadline exceeded"
+        assert "train_loss" not in hosts[slow_host]
+        for name in set(host_sizes) - {slow_host}:
+            entry = hosts[name]
+            assert entry["status"] == "answered" and "reason" not in entry
+            assert entry["examples"] == host_sizes[name]
+            assert entry["train_loss"] > 0 and 0 <= entry["fit_s"] < 5
+            assert entry["bytes_sent"] > 0 and entry["bytes_received"] > 0
+        # the round's bytes are the hosts' bytes, counted once each
+        assert sum(h["bytes_sent"] for h in hosts.values()) == line["bytes_sent"]
+        assert sum(h["bytes_received"] for h in hosts.values()) == line["bytes_received"]
+        losses = [(hosts[n]["train_loss"], hosts[n]["examples"]) for n in hosts
+                  if hosts[n]["status"] == "answered"]
+        mean = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+        assert abs(mean - line["train_loss"]) < 1e-9 * max(1.0, mean)
+
+    shown = run_cli("runs", "show", "per-host", "--host", slow_host, "-w", str(workspace),
+                    "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert [(r["round"], r["status"], r["reason"]) for r in shown.json()["rounds"]] == [
+        (1, "straggled", "deadline exceeded"), (2, "straggled", "deadline exceeded")]
+    fast = sorted(set(host_sizes) - {slow_host})[0]
+    table = run_cli("runs", "show", "per-host", "--host", fast, "-w", str(workspace))
+    assert table.returncode == 0 and "answered" in table.stdout, table.stderr
+    assert str(host_sizes[fast]) in table.stdout
+    unknown = run_cli("runs", "show", "per-host", "--host", "nobody", "-w", str(workspace))
+    assert unknown.returncode == 3 and "Traceback" not in unknown.stderr
+    assert "nobody" in unknown.stderr and slow_host in unknown.stderr

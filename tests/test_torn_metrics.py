@@ -119,3 +119,24 @@ def test_runs_show_takes_lines_of_another_version_and_skips_garbage(tmp_path: Pa
     assert "75.00%" in shown.stdout and "Traceback" not in shown.stderr
     assert [w.split(": ")[1] for w in warning_lines(shown.stderr)] == [
         f"{run_dir / 'metrics.jsonl'}:2", f"{run_dir / 'metrics.jsonl'}:3"]
+
+
+def test_one_hosts_history_copes_with_old_lines_and_edited_fields() -> None:
+    from flctl.coordinator.summary import host_history
+
+    records = [
+        {"round": 1},   # written before per-host records
+        {"round": 2, "hosts": {"a": {"status": "answered", "train_loss": 0.5, "examples": 9,
+                                     "fit_s": 0.1, "bytes_sent": 10, "bytes_received": 20}}},
+        {"round": 3, "hosts": {"b": {"status": "dropped", "reason": "gone"}}},
+        {"round": 4, "hosts": {"a": {"status": 7, "train_loss": "NaN", "examples": True}}},
+        {"round": 5, "hosts": ["a"]},
+    ]
+    assert host_history(records, "a") == [
+        {"round": 1, "status": "unknown"},
+        {"round": 2, "status": "answered", "train_loss": 0.5, "examples": 9, "fit_s": 0.1,
+         "bytes_sent": 10, "bytes_received": 20},
+        {"round": 3, "status": "not sampled"},
+        {"round": 4, "status": "unknown"},
+        {"round": 5, "status": "unknown"},
+    ]

@@ -103,6 +103,28 @@ def add_round_row(table: Table, record: RoundRecord) -> None:
     )
 
 
+def host_history_table(host: str, rows: Sequence[dict[str, Any]]) -> Table:
+    """`flctl runs show RUN --host H`: one host, a row per round."""
+    table = Table(title=f"host {literal(host).plain}")
+    for column, justify in (("round", "right"), ("status", "left"), ("train loss", "right"),
+                            ("examples", "right"), ("fit s", "right"), ("bytes", "right"),
+                            ("reason", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    colours = {"answered": "green", "straggled": "yellow", "dropped": "red"}
+    for row in rows:
+        loss, fit_s = row.get("train_loss"), row.get("fit_s")
+        moved = (row["bytes_sent"] + row["bytes_received"]) if "bytes_sent" in row and (
+            "bytes_received" in row) else None
+        table.add_row(
+            str(row["round"]), literal(row["status"], colours.get(row["status"], "dim")),
+            "-" if loss is None else f"{loss:.4f}",
+            "-" if row.get("examples") is None else str(row["examples"]),
+            "-" if fit_s is None else f"{fit_s:.2f}",
+            "-" if moved is None else human_bytes(moved),
+            literal(row.get("reason", "")))
+    return table
+
+
 def status_table(rows: Sequence[dict[str, Any]]) -> Table:
     """The at-a-glance view; everything else is in `--json`."""
     table = Table(title="hosts")

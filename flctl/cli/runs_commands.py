@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
@@ -10,7 +11,7 @@ from flctl.cli import render
 from flctl.cli.common import JsonOpt, WorkspaceOpt
 from flctl.coordinator.export import FORMATS, export_run
 from flctl.coordinator.records import RunDir, describe_run, list_runs, read_metrics
-from flctl.coordinator.summary import RoundRecord
+from flctl.coordinator.summary import RoundRecord, host_history
 from flctl.errors import WorkspaceError
 from flctl.workspace import load_workspace
 
@@ -59,6 +60,18 @@ def runs_export(
                          soft_wrap=True)
 
 
+def _show_host(members: list[str], history: list[dict[str, Any]], host: str,
+               json_output: bool) -> None:
+    if host not in members:
+        known = ", ".join(members) or "none recorded"
+        raise WorkspaceError(f"host {host!r} was not in this run (its hosts: {known})")
+    rows = host_history(history, host)
+    if json_output:
+        render.emit_json({"host": host, "rounds": rows})
+    else:
+        render.out.print(render.host_history_table(host, rows))
+
+
 def _run(runs_root: Path, run_id: str) -> RunDir:
     run = RunDir(runs_root / run_id)
     if "/" in run_id or run_id in ("", ".", "..") or not run.path.is_dir():
@@ -69,6 +82,9 @@ def _run(runs_root: Path, run_id: str) -> RunDir:
 @runs_app.command("show")
 def runs_show(
     run_id: str = typer.Argument(..., help="The run's id (see `flctl runs`)."),
+    host: Optional[str] = typer.Option(
+        None, "--host", help="One host over the run: answered, dropped or straggled (and why), "
+                             "train loss, examples, fit seconds and bytes per round."),
     workspace_dir: Path = WorkspaceOpt,
     json_output: bool = JsonOpt,
 ) -> None:
@@ -78,6 +94,9 @@ def runs_show(
     info = describe_run(run)
     render.warn(info.warnings)
     history = read_metrics(run).records
+    if host is not None:
+        _show_host(info.hosts, history, host, json_output)
+        return
     if json_output:
         render.emit_json({**info.as_dict(), "history": history})
         return

@@ -37,6 +37,7 @@ from flctl.coordinator.summary import (
     RoundCallback,
     RoundRecord,
     RunSummary,
+    host_entries,
     plain_settings,
 )
 from flctl.core.aggregation import update_distance
@@ -163,6 +164,8 @@ class Coordinator(HostAdmission):
         return aggregator.result(), {
             "participants": outcome.participants,
             "dropped": outcome.dropped,
+            # that a host answered, and nothing of its own reply: only sums are learnt
+            "answered": {name: {} for name in outcome.participants},
             "train_loss": outcome.train_loss,
             "max_compute_s": max(outcome.compute, default=0.0),
         }
@@ -178,6 +181,7 @@ class Coordinator(HostAdmission):
         closed = threading.Event()
         losses: list[tuple[float, int]] = []
         compute: list[float] = []
+        answered: dict[str, dict[str, Any]] = {}  # what each host's reply says of it
         config = self._fit_config(round_number)
 
         until = time.monotonic() + t.deadline_s
@@ -209,9 +213,12 @@ class Coordinator(HostAdmission):
                     if closed.is_set():
                         raise TrainingError("reply after the deadline")
                     aggregator.add(client.name, update, reply.num_examples)
-                    losses.append((float(reply.metrics.get("train_loss", math.nan)),
-                                   reply.num_examples))
+                    loss = float(reply.metrics.get("train_loss", math.nan))
+                    losses.append((loss, reply.num_examples))
                     compute.append(reply.compute_s)
+                    answered[client.name] = {
+                        "train_loss": loss if math.isfinite(loss) else None,
+                        "examples": reply.num_examples, "fit_s": reply.compute_s}
                 return reply.num_examples
             finally:
                 receiver.release()
@@ -233,6 +240,7 @@ class Coordinator(HostAdmission):
         return aggregator.result(), {
             "participants": sorted(results),
             "dropped": failures,
+            "answered": answered,
             "train_loss": train_loss,
             "max_compute_s": max(compute, default=0.0),
         }
@@ -435,8 +443,8 @@ class Coordinator(HostAdmission):
                    available: list[AgentClient]) -> tuple[RoundRecord, list[np.ndarray]]:
         t = self.training
         round_start = time.perf_counter()
-        sent0 = sum(c.bytes_sent for c in self.clients)
-        received0 = sum(c.bytes_received for c in self.clients)
+        sent0 = {c.name: c.bytes_sent for c in self.clients}
+        received0 = {c.name: c.bytes_received for c in self.clients}
         new_weights, fit, attempts = self._fit_with_retries(weights, round_number, available)
         fit_seconds = time.perf_counter() - round_start
         epsilon = self.privacy.spend_round()
@@ -452,6 +460,8 @@ class Coordinator(HostAdmission):
                 central_loss, _, metrics = self.task.evaluate(new_weights, self.eval_data, {})
                 central_accuracy = metrics.get("accuracy")
         eval_seconds = time.perf_counter() - eval_started
+        sent = {c.name: c.bytes_sent - sent0[c.name] for c in self.clients}
+        received = {c.name: c.bytes_received - received0[c.name] for c in self.clients}
         record = RoundRecord(
             round=round_number,
             participants=fit["participants"],
@@ -462,14 +472,15 @@ class Coordinator(HostAdmission):
             seconds=time.perf_counter() - round_start,
             fit_seconds=fit_seconds,
             max_compute_s=fit["max_compute_s"],
-            bytes_sent=sum(c.bytes_sent for c in self.clients) - sent0,
-            bytes_received=sum(c.bytes_received for c in self.clients) - received0,
+            bytes_sent=sum(sent.values()),
+            bytes_received=sum(received.values()),
             eval_seconds=eval_seconds,
             central_loss=None if central_loss is None else float(central_loss),
             central_accuracy=None if central_accuracy is None else float(central_accuracy),
             attempts=attempts,
             epsilon=epsilon,
             delta=t.dp_delta if self.privacy.enabled else None,
+            hosts=host_entries(fit["answered"], fit["dropped"], sent, received),
         )
         # Metrics first: a crash in between leaves a metrics line past the
         # checkpoint, which resume drops, rather than a round with no line.
