@@ -64,9 +64,10 @@ class SandboxHost(LocalConnector):
         self.log.append(("put", path))
         super().put(path, data, mode)
 
-    def put_file(self, local: Path, path: str, mode: int = 0o644) -> None:
+    def put_file(self, local: Path, path: str, mode: int = 0o644,
+                 on_bytes=None) -> None:
         self.log.append(("put", path))
-        super().put_file(local, path, mode)
+        super().put_file(local, path, mode, on_bytes)
 
 
 def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ import pytest
 
 from flctl.agent.requests import RequestHandler
 from flctl.coordinator.budget import MemoryBudget
+from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import create_run_dir, load_weights
 from flctl.coordinator.rounds import Coordinator
 from flctl.coordinator.summary import RunSummary
@@ -840,3 +841,46 @@ def test_a_host_whose_evaluation_fails_is_told_once(tmp_path: Path) -> None:
     told = [m for m in messages if "evaluation failed" in m]
     assert len(told) == 1 and told[0].startswith("h1: evaluation failed: ") and "epochs" in told[0]
     assert summary.accuracy is not None      # h0's score still counts
+
+
+def test_each_phase_that_sends_the_model_is_shown_until_every_host_has_it(
+        federation: Federation) -> None:
+    """The progress view's source: each fit and evaluation phase names its round,
+    its hosts and the model's bytes; by its end every host has the whole model."""
+    seen: list[tuple[str, int, int, int]] = []
+
+    class Watched(TransferProgress):
+        def end(self) -> None:
+            now = self.snapshot()
+            assert now is not None
+            seen.append((now.phase, now.hosts, now.hosts_done, now.expected))
+            super().end()
+
+    watched = Watched()
+    training = TrainingSettings(task="meantask:MeanTask", rounds=2)
+    federation.coordinator(training, progress=watched).train()
+    model_bytes = 3 * 4   # MeanTask: three float32 coordinates
+    assert seen == [(f"round {r}: model to hosts{what}", 3, 3, 3 * model_bytes)
+                    for r in (1, 2) for what in ("", " to evaluate")]
+    assert watched.snapshot() is None
+
+
+def test_a_chunked_send_reports_its_running_total() -> None:
+    import socket
+
+    from flctl.core.messages import chunk_size
+    from flctl.net.framing import recv_message, send_message
+
+    limits = Limits(max_body_bytes=1 << 16)   # 64 KiB chunks
+    array = np.arange(3 * chunk_size(limits) // 4 + 7, dtype=np.float32)
+    left, right = socket.socketpair()
+    totals: list[int] = []
+    received: list[Any] = []
+    reader = threading.Thread(target=lambda: received.append(recv_message(right, limits)))
+    reader.start()
+    sent = send_message(left, Message("fit", {}, [array]), limits, on_sent=totals.append)
+    reader.join(30)
+    left.close()
+    right.close()
+    assert len(totals) >= 3 and totals == sorted(totals) and totals[-1] == sent
+    np.testing.assert_array_equal(received[0][0].arrays[0], array)

@@ -177,7 +177,10 @@ def test_put_file_streams_a_large_file(conn: SSHConnector, tmp_path: Path) -> No
     local = tmp_path / "wheel.whl"
     local.write_bytes(os.urandom(5_000_000))
     remote = tmp_path / "remote" / "wheel.whl"
-    conn.put_file(local, str(remote), 0o644)
+    sent: list[int] = []
+    conn.put_file(local, str(remote), 0o644, on_bytes=sent.append)
+    # progress as the blocks go out, ending at the file's size
+    assert len(sent) >= 5 and sent == sorted(sent) and sent[-1] == 5_000_000
     assert hashlib.sha256(remote.read_bytes()).digest() == hashlib.sha256(
         local.read_bytes()).digest()
     assert stat.S_IMODE(remote.stat().st_mode) == 0o644

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.live import Live
 from rich.markup import escape
 
 import flctl as flctl_package
@@ -32,12 +31,13 @@ from flctl.cli.common import (
     selected,
 )
 from flctl.cli.pki_commands import pki_app
-from flctl.cli.progress import HostProgress
+from flctl.cli.progress import HostProgress, TrainView
 from flctl.cli.runs_commands import runs_app
+from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import latest_run
 from flctl.coordinator.session import info_probe, stats_workspace, train_workspace
 from flctl.coordinator.stats import describe_findings
-from flctl.coordinator.summary import RoundRecord, RunSummary
+from flctl.coordinator.summary import RunSummary
 from flctl.core.fedstats import DEFAULT_BINS, MAX_BINS, MIN_COUNT
 from flctl.core.settings import AgentSettings, Settings
 from flctl.core.text import clean_text
@@ -215,24 +215,11 @@ def _run_training(workspace: Workspace, overrides: dict[str, Any], limit: Option
     if json_output:
         return train_workspace(workspace, settings.training, hosts, run_id=run_id,
                                on_message=note, **resume_args)
-    # The live table appears with the first round: a run that cannot start
-    # ends with its one error line, not an empty table above it.
-    live: list[Live] = []
-
-    def on_round(record: RoundRecord) -> None:
-        render.add_round_row(table, record)
-        if not live:
-            live.append(Live(table, console=render.err, refresh_per_second=8))
-            live[0].start()
-
-    try:
-        summary = train_workspace(workspace, settings.training, hosts, run_id=run_id,
-                                  on_round=on_round, on_message=note, **resume_args)
-    finally:
-        if live:
-            live[0].stop()
-            render.err.print()
-    return summary
+    transfers = TransferProgress()
+    with TrainView(table, transfers) as view:
+        return train_workspace(workspace, settings.training, hosts, run_id=run_id,
+                               on_round=view.round_done, on_message=note,
+                               progress=transfers, **resume_args)
 
 
 def _summary_document(summary: RunSummary) -> dict[str, Any]:

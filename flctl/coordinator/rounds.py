@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from flctl.coordinator.admission import HostAdmission
 from flctl.coordinator.budget import MemoryBudget
 from flctl.coordinator.fanout import fan_out
 from flctl.coordinator.privacy import PrivacyLedger, hosts_per_round
+from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import Checkpoint, RunDir
 from flctl.coordinator.replies import (
     HostProfile,
@@ -72,7 +74,9 @@ class Coordinator(HostAdmission):
         ca_pem: bytes | None = None,
         revoked: frozenset[int] = frozenset(),
         initial: list[np.ndarray] | None = None,
+        progress: TransferProgress | None = None,
     ) -> None:
+        self.progress = progress or TransferProgress()  # the model's way out, for views
         self.initial = initial  # training.initial_weights, when given
         self.names: list[str] | None = None  # the arrays' names, when the task gives them
         # the frozen part every host loads itself ({"sha256", "bytes"}), if any
@@ -125,6 +129,16 @@ class Coordinator(HostAdmission):
         chosen = sorted(rng.choice(len(available), size=count, replace=False))
         return [available[i] for i in chosen]
 
+    @contextmanager
+    def _sending(self, phase: str, clients: Sequence[AgentClient],
+                 weights: Sequence[np.ndarray]) -> Iterator[None]:
+        """A phase that sends the model to `clients`, for progress views."""
+        self.progress.begin(phase, clients, sum(int(w.nbytes) for w in weights))
+        try:
+            yield
+        finally:
+            self.progress.end()
+
     # ------------------------------------------------------------ phases
     def _fit_config(self, round_number: int) -> dict[str, Any]:
         t = self.training
@@ -150,7 +164,8 @@ class Coordinator(HostAdmission):
                                      shares, allocate, heartbeat_s=t.heartbeat_s or None)
 
         try:
-            outcome = self.secure.fit(weights, round_id, clients, secure_fit)
+            with self._sending(f"round {round_number}: model to hosts", clients, weights):
+                outcome = self.secure.fit(weights, round_id, clients, secure_fit)
         except SecAggError as exc:
             raise RoundShort(f"round {round_number}: {exc.message}") from None
         if len(outcome.participants) < t.min_hosts:
@@ -223,7 +238,8 @@ class Coordinator(HostAdmission):
             finally:
                 receiver.release()
 
-        results, failures = self._parallel(clients, fit_one, timeout=t.deadline_s)
+        with self._sending(f"round {round_number}: model to hosts", clients, weights):
+            results, failures = self._parallel(clients, fit_one, timeout=t.deadline_s)
         with lock:
             closed.set()
         if aggregator.count < t.min_hosts:
@@ -279,8 +295,10 @@ class Coordinator(HostAdmission):
             self._tell_resumed(client.name, transfer)
             return reply
 
-        replies, failures = self._parallel(clients, evaluate_one,
-                                           timeout=self.training.deadline_s)
+        with self._sending(f"round {round_number}: model to hosts to evaluate", clients,
+                           weights):
+            replies, failures = self._parallel(clients, evaluate_one,
+                                               timeout=self.training.deadline_s)
         for name, reason in sorted(failures.items()):
             if (name, reason) not in self._eval_failures_told:   # once, not every round
                 self._eval_failures_told.add((name, reason))

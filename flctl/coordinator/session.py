@@ -7,6 +7,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Callable
 
+from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import (
     create_run_dir,
     load_checkpoint,
@@ -82,6 +83,7 @@ def train_workspace(
     resume_rounds: int | None = None,
     on_round: RoundCallback = lambda record: None,
     on_message: MessageCallback = lambda text: None,
+    progress: TransferProgress | None = None,
 ) -> RunSummary:
     """Start a run, or with `resume` continue an interrupted one exactly where
     its last checkpoint left it, with the settings and hosts it started with
@@ -120,7 +122,8 @@ def train_workspace(
                               on_round=on_round, on_message=on_message,
                               resume_from=checkpoint, eval_data=eval_data,
                               ca_pem=workspace.paths.ca_cert.read_bytes(),
-                              revoked=workspace_revocations(workspace), initial=initial)
+                              revoked=workspace_revocations(workspace), initial=initial,
+                              progress=progress)
     return coordinator.train()
 
 

@@ -41,7 +41,9 @@ class Connector(Protocol):
 
     def put(self, path: str, data: bytes, mode: int = 0o644) -> None: ...
 
-    def put_file(self, local: Path, path: str, mode: int = 0o644) -> None: ...
+    def put_file(self, local: Path, path: str, mode: int = 0o644,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
+        """Stream a local file there; `on_bytes` hears the bytes sent so far."""
 
     def get(self, path: str) -> bytes: ...
 
@@ -51,3 +53,19 @@ class Connector(Protocol):
     def local_address(self) -> str: ...
 
     def close(self) -> None: ...
+
+
+def upload_files(connector: Connector, files: Sequence[tuple[Path, str]], what: str,
+                 tell: Callable[[str], None], mode: int = 0o644) -> int:
+    """Stream `files` (local path, remote path) to the host, telling `tell`
+    "uploading WHAT: X of Y MB" as the bytes go out: wheels and frozen parts
+    run to hundreds of MB, and a deploy that shows nothing for a minute
+    looks hung. Returns the bytes sent."""
+    total = sum(local.stat().st_size for local, _ in files)
+    done = 0
+    for local, remote in files:
+        def sent(count: int, before: int = done) -> None:
+            tell(f"uploading {what}: {(before + count) / 1e6:.1f} of {total / 1e6:.1f} MB")
+        connector.put_file(local, remote, mode, on_bytes=sent)
+        done += local.stat().st_size
+    return done

@@ -31,7 +31,7 @@ from flctl.deploy.host_deploy import (
 from flctl.deploy.install import INSTALL_DIR, VENV_PYTHON, BundleCache, installed
 from flctl.deploy.overlay import Hub
 from flctl.deploy.remote import ConnectOptions, StepFailed, call_helper, connect
-from flctl.deploy.results import HostResult, StepResult, run_guarded
+from flctl.deploy.results import DONE, HostResult, StepResult, run_guarded
 from flctl.workspace import Workspace, read_wheel_lock, record_overlay_addresses
 
 # A network change is rolled back by the host itself unless a NEW SSH
@@ -56,9 +56,17 @@ def connect_options(workspace: Workspace, accept_new_host_keys: bool = False) ->
     return ConnectOptions(workspace.paths.known_hosts, accept_new_host_keys)
 
 
-def _pool_map(hosts: list[Host], forks: int, job: Callable[[Host], HostResult]) -> list[HostResult]:
+def _pool_map(hosts: list[Host], forks: int, job: Callable[[Host], HostResult],
+              progress: ProgressFn) -> list[HostResult]:
+    """`job` on every host, `forks` at a time; each host's last progress line
+    says it is done (views count those: "3 of 8 hosts done")."""
+    def one(host: Host) -> HostResult:
+        result = job(host)
+        progress(host.name, f"{DONE} ({result.status})")
+        return result
+
     with ThreadPoolExecutor(max_workers=max(1, min(forks, len(hosts) or 1))) as pool:
-        return list(pool.map(job, hosts))
+        return list(pool.map(one, hosts))
 
 
 def _coordinator_step(store: CertificateStore, check: bool) -> HostResult | None:
@@ -117,7 +125,7 @@ def deploy(
     )
     order = {host.name: index for index, host in enumerate(workspace.inventory.hosts)}
     jobs = {host.name: HostDeploy(ctx, host, order[host.name], progress) for host in hosts}
-    results = _pool_map(hosts, forks, lambda host: jobs[host.name].run())
+    results = _pool_map(hosts, forks, lambda host: jobs[host.name].run(), progress)
     overlay_jobs = [job for job in jobs.values()
                     if job.network is not None and job.network.overlay]
     if overlay_jobs:
@@ -224,7 +232,7 @@ def teardown(workspace: Workspace, hosts: list[Host], *, forks: int = 16,
 
         return run_guarded(result, action)
 
-    results = _pool_map(hosts, forks, one)
+    results = _pool_map(hosts, forks, one, progress)
     removed = {r.host for r in results if r.status in ("ok", "changed")}
     if removed & set(hub.known_peers()) or (hub.config_path.exists() and not hub.known_peers()):
         hub_result = HostResult("hub")

@@ -30,7 +30,7 @@ from flctl.core.schema import Field, MapOf, Maybe, count
 from flctl.core.tasks import BUILTIN_TASKS
 from flctl.core.text import clean_text
 from flctl.deploy.certificates import CertificateStore
-from flctl.deploy.connector import Connector
+from flctl.deploy.connector import Connector, upload_files
 from flctl.deploy.install import BundleCache, ensure_agent_software
 from flctl.deploy.network_steps import NetworkSteps
 from flctl.deploy.overlay import Hub
@@ -137,7 +137,9 @@ class HostDeploy:
             self.progress(self.host.name, "checking the host")
             bootstrap = ensure_agent_software(connector, self.host, self.ctx.bundles,
                                               check=self.ctx.check, step=self.step,
-                                              task_requirements=self.ctx.task_requirements)
+                                              task_requirements=self.ctx.task_requirements,
+                                              tell=lambda line: self.progress(self.host.name,
+                                                                              line))
             self.result.facts["host"] = bootstrap
             if self.ctx.check and self.result.changed:
                 self.step("agent", True, "would configure and start after installing")
@@ -367,9 +369,10 @@ class HostDeploy:
             self.step("frozen part", False, f"{len(wanted)} files, {size / 1e6:.1f} MB")
             return False
         if not self.ctx.check:
-            for name, file in stale.items():
-                self.progress(self.host.name, f"uploading frozen/{name}")
-                connector.put_file(file, str(self.paths.frozen / name), 0o644)
+            upload_files(connector, [(file, str(self.paths.frozen / name))
+                                     for name, file in stale.items()],
+                         f"frozen part ({len(stale)} files)",
+                         lambda line: self.progress(self.host.name, line))
             for name in extra:
                 connector.run(["rm", "-f", "--", str(self.paths.frozen / name)])
         size = sum(file.stat().st_size for file in stale.values())

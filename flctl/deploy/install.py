@@ -26,7 +26,7 @@ from flctl.deploy.bundle import (
     install_script,
     prepare_bundle,
 )
-from flctl.deploy.connector import Connector
+from flctl.deploy.connector import Connector, upload_files
 from flctl.deploy.remote import StepFailed
 
 INSTALL_DIR = "/opt/flctl"
@@ -92,7 +92,8 @@ def remote_wheel_hashes(connector: Connector) -> dict[str, str]:
 
 def ensure_agent_software(connector: Connector, host: Host, bundles: BundleCache, *,
                           check: bool, step: StepFn,
-                          task_requirements: Sequence[str] = ()) -> dict[str, str]:
+                          task_requirements: Sequence[str] = (),
+                          tell: Callable[[str], None] = lambda line: None) -> dict[str, str]:
     """Refuse an unfit host, else make /opt/flctl hold this bundle: the agent's
     and the task's requirements, around what the host's interpreter already has
     when the inventory sets `python:` for it (a layered agent).
@@ -120,8 +121,8 @@ def ensure_agent_software(connector: Connector, host: Host, bundles: BundleCache
         have = remote_wheel_hashes(connector)
         missing = [w for w in bundle.wheels if have.get(w.name) != w.sha256]
         connector.run_shell(f"mkdir -p {WHEEL_DIR} && chmod 755 {INSTALL_DIR}")
-        for wheel in missing:
-            connector.put_file(wheel.path, f"{WHEEL_DIR}/{wheel.name}", 0o644)
+        upload_files(connector, [(w.path, f"{WHEEL_DIR}/{w.name}") for w in missing],
+                     f"{len(missing)} wheels", tell)
         connector.put(f"{INSTALL_DIR}/install.sh",
                       install_script(bundle, INSTALL_DIR, host.python).encode(), 0o700)
         done = connector.run(["sh", f"{INSTALL_DIR}/install.sh"], timeout=600)

@@ -36,8 +36,12 @@ class LocalConnector:
     def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
         atomic_write(Path(path), data, mode)
 
-    def put_file(self, local: Path, path: str, mode: int = 0o644) -> None:
-        atomic_write(Path(path), local.read_bytes(), mode)
+    def put_file(self, local: Path, path: str, mode: int = 0o644,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
+        data = local.read_bytes()
+        atomic_write(Path(path), data, mode)
+        if on_bytes is not None:
+            on_bytes(len(data))
 
     def get(self, path: str) -> bytes:
         return Path(path).read_bytes()

@@ -20,6 +20,10 @@ class StepResult:
     detail: str = ""
 
 
+# A host's last progress line starts with this (see engine._pool_map).
+DONE = "done"
+
+
 @dataclass
 class HostResult:
     host: str

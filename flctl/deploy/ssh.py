@@ -517,22 +517,24 @@ class SSHConnector:
     def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
         self._put(io.BytesIO(data), path, mode)
 
-    def put_file(self, local: Path, path: str, mode: int = 0o644) -> None:
+    def put_file(self, local: Path, path: str, mode: int = 0o644,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
         with open(local, "rb") as source:
-            self._put(source, path, mode)
+            self._put(source, path, mode, on_bytes)
 
-    def _put(self, source: BinaryIO, path: str, mode: int) -> None:
+    def _put(self, source: BinaryIO, path: str, mode: int,
+             on_bytes: Callable[[int], None] | None = None) -> None:
         target = PurePosixPath(path)
         if not target.is_absolute():
             raise ValueError(f"remote paths must be absolute: {path!r}")
         token = secrets.token_hex(8)
         if self.become:
-            self._put_as_root(source, target, mode, token)
+            self._put_as_root(source, target, mode, token, on_bytes)
         else:
-            self._put_direct(source, target, mode, token)
+            self._put_direct(source, target, mode, token, on_bytes)
 
     def _put_direct(self, source: BinaryIO, target: PurePosixPath, mode: int,
-                    token: str) -> None:
+                    token: str, on_bytes: Callable[[int], None] | None) -> None:
         sftp = self._sftp_client()
         tmp = f"{target}.tmp-{token}"
         try:
@@ -542,19 +544,19 @@ class SSHConnector:
                 self._mkdir_p(target.parent)
                 handle = _create_private(sftp, tmp, mode)
             with handle:
-                _copy(source, handle)
+                _copy(source, handle, on_bytes)
             sftp.posix_rename(tmp, str(target))
         except BaseException:
             _quietly(sftp.remove, tmp)
             raise
 
     def _put_as_root(self, source: BinaryIO, target: PurePosixPath, mode: int,
-                     token: str) -> None:
+                     token: str, on_bytes: Callable[[int], None] | None) -> None:
         sftp = self._sftp_client()
         staged = f"/tmp/.flctl-put-{token}"
         try:
             with _create_private(sftp, staged, 0o600) as handle:
-                _copy(source, handle)
+                _copy(source, handle, on_bytes)
             # install gives owner, group and mode in one go; then rename for atomicity.
             script = ('mkdir -p -- "$1" && install -m "$2" -o root -g root -- "$3" "$4" '
                       '&& mv -f -- "$4" "$5" || { rc=$?; rm -f -- "$4"; exit $rc; }')
@@ -640,13 +642,18 @@ def _create_private(sftp: paramiko.SFTPClient, path: str, mode: int) -> paramiko
     return handle
 
 
-def _copy(source: BinaryIO, handle: paramiko.SFTPFile) -> None:
+def _copy(source: BinaryIO, handle: paramiko.SFTPFile,
+          on_bytes: Callable[[int], None] | None = None) -> None:
     handle.set_pipelined(True)  # do not wait for each write's answer
+    sent = 0
     while True:
         block = source.read(CHUNK)
         if not block:
             break
         handle.write(block)
+        sent += len(block)
+        if on_bytes is not None:
+            on_bytes(sent)
 
 
 def _quietly(action: Callable[..., object], *args: object) -> None:

@@ -118,6 +118,11 @@ class AgentClient:
     def bytes_received(self) -> int:
         return self._client.bytes_received
 
+    @property
+    def bytes_out_now(self) -> int:
+        """bytes_sent plus what of the message going out has left (progress views)."""
+        return self._client.bytes_sent + self._client.sending
+
     def set_timeout(self, timeout: float | None) -> None:
         self._client.set_timeout(timeout)
 

@@ -57,6 +57,7 @@ class FrameClient:
         self.limits = limits
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.sending = 0   # bytes of the message going out now, for progress views
         self._sock: ssl.SSLSocket | None = None
         self._fresh = False  # connected, no reply received yet
 
@@ -108,7 +109,11 @@ class FrameClient:
                 silence = min(silence, self.timeout)
             self._sock.settimeout(silence)
         try:
-            self.bytes_sent += send_message(self._sock, msg, self.limits)
+            try:
+                self.bytes_sent += send_message(self._sock, msg, self.limits,
+                                                on_sent=self._sent_so_far)
+            finally:
+                self.sending = 0
             while True:
                 reply, received = recv_message(self._sock, self.limits, receive)
                 self.bytes_received += received
@@ -143,6 +148,9 @@ class FrameClient:
                 self.close()  # the server hangs up after either
             raise RemoteError(str(reply.meta.get("error", "unknown remote error")), reply.meta)
         return reply
+
+    def _sent_so_far(self, count: int) -> None:
+        self.sending = count
 
     def set_timeout(self, timeout: float | None) -> None:
         """Change the per-operation timeout, also on an open connection (round deadlines)."""

@@ -134,9 +134,11 @@ class ConnectionClosed(ProtocolError):
         self.clean = clean
 
 
-def send_message(sock: socket.socket, msg: Message, limits: Limits = DEFAULT_LIMITS) -> int:
+def send_message(sock: socket.socket, msg: Message, limits: Limits = DEFAULT_LIMITS,
+                 on_sent: Callable[[int], None] | None = None) -> int:
     """Write one message: one frame, or a stream of chunk frames when its arrays
-    are bigger than one chunk (messages.chunk_size). Returns the bytes written."""
+    are bigger than one chunk (messages.chunk_size). Returns the bytes written;
+    `on_sent` hears the running total after each chunk (progress of a large model)."""
     chunk = chunk_size(limits)
     views = body_views(msg)  # validate everything before the first byte goes out
     if msg.resume is None and msg.body_bytes <= chunk:
@@ -156,6 +158,8 @@ def send_message(sock: socket.socket, msg: Message, limits: Limits = DEFAULT_LIM
         sock.sendall(chunk_head)
         sock.sendall(views[index][offset:offset + nbytes])
         total += len(chunk_head) + nbytes
+        if on_sent is not None:
+            on_sent(total)
     return total
 
 
