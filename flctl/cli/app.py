@@ -30,6 +30,7 @@ from flctl.cli.common import (
     host_failures,
     selected,
 )
+from flctl.cli.doctor_command import doctor
 from flctl.cli.pki_commands import pki_app
 from flctl.cli.progress import HostProgress, TrainView
 from flctl.cli.runs_commands import runs_app
@@ -66,6 +67,7 @@ app = typer.Typer(
 )
 app.add_typer(runs_app, name="runs")
 app.add_typer(pki_app, name="pki")
+app.command("doctor")(doctor)
 
 
 @app.command()
