@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 
 # python3-torch: the lab hosts' admin-installed PyTorch, which layered agents
 # (inventory `python: /usr/bin/python3`) train with. chromium: `flctl report`'s
-# page is checked in a real headless browser; tmux: `flctl top` in a terminal.
+# page is checked in a real headless browser; tmux: `flctl top` in a terminal;
+# faketime: a lab host with a skewed clock for `flctl doctor`.
 DEBIAN_PACKAGES=(python3-venv sudo openssh-server nftables wireguard-tools wireguard-go iproute2 iputils-ping
-                 python3-torch chromium tmux)
+                 python3-torch chromium tmux faketime)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for pkg in "${DEBIAN_PACKAGES[@]}"; do

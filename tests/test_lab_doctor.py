@@ -5,6 +5,7 @@ name each on its host, pass the healthy one, and exit 5."""
 
 from __future__ import annotations
 
+import glob
 import time
 
 import pytest
@@ -17,7 +18,7 @@ from lab import Lab, lab_available, lab_up
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(lab_available() is not None,
                                                   reason=str(lab_available()))]
 
-FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+FAKETIME_LIBS = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
 SKEWED_PORT = 2222
 LISTENER = ("import socket, sys, time\n"
             "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
@@ -38,9 +39,10 @@ def skew_the_clock(lab: Lab, host: str) -> None:
     """A second sshd on SKEWED_PORT whose sessions run two hours behind; the
     inventory points the host at it (same host key, so known_hosts gains the
     [address]:port name)."""
+    assert FAKETIME_LIBS, "libfaketime is missing: apt install faketime (scripts/test.sh does)"
     lab.exec(host, "sh", "-c",
              f"sed 's/:22$/:{SKEWED_PORT}/' /run/flctl-lab/sshd_config > /run/flctl-lab/skewed && "
-             f"echo 'SetEnv LD_PRELOAD={FAKETIME_LIB} FAKETIME=-2h' >> /run/flctl-lab/skewed && "
+             f"echo 'SetEnv LD_PRELOAD={FAKETIME_LIBS[0]} FAKETIME=-2h' >> /run/flctl-lab/skewed && "
              "setsid -f /usr/sbin/sshd -f /run/flctl-lab/skewed -E /run/flctl-lab/skewed.log "
              "</dev/null >/dev/null 2>&1")
     address = lab.addresses[host]
