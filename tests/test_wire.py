@@ -692,3 +692,35 @@ def test_connection_cap_refuses_extra_peers(certs: Certs) -> None:
             assert client.request(Message("ack")).kind == "ack"
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("version, side", [(PROTOCOL_VERSION - 1, "run `flctl deploy`"),
+                                           (PROTOCOL_VERSION + 1, "upgrade flctl on this")])
+def test_an_agent_of_another_protocol_version_says_which_side_to_upgrade(
+        certs: Certs, version: int, side: str) -> None:
+    """An agent older or newer than this flctl answers in its own version; the
+    coordinator's one line says which of the two to upgrade."""
+    listener = socket.create_server((LOOPBACK, 0))
+    context = certs.server_ctx()
+
+    def agent() -> None:
+        raw, _ = listener.accept()
+        with context.wrap_socket(raw, server_side=True) as tls:
+            tls.recv(1 << 16)
+            tls.sendall(_raw(_header({"kind": "error", "meta": {"error": "?"}}), 0,
+                             version=version))
+
+    thread = threading.Thread(target=agent, daemon=True)
+    thread.start()
+    client = FrameClient(LOOPBACK, listener.getsockname()[1], certs.client_ctx(),
+                         server_hostname=LOOPBACK, timeout=10)
+    try:
+        with pytest.raises(ProtocolError) as caught:
+            client.request(Message("info"))
+    finally:
+        client.close()
+        thread.join(10)
+        listener.close()
+    line = caught.value.message
+    assert f"its agent speaks protocol {version}, this flctl {PROTOCOL_VERSION}" in line
+    assert side in line and "\n" not in line

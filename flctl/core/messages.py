@@ -279,6 +279,16 @@ def body_views(msg: Message) -> list[memoryview]:
     return views
 
 
+class VersionMismatch(ProtocolError):
+    """The peer speaks another version of this protocol (`peer`): one side
+    needs upgrading, and the side that sees it can say which."""
+
+    def __init__(self, peer: int) -> None:
+        super().__init__(f"protocol version mismatch: peer speaks {peer}, this side speaks "
+                         f"{PROTOCOL_VERSION}")
+        self.peer = peer
+
+
 def parse_prelude(data: bytes, limits: Limits) -> tuple[int, int]:
     """(header_len, body_len) after checking magic, version and bounds."""
     if len(data) != PRELUDE_SIZE:
@@ -287,9 +297,7 @@ def parse_prelude(data: bytes, limits: Limits) -> tuple[int, int]:
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r} (not an flctl peer?)")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version mismatch: peer speaks {version}, this side speaks {PROTOCOL_VERSION}"
-        )
+        raise VersionMismatch(version)
     if header_len == 0:
         raise ProtocolError("empty header")
     if header_len > limits.max_header_bytes:

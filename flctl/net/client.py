@@ -11,7 +11,14 @@ from __future__ import annotations
 import socket
 import ssl
 
-from flctl.core.messages import DEFAULT_LIMITS, HEARTBEAT_KIND, Limits, Message
+from flctl.core.messages import (
+    DEFAULT_LIMITS,
+    HEARTBEAT_KIND,
+    PROTOCOL_VERSION,
+    Limits,
+    Message,
+    VersionMismatch,
+)
 from flctl.errors import FlctlError, ProtocolError
 from flctl.net.framing import ConnectionClosed, Receive, recv_message, send_message
 
@@ -39,6 +46,17 @@ class RemoteError(FlctlError):
     def __init__(self, message: str, meta: dict | None = None) -> None:
         super().__init__(message)
         self.meta = meta or {}
+
+
+def upgrade_hint(where: str, peer: int) -> str:
+    """One line for a peer of another protocol version, saying which side to
+    upgrade (the client here is always the coordinator, the peer an agent)."""
+    if peer < PROTOCOL_VERSION:
+        return (f"{where}: its agent speaks protocol {peer}, this flctl {PROTOCOL_VERSION}: "
+                "run `flctl deploy` to upgrade the agent")
+    return (f"{where}: its agent speaks protocol {peer}, this flctl {PROTOCOL_VERSION}: "
+            "upgrade flctl on this machine to the agent's release (or redeploy the agent "
+            "with this one)")
 
 
 class FrameClient:
@@ -129,6 +147,9 @@ class FrameClient:
             hint = _REJECTED_HINT if self._fresh else ""
             self.close()
             raise TransportError(f"{self._where()} closed the connection{hint}") from exc
+        except VersionMismatch as exc:
+            self.close()
+            raise ProtocolError(upgrade_hint(self._where(), exc.peer)) from None
         except ProtocolError:
             self.close()
             raise
