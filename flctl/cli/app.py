@@ -33,6 +33,7 @@ from flctl.cli.common import (
 )
 from flctl.cli.pki_commands import pki_app
 from flctl.cli.progress import HostProgress
+from flctl.cli.report_command import report
 from flctl.cli.runs_commands import runs_app
 from flctl.coordinator.records import latest_run
 from flctl.coordinator.session import info_probe, stats_workspace, train_workspace
@@ -66,6 +67,7 @@ app = typer.Typer(
 )
 app.add_typer(runs_app, name="runs")
 app.add_typer(pki_app, name="pki")
+app.command("report")(report)
 
 
 @app.command()
