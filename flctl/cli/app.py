@@ -67,7 +67,6 @@ app = typer.Typer(
 )
 app.add_typer(runs_app, name="runs")
 app.add_typer(pki_app, name="pki")
-app.command("report")(report)
 
 
 @app.command()
@@ -392,6 +391,9 @@ def logs(
                      lines=lines, follow=follow, on_line=show)
     if code not in (0, None):
         raise HostError(f"{host}: could not read the agent log (tail exited with {code})")
+
+
+app.command("report")(report)
 
 
 @app.command()

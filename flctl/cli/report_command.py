@@ -28,7 +28,7 @@ def _runs(runs_root: Path, names: Optional[list[str]]) -> list[RunDir]:
 
 def report(
     runs: Optional[list[str]] = typer.Argument(
-        None, help="Run ids (see `flctl runs`); several: one page comparing them. "
+        None, metavar="RUN", help="Run ids (see `flctl runs`); several: one page comparing them. "
                    "Default: the newest run."),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o",
@@ -37,10 +37,13 @@ def report(
     workspace_dir: Path = WorkspaceOpt,
     json_output: bool = JsonOpt,
 ) -> None:
-    """Write an HTML report (and PNGs beside it) of one run, or one comparing runs:
-    accuracy and loss, train loss, each host's participation and why it missed
-    rounds, round time (compute and overhead), bytes and epsilon per round. The page
-    needs no network: open it anywhere. Needs matplotlib (pip install 'flctl[report]')."""
+    """Write an HTML report of a run's metrics, or one comparing runs.
+
+    One self-contained page (and its PNGs beside it): accuracy and loss, train
+    loss, each host's participation and why it missed rounds, round time (the
+    slowest host's compute and the overhead), bytes and epsilon per round. The
+    page needs no network: open it anywhere. Needs matplotlib (flctl's "report"
+    extra)."""
     workspace = load_workspace(workspace_dir)
     chosen = _runs(workspace.paths.runs, runs)
     target = output or default_output(chosen, workspace.paths.root / "reports")
