@@ -145,6 +145,30 @@ def test_lines_from_before_per_host_records_still_give_participation(tmp_path: P
     assert "predate per-host records" in made.page.read_text()
 
 
+def test_odd_records_still_draw_and_garbage_is_not_a_number(tmp_path: Path) -> None:
+    """Gaps between rounds, an unknown status, a host entry that is not an object,
+    values that are not numbers: shown as what they are, never a crash."""
+    run = create_run_dir(tmp_path, "odd")
+    write_lines(run, [
+        {"round": 1, "accuracy": "0.9", "seconds": "NaN", "bytes_sent": True, "hosts": {
+            "a": {"status": "exploded", "reason": 5}, "b": "not an object",
+            "7": {"status": "answered", "fit_s": True, "train_loss": 1e400}}},
+        {"round": 4, "accuracy": 0.5, "seconds": 2.0, "max_compute_s": 3.0,
+         "dropped": {"z": None}},
+    ])
+    data = load_run(run)
+    assert data.rounds == [1, 4] and data.hosts == ["7", "a", "z"]
+    assert data.participation == {"7": [ANSWERED, NOT_SAMPLED], "a": [DROPPED, NOT_SAMPLED],
+                                  "z": [NOT_SAMPLED, DROPPED]}
+    assert data.reasons["a"] == ["unknown status 'exploded': 5", None]
+    assert data.reasons["z"] == [None, None]
+    assert data.series("accuracy") == [None, 0.5] and data.series("seconds") == [None, 2.0]
+    assert data.series("bytes_sent") == [None, None]
+    assert data.host_series("fit_s") == {} and data.host_series("train_loss") == {}
+    made = write_report([run], tmp_path / "out")
+    assert figure_names(made.figures) == SINGLE_FIGURES
+
+
 def test_round_ranges_are_compact() -> None:
     assert round_ranges((1, 2, 3, 7, 9, 10)) == "1-3, 7, 9-10"
     assert round_ranges((5,)) == "5"

@@ -120,8 +120,8 @@ def round_statuses(record: dict[str, Any]) -> dict[str, tuple[str, str | None]]:
     out = {str(name): (ANSWERED, None) for name in record.get("participants") or []}
     dropped = record.get("dropped")
     for name, reason in (dropped.items() if isinstance(dropped, dict) else ()):
-        status = STRAGGLED if _DEADLINE in str(reason) else DROPPED
-        out[str(name)] = (status, str(reason))
+        reason = None if reason is None else str(reason)
+        out[str(name)] = (STRAGGLED if _DEADLINE in (reason or "") else DROPPED, reason)
     return out
 
 

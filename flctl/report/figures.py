@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from flctl.core.text import clean_text
 from flctl.report.data import ANSWERED, DROPPED, NOT_SAMPLED, STATUSES, STRAGGLED, RunData
@@ -76,6 +78,7 @@ def _plot(ax, rounds, values, **style) -> bool:
 
 def _finish(ax, ylabel: str, drew: bool, legend: bool = True) -> None:
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if not drew:
@@ -131,24 +134,31 @@ def train_loss(runs: Sequence[RunData]) -> Drawn:
 
 
 def participation(run: RunData) -> Drawn:
-    """Hosts x rounds: answered, straggled (missed the deadline), dropped, not sampled."""
+    """Hosts x rounds: answered, straggled (missed the deadline), dropped, not sampled.
+    A round with no record (a gap in metrics.jsonl) stays blank."""
     hosts = run.hosts
-    height = min(max(2.4, 0.22 * len(hosts) + 1.4), 30.0)
+    height = min(max(2.4, 0.22 * len(hosts) + 1.4), 12.0)
     ticks = len(hosts) <= MAX_HOST_TICKS
-    widest = max(len(label(h)) for h in hosts) if ticks else 3
+    widest = max((len(label(h)) for h in hosts), default=3) if ticks else 8
     figure = _figure(height=height, left=min(0.4, 0.03 + widest * 0.0068))
     ax = figure.subplots()
-    codes = [[STATUSES.index(s) for s in run.participation[h]] for h in hosts]
-    cmap = ListedColormap([STATUS_COLOURS[s] for s in STATUSES])
-    rounds = run.rounds
-    ax.imshow(codes, cmap=cmap, vmin=0, vmax=len(STATUSES) - 1, aspect="auto",
-              interpolation="nearest",
-              extent=(rounds[0] - 0.5, rounds[-1] + 0.5, len(hosts) - 0.5, -0.5))
+    first, last = run.rounds[0], run.rounds[-1]
+    if hosts:
+        codes = np.full((len(hosts), last - first + 1), np.nan)
+        for row, host in enumerate(hosts):
+            for round_number, status in zip(run.rounds, run.participation[host]):
+                codes[row, round_number - first] = STATUSES.index(status)
+        ax.imshow(codes, cmap=ListedColormap([STATUS_COLOURS[s] for s in STATUSES]), vmin=0,
+                  vmax=len(STATUSES) - 1, aspect="auto", interpolation="nearest",
+                  extent=(first - 0.5, last + 0.5, len(hosts) - 0.5, -0.5))
+    else:
+        _finish(ax, "hosts", False)
     if ticks:
         ax.set_yticks(range(len(hosts)), [label(h) for h in hosts], fontsize="small")
     else:
-        ax.set_ylabel(f"{len(hosts)} hosts")
+        ax.set_ylabel(f"{len(hosts)} hosts, in the run's order")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _legend(ax, handles=[Patch(color=STATUS_COLOURS[s], label=s) for s in STATUSES])
     return Drawn("participation", "Participation: each host in each round", _png(figure))
 
@@ -172,10 +182,15 @@ def round_time(runs: Sequence[RunData]) -> Drawn:
     ax = figure.subplots()
     if len(runs) == 1:
         run = runs[0]
-        total = [v or 0.0 for v in run.series("seconds")]
-        compute = [min(v or 0.0, t) for v, t in zip(run.series("max_compute_s"), total)]
         # stacked steps, one per round: a bar chart without one artist per bar
-        edges = [run.rounds[0] - 0.5] + [r + 0.5 for r in run.rounds]
+        # (a round missing from the records stays empty)
+        first, last = run.rounds[0], run.rounds[-1]
+        total, compute = [0.0] * (last - first + 1), [0.0] * (last - first + 1)
+        for number, seconds, slowest in zip(run.rounds, run.series("seconds"),
+                                            run.series("max_compute_s")):
+            total[number - first] = seconds or 0.0
+            compute[number - first] = min(slowest or 0.0, seconds or 0.0)
+        edges = [r - 0.5 for r in range(first, last + 2)]
         ax.stairs(compute, edges, fill=True, color="#3b75af", label="slowest host's compute")
         ax.stairs(total, edges, baseline=compute, fill=True, color="#f2a33a",
                   label="overhead (transfer,\naggregation, waiting)")
