@@ -46,7 +46,8 @@ def report(
     extra)."""
     workspace = load_workspace(workspace_dir)
     chosen = _runs(workspace.paths.runs, runs)
-    target = output or default_output(chosen, workspace.paths.root / "reports")
+    target = output.absolute() if output else \
+        default_output(chosen, workspace.paths.root / "reports")
     if json_output or not render.err.is_terminal:
         made = write_report(chosen, target)
     else:
