@@ -175,6 +175,15 @@ def test_round_ranges_are_compact() -> None:
     assert round_ranges(()) == ""
 
 
+def test_figure_labels_are_literal_and_short() -> None:
+    from flctl.report.figures import MAX_LABEL, label
+
+    assert label("h$x$1") == r"h\$x\$1"                 # no mathtext
+    assert label("_run") == " _run"                     # a legend would hide "_run"
+    assert label("a\x1b[31mb\nc") == "a[31mb c"          # no control characters
+    assert len(label("x" * 200)) == MAX_LABEL and label("x" * 200).endswith("…")
+
+
 def test_hostile_host_names_and_reasons_are_shown_as_text(tmp_path: Path) -> None:
     run = synthesize_run(tmp_path / "runs", "evil", ["h0", HOSTILE_HOST, "h$\\frac$"], 20,
                          drop=0.5, reasons=(HOSTILE_REASON,))

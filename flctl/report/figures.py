@@ -41,10 +41,13 @@ class Drawn:
 
 
 def label(text: object) -> str:
-    """Run-supplied text as matplotlib draws it literally."""
+    """Run-supplied text as matplotlib draws it literally (a leading `_` would
+    hide it from a legend, a `$` start mathtext)."""
     value = clean_text(text)
     if len(value) > MAX_LABEL:
         value = value[:MAX_LABEL - 1] + "…"
+    if value.startswith("_"):
+        value = " " + value
     return value.replace("$", r"\$")
 
 
