@@ -33,6 +33,7 @@ from flctl.cli.common import (
 from flctl.cli.doctor_command import doctor
 from flctl.cli.pki_commands import pki_app
 from flctl.cli.progress import HostProgress, TrainView
+from flctl.cli.report_command import report
 from flctl.cli.runs_commands import runs_app
 from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import latest_run
@@ -379,6 +380,9 @@ def logs(
                      lines=lines, follow=follow, on_line=show)
     if code not in (0, None):
         raise HostError(f"{host}: could not read the agent log (tail exited with {code})")
+
+
+app.command("report")(report)
 
 
 @app.command()

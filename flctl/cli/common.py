@@ -1,5 +1,6 @@
-"""What flctl's commands share: common options, host selection, the workspace
-lock, deploying with a progress view, and turning host failures into one line."""
+"""What flctl's commands share: common options, host selection, naming a run,
+the workspace lock, deploying with a progress view, and turning host failures
+into one line."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from typing import Optional
 import typer
 
 from flctl.cli.progress import HostProgress
+from flctl.coordinator.records import RunDir
 from flctl.coordinator.session import info_probe
 from flctl.deploy import engine
 from flctl.deploy.overlay import HubNotRoot
 from flctl.deploy.results import HostResult
-from flctl.errors import HostError
+from flctl.errors import HostError, WorkspaceError
 from flctl.workspace import Workspace
 from flctl.workspace_lock import workspace_lock
 
@@ -30,6 +32,14 @@ AcceptNewOpt = typer.Option(
 
 def selected(workspace: Workspace, limit: Optional[list[str]]) -> list:
     return workspace.inventory.select(limit) if limit else list(workspace.inventory.hosts)
+
+
+def named_run(runs_root: Path, run_id: str) -> RunDir:
+    """The run called `run_id` in `runs_root` (a plain name: no path tricks)."""
+    run = RunDir(runs_root / run_id)
+    if "/" in run_id or run_id in ("", ".", "..") or not run.path.is_dir():
+        raise WorkspaceError(f"no run {run_id!r} in {runs_root}")
+    return run
 
 
 def holding(workspace: Workspace, command: str) -> AbstractContextManager[None]:

@@ -8,9 +8,9 @@ from typing import Any, Optional
 import typer
 
 from flctl.cli import render
-from flctl.cli.common import JsonOpt, WorkspaceOpt
+from flctl.cli.common import JsonOpt, WorkspaceOpt, named_run
 from flctl.coordinator.export import FORMATS, export_run
-from flctl.coordinator.records import RunDir, describe_run, list_runs, read_metrics
+from flctl.coordinator.records import describe_run, list_runs, read_metrics
 from flctl.coordinator.summary import RoundRecord, host_history
 from flctl.errors import WorkspaceError
 from flctl.workspace import load_workspace
@@ -51,7 +51,7 @@ def runs_export(
 ) -> None:
     """Write a finished run's weights as safetensors, a PyTorch state dict, or a named .npz."""
     workspace = load_workspace(workspace_dir)
-    path = export_run(_run(workspace.paths.runs, run_id), fmt, output)
+    path = export_run(named_run(workspace.paths.runs, run_id), fmt, output)
     if json_output:
         render.emit_json({"run_id": run_id, "format": fmt, "path": str(path),
                           "bytes": path.stat().st_size})
@@ -72,12 +72,6 @@ def _show_host(members: list[str], history: list[dict[str, Any]], host: str,
         render.out.print(render.host_history_table(host, rows))
 
 
-def _run(runs_root: Path, run_id: str) -> RunDir:
-    run = RunDir(runs_root / run_id)
-    if "/" in run_id or run_id in ("", ".", "..") or not run.path.is_dir():
-        raise WorkspaceError(f"no run {run_id!r} in {runs_root}")
-    return run
-
 
 @runs_app.command("show")
 def runs_show(
@@ -90,7 +84,7 @@ def runs_show(
 ) -> None:
     """Summarise one run: settings, hosts, and every round's metrics."""
     workspace = load_workspace(workspace_dir)
-    run = _run(workspace.paths.runs, run_id)
+    run = named_run(workspace.paths.runs, run_id)
     info = describe_run(run)
     render.warn(info.warnings)
     history = read_metrics(run).records
