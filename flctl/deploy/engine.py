@@ -53,7 +53,8 @@ def confirm_with_new_connection(host: Host, options: ConnectOptions, state_dir: 
 
 
 def connect_options(workspace: Workspace, accept_new_host_keys: bool = False) -> ConnectOptions:
-    return ConnectOptions(workspace.paths.known_hosts, accept_new_host_keys)
+    return ConnectOptions(workspace.paths.known_hosts, accept_new_host_keys,
+                          ssh_config=workspace.ssh_config)
 
 
 def _pool_map(hosts: list[Host], forks: int, job: Callable[[Host], HostResult],

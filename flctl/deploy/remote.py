@@ -31,15 +31,18 @@ class ConnectOptions:
     known_hosts: Path
     accept_new_host_keys: bool = False
     connect_timeout: float = 10.0
+    ssh_config: Path | None = None     # OpenSSH client config (aliases, ProxyJump)
 
 
 def connect(host: Host, options: ConnectOptions) -> Connector:
     if host.connection == "local":
         return LocalConnector(host.name)
     from flctl.deploy.ssh import SSHConnector  # paramiko loads only when SSH is used
+    from flctl.deploy.ssh_jump import load_ssh_config
 
+    config = load_ssh_config(options.ssh_config) if options.ssh_config else None
     return SSHConnector(host, options.known_hosts, accept_new=options.accept_new_host_keys,
-                        connect_timeout=options.connect_timeout)
+                        connect_timeout=options.connect_timeout, ssh_config=config)
 
 
 def call_helper(connector: Connector, *args: str, timeout: float = 120.0,
