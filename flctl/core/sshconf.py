@@ -66,7 +66,9 @@ class SSHConfigText:
             match = _DIRECTIVE_RE.match(raw.split("#", 1)[0])
             if not match or match["key"].lower() != keyword.lower():
                 continue
-            if mentioning is None or mentioning in _jump_hosts(match["value"]):
+            value = match["value"]
+            if mentioning is None or mentioning == value or (
+                    keyword.lower() == "proxyjump" and mentioning in _jump_hosts(value)):
                 return number
         return None
 
@@ -154,7 +156,7 @@ def _port(found: Mapping[str, Any], default: int, source: SSHConfigText, alias: 
     except ValueError:
         port = 0
     if not 1 <= port <= 65535:
-        raise source.error(f"{alias}: not a port: {text!r}", "Port")
+        raise source.error(f"{alias}: not a port: {text!r}", "Port", str(text))
     return port
 
 

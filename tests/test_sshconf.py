@@ -1,0 +1,127 @@
+"""flctl.core.sshconf: precedence and ProxyJump chains, from lookups given as dicts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from flctl.core.sshconf import SSHConfigText, plan_route
+from flctl.errors import ConfigError
+
+CONFIG = """\
+Host bastion
+  HostName 198.18.0.1
+  User jumper
+  Port 2222
+  IdentityFile /keys/bastion
+
+Host inner
+  HostName 198.18.0.2
+  ProxyJump bastion
+
+Host lab2
+  HostName 198.18.0.12
+  User deploy
+  Port 2200
+  IdentityFile /keys/lab
+  ProxyJump inner,edge:2022
+
+Host selfish
+  ProxyJump selfish
+
+Host ping
+  ProxyJump pong
+Host pong
+  ProxyJump ping
+
+Host badport
+  Port ssh
+"""
+
+LOOKUPS: dict[str, dict[str, Any]] = {
+    "bastion": {"hostname": "198.18.0.1", "user": "jumper", "port": "2222",
+                "identityfile": ["/keys/bastion"]},
+    "inner": {"hostname": "198.18.0.2", "proxyjump": "bastion"},
+    "lab2": {"hostname": "198.18.0.12", "user": "deploy", "port": "2200",
+             "identityfile": ["/keys/lab"], "proxyjump": "inner,edge:2022"},
+    "selfish": {"hostname": "selfish", "proxyjump": "selfish"},
+    "ping": {"hostname": "ping", "proxyjump": "pong"},
+    "pong": {"hostname": "pong", "proxyjump": "ping"},
+}
+
+
+def lookup(alias: str) -> Mapping[str, Any]:
+    return LOOKUPS.get(alias, {"hostname": alias})
+
+
+SOURCE = SSHConfigText("/cfg/ssh_config", CONFIG)
+
+
+def route(alias: str, explicit: tuple[str, ...] = (), **host: Any):
+    values = {"user": "root", "port": 22, "key_files": (), **host}
+    return plan_route(alias, lookup, SOURCE, explicit=explicit, local_user="me", **values)
+
+
+def test_ssh_config_fills_what_the_inventory_leaves_to_defaults() -> None:
+    target = route("lab2").target
+    assert (target.hostname, target.port, target.user, target.key_files) == \
+        ("198.18.0.12", 2200, "deploy", ("/keys/lab",))
+
+
+def test_what_the_inventory_sets_wins_over_ssh_config() -> None:
+    target = route("lab2", ("ssh_user", "ssh_port", "ssh_key"), user="ops", port=22,
+                   key_files=("/mine",)).target
+    assert (target.hostname, target.port, target.user, target.key_files) == \
+        ("198.18.0.12", 22, "ops", ("/mine",))
+
+
+def test_a_name_the_config_does_not_know_is_used_as_it_is() -> None:
+    found = route("198.18.0.40", user="root", port=2022)
+    assert found.hops == ()
+    assert (found.target.hostname, found.target.port, found.target.user) == \
+        ("198.18.0.40", 2022, "root")
+
+
+def test_proxyjump_chains_hops_first_hop_s_own_jump_first() -> None:
+    hops = route("lab2").hops
+    # lab2 -> ProxyJump inner,edge:2022 ; inner -> ProxyJump bastion
+    assert [(h.alias, h.hostname, h.port, h.user) for h in hops] == [
+        ("bastion", "198.18.0.1", 2222, "jumper"),
+        ("inner", "198.18.0.2", 22, "me"),      # no User: the local user, as OpenSSH
+        ("edge", "edge", 2022, "me"),           # port from the jump spec
+    ]
+    assert hops[0].key_files == ("/keys/bastion",)
+    assert hops[1].key_files == ("/keys/lab",)  # no IdentityFile: the target's key
+
+
+def test_user_at_host_in_a_jump_spec() -> None:
+    LOOKUPS["spec"] = {"hostname": "spec", "proxyjump": "alice@198.18.0.9:2200"}
+    try:
+        (hop,) = route("spec").hops
+    finally:
+        del LOOKUPS["spec"]
+    assert (hop.user, hop.hostname, hop.port) == ("alice", "198.18.0.9", 2200)
+
+
+@pytest.mark.parametrize("alias,loop,line", [
+    ("selfish", "selfish -> selfish", 19),
+    ("ping", "ping -> pong -> ping", 24),
+])
+def test_a_proxyjump_loop_is_refused_with_file_line_and_field(alias: str, loop: str,
+                                                              line: int) -> None:
+    with pytest.raises(ConfigError) as caught:
+        route(alias)
+    assert str(caught.value) == f"/cfg/ssh_config:{line}: ProxyJump: ProxyJump loop: {loop}"
+
+
+def test_a_bad_port_in_the_config_names_its_line() -> None:
+    LOOKUPS["badport"] = {"hostname": "x", "port": "ssh"}
+    try:
+        with pytest.raises(ConfigError) as caught:
+            route("badport")
+    finally:
+        del LOOKUPS["badport"]
+    assert caught.value.field == "Port" and "not a port: 'ssh'" in str(caught.value)
+    assert caught.value.line == 27
