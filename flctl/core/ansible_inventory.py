@@ -364,6 +364,10 @@ def _document(reader: _Reader, translator: _Translator) -> LineDict:
         return any(reaches_located(p, seen | {group}) for p in parents.get(group, ())
                    if p not in seen)
 
+    ungrouped = groups.get("ungrouped")
+    if ungrouped is not None:  # as in Ansible: only hosts no other group lists
+        listed = {h for g in groups.values() if g is not ungrouped for h in g.hosts}
+        ungrouped.hosts = {h: line for h, line in ungrouped.hosts.items() if h not in listed}
     document = LineDict(line=1)
     top = LineDict(line=groups[ALL].line)
     hosts = LineDict(line=groups[ALL].line)
