@@ -166,6 +166,12 @@ def _agree_on_frozen(ctx: DeployContext, jobs: list[HostDeploy]) -> None:
             job.refuse_frozen(line)
 
 
+def _endpoint(address: str | None, port: int) -> str:
+    """address:port as WireGuard reads it (an IPv6 literal bracketed)."""
+    bare = (address or "").strip("[]")
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
+
 def _hub_step(ctx: DeployContext, jobs: list[HostDeploy], progress: ProgressFn) -> HostResult:
     """Add the hosts' public keys to the hub and bring its interface in line."""
     result = HostResult("hub")
@@ -174,7 +180,7 @@ def _hub_step(ctx: DeployContext, jobs: list[HostDeploy], progress: ProgressFn) 
         port = ctx.workspace.settings.overlay.port
         updates = {job.host.name: {"public_key": job.wg_public_key,
                                    "overlay_ip": str(job.host.overlay_ip),
-                                   "endpoint": f"{job.host.ssh_host}:{port}"}
+                                   "endpoint": _endpoint(job.address, port)}
                    for job in jobs if job.wg_public_key}
         if ctx.check:
             known = ctx.hub.known_peers()
