@@ -1,13 +1,21 @@
-"""flctl.core.sshconf: precedence and ProxyJump chains, from lookups given as dicts."""
+"""flctl.core.sshconf: precedence and ProxyJump chains, from lookups given as dicts;
+and the address deploy takes for a host behind an alias."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from flctl.core.inventory import Host
+from flctl.core.settings import AgentSettings, Settings
 from flctl.core.sshconf import SSHConfigText, plan_route
+from flctl.deploy.engine import _endpoint
+from flctl.deploy.host_deploy import HostDeploy
+from flctl.deploy.remote import StepFailed
 from flctl.errors import ConfigError
 
 CONFIG = """\
@@ -125,3 +133,36 @@ def test_a_bad_port_in_the_config_names_its_line() -> None:
         del LOOKUPS["badport"]
     assert caught.value.field == "Port" and "not a port: 'ssh'" in str(caught.value)
     assert caught.value.line == 27
+
+
+# ---------------------------------------------- deploy: the address behind an alias
+
+
+def host_deploy(listen: str, ssh_host: str = "lab2"):
+    host = Host(name="lab2", connection="ssh", ssh_host=ssh_host, ssh_port=22, ssh_user="root",
+                ssh_key=None, host_key=None, become=False,
+                overlay_ip=ipaddress.IPv4Address("10.213.0.12"), data_path="/d", labels={},
+                groups=(), agent_port=None, python="python3", line=1)
+    settings = Settings(agent=AgentSettings(listen=listen))
+    workspace = SimpleNamespace(settings=settings, paths=SimpleNamespace(state="/tmp/x"))
+    return HostDeploy(SimpleNamespace(workspace=workspace), host, 0, lambda *a: None)
+
+
+def test_deploy_takes_the_address_ssh_config_resolved() -> None:
+    job = host_deploy("overlay")
+    job._resolved_address(SimpleNamespace(address="198.18.0.12"))
+    assert job.address == "198.18.0.12"
+    assert _endpoint(job.address, 51820) == "198.18.0.12:51820"   # the hub's peer endpoint
+    assert _endpoint("fd00::7", 51820) == "[fd00::7]:51820"
+
+
+def test_an_alias_with_underlay_listening_is_one_line() -> None:
+    with pytest.raises(StepFailed) as caught:
+        host_deploy("underlay")._resolved_address(SimpleNamespace(address="198.18.0.12"))
+    assert str(caught.value) == (
+        "agent.listen: underlay reaches the agent at ssh_host, which is the ssh_config alias "
+        "'lab2' (HostName 198.18.0.12): write ssh_host: 198.18.0.12 (a 'Host 198.18.0.12' "
+        "entry in ssh_config still applies to it)")
+    job = host_deploy("underlay", ssh_host="198.18.0.12")   # the address itself: fine
+    job._resolved_address(SimpleNamespace(address="198.18.0.12"))
+    assert job.address == "198.18.0.12"

@@ -292,6 +292,8 @@ class _Translator:
             raw = _ansible_bool(raw)
         if name in ("ssh_host", "ssh_user") and isinstance(raw, (int, float)):
             raw = str(raw)
+        if name in ("ssh_port", "agent_port") and isinstance(raw, str) and raw.isdigit():
+            raw = int(raw)  # Ansible takes ansible_port: "2222" too
         checked = CHECKS[name](raw, spot)
         if name == "ssh_key" and checked is not None:
             expanded = os.path.expanduser(checked)  # relative: beside the Ansible file
