@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,6 +18,8 @@ from flctl.deploy.engine import _endpoint
 from flctl.deploy.host_deploy import HostDeploy
 from flctl.deploy.remote import StepFailed
 from flctl.errors import ConfigError
+
+from helpers import run_cli
 
 CONFIG = """\
 Host bastion
@@ -166,3 +169,39 @@ def test_an_alias_with_underlay_listening_is_one_line() -> None:
     job = host_deploy("underlay", ssh_host="198.18.0.12")   # the address itself: fine
     job._resolved_address(SimpleNamespace(address="198.18.0.12"))
     assert job.address == "198.18.0.12"
+
+
+# ------------------------------------------------------------ bad input, end to end
+
+
+def workspace_with_ssh_config(root: Path, config: str) -> Path:
+    assert run_cli("init", str(root)).returncode == 0
+    (root / "inventory.yaml").write_text(
+        "all:\n  hosts:\n    gpu1:\n      ssh_host: gpu1\n      data_path: /d\n")
+    (root / "ssh_config").write_text(config)
+    with open(root / "flctl.yaml", "a") as settings:
+        settings.write("ssh_config: ssh_config\n")
+    return root
+
+
+def test_deploy_refuses_a_proxyjump_loop_before_any_host(tmp_path: Path) -> None:
+    root = workspace_with_ssh_config(tmp_path, "Host gpu1\n  ProxyJump bastion\n"
+                                               "Host bastion\n  ProxyJump gpu1\n")
+    for command in ("deploy", "teardown"):
+        done = run_cli(command, "-w", str(root))
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"error: {root / 'ssh_config'}:4: ProxyJump: ProxyJump loop: gpu1 -> bastion -> gpu1"]
+
+
+def test_deploy_to_an_unknown_alias_is_one_line(tmp_path: Path) -> None:
+    root = workspace_with_ssh_config(tmp_path, "Host other\n  HostName 127.0.0.1\n")
+    inventory = root / "inventory.yaml"
+    inventory.write_text(inventory.read_text().replace("ssh_host: gpu1",
+                                                       "ssh_host: gpu1.invalid"))
+    done = run_cli("deploy", "-w", str(root), "--json")
+    assert done.returncode == 5
+    (row,) = [h for h in done.json()["hosts"] if h["host"] == "gpu1"]
+    assert row["status"] == "unreachable"
+    assert row["error"] == ("gpu1 (gpu1.invalid:22): cannot resolve host name 'gpu1.invalid' "
+                            f"(and it is not a Host in {root / 'ssh_config'})")

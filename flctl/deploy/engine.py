@@ -30,7 +30,7 @@ from flctl.deploy.host_deploy import (
 )
 from flctl.deploy.install import INSTALL_DIR, VENV_PYTHON, BundleCache, installed
 from flctl.deploy.overlay import Hub
-from flctl.deploy.remote import ConnectOptions, StepFailed, call_helper, connect
+from flctl.deploy.remote import ConnectOptions, StepFailed, call_helper, check_routes, connect
 from flctl.deploy.results import DONE, HostResult, StepResult, run_guarded
 from flctl.workspace import Workspace, read_wheel_lock, record_overlay_addresses
 
@@ -107,6 +107,7 @@ def deploy(
     entry named "hub" reports this machine's end of it, and one named
     "coordinator" comes first when its certificate was renewed.
     """
+    check_routes(hosts, connect_options(workspace))
     store = CertificateStore(workspace.paths)
     coordinator = _coordinator_step(store, check)
     ctx = DeployContext(
@@ -203,6 +204,7 @@ def teardown(workspace: Workspace, hosts: list[Host], *, forks: int = 16,
     """Stop agents and remove what deploy put on each host (tunnel, firewall
     table, keys, software, state), then drop them from the hub; safe to repeat."""
     options = connect_options(workspace, accept_new_host_keys)
+    check_routes(hosts, options)
     hub = Hub(workspace)
 
     def one(host: Host) -> HostResult:

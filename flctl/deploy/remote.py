@@ -45,6 +45,19 @@ def connect(host: Host, options: ConnectOptions) -> Connector:
                         connect_timeout=options.connect_timeout, ssh_config=config)
 
 
+def check_routes(hosts: list[Host], options: ConnectOptions) -> None:
+    """Refuse a bad ssh_config (a ProxyJump loop, a bad Port) before any host is
+    touched: it is the same mistake for every host, one ConfigError line."""
+    if options.ssh_config is None or all(host.connection == "local" for host in hosts):
+        return
+    from flctl.deploy.ssh_jump import load_ssh_config, route_for
+
+    config = load_ssh_config(options.ssh_config)
+    for host in hosts:
+        if host.connection == "ssh" and host.ssh_host:
+            route_for(host, config)
+
+
 def call_helper(connector: Connector, *args: str, timeout: float = 120.0,
                 spec: Any = None) -> dict[str, Any]:
     """Run one host-side command and decode its JSON answer, checked against
