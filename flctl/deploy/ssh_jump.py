@@ -40,7 +40,10 @@ class SSHConfig:
     source: SSHConfigText
 
     def lookup(self, alias: str) -> dict[str, Any]:
-        return dict(self.parsed.lookup(alias))
+        try:
+            return dict(self.parsed.lookup(alias))
+        except Exception as exc:  # Match exec/canonical lines fail in many ways
+            raise ConfigError(f"cannot look up {alias!r}: {exc}", file=self.source.path) from None
 
 
 def load_ssh_config(path: Path) -> SSHConfig:
