@@ -23,10 +23,11 @@ from importlib import resources
 from pathlib import Path
 
 from flctl.core import pki
+from flctl.core.ansible_inventory import load_ansible_inventory
 from flctl.core.data import make_federated_shards, save_dataset
 from flctl.core.fsutil import atomic_write, write_secret
 from flctl.core.inventory import Inventory, load_inventory, render_local_inventory
-from flctl.core.settings import Settings, load_settings, render_settings
+from flctl.core.settings import Settings, load_settings, render_settings, resolve_path
 from flctl.core.tasks import BUILTIN_TASKS
 from flctl.core.wheellock import LOCK_FILE, WheelLock, parse_lock
 from flctl.errors import WorkspaceError
@@ -124,6 +125,18 @@ class Workspace:
     def root(self) -> Path:
         return self.paths.root
 
+    @property
+    def ssh_config(self) -> Path | None:
+        """The OpenSSH client config deploy reads: flctl.yaml's `ssh_config:`,
+        else ~/.ssh/config when there is one (`ssh_config: none`: no config)."""
+        chosen = self.settings.ssh_config
+        if chosen == "none":
+            return None
+        if chosen is None:
+            default = Path("~/.ssh/config").expanduser()
+            return default if default.is_file() else None
+        return resolve_path(chosen, self.root)
+
 
 def load_workspace(root: Path) -> Workspace:
     paths = WorkspacePaths(root.resolve())
@@ -132,8 +145,12 @@ def load_workspace(root: Path) -> Workspace:
             f"{paths.settings} not found: run `flctl init` first or pass --workspace DIR"
         )
     settings = load_settings(paths.settings)
-    inventory = load_inventory(paths.inventory, settings.overlay.subnet, base_dir=paths.root,
-                               previous_overlay=deployed_overlay_addresses(paths))
+    # `inventory:` names an Ansible inventory read as it is instead of inventory.yaml
+    load = load_ansible_inventory if settings.inventory else load_inventory
+    source = resolve_path(settings.inventory, paths.root) if settings.inventory \
+        else paths.inventory
+    inventory = load(source, settings.overlay.subnet, base_dir=paths.root,
+                     previous_overlay=deployed_overlay_addresses(paths))
     return Workspace(paths, settings, inventory)
 
 
@@ -204,6 +221,7 @@ def init_workspace(
     settings: Settings | None = None,
     alpha: float = 0.5,
     seed: int = 0,
+    inventory_text: str | None = None,
 ) -> Initialized:
     """Create a workspace; refuse to clobber one unless `force`.
 
@@ -213,7 +231,8 @@ def init_workspace(
 
     With `local_hosts`, every host runs on this machine and gets a shard of
     the bundled digits data split with Dirichlet label skew, so the
-    workspace trains at once.
+    workspace trains at once. `inventory_text` (e.g. translated from an
+    Ansible inventory) is written as inventory.yaml instead of the example.
     """
     paths = WorkspacePaths(root.resolve())
     existing = existing_workspace_files(paths)
@@ -237,7 +256,7 @@ def init_workspace(
                                                        **chosen.training.task_params})
         atomic_write(paths.inventory, inventory)
     else:
-        atomic_write(paths.inventory, example_inventory())
+        atomic_write(paths.inventory, inventory_text or example_inventory())
     atomic_write(paths.settings, render_settings(chosen))
     _make_pki(paths, chosen.project)
     paths.tasks.mkdir(exist_ok=True)

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,8 +123,10 @@ class SSHServer:
                 self.process.wait(5)
 
 
-def _config(directory: Path, port: int, host_key: Path) -> str:
+def _config(directory: Path, port: int, host_key: Path, extra: Sequence[str] = (),
+            log_level: str = "ERROR") -> str:
     return "\n".join([
+        *extra,  # sshd takes the first value it reads for a keyword
         f"ListenAddress {LOOPBACK}:{port}",
         f"HostKey {host_key}",
         f"PidFile {directory / 'sshd.pid'}",
@@ -138,7 +140,7 @@ def _config(directory: Path, port: int, host_key: Path) -> str:
         "Subsystem sftp internal-sftp",
         "MaxStartups 64",
         "MaxSessions 64",
-        "LogLevel ERROR",
+        f"LogLevel {log_level}",
         "",
     ])
 
@@ -158,8 +160,12 @@ def _wait_listening(server: SSHServer, timeout: float = 10.0) -> None:
     raise RuntimeError(f"sshd did not listen within {timeout} s:\n{server.log()}")
 
 
-def start_sshd(directory: Path | None = None) -> SSHServer:
-    """Start sshd on a free loopback port, authorizing a fresh client key for root."""
+def start_sshd(directory: Path | None = None, extra: Sequence[str] = (),
+               log_level: str = "ERROR") -> SSHServer:
+    """Start sshd on a free loopback port, authorizing a fresh client key for root.
+
+    `extra` sshd_config lines come first (so they win); log_level DEBUG1
+    makes sshd log each forwarding it does (a jump host's, say)."""
     directory = Path(directory or tempfile.mkdtemp(prefix="flctl-sshd-"))
     directory.chmod(0o755)  # users other than root read their authorized_keys here
     host_key = keygen(directory / "host_ed25519")
@@ -168,7 +174,7 @@ def start_sshd(directory: Path | None = None) -> SSHServer:
     for _ in range(3):  # the port can be taken between probing and binding
         port = free_port()
         config = directory / "sshd_config"
-        config.write_text(_config(directory, port, host_key))
+        config.write_text(_config(directory, port, host_key, extra, log_level))
         launch = (f"mount -t tmpfs -o mode=0755 flctl-test-run /run && mkdir -m 0755 /run/sshd "
                   f"&& exec {SSHD} -D -e -f {config}")
         with open(directory / "sshd.log", "ab") as log:
@@ -188,8 +194,8 @@ def start_sshd(directory: Path | None = None) -> SSHServer:
 
 
 @contextmanager
-def running_sshd() -> Iterator[SSHServer]:
-    server = start_sshd()
+def running_sshd(extra: Sequence[str] = (), log_level: str = "ERROR") -> Iterator[SSHServer]:
+    server = start_sshd(extra=extra, log_level=log_level)
     try:
         yield server
     finally:

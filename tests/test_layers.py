@@ -19,7 +19,8 @@ LAYER = {"core": 0, "errors": 0, "data": 0, "torch": 0, "flower": 0, "net": 1, "
          "deploy": 2, "workspace": 2, "workspace_lock": 2, "report": 2.5, "cli": 3, "__main__": 3}
 IMPURE = {"socket", "ssl", "subprocess", "paramiko", "typer", "rich", "selectors", "asyncio",
           "http", "urllib", "multiprocessing"}
-PARAMIKO_MODULES = {"flctl.deploy.ssh"}
+# ssh_jump: ~/.ssh/config and ProxyJump chains, split from ssh.py to keep each readable
+PARAMIKO_MODULES = {"flctl.deploy.ssh", "flctl.deploy.ssh_jump"}
 PRINTING_MODULES = {"flctl.agent.host_helper", "flctl.agent.task_check"}  # its stdout is its answer to deploy
 # Engines of the same layer stay independent; they share only the workspace.
 SAME_LAYER_ALLOWED = {"workspace"}
@@ -70,7 +71,7 @@ def test_imports_point_down(name: str, path: Path) -> None:
         if LAYER[mine] == 0:
             assert top not in IMPURE, f"{path}:{line}: pure core module {name} imports {top}"
         if top == "paramiko":
-            assert name in PARAMIKO_MODULES, f"{path}:{line}: only deploy.ssh may use paramiko"
+            assert name in PARAMIKO_MODULES, f"{path}:{line}: only deploy.ssh(_jump) may use paramiko"
         if top in ("typer", "rich"):
             assert mine == "cli", f"{path}:{line}: only the CLI may import {top}"
 

@@ -40,6 +40,7 @@ from flctl.coordinator.records import latest_run
 from flctl.coordinator.session import info_probe, stats_workspace, train_workspace
 from flctl.coordinator.stats import describe_findings
 from flctl.coordinator.summary import RunSummary
+from flctl.core.ansible_inventory import translate_file
 from flctl.core.fedstats import DEFAULT_BINS, MAX_BINS, MIN_COUNT
 from flctl.core.settings import AgentSettings, Settings
 from flctl.core.text import clean_text
@@ -82,18 +83,30 @@ def init(
         False, "--force",
         help="Overwrite an existing workspace (its pki/ is moved to pki.backup-<UTC time>)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the demo data split."),
+    from_ansible: Optional[Path] = typer.Option(
+        None, "--from-ansible", metavar="FILE",
+        help="Write inventory.yaml from an Ansible inventory (INI or YAML): groups, "
+             "ansible_host/user/port/ssh_private_key_file/become; flctl_<var> for flctl's "
+             "own host variables such as flctl_data_path."),
     json_output: bool = JsonOpt,
 ) -> None:
     """Create a workspace: flctl.yaml, inventory.yaml and a project CA under pki/."""
-    made = init_workspace(directory, local_hosts=local, force=force, project=project, seed=seed)
+    if local and from_ansible:
+        raise ConfigError("--local and --from-ansible do not go together")
+    translated, notes = translate_file(from_ansible, Settings().overlay.subnet) \
+        if from_ansible else (None, [])
+    made = init_workspace(directory, local_hosts=local, force=force, project=project, seed=seed,
+                          inventory_text=translated)
     paths, backup = made.paths, made.pki_backup
     if json_output:
         render.emit_json({"workspace": str(paths.root), "settings": str(paths.settings),
                           "inventory": str(paths.inventory), "ca_cert": str(paths.ca_cert),
-                          "local_hosts": local or 0,
+                          "local_hosts": local or 0, "notes": notes,
                           "pki_backup": None if backup is None else str(backup)})
         return
     render.out.print(f"[green]workspace ready[/] at {paths.root}")
+    for note in notes:
+        render.out.print(f"[yellow]note:[/] {escape(clean_text(note))}")
     render.out.print(f"  settings  {paths.settings}\n  inventory {paths.inventory}\n"
                      f"  CA        {paths.ca_cert}")
     if backup is not None:

@@ -51,6 +51,8 @@ HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 # coordinator's, and deploy's recap reports this machine's tunnel as "hub".
 RESERVED_NAMES = {"coordinator": "the coordinator's certificate name",
                   "hub": "the WireGuard hub on this machine"}
+# What ~/.ssh/config may also say about a host (flctl.core.sshconf).
+SSH_VARS = ("ssh_user", "ssh_port", "ssh_key")
 GROUP_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}\Z")
 
 
@@ -80,6 +82,8 @@ class Host:
     # the task's frozen part, placed on the host by the user (None: the
     # workspace's frozen/, shipped by deploy, when there is one)
     frozen_path: str | None = None
+    # the SSH settings the inventory sets (at any level): ssh_config cannot override them
+    explicit: frozenset[str] = frozenset()
 
     @property
     def is_local(self) -> bool:
@@ -347,9 +351,19 @@ def parse_inventory(text: str, source: str, overlay_subnet: ipaddress.IPv4Networ
     addresses they had before (e.g. from the last deploy); such a host keeps
     its address if it is still free, which makes assignment fully sticky.
     """
+    return inventory_from_data(load_yaml(text, source), source, overlay_subnet, base_dir,
+                               previous_overlay=previous_overlay)
+
+
+def inventory_from_data(data: Any, source: str, overlay_subnet: ipaddress.IPv4Network,
+                        base_dir: Path | None = None, *,
+                        previous_overlay: Mapping[str, ipaddress.IPv4Address] | None = None,
+                        ) -> Inventory:
+    """parse_inventory on an already loaded document (LineDicts keep the lines:
+    an Ansible inventory is translated into one, flctl.core.ansible_inventory)."""
     base = Path(os.path.abspath(base_dir if base_dir is not None else Path(source).parent))
     parser = _Parser(source)
-    parser.walk_top(load_yaml(text, source))
+    parser.walk_top(data)
     if not parser.hosts:
         raise parser.spot(parser.groups[ALL].line).error("inventory defines no hosts")
     for name, entry in parser.hosts.items():
@@ -426,7 +440,8 @@ def _build_host(source: str, base: Path, entry: _HostEntry, merged: Mapping[str,
     return Host(name=entry.name, data_path=data_path, overlay_ip=overlay_ip,
                 labels=MappingProxyType(dict(labels)), groups=groups, line=line,
                 data_params=MappingProxyType(dict(data_params)),
-                python_layered="python" in merged, **values)
+                python_layered="python" in merged,
+                explicit=frozenset(k for k in SSH_VARS if k in merged), **values)
 
 
 def _host_path(path: str, local: bool, base: Path, spot: Spot) -> str:

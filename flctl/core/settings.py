@@ -170,6 +170,11 @@ class Settings:
     agent: AgentSettings = field(default_factory=AgentSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    # OpenSSH client config for aliases and ProxyJump: None = ~/.ssh/config
+    # when it exists, "none" = no config (as `ssh -F none`); else a path.
+    ssh_config: str | None = None
+    # An Ansible inventory (INI or YAML) read instead of inventory.yaml ("": that file).
+    inventory: str = ""
 
     def __post_init__(self) -> None:
         _check_project(self.project, Spot(None, None, "project"))
@@ -263,6 +268,26 @@ def _sha256_or_empty(value: Any, spot: Spot) -> str:
         raise spot.error(f"expected 64 hex digits (sha256sum's output), got {text!r}")
     return text
 
+# Top-level keys naming a file beside (or relative to) the workspace.
+_WORKSPACE_FILES = ("ssh_config", "inventory")
+
+
+def _workspace_file(value: Any, spot: Spot, base: Path) -> str:
+    """A path that must exist (`ssh_config: none` turns the SSH config off)."""
+    text = expect_str(value, spot)
+    if spot.field == "ssh_config" and text == "none":
+        return text
+    if not resolve_path(text, base).is_file():
+        raise spot.error(f"{resolve_path(text, base)} does not exist (or is not a file)")
+    return text
+
+
+def resolve_path(text: str, base: Path) -> Path:
+    """`text` with ~ expanded, relative to `base`."""
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else base / path
+
+
 _OVERLAY_FIELDS: dict[str, Check] = {"subnet": _subnet, "port": _port}
 _AGENT_FIELDS: dict[str, Check] = {
     "port": expect_agent_port,
@@ -347,10 +372,13 @@ def parse_settings(text: str, source: str) -> Settings:
     if not isinstance(data, LineDict):
         raise top.at(line=getattr(data, "line", 1)).error(
             f"expected a mapping of settings, got {describe(data)}")
-    check_keys(data, ("project", *_SECTIONS), top)
+    check_keys(data, ("project", *_WORKSPACE_FILES, *_SECTIONS), top)
     values: dict[str, Any] = {}
     if "project" in data:
         values["project"] = _check_project(data["project"], top.key(data, "project"))
+    for name in _WORKSPACE_FILES:
+        if name in data:
+            values[name] = _workspace_file(data[name], top.key(data, name), Path(source).parent)
     for name, (cls, checks) in _SECTIONS.items():
         if name not in data:
             continue
@@ -433,6 +461,9 @@ def render_settings(settings: Settings) -> str:
             elif isinstance(value, Mapping):
                 value = dict(value)
             lines.append(_line(2, f.name, value, f"{name}.{f.name}"))
+    for name in _WORKSPACE_FILES:
+        if getattr(settings, name):
+            lines.append(_line(0, name, getattr(settings, name), name))
     return "\n".join(lines) + "\n"
 
 

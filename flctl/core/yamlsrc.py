@@ -37,6 +37,11 @@ class LineDict(dict):
         """Line of `key`, or of the mapping itself for keys added in code."""
         return self._key_lines.get(key, self.line)
 
+    def put(self, key: Any, value: Any, line: int) -> None:
+        """Set `key` as if read from `line` (documents built from another format)."""
+        self[key] = value
+        self._key_lines[key] = line
+
 
 class LineList(list):
     """A sequence from YAML that knows its own line and the line of each item."""

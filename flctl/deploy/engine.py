@@ -30,7 +30,7 @@ from flctl.deploy.host_deploy import (
 )
 from flctl.deploy.install import INSTALL_DIR, VENV_PYTHON, BundleCache, installed
 from flctl.deploy.overlay import Hub
-from flctl.deploy.remote import ConnectOptions, StepFailed, call_helper, connect
+from flctl.deploy.remote import ConnectOptions, StepFailed, call_helper, check_routes, connect
 from flctl.deploy.results import DONE, HostResult, StepResult, run_guarded
 from flctl.workspace import Workspace, read_wheel_lock, record_overlay_addresses
 
@@ -53,7 +53,8 @@ def confirm_with_new_connection(host: Host, options: ConnectOptions, state_dir: 
 
 
 def connect_options(workspace: Workspace, accept_new_host_keys: bool = False) -> ConnectOptions:
-    return ConnectOptions(workspace.paths.known_hosts, accept_new_host_keys)
+    return ConnectOptions(workspace.paths.known_hosts, accept_new_host_keys,
+                          ssh_config=workspace.ssh_config)
 
 
 def _pool_map(hosts: list[Host], forks: int, job: Callable[[Host], HostResult],
@@ -106,6 +107,7 @@ def deploy(
     entry named "hub" reports this machine's end of it, and one named
     "coordinator" comes first when its certificate was renewed.
     """
+    check_routes(hosts, connect_options(workspace))
     store = CertificateStore(workspace.paths)
     coordinator = _coordinator_step(store, check)
     ctx = DeployContext(
@@ -165,6 +167,12 @@ def _agree_on_frozen(ctx: DeployContext, jobs: list[HostDeploy]) -> None:
             job.refuse_frozen(line)
 
 
+def _endpoint(address: str | None, port: int) -> str:
+    """address:port as WireGuard reads it (an IPv6 literal bracketed)."""
+    bare = (address or "").strip("[]")
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
+
 def _hub_step(ctx: DeployContext, jobs: list[HostDeploy], progress: ProgressFn) -> HostResult:
     """Add the hosts' public keys to the hub and bring its interface in line."""
     result = HostResult("hub")
@@ -173,7 +181,7 @@ def _hub_step(ctx: DeployContext, jobs: list[HostDeploy], progress: ProgressFn) 
         port = ctx.workspace.settings.overlay.port
         updates = {job.host.name: {"public_key": job.wg_public_key,
                                    "overlay_ip": str(job.host.overlay_ip),
-                                   "endpoint": f"{job.host.ssh_host}:{port}"}
+                                   "endpoint": _endpoint(job.address, port)}
                    for job in jobs if job.wg_public_key}
         if ctx.check:
             known = ctx.hub.known_peers()
@@ -196,6 +204,7 @@ def teardown(workspace: Workspace, hosts: list[Host], *, forks: int = 16,
     """Stop agents and remove what deploy put on each host (tunnel, firewall
     table, keys, software, state), then drop them from the hub; safe to repeat."""
     options = connect_options(workspace, accept_new_host_keys)
+    check_routes(hosts, options)
     hub = Hub(workspace)
 
     def one(host: Host) -> HostResult:

@@ -112,6 +112,9 @@ class HostDeploy:
         self.user = AGENT_USER if self.remote else None
         self.network = NetworkSteps(self) if self.remote else None
         self.frozen: str | None = None   # the frozen part's digest its agent reports
+        # where the host is on the network: ssh_host, or its HostName when
+        # ssh_host is an ssh_config alias (known once connected)
+        self.address = host.ssh_host
 
     @property
     def wg_public_key(self) -> str | None:
@@ -126,11 +129,24 @@ class HostDeploy:
             self.progress(self.host.name, "connecting")
             connector = connect(self.host, self.ctx.options)
             try:
+                self._resolved_address(connector)
                 self._apply(connector)
             finally:
                 connector.close()
 
         return run_guarded(self.result, action)
+
+    def _resolved_address(self, connector: Connector) -> None:
+        """Take the address ssh_config gave; an agent listening on the underlay
+        is reached (and certified) at ssh_host itself, so that must be it."""
+        self.address = getattr(connector, "address", None) or self.host.ssh_host
+        if self.remote and self.address != self.host.ssh_host and \
+                self.ctx.workspace.settings.agent.listen == "underlay":
+            raise StepFailed(
+                f"agent.listen: underlay reaches the agent at ssh_host, which is the "
+                f"ssh_config alias {self.host.ssh_host!r} (HostName {self.address}): write "
+                f"ssh_host: {self.address} (a 'Host {self.address}' entry in ssh_config "
+                "still applies to it)")
 
     def _apply(self, connector: Connector) -> None:
         if self.remote:

@@ -31,15 +31,31 @@ class ConnectOptions:
     known_hosts: Path
     accept_new_host_keys: bool = False
     connect_timeout: float = 10.0
+    ssh_config: Path | None = None     # OpenSSH client config (aliases, ProxyJump)
 
 
 def connect(host: Host, options: ConnectOptions) -> Connector:
     if host.connection == "local":
         return LocalConnector(host.name)
     from flctl.deploy.ssh import SSHConnector  # paramiko loads only when SSH is used
+    from flctl.deploy.ssh_jump import load_ssh_config
 
+    config = load_ssh_config(options.ssh_config) if options.ssh_config else None
     return SSHConnector(host, options.known_hosts, accept_new=options.accept_new_host_keys,
-                        connect_timeout=options.connect_timeout)
+                        connect_timeout=options.connect_timeout, ssh_config=config)
+
+
+def check_routes(hosts: list[Host], options: ConnectOptions) -> None:
+    """Refuse a bad ssh_config (a ProxyJump loop, a bad Port) before any host is
+    touched: it is the same mistake for every host, one ConfigError line."""
+    if options.ssh_config is None or all(host.connection == "local" for host in hosts):
+        return
+    from flctl.deploy.ssh_jump import load_ssh_config, route_for
+
+    config = load_ssh_config(options.ssh_config)
+    for host in hosts:
+        if host.connection == "ssh" and host.ssh_host:
+            route_for(host, config)
 
 
 def call_helper(connector: Connector, *args: str, timeout: float = 120.0,

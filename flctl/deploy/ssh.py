@@ -48,7 +48,9 @@ from paramiko.sftp import (
 )
 
 from flctl.core.inventory import Host
+from flctl.core.sshconf import Endpoint
 from flctl.deploy.connector import CommandResult, CommandTimeout, HostUnreachable
+from flctl.deploy.ssh_jump import SSHConfig, close_all, open_chain, route_for
 from flctl.errors import FlctlError
 
 # paramiko logs every failed handshake at ERROR from its transport thread, with
@@ -175,23 +177,26 @@ def _parse_into(keys: paramiko.HostKeys, text: str) -> None:
 class _VouchedKeysOnly(paramiko.MissingHostKeyPolicy):
     """Called by paramiko for a host with no key in known_hosts at all."""
 
-    def __init__(self, connector: SSHConnector) -> None:
-        self.connector = connector
+    def __init__(self, connector: SSHConnector, where: str, pin: str | None) -> None:
+        self.connector, self.where, self.pin = connector, where, pin
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
                          key: paramiko.PKey) -> None:
-        self.connector._vouch_for_unknown_key(hostname, key)
+        self.connector._vouch_for_unknown_key(hostname, key, self.where, self.pin)
 
 
 class SSHConnector:
     """Runs commands and moves files on one host over one SSH connection.
 
     Not for concurrent use by several threads; the engine gives each host
-    its own connector and thread.
+    its own connector and thread. With an `ssh_config`, the host's ssh_host
+    may be an alias there, reached through its ProxyJump hosts
+    (flctl.deploy.ssh_jump).
     """
 
     def __init__(self, host: Host, known_hosts: Path, *, accept_new: bool = False,
-                 connect_timeout: float = 10.0, python: str | None = None) -> None:
+                 connect_timeout: float = 10.0, python: str | None = None,
+                 ssh_config: SSHConfig | None = None) -> None:
         if not host.ssh_host:
             raise HostUnreachable(f"{host.name}: no ssh_host in the inventory")
         self.host = host
@@ -200,12 +205,15 @@ class SSHConnector:
         self.known_hosts = KnownHosts(Path(known_hosts))
         self.accept_new = accept_new
         self.connect_timeout = connect_timeout
-        self.address = host.ssh_host.strip("[]")  # an IPv6 literal may come bracketed
-        self.port = host.ssh_port
-        self.become = bool(host.become) and host.ssh_user != "root"
+        self.ssh_config = ssh_config
+        self.route = route_for(host, ssh_config)
+        self.address = self.route.target.hostname  # an IPv6 literal comes unbracketed
+        self.port = self.route.target.port
+        self.become = bool(host.become) and self.route.target.user != "root"
         self._lock = threading.Lock()
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
+        self._hops: list[paramiko.SSHClient] = []
 
     @property
     def where(self) -> str:
@@ -227,17 +235,40 @@ class SSHConnector:
             self._client = self._open_client()
 
     def _open_client(self) -> paramiko.SSHClient:
+        sock = None
+        if self.route.hops:
+            sock, self._hops = open_chain(self.route, self._login_hop, self.where,
+                                          self.connect_timeout)
+        try:
+            return self._login(self.route.target, self.where, self.host.host_key, sock)
+        except BaseException:
+            close_all(self._hops)
+            self._hops = []
+            raise
+
+    def _login_hop(self, hop: Endpoint, sock: object) -> paramiko.SSHClient:
+        return self._login(hop, f"{self.where}: jump host {hop.where}", None, sock)
+
+    def _login(self, endpoint: Endpoint, where: str, pin: str | None,
+               sock: object) -> paramiko.SSHClient:
+        """One SSH login (the target's or a jump host's), its host key checked
+        against known_hosts; errors are one HostUnreachable line naming `where`."""
+        def unreachable(reason: str) -> HostUnreachable:
+            return HostUnreachable(f"{where}: {reason}")
+
         client = paramiko.SSHClient()
         known = self.known_hosts.load(into=client.get_host_keys())
-        self._check_pin_against(known.lookup(known_hosts_name(self.address, self.port)))
-        client.set_missing_host_key_policy(_VouchedKeysOnly(self))
-        key_file = self._usable_key_file()
-        sock = self._open_socket()
+        self._check_pin_against(known.lookup(known_hosts_name(endpoint.hostname, endpoint.port)),
+                                where, pin)
+        client.set_missing_host_key_policy(_VouchedKeysOnly(self, where, pin))
+        key_files = self._usable_key_files(endpoint, unreachable)
+        if sock is None:
+            sock = self._open_socket(endpoint, unreachable)
         t = self.connect_timeout
         try:
             client.connect(
-                self.address, port=self.port, username=self.host.ssh_user,
-                key_filename=key_file, look_for_keys=key_file is None, allow_agent=True,
+                endpoint.hostname, port=endpoint.port, username=endpoint.user,
+                key_filename=key_files or None, look_for_keys=not key_files, allow_agent=True,
                 timeout=t, banner_timeout=t, auth_timeout=t, channel_timeout=t, sock=sock,
             )
         except HostUnreachable:
@@ -245,119 +276,132 @@ class SSHConnector:
             raise
         except paramiko.BadHostKeyException as exc:
             client.close()
-            raise self._changed(exc.expected_key, exc.key) from None
+            raise self._changed(exc.expected_key, exc.key, where) from None
         except paramiko.AuthenticationException as exc:
             client.close()
-            with_key = f" with key {key_file}" if key_file else ""
+            with_key = f" with key {', '.join(key_files)}" if key_files else ""
             detail = "" if str(exc) in ("", "Authentication failed.") else f" ({exc})"
-            raise self._unreachable(
-                f"authentication failed for user {self.host.ssh_user}{with_key}{detail}"
+            raise unreachable(
+                f"authentication failed for user {endpoint.user}{with_key}{detail}"
             ) from None
         except paramiko.SSHException as exc:
             client.close()
             text = str(exc)
             if "No authentication methods available" in text:
-                raise self._unreachable("no SSH key: set ssh_key in the inventory or load one "
-                                        "into ssh-agent") from None
+                raise unreachable("no SSH key: set ssh_key in the inventory or load one "
+                                  "into ssh-agent") from None
             if "protocol banner" in text:
-                raise self._unreachable(f"no SSH server answered within {t:g} s") from None
+                raise unreachable(f"no SSH server answered within {t:g} s") from None
             if "No existing session" in text:  # the transport died before auth began
-                raise self._unreachable(f"SSH handshake did not complete (no answer within "
-                                        f"{t:g} s, or the server closed the connection)") from None
-            raise self._unreachable(f"SSH handshake failed: {text}") from None
+                raise unreachable(f"SSH handshake did not complete (no answer within "
+                                  f"{t:g} s, or the server closed the connection)") from None
+            raise unreachable(f"SSH handshake failed: {text}") from None
         except (socket.timeout, TimeoutError):
             client.close()
-            raise self._unreachable(f"SSH handshake timed out after {t:g} s") from None
+            raise unreachable(f"SSH handshake timed out after {t:g} s") from None
         except (OSError, EOFError) as exc:
             client.close()
-            raise self._unreachable(f"connection lost during the SSH handshake "
-                                    f"({type(exc).__name__}: {exc})") from None
+            raise unreachable(f"connection lost during the SSH handshake "
+                              f"({type(exc).__name__}: {exc})") from None
         transport = client.get_transport()
         assert transport is not None
         transport.set_keepalive(KEEPALIVE_SECONDS)
         return client
 
-    def _usable_key_file(self) -> str | None:
-        key_file = self.host.ssh_key
-        if key_file is None:
-            return None
-        try:
-            with open(key_file, "rb"):
-                pass
-        except OSError as exc:
-            raise self._unreachable(f"cannot read SSH key {key_file}: "
-                                    f"{exc.strerror or exc}") from None
-        return key_file
+    def _usable_key_files(self, endpoint: Endpoint,
+                          unreachable: Callable[[str], HostUnreachable]) -> list[str]:
+        """The endpoint's keys that can be read. The inventory's ssh_key must be;
+        an IdentityFile from ssh_config that is missing is skipped, as OpenSSH does."""
+        usable = []
+        for key_file in endpoint.key_files:
+            try:
+                with open(key_file, "rb"):
+                    pass
+            except OSError as exc:
+                if key_file == self.host.ssh_key:
+                    raise unreachable(f"cannot read SSH key {key_file}: "
+                                      f"{exc.strerror or exc}") from None
+                continue
+            usable.append(key_file)
+        return usable
 
-    def _open_socket(self) -> socket.socket:
+    def _open_socket(self, endpoint: Endpoint,
+                     unreachable: Callable[[str], HostUnreachable]) -> socket.socket:
         try:
-            sock = socket.create_connection((self.address, self.port),
+            sock = socket.create_connection((endpoint.hostname, endpoint.port),
                                             timeout=self.connect_timeout)
         except socket.gaierror:
-            raise self._unreachable("cannot resolve host name") from None
+            if self.ssh_config is not None and endpoint.hostname == endpoint.alias:
+                raise unreachable(f"cannot resolve host name {endpoint.alias!r} (and it is "
+                                  f"not a Host in {self.ssh_config.source.path})") from None
+            raise unreachable("cannot resolve host name") from None
         except ConnectionRefusedError:
-            raise self._unreachable("connection refused") from None
+            raise unreachable("connection refused") from None
         except (socket.timeout, TimeoutError):
-            raise self._unreachable(
+            raise unreachable(
                 f"connection timed out after {self.connect_timeout:g} s") from None
         except OSError as exc:
-            raise self._unreachable((exc.strerror or str(exc)).lower()) from None
+            raise unreachable((exc.strerror or str(exc)).lower()) from None
         # Deploy is a string of small request/answer exchanges: never let Nagle hold one.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
     # -- host keys
 
-    def _check_pin_against(self, known: Mapping[str, paramiko.PKey] | None) -> None:
+    def _check_pin_against(self, known: Mapping[str, paramiko.PKey] | None, where: str,
+                           pin: str | None) -> None:
         """A pin that contradicts known_hosts can never pass: say so before connecting."""
-        pin = self.host.host_key
         if pin is None or not known:
             return
         recorded = {fingerprint(key): key for key in known.values()}
         if pin not in recorded:
             key = next(iter(recorded.values()))
             raise HostKeyRejected(
-                f"{self.where}: host key CHANGED: {self.known_hosts.path} has "
+                f"{where}: host key CHANGED: {self.known_hosts.path} has "
                 f"{key.get_name()} {fingerprint(key)} for this host but the inventory pins "
                 f"host_key {pin}; refusing to connect. If the host was reinstalled, remove "
                 "its line from known_hosts; otherwise fix the pin"
             )
 
-    def _changed(self, known: paramiko.PKey, offered: paramiko.PKey) -> HostKeyRejected:
+    def _changed(self, known: paramiko.PKey, offered: paramiko.PKey,
+                 where: str) -> HostKeyRejected:
         return HostKeyRejected(
-            f"{self.where}: host key CHANGED: {self.known_hosts.path} has {known.get_name()} "
+            f"{where}: host key CHANGED: {self.known_hosts.path} has {known.get_name()} "
             f"{fingerprint(known)} but the host offered {offered.get_name()} "
             f"{fingerprint(offered)}; refusing to connect (this is what a man-in-the-middle "
             "looks like). If the host was reinstalled, remove its line from known_hosts "
             "and deploy again"
         )
 
-    def _vouch_for_unknown_key(self, hostname: str, key: paramiko.PKey) -> None:
+    def _vouch_for_unknown_key(self, hostname: str, key: paramiko.PKey, where: str,
+                               pin: str | None) -> None:
         offered = fingerprint(key)
-        pin = self.host.host_key
         if pin is not None:
             if offered != pin:
                 raise HostKeyRejected(
-                    f"{self.where}: host key {key.get_name()} {offered} does not match the "
+                    f"{where}: host key {key.get_name()} {offered} does not match the "
                     f"host_key pinned in the inventory ({pin}); refusing to connect"
                 )
         elif not self.accept_new:
+            how = f"pin it in the inventory (host_key: {offered})" if where == self.where \
+                else f"add it to {self.known_hosts.path}"
             raise HostKeyRejected(
-                f"{self.where}: unknown host key {key.get_name()} {offered}; if that is the "
-                f"host's key, deploy with {ACCEPT_NEW_FLAG} or pin it in the inventory "
-                f"(host_key: {offered})"
+                f"{where}: unknown host key {key.get_name()} {offered}; if that is the "
+                f"host's key, deploy with {ACCEPT_NEW_FLAG} or {how}"
             )
         conflicting = self.known_hosts.add(hostname, key)
         if conflicting is not None:  # another deploy recorded a different key meanwhile
-            raise self._changed(conflicting, key)
-        log.info("%s: added %s %s to %s", self.where, key.get_name(), offered,
+            raise self._changed(conflicting, key, where)
+        log.info("%s: added %s %s to %s", where, key.get_name(), offered,
                  self.known_hosts.path)
 
     def local_address(self) -> str:
         """Our address on the connection to this host: one the host can reach
         us on, hence the default WireGuard endpoint of the hub."""
-        sock = self._transport().sock
-        return str(sock.getsockname()[0])  # type: ignore[union-attr]
+        transport = self._transport()
+        if self._hops:  # through jump hosts: our end of the first hop's connection
+            transport = self._hops[0].get_transport() or transport
+        return str(transport.sock.getsockname()[0])  # type: ignore[union-attr]
 
     # -- commands
 
@@ -608,6 +652,8 @@ class SSHConnector:
         if self._client is not None:
             _quietly(self._client.close)
             self._client = None
+        close_all(self._hops)
+        self._hops = []
 
     def __enter__(self) -> SSHConnector:
         return self
