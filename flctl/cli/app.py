@@ -34,6 +34,7 @@ from flctl.cli.common import (
 from flctl.cli.pki_commands import pki_app
 from flctl.cli.progress import HostProgress
 from flctl.cli.runs_commands import runs_app
+from flctl.cli.top import top
 from flctl.coordinator.records import latest_run
 from flctl.coordinator.session import info_probe, stats_workspace, train_workspace
 from flctl.coordinator.stats import describe_findings
@@ -66,6 +67,7 @@ app = typer.Typer(
 )
 app.add_typer(runs_app, name="runs")
 app.add_typer(pki_app, name="pki")
+app.command()(top)
 
 
 @app.command()
