@@ -208,8 +208,11 @@ def top(
     interval: float = typer.Option(2.0, "--interval", "-i", min=0.5,
                                    help="Seconds between refreshes."),
 ) -> None:
-    """A live full-screen view of the hosts: agent state, round, CPU, memory, GPUs,
-    tunnel. `q` quits. Needs a terminal; for scripts use `flctl status --json`."""
+    """A live full-screen view of the hosts; `q` quits.
+
+    Agent state, current round, CPU, load, memory, GPU use and memory, tunnel
+    handshake age: `flctl status`'s facts, refreshed every --interval seconds.
+    Needs a terminal; for scripts use `flctl status --json`."""
     if not (sys.stdin.isatty() and render.out.is_terminal):
         raise ConfigError("flctl top needs a terminal (it draws full screen and reads keys); "
                           "for one snapshot use `flctl status` or `flctl status --json`")
