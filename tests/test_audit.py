@@ -216,12 +216,14 @@ def test_no_private_key_reaches_the_log(day: Day) -> None:
 def test_flctl_audit_prints_the_log(day: Day) -> None:
     result = run_cli("audit", "-w", str(day.root), "--json")
     assert result.returncode == 0, result.stderr
-    printed = [json.loads(line) for line in result.stdout.splitlines()]
-    assert printed == entries(day.root)
-    last = run_cli("audit", "-w", str(day.root), "--json", "--last", "2").stdout.splitlines()
-    assert [json.loads(line) for line in last] == entries(day.root)[-2:]
+    assert result.json() == {"entries": entries(day.root)}   # as stored, line for line
+    last = run_cli("audit", "-w", str(day.root), "--json", "--last", "2")
+    assert last.json()["entries"] == entries(day.root)[-2:]
+    since = entries(day.root)[-1]["time"]
+    recent = run_cli("audit", "-w", str(day.root), "--json", "--since", since).json()["entries"]
+    assert recent and recent == [e for e in entries(day.root) if e["time"] >= since]
     future = run_cli("audit", "-w", str(day.root), "--json", "--since", "2999-01-01")
-    assert future.returncode == 0 and future.stdout == ""
+    assert future.returncode == 0 and future.json() == {"entries": []}
     table = run_cli("audit", "-w", str(day.root))
     assert table.returncode == 0
     for word in ("init", "deploy", "train --resume", "pki rotate", "pki revoke", "teardown",
@@ -229,6 +231,19 @@ def test_flctl_audit_prints_the_log(day: Day) -> None:
         assert word in table.stdout, word
     bad = run_cli("audit", "-w", str(day.root), "--since", "yesterday")
     assert bad.returncode == 2 and "--since" in bad.stderr
+
+
+def test_flctl_audit_skips_a_torn_line_with_a_warning(day: Day, tmp_path: Path) -> None:
+    copy = tmp_path / "ws"
+    assert run_cli("init", str(copy), "--local", "2").returncode == 0
+    (copy / "audit.jsonl").write_bytes((day.root / "audit.jsonl").read_bytes())
+    with (copy / "audit.jsonl").open("ab") as handle:
+        handle.write(b'{"command": "deploy", "fla')
+    result = run_cli("audit", "-w", str(copy), "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.json()["entries"] == entries(day.root)
+    torn = len(entries(day.root)) + 1
+    assert f"audit.jsonl:{torn}: skipped an unreadable line" in " ".join(result.stderr.split())
 
 
 def test_demo_writes_its_steps_into_its_workspace(tmp_path: Path) -> None:

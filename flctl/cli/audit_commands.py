@@ -1,10 +1,8 @@
-"""`flctl audit`: the workspace's audit log, as a table or as JSON lines."""
+"""`flctl audit`: the workspace's audit log, as a table or (--json) one document."""
 
 from __future__ import annotations
 
 import datetime
-import json
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +13,7 @@ from rich.table import Table
 
 from flctl import audit
 from flctl.cli import render
-from flctl.cli.common import WorkspaceOpt
+from flctl.cli.common import JsonOpt, WorkspaceOpt
 from flctl.errors import ConfigError
 from flctl.workspace import load_workspace
 
@@ -103,8 +101,7 @@ def audit_command(
     since: Optional[str] = typer.Option(None, "--since",
                                         help="Only entries from this UTC date or time on "
                                              "(2026-12-03 or 2026-12-03T14:00)."),
-    json_output: bool = typer.Option(False, "--json",
-                                     help="The entries as JSON lines, as stored."),
+    json_output: bool = JsonOpt,
 ) -> None:
     """Who changed hosts or runs here, when, and how it went.
 
@@ -120,7 +117,6 @@ def audit_command(
     if last is not None:
         entries = entries[-last:]
     if json_output:
-        sys.stdout.write("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
-        sys.stdout.flush()
+        render.emit_json({"entries": entries})
     else:
         render.out.print(audit_table(entries))
