@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -130,6 +131,39 @@ def test_a_failing_gather_keeps_the_last_rows() -> None:
     failed = poller.refresh()
     assert failed.refreshes == 1 and failed.rows[0]["host"] == "h1"
     assert "the hub is gone" in rendered(top_view(failed, "demo", 2.0))
+
+
+def test_a_slow_gather_never_holds_the_view() -> None:
+    """The view reads the last facts while a gather waits on a slow host."""
+    release = threading.Event()
+    calls = []
+
+    def gather():
+        calls.append(time.monotonic())
+        if len(calls) > 1:
+            release.wait(60)       # the second gather hangs on a host
+        return [{"host": f"h{len(calls)}", **answer(), "agent": "idle"}], None
+
+    poller = Poller(gather, interval=0.1).start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(calls) < 2 or poller.snapshot().busy_s is None or \
+                poller.snapshot().busy_s < 2.5:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        began = time.monotonic()
+        snapshot = poller.snapshot()
+        assert time.monotonic() - began < 1.0               # no waiting for the gather
+        assert snapshot.refreshes == 1 and snapshot.rows[0]["host"] == "h1"
+        assert "a host is slow: gathering for" in rendered(top_view(snapshot, "demo", 0.1))
+    finally:
+        poller.stop()
+        release.set()
+    deadline = time.monotonic() + 30
+    while poller.snapshot().refreshes < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert poller.snapshot().rows[0]["host"] == "h2"       # its answer is shown once it comes
 
 
 def test_without_a_terminal_top_says_so_in_one_line(tmp_path: Path) -> None:
