@@ -21,7 +21,7 @@ import flctl as flctl_package
 from flctl import __version__
 from flctl.cli import render
 from flctl.cli.audit_commands import audit_command
-from flctl.cli.auditing import audit_block, audit_run_start, audited, note, note_hosts
+from flctl.cli.auditing import audit_block, audit_note, audit_run_start, audited, note_hosts
 from flctl.cli.common import (
     AcceptNewOpt,
     ForksOpt,
@@ -86,7 +86,7 @@ def init(
     """Create a workspace: flctl.yaml, inventory.yaml and a project CA under pki/."""
     made = init_workspace(directory, local_hosts=local, force=force, project=project, seed=seed)
     paths, backup = made.paths, made.pki_backup
-    note(pki_backup=None if backup is None else str(backup))
+    audit_note(pki_backup=None if backup is None else str(backup))
     if json_output:
         render.emit_json({"workspace": str(paths.root), "settings": str(paths.settings),
                           "inventory": str(paths.inventory), "ca_cert": str(paths.ca_cert),

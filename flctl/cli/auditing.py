@@ -5,7 +5,7 @@ its flags as given (those that differ from their defaults) are taken from
 its arguments, and when it ends, however it ends, one line goes to the
 workspace's audit.jsonl with its outcome (flctl.audit). What a command
 learns on the way is added with `note_hosts(results)` (deploy_hosts does it
-for every deploying command), `note(**fields)` and, for training,
+for every deploying command), `audit_note(**fields)` and, for training,
 `audit_run_start`, which writes the run's start line at once. A command
 that does several audited things (`flctl demo`) writes one line per step
 with `audit_block`.
@@ -57,7 +57,7 @@ def note_hosts(results: Sequence[HostResult]) -> None:
         record.hosts = {**(record.hosts or {}), **audit.host_changes(results)}
 
 
-def note(**fields: Any) -> None:
+def audit_note(**fields: Any) -> None:
     """More fields for the line of the command under way (revoked serials...)."""
     record = _current.get()
     if record is not None:

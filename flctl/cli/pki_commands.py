@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from flctl.cli import render
-from flctl.cli.auditing import audited, note
+from flctl.cli.auditing import audit_note, audited
 from flctl.cli.common import (
     AcceptNewOpt,
     ForksOpt,
@@ -102,7 +102,7 @@ def pki_revoke(
     with holding(workspace, "pki revoke"):
         store = CertificateStore(workspace.paths)
         serials = store.revoke_name(host, "revoked by the operator")
-        note(revoked_serials=[format(s, "x") for s in serials])
+        audit_note(revoked_serials=[format(s, "x") for s in serials])
         if not serials:
             raise ConfigError(f"no current certificate of {host!r} in "
                               f"{workspace.paths.issued}: nothing to revoke "
