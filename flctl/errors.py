@@ -7,6 +7,8 @@ can show it as one red line without a traceback. Anything else is a bug.
 
 from __future__ import annotations
 
+EXIT_INTERRUPTED = 130  # Ctrl-C: the shell's convention (128 + SIGINT)
+
 
 class FlctlError(Exception):
     """An expected failure, shown to the user as one line."""

@@ -9,6 +9,7 @@
     wheels.lock       the wheels deploy ships to hosts, with their sha256
     data/             demo shards for local hosts (init --local)
     runs/<id>/        checkpoints, metrics, final weights
+    audit.jsonl       who changed hosts or runs, when and how (flctl.audit)
     .flctl/           state of local hosts (their agents' files)
 """
 
@@ -92,6 +93,10 @@ class WorkspacePaths:
     def overlay_addresses(self) -> Path:
         """Each deployed host's overlay address: hosts keep theirs when others join."""
         return self.state / "overlay-addresses.json"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit.jsonl"
 
     @property
     def runs(self) -> Path:

@@ -60,13 +60,17 @@ def workspace_lock(state_dir: Path, command: str) -> Iterator[None]:
         os.close(fd)  # closing the only descriptor releases the flock
 
 
-def _holder_record(command: str) -> bytes:
+def local_user() -> str:
+    """Who runs this command: the login name, or the uid without one."""
     try:
-        user = getpass.getuser()
+        return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry and no LOGNAME / USER
-        user = str(os.getuid())
+        return str(os.getuid())
+
+
+def _holder_record(command: str) -> bytes:
     return json.dumps({"command": command, "pid": os.getpid(), "since": time.time(),
-                       "user": user, "host": os.uname().nodename}).encode()
+                       "user": local_user(), "host": os.uname().nodename}).encode()
 
 
 def _busy_message(raw: bytes) -> str:

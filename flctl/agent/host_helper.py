@@ -35,7 +35,14 @@ from flctl.agent.launcher import (
     user_ids,
 )
 from flctl.agent.proc import owned_processes, proc_stat
-from flctl.core.facts import parse_loadavg, parse_meminfo, parse_os_release
+from flctl.core.facts import (
+    NVIDIA_SMI_QUERY,
+    parse_loadavg,
+    parse_meminfo,
+    parse_nvidia_smi_query,
+    parse_os_release,
+    parse_proc_stat_cpu,
+)
 from flctl.core.fsutil import atomic_write, file_sha256_or_none, write_secret
 from flctl.core.layout import HostPaths
 from flctl.errors import FlctlError
@@ -274,32 +281,57 @@ def cmd_remove(args: argparse.Namespace) -> dict[str, Any]:
     return {"changed": stopped or existed}
 
 
+def _gpu_usage() -> list[dict[str, Any]] | None:
+    """Each GPU's utilisation and memory (None: no nvidia-smi, or it failed)."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        probe = subprocess.run(list(NVIDIA_SMI_QUERY), capture_output=True, text=True,
+                               timeout=10, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_nvidia_smi_query(probe.stdout) if probe.returncode == 0 else None
+
+
+def _cpu() -> dict[str, int] | None:
+    try:
+        ticks = parse_proc_stat_cpu(read_text(Path("/proc/stat")) or "")
+    except ValueError:
+        return None
+    return {"busy_ticks": ticks.busy, "total_ticks": ticks.total, "count": os.cpu_count() or 1}
+
+
 def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.root)
     service = service_for(root)
     agent = service.agent_pid()
     mem = parse_meminfo(read_text(Path("/proc/meminfo")) or "")
     disk = shutil.disk_usage(root if root.exists() else "/")
-    gpus: list[str] = []
-    if shutil.which("nvidia-smi"):
-        probe = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,utilization.gpu,memory.used,memory.total",
-             "--format=csv,noheader"], capture_output=True, text=True, timeout=10,
-        )
-        gpus = [line.strip() for line in probe.stdout.splitlines() if line.strip()]
+    gpu_usage = _gpu_usage()
     return {
         "service": service.kind,
         "service_pid": service.pid(),
         "agent_pid": agent,
         "agent_uptime_s": _uptime(agent),
         "load": list(parse_loadavg(read_text(Path("/proc/loadavg")) or "0 0 0")),
+        "cpu": _cpu(),
         "mem_total_bytes": mem.get("MemTotal"),
         "mem_available_bytes": mem.get("MemAvailable"),
         "disk_free_bytes": disk.free,
-        "gpus": gpus,
+        "gpus": [_gpu_line(g) for g in gpu_usage or []],
+        "gpu_usage": gpu_usage,
         "interfaces": sorted(os.listdir("/sys/class/net")),
         "environment": (_task_check_result(root) or {}).get("versions"),
     }
+
+
+def _gpu_line(gpu: dict[str, Any]) -> str:
+    """A GPU as `status --json` has always listed it: "name, 35 %, 1024 MiB, 40960 MiB"."""
+    def mib(value: int | None) -> str:
+        return "[N/A]" if value is None else f"{value // (1024 * 1024)} MiB"
+    utilization = gpu["utilization_pct"]
+    return (f"{gpu['name']}, {'[N/A]' if utilization is None else f'{utilization:.0f} %'}, "
+            f"{mib(gpu['memory_used_bytes'])}, {mib(gpu['memory_total_bytes'])}")
 
 
 def cmd_logs(args: argparse.Namespace) -> dict[str, Any]:

@@ -19,6 +19,8 @@ from rich.markup import escape
 import flctl as flctl_package
 from flctl import __version__
 from flctl.cli import render
+from flctl.cli.audit_commands import audit_command
+from flctl.cli.auditing import audit_block, audit_note, audit_run_start, audited, note_hosts
 from flctl.cli.common import (
     AcceptNewOpt,
     ForksOpt,
@@ -35,6 +37,7 @@ from flctl.cli.pki_commands import pki_app
 from flctl.cli.progress import HostProgress, TrainView
 from flctl.cli.report_command import report
 from flctl.cli.runs_commands import runs_app
+from flctl.cli.top import top
 from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import latest_run
 from flctl.coordinator.session import info_probe, stats_workspace, train_workspace
@@ -47,7 +50,7 @@ from flctl.core.text import clean_text
 from flctl.deploy import engine
 from flctl.deploy.logs import agent_log
 from flctl.deploy.status import gather_status
-from flctl.errors import ConfigError, FlctlError, HostError, WorkspaceError
+from flctl.errors import EXIT_INTERRUPTED, ConfigError, FlctlError, HostError, WorkspaceError
 from flctl.net.ports import free_port_block
 from flctl.workspace import (
     Workspace,
@@ -56,8 +59,6 @@ from flctl.workspace import (
     init_workspace,
     load_workspace,
 )
-
-EXIT_INTERRUPTED = 130
 
 app = typer.Typer(
     add_completion=False,
@@ -73,6 +74,7 @@ app.command("doctor")(doctor)
 
 
 @app.command()
+@audited("init", workspace_param="directory")
 def init(
     directory: Path = typer.Argument(Path("."), help="Where to create the workspace."),
     local: Optional[int] = typer.Option(
@@ -98,6 +100,7 @@ def init(
     made = init_workspace(directory, local_hosts=local, force=force, project=project, seed=seed,
                           inventory_text=translated)
     paths, backup = made.paths, made.pki_backup
+    audit_note(pki_backup=None if backup is None else str(backup))
     if json_output:
         render.emit_json({"workspace": str(paths.root), "settings": str(paths.settings),
                           "inventory": str(paths.inventory), "ca_cert": str(paths.ca_cert),
@@ -117,6 +120,7 @@ def init(
 
 
 @app.command()
+@audited("deploy")
 def deploy(
     workspace_dir: Path = WorkspaceOpt,
     limit: Optional[list[str]] = LimitOpt,
@@ -193,6 +197,7 @@ def stats(
 
 
 @app.command()
+@audited("teardown")
 def teardown(
     workspace_dir: Path = WorkspaceOpt,
     limit: Optional[list[str]] = LimitOpt,
@@ -207,6 +212,7 @@ def teardown(
             HostProgress([h.name for h in hosts], "teardown", enabled=not json_output) as view:
         results = engine.teardown(workspace, hosts, forks=forks, accept_new_host_keys=accept_new,
                                   progress=view.update)
+        note_hosts(results)
     if json_output:
         render.emit_json({"hosts": [r.as_dict() for r in results]})
     else:
@@ -224,6 +230,7 @@ def _run_training(workspace: Workspace, overrides: dict[str, Any], limit: Option
     hosts = selected(workspace, limit)
     resume_args = {"resume": resume, "resume_rounds": overrides.get("rounds")}
     table = render.round_table(privacy=settings.training.privacy != "none")
+    run_id = audit_run_start(workspace, run_id, resume)
 
     def note(text: str) -> None:
         render.err.print(render.literal(text, "yellow"))
@@ -267,6 +274,7 @@ def _print_summary(summary: RunSummary) -> None:
 
 
 @app.command()
+@audited("train")
 def train(
     run: Optional[str] = typer.Argument(
         None, help="With --resume: the run to continue (default: the newest interrupted one)."),
@@ -339,6 +347,7 @@ def train(
 
 
 @app.command()
+@audited("demo", workspace_param=None)  # its steps write their own lines, below
 def demo(
     hosts: int = typer.Option(4, "--hosts", "-n", min=2, max=32, help="Local hosts to start."),
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Number of rounds."),
@@ -361,12 +370,15 @@ def demo(
         render.err.print(f"workspace {root}: starting {hosts} local agents (mutual TLS)")
     with holding(workspace, "demo"):
         try:
-            results = deploy_hosts(workspace, None, False, hosts, json_output=True)
-            host_failures(results, "deploy")
+            with audit_block("demo deploy", workspace.paths):
+                results = deploy_hosts(workspace, None, False, hosts, json_output=True)
+                host_failures(results, "deploy")
             overrides = _training_overrides(rounds=rounds, seed=seed)
-            summary = _run_training(workspace, overrides, None, None, json_output)
+            with audit_block("demo train", workspace.paths):
+                summary = _run_training(workspace, overrides, None, None, json_output)
         finally:
-            engine.teardown(workspace, list(workspace.inventory.hosts))
+            with audit_block("demo teardown", workspace.paths):
+                note_hosts(engine.teardown(workspace, list(workspace.inventory.hosts)))
     if json_output:
         render.emit_json({"workspace": str(root), **_summary_document(summary)})
     else:
@@ -406,6 +418,10 @@ def version(json_output: bool = JsonOpt) -> None:
                           "location": str(Path(flctl_package.__file__).resolve().parent)})
         return
     render.out.print(__version__)
+
+
+app.command()(top)
+app.command("audit")(audit_command)
 
 
 def _usage_error(exc: BaseException) -> tuple[str, int] | None:

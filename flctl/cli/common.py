@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from flctl.cli.auditing import note_hosts
 from flctl.cli.progress import HostProgress
 from flctl.coordinator.records import RunDir
 from flctl.coordinator.session import info_probe
@@ -62,6 +63,8 @@ def deploy_hosts(workspace: Workspace, limit: Optional[list[str]], check: bool, 
     hosts = selected(workspace, limit)
     probe = info_probe(workspace)
     with HostProgress([h.name for h in hosts], "deploy", enabled=not json_output) as view:
-        return engine.deploy(workspace, hosts, check=check, forks=forks,
-                             verify=lambda host, endpoint: probe(endpoint),
-                             accept_new_host_keys=accept_new, progress=view.update)
+        results = engine.deploy(workspace, hosts, check=check, forks=forks,
+                                verify=lambda host, endpoint: probe(endpoint),
+                                accept_new_host_keys=accept_new, progress=view.update)
+    note_hosts(results)  # for the audit line of the command deploying
+    return results

@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 
 from flctl.cli import render
+from flctl.cli.auditing import audit_note, audited
 from flctl.cli.common import (
     AcceptNewOpt,
     ForksOpt,
@@ -56,6 +57,7 @@ def pki_status(workspace_dir: Path = WorkspaceOpt, json_output: bool = JsonOpt) 
 
 
 @pki_app.command("rotate")
+@audited("pki rotate")
 def pki_rotate(
     workspace_dir: Path = WorkspaceOpt,
     forks: int = ForksOpt,
@@ -82,6 +84,7 @@ def pki_rotate(
 
 
 @pki_app.command("revoke")
+@audited("pki revoke")
 def pki_revoke(
     host: str = typer.Argument(..., help="The host whose certificate is revoked."),
     workspace_dir: Path = WorkspaceOpt,
@@ -99,6 +102,7 @@ def pki_revoke(
     with holding(workspace, "pki revoke"):
         store = CertificateStore(workspace.paths)
         serials = store.revoke_name(host, "revoked by the operator")
+        audit_note(revoked_serials=[format(s, "x") for s in serials])
         if not serials:
             raise ConfigError(f"no current certificate of {host!r} in "
                               f"{workspace.paths.issued}: nothing to revoke "

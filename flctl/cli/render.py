@@ -137,14 +137,12 @@ def status_table(rows: Sequence[dict[str, Any]]) -> Table:
                    "load", "mem free", "disk free", "note"):
         table.add_column(column)
     for row in rows:
-        agent = row.get("agent", "down")
-        colour = "green" if agent in ("idle", "training") else "red"
         load = row.get("load")
         data = "-" if row.get("n_train") is None else f"{row['n_train']}+{row.get('n_test') or 0}"
         uptime = row.get("agent_uptime_s")
         tunnel: tuple[Any, ...] = ()
         if tunnels:
-            tunnel = (_tunnel_cell(row),)
+            tunnel = (tunnel_cell(row),)
         if frameworks:
             tunnel = (*tunnel, literal(_torch_cell(row.get("environment") or {})))
         if parts:   # the frozen part's digest; red where it is not what most have
@@ -153,7 +151,7 @@ def status_table(rows: Sequence[dict[str, Any]]) -> Table:
             tunnel = (*tunnel, literal(str(sha)[:12] if sha else "-",
                                        "green" if agrees else "red"))
         table.add_row(
-            literal(row["host"]), literal(agent, colour), *tunnel,
+            literal(row["host"]), agent_cell(row), *tunnel,
             "-" if uptime is None else f"{uptime:.0f}s",
             data,
             "-" if row.get("last_round") is None else str(row["last_round"]),
@@ -176,7 +174,13 @@ def _torch_cell(environment: dict[str, Any]) -> str:
     return f"{environment['torch']}, CPU"
 
 
-def _tunnel_cell(row: dict[str, Any]) -> Text:
+def agent_cell(row: dict[str, Any]) -> Text:
+    """A status row's agent state: green when it serves (idle or training), else red."""
+    agent = row.get("agent", "down")
+    return literal(agent, "green" if agent in ("idle", "training") else "red")
+
+
+def tunnel_cell(row: dict[str, Any]) -> Text:
     state = row.get("tunnel")
     if state is None:
         return Text("-")

@@ -20,7 +20,6 @@ round whose checkpoint exists has its metrics line on disk too.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from collections.abc import Sequence
@@ -31,7 +30,14 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 
 from flctl.core.dtypes import from_storage, storage_array, storage_key
-from flctl.core.fsutil import atomic_write, file_sha256, fsync_dir, write_secret
+from flctl.core.fsutil import (
+    append_line,
+    atomic_write,
+    file_sha256,
+    fsync_dir,
+    read_json_lines,
+    write_secret,
+)
 from flctl.core.privacy import SECRET_STATE_KEYS
 from flctl.errors import TrainingError
 
@@ -157,19 +163,7 @@ class RunDir:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one round's line and fsync it (a torn earlier line stays its own line)."""
-        path = self.path / METRICS
-        line = json.dumps(record, sort_keys=True).encode() + b"\n"
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line  # never glue a good record onto a torn one
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if size == 0:
-            fsync_dir(self.path)  # the file may be new: make its name durable too
+        append_line(self.path / METRICS, json.dumps(record, sort_keys=True).encode() + b"\n")
 
     def truncate_metrics(self, last_round: int) -> list[str]:
         """Drop metric lines of rounds after `last_round` (not checkpointed) and
@@ -272,23 +266,9 @@ class Metrics:
 
 
 def _parse_metrics(path: Path) -> tuple[list[tuple[int, str, dict[str, Any]]], list[int]]:
-    """(line number, text, record) of every readable line; numbers of unreadable ones
-    (not UTF-8, not JSON, or not a round's record: what a torn write leaves)."""
-    good: list[tuple[int, str, dict[str, Any]]] = []
-    bad: list[int] = []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-            record = json.loads(text)
-        except ValueError:  # UnicodeDecodeError is one too
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("round"), int):
-            good.append((number, text, record))
-        else:
-            bad.append(number)
-    return good, bad
+    """(line number, text, record) of every round's line; numbers of unreadable ones."""
+    return read_json_lines(path, lambda record: isinstance(record, dict)
+                           and isinstance(record.get("round"), int))
 
 
 def read_metrics(run: RunDir) -> Metrics:

@@ -4,6 +4,7 @@ one command, one parser, tested on captured text)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 from collections.abc import Sequence
@@ -49,6 +50,44 @@ def parse_meminfo(text: str) -> dict[str, int]:
 def parse_loadavg(text: str) -> tuple[float, float, float]:
     first = text.split()[:3]
     return (float(first[0]), float(first[1]), float(first[2]))
+
+
+@dataclass(frozen=True)
+class CpuTicks:
+    """The whole machine's CPU time since boot, from /proc/stat's `cpu` line, in
+    clock ticks: two samples give the utilisation between them (`cpu_percent`),
+    so the host never has to wait to measure it."""
+
+    busy: int
+    total: int
+
+
+def parse_proc_stat_cpu(text: str) -> CpuTicks:
+    """/proc/stat's aggregate `cpu` line: user nice system idle iowait irq
+    softirq steal (guest time is already counted in user and nice). Idle and
+    iowait are idle; the rest is busy. ValueError if there is no such line."""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            ticks = [int(f) for f in fields[1:9]]
+            if len(ticks) < 4:
+                break
+            total = sum(ticks)
+            return CpuTicks(busy=total - ticks[3] - (ticks[4] if len(ticks) > 4 else 0),
+                            total=total)
+    raise ValueError("no aggregate `cpu` line in /proc/stat")
+
+
+def cpu_percent(before: CpuTicks | None, after: CpuTicks | None) -> float | None:
+    """Busy share of the CPU time between two samples, 0..100; None without two
+    samples, or when the counters did not advance (or went back: a reboot)."""
+    if before is None or after is None:
+        return None
+    total = after.total - before.total
+    busy = after.busy - before.busy
+    if total <= 0 or busy < 0:
+        return None
+    return min(100.0, 100.0 * busy / total)
 
 
 def parse_os_release(text: str) -> dict[str, str]:
@@ -185,6 +224,42 @@ def host_unfit_reason(facts: dict[str, str], become: bool) -> str | None:
 def parse_nvidia_smi_list(text: str) -> int:
     """How many GPUs `nvidia-smi -L` lists ("GPU 0: NVIDIA A100 (UUID: ...)")."""
     return sum(1 for line in text.splitlines() if re.match(r"GPU \d+:", line.strip()))
+
+
+# One line per GPU: "0, 35, 1024, 40960, NVIDIA A100-SXM4-40GB". The name comes
+# last so a comma in it cannot shift the numbers.
+NVIDIA_SMI_QUERY = ("nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used,memory.total,name",
+                    "--format=csv,noheader,nounits")
+_MIB = 1024 * 1024
+
+
+def parse_nvidia_smi_query(text: str) -> list[dict[str, Any]]:
+    """NVIDIA_SMI_QUERY's output as one dict per GPU: index, utilization_pct,
+    memory_used_bytes, memory_total_bytes, name. A value nvidia-smi cannot
+    give ("[N/A]", "[Not Supported]") is None; a line that is not a GPU's is
+    skipped (a driver warning, say), so one odd line costs only itself."""
+    gpus = []
+    for line in text.splitlines():
+        fields = [f.strip() for f in line.split(",", 4)]
+        if len(fields) != 5 or not fields[0].isdigit():
+            continue
+        utilization, used, total = (_number_or_none(f) for f in fields[1:4])
+        gpus.append({
+            "index": int(fields[0]),
+            "utilization_pct": None if utilization is None else min(100.0, max(0.0, utilization)),
+            "memory_used_bytes": None if used is None else int(used * _MIB),
+            "memory_total_bytes": None if total is None else int(total * _MIB),
+            "name": fields[4],
+        })
+    return gpus
+
+
+def _number_or_none(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 def resolve_gpus(wanted: str, available: int) -> str | None:

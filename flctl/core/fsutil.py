@@ -9,10 +9,11 @@ Secrets get their mode before any byte is written, never after.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 SECRET_MODE = 0o600
 
@@ -58,6 +59,53 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def append_line(path: Path, line: bytes, mode: int = 0o644) -> None:
+    """Append one line (`line` ends in a newline) to a log file and fsync it.
+
+    One write with O_APPEND, so lines of concurrent writers never interleave.
+    A torn last line (a crash, a full disk) stays its own line: a good record
+    is never glued onto it. The file has at most the bits of `mode`, from its
+    first byte (an existing file with more is narrowed).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        status = os.fstat(fd)
+        if status.st_mode & 0o7777 & ~mode:
+            os.fchmod(fd, status.st_mode & mode)
+        size = status.st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if size == 0:
+        fsync_dir(path.parent)  # the file may be new: make its name durable too
+
+
+def read_json_lines(path: Path, accept: Callable[[Any], bool] = lambda value: True,
+                    ) -> tuple[list[tuple[int, str, Any]], list[int]]:
+    """(line number, text, value) of every readable line of a JSON-lines file
+    that `accept`s its value, and the numbers of the other lines (not UTF-8,
+    not JSON, not accepted: what a torn append leaves). Blank lines are skipped."""
+    good: list[tuple[int, str, Any]] = []
+    bad: list[int] = []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+            value = json.loads(text)
+        except ValueError:  # UnicodeDecodeError is one too
+            bad.append(number)
+            continue
+        if accept(value):
+            good.append((number, text, value))
+        else:
+            bad.append(number)
+    return good, bad
 
 
 def sha256_hex(data: bytes | str) -> str:

@@ -28,10 +28,15 @@ STATUS_SPEC = {
     "agent_pid": Maybe(count()),
     "agent_uptime_s": Maybe(Field(float, 0)),
     "load": [Field(float, 0)],
+    # cumulative CPU ticks since boot (core.facts.CpuTicks): two answers give the use between
+    "cpu": Maybe({"busy_ticks": count(), "total_ticks": count(), "count": count(1 << 16)}),
     "mem_total_bytes": Maybe(count()),
     "mem_available_bytes": Maybe(count()),
     "disk_free_bytes": Maybe(count()),
     "gpus": [str],
+    "gpu_usage": Maybe([{"index": count(1 << 16), "utilization_pct": Maybe(Field(float, 0, 100)),
+                         "memory_used_bytes": Maybe(count()), "memory_total_bytes": Maybe(count()),
+                         "name": str}]),
     "interfaces": [str],
     "environment": Maybe(MapOf(Any)),   # what the last deploy's task check found
 }
@@ -60,9 +65,7 @@ def host_status(workspace: Workspace, host: Host, index: int, agent_info: AgentI
                             str(host_paths(host, str(workspace.paths.state)).root), timeout=30,
                             spec=STATUS_SPEC)
         row["reachable"] = True
-        row.update({k: facts.get(k) for k in (
-            "service", "service_pid", "agent_pid", "agent_uptime_s", "load", "mem_total_bytes",
-            "mem_available_bytes", "disk_free_bytes", "gpus", "interfaces", "environment")})
+        row.update({k: facts.get(k) for k in STATUS_SPEC})
     except FlctlError as exc:
         row["error"] = exc.message
         return row
