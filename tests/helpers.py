@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from flctl.core.settings import AgentSettings, Settings, render_settings
+from flctl.core.settings import Settings, render_settings
 from flctl.net.ports import free_port_block
 
 
@@ -47,7 +48,7 @@ def use_ports(workspace: Path, count: int) -> int:
     settings = load_settings(workspace / "flctl.yaml")
     base = free_port_block(count)
     updated = Settings(project=settings.project, overlay=settings.overlay,
-                       agent=AgentSettings(port=base, listen=settings.agent.listen),
+                       agent=dataclasses.replace(settings.agent, port=base),
                        training=settings.training, limits=settings.limits)
     (workspace / "flctl.yaml").write_text(render_settings(updated))
     return base

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from flctl import __version__
-from flctl.agent import gpu
+from flctl.agent import gpu, limits
 from flctl.agent.launcher import (
     ensure_user,
     init_system,
@@ -113,6 +113,8 @@ def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
         "agent_pid": service.agent_pid(),
         "task_check": _task_check_result(root),
         "gpu_count": gpu.count(),
+        # what can bound the agent's CPU and memory here (flctl.core.limits)
+        "limits": limits.probe(),
     }
 
 
@@ -303,7 +305,7 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_logs(args: argparse.Namespace) -> dict[str, Any]:
-    text = read_text(Path(args.root) / "agent.log") or ""
+    text = read_text(Path(HostPaths(PurePosixPath(args.root)).log)) or ""
     return {"lines": text.splitlines()[-args.lines:]}
 
 

@@ -80,6 +80,10 @@ class Host:
     # the task's frozen part, placed on the host by the user (None: the
     # workspace's frozen/, shipped by deploy, when there is one)
     frozen_path: str | None = None
+    # resource limits (flctl.core.limits), None: flctl.yaml's agent.* applies
+    agent_cpu_quota: str | None = None
+    agent_memory_max: str | None = None
+    agent_nice: int | None = None
 
     @property
     def is_local(self) -> bool:
