@@ -119,8 +119,10 @@ def test_the_agent_runs_in_cgroups_holding_its_limits(workspace: Path) -> None:
 
 
 def test_a_busy_loop_in_the_cpu_cgroup_gets_about_half_a_cpu(workspace: Path) -> None:
-    """Measured, not only read back: 3 s of a busy loop get ~1.5 s of CPU
-    (wide margins: a shared, noisy 2-core machine)."""
+    """Measured, not only read back: in 3 s a busy loop gets at most 1.5 s
+    of CPU at a 50% quota, however idle the machine (a hard cap; unbounded it
+    gets up to 3 s on an idle one). The margin is for start-up before it joins
+    the cgroup; a loaded machine may give it less, never more."""
     procs = Path(cgroups(workspace, "local1")["cpu"]) / "cgroup.procs"
     loop = ("import os, time\n"
             f"open({str(procs)!r}, 'w').write(str(os.getpid()))\n"
@@ -133,7 +135,7 @@ def test_a_busy_loop_in_the_cpu_cgroup_gets_about_half_a_cpu(workspace: Path) ->
     assert done.returncode == 0, done.stderr
     cpu_s = float(done.stdout)
     assert time.monotonic() - started >= 3
-    assert 0.3 < cpu_s < 2.4, f"{cpu_s:.2f} s of CPU in 3 s at a 50% quota"
+    assert 0.1 < cpu_s < 1.8, f"{cpu_s:.2f} s of CPU in 3 s at a 50% quota"
 
 
 def test_a_task_over_its_memory_limit_is_named_out_of_memory(workspace: Path) -> None:
