@@ -156,6 +156,11 @@ def test_a_task_over_its_memory_limit_is_named_out_of_memory(workspace: Path) ->
     assert agent_pid(workspace, "local1") != before
     log = (host_dir(workspace, "local1") / "run" / "agent.log").read_text()
     assert "the previous agent stopped: out of memory (limit 300 MB)" in log
+    status = by_host(run_cli("status", "-w", str(workspace), "--json").json())
+    assert status["local1"]["last_exit"] == "out of memory (limit 300 MB)"
+    assert status["local2"]["last_exit"] is None
+    shown = run_cli("status", "-w", str(workspace)).stdout
+    assert "restarted: out of memory (limit 300 MB)" in " ".join(shown.split())
 
 
 def test_teardown_removes_the_cgroups(workspace: Path) -> None:
