@@ -29,6 +29,7 @@ from pathlib import Path
 
 from flctl.core.fsutil import atomic_write
 from flctl.core.limits import CPU_PERIOD_US, AgentLimits, HostCapabilities
+from flctl.errors import FlctlError
 
 CGROUP_FS = Path("/sys/fs/cgroup")
 RECORD = "cgroups.json"
@@ -288,7 +289,11 @@ def niced(nice: int | None) -> Iterator[None]:
         yield
         return
     before = os.getpriority(os.PRIO_PROCESS, 0)
-    os.setpriority(os.PRIO_PROCESS, 0, nice)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except PermissionError:
+        raise FlctlError(f"agent nice {nice} needs root (a priority above {before}); "
+                         f"use {before}..19") from None
     try:
         yield
     finally:
