@@ -195,3 +195,28 @@ def test_the_coordinator_believes_an_oom_only_of_a_restart_during_its_request() 
         _raise_if_killed_by_it({"last_exit": {"reason": "x\x1b]0;t\x07y" * 100, "oom": True},
                                 "uptime_s": 0.5}, 10.0)
     assert "\x1b" not in caught.value.message and len(caught.value.message) <= 200
+
+
+def test_cgroup_v2_gets_cpu_max_and_memory_max(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine has v1 controllers only: v2's files are checked on a plain
+    directory standing in for /sys/fs/cgroup (what is written where)."""
+    from flctl.agent import limits as agent_limits
+
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    monkeypatch.setattr(agent_limits, "_v2_root", lambda: tmp_path)
+    caps = HostCapabilities(cgroup="v2", cpu=True, memory=True)
+    made = agent_limits.create("flctl-p-a-0", AgentLimits(250, 512 << 20, 3), caps)
+    leaf = tmp_path / "flctl" / "flctl-p-a-0"
+    assert made == {"cpu": str(leaf), "memory": str(leaf)}
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+cpu +memory"
+    assert (tmp_path / "flctl" / "cgroup.subtree_control").read_text() == "+cpu +memory"
+    assert (leaf / "cpu.max").read_text() == "250000 100000"   # 2.5 CPUs
+    assert (leaf / "memory.max").read_text() == str(512 << 20)
+    # only what is asked for, and only what the host can do
+    assert agent_limits.create("x", AgentLimits(nice=3), caps) == {}
+    assert agent_limits.create("y", AgentLimits(cpu_percent=50),
+                               HostCapabilities(cgroup="v2", memory=True)) == {}
+    (leaf / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 2\n")
+    assert agent_limits.oom_kills(str(leaf)) == 2
+    assert agent_limits.memory_limit(str(leaf)) == 512 << 20
