@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from flctl.core.limits import AgentLimits
 from flctl.core.renderers import (
     UnitSpec,
     cron_file_name,
@@ -38,10 +39,13 @@ def check_golden(name: str, text: str) -> None:
 
 SPEC = UnitSpec(project="demo", host="alpha", python="/opt/flctl/venv/bin/python",
                 config="/var/lib/flctl/alpha/agent.json", state_dir="/var/lib/flctl/alpha",
-                run_dir="/var/lib/flctl/alpha/run", log="/var/lib/flctl/alpha/agent.log",
+                run_dir="/var/lib/flctl/alpha/run", log="/var/lib/flctl/alpha/agent.out",
+                agent_log="/var/lib/flctl/alpha/run/agent.log",
                 user="flctl", tunnel_config="/var/lib/flctl/alpha/wg/fl-demo.conf",
                 firewall="/var/lib/flctl/alpha/firewall.nft", nft="/usr/sbin/nft")
 UNDERLAY = dataclasses.replace(SPEC, tunnel_config=None)
+LIMITED = dataclasses.replace(SPEC, limits=AgentLimits(cpu_percent=50, memory_bytes=512 << 20,
+                                                        nice=10))
 
 
 def directives(unit: str) -> dict[str, list[str]]:
@@ -56,6 +60,7 @@ def directives(unit: str) -> dict[str, list[str]]:
 def test_systemd_unit_golden() -> None:
     check_golden("flctl-agent.service", render_systemd_unit(SPEC))
     check_golden("flctl-agent-underlay.service", render_systemd_unit(UNDERLAY))
+    check_golden("flctl-agent-limits.service", render_systemd_unit(LIMITED))
 
 
 def test_boot_units_golden() -> None:
@@ -68,12 +73,26 @@ def test_systemd_unit_restarts_is_confined_and_unprivileged() -> None:
     unit = directives(render_systemd_unit(SPEC))
     assert unit["Restart"] == ["on-failure"]
     assert unit["ExecStart"] == [
-        "/opt/flctl/venv/bin/python -m flctl.agent.main --config /var/lib/flctl/alpha/agent.json"]
+        "/opt/flctl/venv/bin/python -m flctl.agent.main --config /var/lib/flctl/alpha/agent.json"
+        " --log /var/lib/flctl/alpha/run/agent.log"]   # it rotates its log itself
+    # only what comes before logging starts goes to systemd's append: file
+    assert unit["StandardOutput"] == ["append:/var/lib/flctl/alpha/agent.out"]
     assert unit["User"] == ["flctl"] and unit["Group"] == ["flctl"]
     assert unit["ProtectSystem"] == ["strict"]
     assert unit["ReadWritePaths"] == ["/var/lib/flctl/alpha/run"]  # not its own config
     assert unit["NoNewPrivileges"] == ["yes"] and unit["CapabilityBoundingSet"] == [""]
     assert unit["WantedBy"] == ["multi-user.target"]
+
+
+def test_systemd_unit_limits_and_its_oom_note() -> None:
+    plain = directives(render_systemd_unit(SPEC))
+    assert not {"CPUQuota", "MemoryMax", "Nice", "ExecStopPost"} & set(plain)
+    unit = directives(render_systemd_unit(LIMITED))
+    assert unit["CPUQuota"] == ["50%"] and unit["MemoryMax"] == [str(512 << 20)]
+    assert unit["MemorySwapMax"] == ["0"] and unit["Nice"] == ["10"]
+    # systemd tells ExecStopPost= the result (oom-kill): noted for the next agent
+    assert unit["ExecStopPost"] == ["/opt/flctl/venv/bin/python -m flctl.agent.exits "
+                                    "--config /var/lib/flctl/alpha/agent.json"]
 
 
 def test_boot_order_table_then_tunnel_then_agent() -> None:

@@ -73,7 +73,7 @@ def test_a_host_certificate_cannot_command_another_agent(workspace: Path, tmp_pa
                                        "task_params": {"args": ["touch", str(marker)]}}))
     client.close()
     assert not marker.exists()
-    log = host_dir(workspace, "local2") / "agent.log"
+    log = host_dir(workspace, "local2") / "run" / "agent.log"
     deadline = time.monotonic() + 10   # the agent logs from its connection thread
     while "unsuitable certificate purpose" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -107,7 +107,7 @@ def test_a_client_certificate_that_is_not_the_coordinators_is_refused_by_role(
             client.request(Message("fit", {"task": "subprocess:Popen",
                                            "task_params": {"args": ["touch", str(marker)]}}))
     assert not marker.exists()
-    log = host_dir(workspace, "local2") / "agent.log"
+    log = host_dir(workspace, "local2") / "run" / "agent.log"
     deadline = time.monotonic() + 10
     while "refused" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -258,7 +258,7 @@ def test_text_from_a_host_is_shown_literally(tmp_path: Path) -> None:
         assert "[/bold]" in shown and "red" in shown and "Traceback" not in shown
         assert "\x1b" not in shown and "\x07" not in shown   # no escape reaches the terminal
         # the agent's log, through `flctl logs`, is cleaned the same way
-        log = host_dir(root, "local1") / "agent.log"
+        log = host_dir(root, "local1") / "run" / "agent.log"
         log.write_text(log.read_text() + "\x1b]0;pwned\x07 [bold]x[/bold]\n")
         logs = run_cli("logs", "local1", "-w", str(root), "--lines", "5")
         assert "[bold]x[/bold]" in logs.stdout and "\x1b" not in logs.stdout

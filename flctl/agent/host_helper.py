@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from flctl import __version__
-from flctl.agent import gpu
+from flctl.agent import gpu, limits
 from flctl.agent.launcher import (
     ensure_user,
     init_system,
@@ -120,6 +120,8 @@ def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
         "agent_pid": service.agent_pid(),
         "task_check": _task_check_result(root),
         "gpu_count": gpu.count(),
+        # what can bound the agent's CPU and memory here (flctl.core.limits)
+        "limits": limits.probe(),
     }
 
 
@@ -335,7 +337,7 @@ def _gpu_line(gpu: dict[str, Any]) -> str:
 
 
 def cmd_logs(args: argparse.Namespace) -> dict[str, Any]:
-    text = read_text(Path(args.root) / "agent.log") or ""
+    text = read_text(Path(HostPaths(PurePosixPath(args.root)).log)) or ""
     return {"lines": text.splitlines()[-args.lines:]}
 
 

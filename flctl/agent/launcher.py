@@ -24,7 +24,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from flctl.agent import gpu, proc
+from flctl.agent import gpu, limits, proc
 from flctl.core.agentconfig import AgentConfig, parse_agent_config
 from flctl.core.facts import parse_listening_ports
 from flctl.core.fsutil import atomic_write
@@ -73,6 +73,11 @@ def init_system() -> str:
 def log_tail(path: Path, lines: int = 5) -> str:
     text = read_text(path) or ""
     return " | ".join(text.strip().splitlines()[-lines:])
+
+
+def start_failure(paths: HostPaths) -> str:
+    """The last lines of the agent's log, else of what it printed before logging began."""
+    return log_tail(Path(paths.crash_log)) or log_tail(Path(paths.log))
 
 
 def read_config(root: Path) -> AgentConfig | None:
@@ -170,7 +175,7 @@ class SupervisorService:
         self.paths = HostPaths(PurePosixPath(root))
         self.config = read_config(root)
         self.user = self.config.user if self.config else None
-        self.log = root / "agent.log"
+        self.crash_log = Path(self.paths.crash_log)
         # where an flctl from before the agent user kept its pidfiles (run by root)
         self._legacy = (root / "supervisor.pid", root / "agent.pid")
 
@@ -205,18 +210,39 @@ class SupervisorService:
             uid, gid = user_ids(self.user)
             groups = gpu.device_groups() if self.config and self.config.gpus is not None else ()
             as_user = {"user": uid, "group": gid, "extra_groups": list(groups)}
-        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_MODE)
-        with open(fd, "ab") as log:
+        wanted = self.config.limits if self.config else limits.AgentLimits()
+        cgroups = self._cgroups(wanted)
+        memory_cgroup = ["--memory-cgroup", cgroups["memory"]] if "memory" in cgroups else []
+        # a fresh crash file per start: it only holds what came before logging
+        fd = os.open(self.crash_log, os.O_WRONLY | os.O_TRUNC | os.O_CREAT, LOG_MODE)
+        with open(fd, "ab") as out, limits.joined(cgroups), limits.niced(wanted.nice):
             process = subprocess.Popen(
                 [sys.executable, "-m", SUPERVISOR_MODULE, "--config", str(self.root / "agent.json"),
                  "--pidfile", str(self.paths.supervisor_pid),
-                 "--agent-pidfile", str(self.paths.agent_pid)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                close_fds=True, cwd=str(self.paths.run_dir), **as_user,  # type: ignore[arg-type]
+                 "--agent-pidfile", str(self.paths.agent_pid),
+                 "--log", str(self.paths.log), *memory_cgroup],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                close_fds=True, cwd=str(self.paths.run_dir),
+                preexec_fn=limits.rlimit_preexec(wanted, "memory" in cgroups),
+                **as_user,  # type: ignore[arg-type]
             )
         if not wait_listening(port, timeout, lambda: process.poll() is None):
-            raise FlctlError(f"agent did not start listening on port {port}: {log_tail(self.log)}")
+            raise FlctlError(f"agent did not start listening on port {port}: "
+                             f"{start_failure(self.paths)}")
         return True
+
+    def _cgroups(self, wanted: limits.AgentLimits) -> dict[str, str]:
+        """The agent's cgroups with its limits (none where none is wanted or writable)."""
+        limits.remove(self.root)   # a stale one from a supervisor that was killed
+        if wanted.cpu_percent is None and wanted.memory_bytes is None:
+            return {}
+        caps = limits.capabilities("none")
+        name = limits.cgroup_name(self.config.project if self.config else "unknown",
+                                  self.config.name if self.config else "", self.root)
+        made = limits.create(name, wanted, caps)
+        if made:
+            limits.save_record(self.root, made)
+        return made
 
     def stop(self, timeout: float) -> bool:
         pid = self.pid()
@@ -235,6 +261,7 @@ class SupervisorService:
             stopped = True
         for legacy in self._legacy:
             legacy.unlink(missing_ok=True)
+        limits.remove(self.root, timeout)
         return stopped
 
     def remove(self, timeout: float) -> bool:
@@ -277,7 +304,9 @@ def unit_spec(root: Path, config: AgentConfig | None) -> UnitSpec:
     firewall = Path(paths.firewall)
     return UnitSpec(project=project, host=config.name if config else "",
                     python=sys.executable, config=str(root / "agent.json"),
-                    state_dir=str(root), run_dir=str(paths.run_dir), log=str(root / "agent.log"),
+                    state_dir=str(root), run_dir=str(paths.run_dir), log=str(paths.crash_log),
+                    agent_log=str(paths.log),
+                    limits=config.limits if config else limits.AgentLimits(),
                     user=config.user if config else None,
                     tunnel_config=str(tunnels[0]) if tunnels else None,
                     firewall=str(firewall) if firewall.exists() else None,
@@ -348,7 +377,7 @@ class SystemdService:
             self._systemctl("restart", self.unit)
         if not wait_listening(port, timeout, lambda: True):
             raise FlctlError(f"agent did not start listening on port {port}: "
-                             f"{log_tail(self.root / 'agent.log')}")
+                             f"{start_failure(HostPaths(PurePosixPath(self.root)))}")
         return True
 
     def stop(self, timeout: float) -> bool:

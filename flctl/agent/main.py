@@ -1,13 +1,18 @@
 """`flctl-agent`: serve the training protocol for one host.
 
-Runs in the foreground and logs to stderr; the supervisor (or systemd)
-owns daemonising, restarts and the log file.
+Runs in the foreground; the supervisor (or systemd) owns daemonising and
+restarts. Given `--log`, it writes its log there itself, size-bounded
+(LOG_MAX_BYTES, LOG_BACKUPS rotated files beside it), and what a user's task
+prints goes there too; only output from before logging starts (or from a
+hard crash) lands in the small file its starter opened for it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
+import os
 import signal
 import sys
 import threading
@@ -34,6 +39,52 @@ def coordinator_only(peer: PeerInfo) -> str | None:
             f"{'a ' + role + ' certificate' if role else 'not a coordinator certificate'}")
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_MAX_BYTES = 10 << 20
+LOG_BACKUPS = 3
+
+
+class LogStream:
+    """sys.stdout / sys.stderr of the agent: a task's print() becomes log lines."""
+
+    def __init__(self, logger: logging.Logger, level: int) -> None:
+        self.logger, self.level, self._partial = logger, level, ""
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.strip():
+                self.logger.log(self.level, "%s", line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial.strip():
+            self.logger.log(self.level, "%s", self._partial)
+        self._partial = ""
+
+    def isatty(self) -> bool:
+        return False
+
+
+def setup_logging(log: Path | None, max_bytes: int = LOG_MAX_BYTES,
+                  backups: int = LOG_BACKUPS) -> None:
+    """To stderr; with `log`, to that file, rotated at max_bytes, `backups` kept."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    if log is None:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
+        return
+    os.umask(0o077)
+    handler = logging.handlers.RotatingFileHandler(log, maxBytes=max_bytes,
+                                                   backupCount=backups, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    task = logging.getLogger("flctl.task")
+    sys.stdout = LogStream(task, logging.INFO)    # type: ignore[assignment]
+    sys.stderr = LogStream(task, logging.WARNING)  # type: ignore[assignment]
+
+
 def build_server(config_path: Path) -> FrameServer:
     config = parse_agent_config(config_path.read_text(), str(config_path))
     gpu.apply(config)   # before the task (and torch) is imported
@@ -56,11 +107,13 @@ def build_server(config_path: Path) -> FrameServer:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flctl-agent", description=__doc__)
     parser.add_argument("--config", required=True, type=Path, help="agent.json written by deploy")
+    parser.add_argument("--log", type=Path, help="log here, rotated (default: stderr)")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        setup_logging(args.log)
+    except OSError as exc:
+        setup_logging(None)
+        logging.getLogger("flctl.agent").error("cannot write the log %s: %s", args.log, exc)
     try:
         server = build_server(args.config)
     except (FlctlError, OSError) as exc:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from flctl import __version__
-from flctl.agent import gpu
+from flctl.agent import exits, gpu
 from flctl.agent.secure import SecureRounds
 from flctl.agent.task_data import load_host_data, stats_table, summary
 from flctl.agent.transfers import RESUMABLE_KINDS, Transfers, transfer_key
@@ -31,6 +31,7 @@ from flctl.core.compression import ErrorFeedback
 from flctl.core.fedstats import MAX_BINS, MAX_LABEL, MIN_COUNT, host_histograms, host_summary
 from flctl.core.frozen import FrozenPart, digest, signature
 from flctl.core.fsutil import atomic_write
+from flctl.core.limits import oom_reason
 from flctl.core.memory import available_memory
 from flctl.core.messages import PROTOCOL_VERSION, Message
 from flctl.core.securestats import (
@@ -79,6 +80,10 @@ class RequestHandler:
         self.data: Any = None
         self.data_error: str | None = None
         self._frozen: tuple[tuple, FrozenPart] | None = None   # (signature, digest)
+        # why the agent before this one stopped (flctl.agent.exits), if it died
+        self.last_exit = exits.take(exits.exit_file(config.state_file))
+        if self.last_exit:
+            log.warning("the previous agent stopped: %s", self.last_exit["reason"])
         self._load_state()
         self._load_data()
 
@@ -135,12 +140,21 @@ class RequestHandler:
             "stats": self._stats,
             "stats_layout": self._stats_layout,
             "secagg_stats": self._secure_stats,
-            "transfer_status": lambda r: self.transfers.status(r.meta),
+            "transfer_status": self._transfer_status,
             "resend": lambda r: self.transfers.resend(r.meta, RESEND_WAIT_S),
         }.get(request.kind)
         if handler is None:
             raise FlctlError(f"unknown request kind {request.kind!r}")
         return handler(request)
+
+    def _transfer_status(self, request: Message) -> Message:
+        """How far a transfer got; after a restart also why the last agent
+        died, so a coordinator does not resend a fit that ran it out of memory."""
+        reply = self.transfers.status(request.meta)
+        if self.last_exit:
+            reply.meta["last_exit"] = dict(self.last_exit)
+            reply.meta["uptime_s"] = round(self._clock() - self.started_at, 3)
+        return reply
 
     def frozen(self) -> FrozenPart | None:
         """The frozen part's digest, recomputed only when its files changed
@@ -181,6 +195,7 @@ class RequestHandler:
             "frozen": frozen,
             "frozen_error": frozen_error,
             "memory": {"available_bytes": available_memory()},
+            "last_exit": self.last_exit["reason"] if self.last_exit else None,
         }
 
     def _info(self, request: Message) -> Message:
@@ -309,6 +324,12 @@ class RequestHandler:
             try:
                 weights, num_examples, metrics = task.fit(list(request.arrays), data, config)
                 sent = send(uplink, config, start, weights, int(num_examples), metrics)
+            except MemoryError:
+                if self.config.memory_max is None:
+                    raise
+                # an address-space rlimit (no cgroup): the task failed, the agent lives
+                log.error("the task ran out of memory (limit %s bytes)", self.config.memory_max)
+                raise FlctlError(oom_reason(self.config.memory_max)) from None
             finally:
                 self.state = "idle"
             compute_s = time.perf_counter() - started

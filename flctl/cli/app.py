@@ -127,16 +127,20 @@ def deploy(
     check: bool = typer.Option(False, "--check", help="Show what would change; change nothing."),
     forks: int = ForksOpt,
     accept_new: bool = AcceptNewOpt,
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail a host that cannot enforce a resource limit "
+                                "(agent.cpu_quota, memory_max, nice) instead of warning."),
     json_output: bool = JsonOpt,
 ) -> None:
     """Install and start the agent on every host; idempotent."""
     workspace = load_workspace(workspace_dir)
     with holding(workspace, "deploy"):
-        results = deploy_hosts(workspace, limit, check, forks, json_output, accept_new)
+        results = deploy_hosts(workspace, limit, check, forks, json_output, accept_new, strict)
     if json_output:
         render.emit_json({"check": check, "hosts": [r.as_dict() for r in results]})
     else:
         render.out.print(render.recap_table(results, "deploy (check mode)" if check else "deploy"))
+        render.warn([f"{r.host}: {w}" for r in results for w in r.warnings])
     host_failures(results, "deploy")
 
 

@@ -59,12 +59,14 @@ def host_failures(results: list[HostResult], verb: str) -> None:
 
 
 def deploy_hosts(workspace: Workspace, limit: Optional[list[str]], check: bool, forks: int,
-            json_output: bool, accept_new: bool = False) -> list[HostResult]:
+            json_output: bool, accept_new: bool = False, strict: bool = False,
+            ) -> list[HostResult]:
     hosts = selected(workspace, limit)
     probe = info_probe(workspace)
     with HostProgress([h.name for h in hosts], "deploy", enabled=not json_output) as view:
         results = engine.deploy(workspace, hosts, check=check, forks=forks,
                                 verify=lambda host, endpoint: probe(endpoint),
-                                accept_new_host_keys=accept_new, progress=view.update)
+                                accept_new_host_keys=accept_new, progress=view.update,
+                                strict=strict)
     note_hosts(results)  # for the audit line of the command deploying
     return results

@@ -158,7 +158,8 @@ def status_table(rows: Sequence[dict[str, Any]]) -> Table:
             "-" if not load else f"{load[0]:.2f}",
             human_bytes(row.get("mem_available_bytes")),
             human_bytes(row.get("disk_free_bytes")),
-            literal(row.get("error") or row.get("data_error") or row.get("frozen_error") or ""),
+            literal(row.get("error") or row.get("data_error") or row.get("frozen_error")
+                    or (f"restarted: {row['last_exit']}" if row.get("last_exit") else "")),
         )
     return table
 

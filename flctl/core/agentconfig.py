@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from flctl.core.limits import AgentLimits
 from flctl.errors import ConfigError
 
 
@@ -42,6 +43,15 @@ class AgentConfig:
     # The task's frozen part on this host, a file or folder (flctl.core.frozen);
     # None: the whole model is federated.
     frozen_path: str | None = None
+    # Resource limits (flctl.core.limits): CPU percent (100 = one CPU), bytes,
+    # niceness; None: no limit. Enforced by whatever keeps the agent running.
+    cpu_quota: int | None = None
+    memory_max: int | None = None
+    nice: int | None = None
+
+    @property
+    def limits(self) -> AgentLimits:
+        return AgentLimits(self.cpu_quota, self.memory_max, self.nice)
 
 
 # Keys an older flctl wrote; read and dropped so its agent starts until the
@@ -73,7 +83,7 @@ def parse_agent_config(text: str, source: str) -> AgentConfig:
             if not isinstance(value, dict):
                 raise ConfigError("expected an object", file=source, field=name)
             continue
-        wanted = int if spec.type == "int" else str
+        wanted = int if str(spec.type).startswith("int") else str
         optional = "None" in str(spec.type)
         if (value is None and not optional) or (value is not None and (
                 isinstance(value, bool) or not isinstance(value, wanted))):

@@ -12,6 +12,7 @@ import json
 import re
 from typing import Any, Callable
 
+from flctl.core.limits import check_cpu_quota, check_memory_max, check_nice
 from flctl.core.yamlsrc import (
     Spot,
     describe,
@@ -161,6 +162,10 @@ CHECKS: dict[str, Callable[[Any, Spot], Any]] = {
     "gpus": _gpus,
     # the task's frozen part on this host, placed there by the user (flctl.core.frozen)
     "frozen_path": _optional_path,
+    # resource limits of this host's agent (flctl.core.limits); unset: agent.* in flctl.yaml
+    "agent_cpu_quota": check_cpu_quota,
+    "agent_memory_max": check_memory_max,
+    "agent_nice": check_nice,
 }
 HOST_VARS = tuple(CHECKS)
 DEFAULTS: dict[str, Any] = {
@@ -175,6 +180,9 @@ DEFAULTS: dict[str, Any] = {
     "python": "python3",
     "gpus": "all",
     "frozen_path": None,
+    "agent_cpu_quota": None,
+    "agent_memory_max": None,
+    "agent_nice": None,
 }
 
 

@@ -84,6 +84,10 @@ class Host:
     frozen_path: str | None = None
     # the SSH settings the inventory sets (at any level): ssh_config cannot override them
     explicit: frozenset[str] = frozenset()
+    # resource limits (flctl.core.limits), None: flctl.yaml's agent.* applies
+    agent_cpu_quota: str | None = None
+    agent_memory_max: str | None = None
+    agent_nice: int | None = None
 
     @property
     def is_local(self) -> bool:

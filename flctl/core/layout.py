@@ -62,7 +62,15 @@ class HostPaths:
 
     @property
     def log(self) -> PurePosixPath:
-        return self.root / "agent.log"
+        """The agent's own log, rotated by it (agent.log.1 ... beside it):
+        in run_dir, the one directory it may write."""
+        return self.run_dir / "agent.log"
+
+    @property
+    def crash_log(self) -> PurePosixPath:
+        """What the agent and its supervisor print before logging starts (or
+        as they die): small, opened for them by whoever starts them."""
+        return self.root / "agent.out"
 
     @property
     def tasks(self) -> PurePosixPath:

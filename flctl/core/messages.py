@@ -107,6 +107,8 @@ INFO_SPEC = {
     "frozen": Maybe({"sha256": str, "bytes": count(), "files": count()}),
     "frozen_error": Maybe(str),
     "memory": Maybe({"available_bytes": Maybe(count())}),
+    # why the agent before this one stopped ("out of memory (limit 512 MB)")
+    "last_exit": Maybe(str),
 }
 
 

@@ -10,7 +10,9 @@ import ipaddress
 import re
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from flctl.core.limits import AgentLimits
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class UnitSpec:
     # and the groups that own them.
     gpus: bool = False
     gpu_groups: tuple[str, ...] = ()
+    # The agent's own log (it rotates it); `log` only takes what it prints
+    # before logging starts. Empty: everything goes to `log` (an old agent).
+    agent_log: str = ""
+    limits: AgentLimits = field(default_factory=AgentLimits)
 
 
 def unit_name(project: str) -> str:
@@ -72,13 +78,18 @@ def render_systemd_unit(spec: UnitSpec) -> str:
         "[Service]",
         "Type=simple",
         *user,
-        f"ExecStart={spec.python} -m flctl.agent.main --config {spec.config}",
+        f"ExecStart={spec.python} -m flctl.agent.main --config {spec.config}"
+        + (f" --log {spec.agent_log}" if spec.agent_log else ""),
+        # why the last agent stopped (out of memory), for the next one to report
+        *([f"ExecStopPost={spec.python} -m flctl.agent.exits --config {spec.config}"]
+          if spec.limits.memory_bytes is not None else []),
         f"WorkingDirectory={spec.run_dir}",
         "Restart=on-failure",
         "RestartSec=2",
         f"StandardOutput=append:{spec.log}",
         f"StandardError=append:{spec.log}",
         "UMask=0077",
+        *spec.limits.systemd_lines(),
         "NoNewPrivileges=yes",
         "PrivateTmp=yes",
         *(([f"SupplementaryGroups={' '.join(spec.gpu_groups)}"] if spec.gpu_groups else [])

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from flctl.core.frozen import is_sha256
 from flctl.core.host_vars import expect_agent_port
+from flctl.core.limits import check_cpu_quota, check_memory_max, check_nice
 from flctl.core.yamlsrc import (
     LineDict,
     Spot,
@@ -67,6 +68,10 @@ class OverlaySettings:
 class AgentSettings:
     port: int = 7443
     listen: str = "overlay"
+    # resource limits of every agent (flctl.core.limits); hosts may set their own
+    cpu_quota: str | None = None
+    memory_max: str | None = None
+    nice: int | None = None
 
     def __post_init__(self) -> None:
         _validate_section(self, _AGENT_FIELDS, "agent")
@@ -292,6 +297,9 @@ _OVERLAY_FIELDS: dict[str, Check] = {"subnet": _subnet, "port": _port}
 _AGENT_FIELDS: dict[str, Check] = {
     "port": expect_agent_port,
     "listen": lambda v, s: expect_choice(v, s, LISTEN_CHOICES),
+    "cpu_quota": check_cpu_quota,
+    "memory_max": check_memory_max,
+    "nice": check_nice,
 }
 _TRAINING_FIELDS: dict[str, Check] = {
     "task": _plugin,
@@ -400,6 +408,9 @@ _COMMENTS = {
     "overlay.port": "WireGuard UDP port",
     "agent.port": "TLS port of agents; local hosts use port + index",
     "agent.listen": "overlay | underlay (where agents bind; local hosts always 127.0.0.1)",
+    "agent.cpu_quota": 'CPU share of each agent, "50%" = half a CPU (null: no limit)',
+    "agent.memory_max": 'memory of each agent, "512M", "2G" (null: no limit)',
+    "agent.nice": "scheduling priority -20..19 (null: unchanged)",
     "training.task": 'builtin name or "pkg.mod:Class"',
     "training.task_params": "passed to the task constructor; the built-in tasks need "
                             "n_features and n_classes (the model's shape is yours to set)",

@@ -100,8 +100,10 @@ def deploy(
     progress: ProgressFn = lambda host, message: None,
     confirm_new_connection: ConfirmFn = confirm_with_new_connection,
     rollback_after_s: float = FIREWALL_ROLLBACK_S,
+    strict: bool = False,
 ) -> list[HostResult]:
     """Deploy to `hosts` in parallel, then bring the hub in line, then verify.
+    With `strict`, a resource limit a host cannot enforce fails that host.
 
     Results come back in the order given; when the overlay is used, a last
     entry named "hub" reports this machine's end of it, and one named
@@ -124,6 +126,7 @@ def deploy(
         hub=Hub(workspace),
         confirm_new_connection=confirm_new_connection,
         rollback_after_s=rollback_after_s,
+        strict=strict,
     )
     order = {host.name: index for index, host in enumerate(workspace.inventory.hosts)}
     jobs = {host.name: HostDeploy(ctx, host, order[host.name], progress) for host in hosts}

@@ -25,8 +25,16 @@ from flctl.core.layout import (
     certificate_names,
     host_paths,
 )
+from flctl.core.limits import (
+    AgentLimits,
+    HostCapabilities,
+    cpu_percent,
+    enforcement,
+    memory_bytes,
+)
 from flctl.core.requirements import REQUIREMENTS_FILE, parse_requirements
 from flctl.core.schema import Field, MapOf, Maybe, count
+from flctl.core.settings import AgentSettings
 from flctl.core.tasks import BUILTIN_TASKS
 from flctl.core.text import clean_text
 from flctl.deploy.certificates import CertificateStore
@@ -73,6 +81,7 @@ FACTS_SPEC = {
     "boot_current": bool,
     "task_check": Maybe(TASK_CHECK_SPEC),
     "gpu_count": count(),
+    "limits": Maybe({"cgroup": Maybe(str), "cpu": bool, "memory": bool}),
 }
 CSR_SPEC = {"csr_pem": str}
 
@@ -95,6 +104,8 @@ class DeployContext:
     hub: Hub
     confirm_new_connection: ConfirmFn
     rollback_after_s: float
+    # a resource limit the host cannot enforce fails it (else: a warning)
+    strict: bool = False
 
 
 class HostDeploy:
@@ -115,6 +126,7 @@ class HostDeploy:
         # where the host is on the network: ssh_host, or its HostName when
         # ssh_host is an ssh_config alias (known once connected)
         self.address = host.ssh_host
+        self.limits = ""   # how its resource limits are enforced (told when it starts)
 
     @property
     def wg_public_key(self) -> str | None:
@@ -164,6 +176,7 @@ class HostDeploy:
         self.progress(self.host.name, "gathering facts")
         facts = self._facts(connector)
         self._check_port(facts)
+        self._limits(facts)
         try:
             gpus = resolve_gpus(self.host.gpus, facts["gpu_count"])
         except ValueError as exc:
@@ -274,6 +287,21 @@ class HostDeploy:
         self.step("task check", False, f"{training.task}: {data.get('n_train')} train / "
                                        f"{data.get('n_test')} test examples{found}")
 
+    def _limits(self, facts: dict[str, Any]) -> None:
+        """Which mechanism will enforce each resource limit here; one that cannot
+        be enforced is a warning (the host still deploys), or with --strict its failure."""
+        wanted = host_limits(self.host, self.ctx.workspace.settings.agent)
+        if not wanted.any:
+            return
+        caps = HostCapabilities.from_facts({**(facts.get("limits") or {}),
+                                            "init_system": facts.get("init_system")})
+        how = enforcement(wanted, caps)
+        if how.problems and self.ctx.strict:
+            raise StepFailed(f"limits (--strict): {how.problems[0]}")
+        self.result.warnings.extend(how.problems)
+        self.limits = how.detail(wanted)
+        self.step("limits", False, self.limits)
+
     def _check_port(self, facts: dict[str, Any]) -> None:
         ours = facts.get("service_pid") is not None
         if not ours and self.endpoint.port in facts.get("listening_ports", []):
@@ -284,6 +312,7 @@ class HostDeploy:
         settings = self.ctx.workspace.settings
         tasks_dir = (self.ctx.workspace.paths.tasks if self.host.connection == "local"
                      else self.paths.tasks)
+        limits = host_limits(self.host, settings.agent)
         return AgentConfig(
             name=self.host.name,
             project=settings.project,
@@ -302,6 +331,9 @@ class HostDeploy:
             max_message_mb=settings.limits.max_message_mb,
             gpus=gpus,
             frozen_path=self._frozen_path(),
+            cpu_quota=limits.cpu_percent,
+            memory_max=limits.memory_bytes,
+            nice=limits.nice,
         )
 
     def _certificate(self, connector: Connector, facts: dict[str, Any]) -> bool:
@@ -424,7 +456,16 @@ class HostDeploy:
             return
         call_helper(connector, action, "--root", str(self.paths.root),
                     "--port", str(self.endpoint.port))
-        self.step("agent", True, "started" if action == "start" else "restarted")
+        done = "started" if action == "start" else "restarted"
+        self.step("agent", True, f"{done}; limits: {self.limits}" if self.limits else done)
+
+
+def host_limits(host: Host, agent: AgentSettings) -> AgentLimits:
+    """The host's own limits (inventory), else flctl.yaml's agent.* ones."""
+    return AgentLimits(
+        cpu_percent=cpu_percent(host.agent_cpu_quota or agent.cpu_quota),
+        memory_bytes=memory_bytes(host.agent_memory_max or agent.memory_max),
+        nice=host.agent_nice if host.agent_nice is not None else agent.nice)
 
 
 def workspace_task_requirements(tasks_dir: Path) -> tuple[str, ...]:

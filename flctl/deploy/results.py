@@ -32,6 +32,8 @@ class HostResult:
     error: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)
     exit_code: int = 0  # of the expected error that failed this host, if any
+    # what did not stop the host but should be known (a limit it cannot enforce)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> int:
@@ -44,6 +46,7 @@ class HostResult:
             "changed": self.changed,
             "steps": [{"name": s.name, "changed": s.changed, "detail": s.detail} for s in self.steps],
             "error": self.error,
+            "warnings": list(self.warnings),
         }
 
 

@@ -95,6 +95,8 @@ def host_status(workspace: Workspace, host: Host, index: int, agent_info: AgentI
         "rounds_served": info.get("rounds_served"),
         "frozen": (info.get("frozen") or {}).get("sha256"),
         "frozen_error": info.get("frozen_error"),
+        # why the agent before this one stopped ("out of memory (limit 512 MB)")
+        "last_exit": info.get("last_exit") if isinstance(info.get("last_exit"), str) else None,
     })
     return row
 

@@ -25,7 +25,8 @@ from flctl.core.messages import (
     Position,
     check_position,
 )
-from flctl.errors import ProtocolError
+from flctl.core.text import clean_text
+from flctl.errors import HostError, ProtocolError
 from flctl.net.client import FrameClient, TransportError, TransportTimeout
 from flctl.net.framing import KeptReceiver, Receive
 from flctl.net.tls import client_context
@@ -54,6 +55,19 @@ class Transfer:
 
     def stopped(self) -> bool:
         return self.stop is not None and self.stop.is_set()
+
+
+def _raise_if_killed_by_it(status: dict[str, Any], elapsed_s: float) -> None:
+    """An agent restarted while this request was on it, because it ran out of
+    memory: sending the request again would only do that again, so the host
+    fails with that reason (flctl.agent.exits)."""
+    last_exit, uptime = status.get("last_exit"), status.get("uptime_s")
+    if not isinstance(last_exit, dict) or last_exit.get("oom") is not True \
+            or not isinstance(last_exit.get("reason"), str) \
+            or isinstance(uptime, bool) or not isinstance(uptime, (int, float)) \
+            or not 0 <= uptime <= elapsed_s:
+        return
+    raise HostError(clean_text(last_exit["reason"])[:200])
 
 
 def _specs(arrays: Sequence[np.ndarray]) -> list[ArraySpec]:
@@ -210,6 +224,7 @@ class AgentClient:
             return self._client.request(request, receive, heartbeat_s=heartbeat_s)
         request = Message(request.kind, {**request.meta, "transfer": transfer.key},
                           request.arrays)
+        began = time.monotonic()
         pause = RETRY_PAUSE_S
         send_from: Position | None = None
         ask_reply = False
@@ -255,6 +270,8 @@ class AgentClient:
             have = status.get("have")
             if have not in ("none", "partial", "request", "result"):
                 raise cut
+            if have == "none":
+                _raise_if_killed_by_it(status, time.monotonic() - began)
             # none: the request never reached it (a cut before its first chunk,
             # or on an idle connection), or it restarted: all of it goes again
             transfer.resumed += 1
