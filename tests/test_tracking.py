@@ -133,11 +133,14 @@ def test_mlflow_holds_params_metrics_and_the_final_weights(workspace: Path, untr
     assert state["run_id"] == run.info.run_id and state["last_round"] == ROUNDS
 
 
-def test_mlflow_without_a_uri_uses_its_own_default_store(workspace: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mlflow_without_a_uri_uses_its_own_default_store(
+        workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     summary = train(workspace, "ml-default", rounds=2, tracking="mlflow")
+    out, err = capfd.readouterr()
+    assert "mlflow" not in (out + err).lower()  # its INFO lines (a new store's tables) kept quiet
     state = json.loads((summary.run_dir / "tracking.json").read_text())["mlflow"]
     assert str(tmp_path) in state["tracking_uri"]  # MLflow's local store, in the cwd
     client = mlflow_client(state["tracking_uri"])

@@ -55,10 +55,11 @@ class MlflowTracker:
             self._env_before = {k: os.environ.get(k) for k in HTTP_ENV}
             for key, value in HTTP_ENV.items():
                 os.environ.setdefault(key, value)
-        _quiet()
         import mlflow
         from mlflow import MlflowClient
         from mlflow.entities import Param
+
+        _quiet()  # after the import, which sets MLflow's loggers to INFO
 
         uri = uri or mlflow.get_tracking_uri()  # MLflow's default, resolved to a full URI
         self.client = MlflowClient(tracking_uri=uri)
