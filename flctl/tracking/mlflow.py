@@ -11,6 +11,7 @@ local store in the current directory).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import socket
@@ -29,6 +30,11 @@ CONNECT_TIMEOUT_S = 3.0
 # hold a round that long. Used unless the user set these variables.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# Rounds are sent at most this often (the first at once); the rest wait for the
+# next send or the run's end. A killed run's unsent rounds come from
+# metrics.jsonl on resume (the MLflow run's own history says what it holds).
+SEND_EVERY_S = 5.0
+MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param's value
 BAD_NAME_CHARS = re.compile(r"[^/\w.\- ]")
 RUN_TAG = "flctl.run_id"
@@ -44,6 +50,8 @@ class MlflowTracker:
         self.client: Any = None
         self.run_id = ""
         self.finished = False
+        self.pending: list[Any] = []
+        self.sent_at = -math.inf  # the first round goes at once: a bad store shows at round 1
         self._env_before: dict[str, str | None] = {}
         installed("mlflow", "mlflow", FIELD)
 
@@ -101,11 +109,21 @@ class MlflowTracker:
 
         now = int(time.time() * 1000)
         step = int(record["round"])
-        metrics = [Metric(name, value, now, step) for name, value in
-                   round_scalars(record).items()]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        self.pending += [Metric(name, value, now, step) for name, value in
+                         round_scalars(record).items()]
+        if time.monotonic() - self.sent_at >= SEND_EVERY_S:
+            self._send()
+
+    def _send(self) -> None:
+        """The rounds held so far, in batches (a store's write costs about the
+        same for one round as for many: at most one every SEND_EVERY_S)."""
+        batch, self.pending = self.pending, []
+        self.sent_at = time.monotonic()
+        for i in range(0, len(batch), MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + MAX_BATCH])
 
     def finish(self, final_path: Path, manifest: Mapping[str, Any]) -> None:
+        self._send()
         self.client.log_artifact(self.run_id, str(final_path))
         self.client.log_dict(self.run_id, dict(manifest), "manifest.json")
         self.client.set_terminated(self.run_id, "FINISHED")
@@ -115,6 +133,7 @@ class MlflowTracker:
         try:
             if self.client is not None and self.run_id and not self.finished:
                 # interrupted or failed: `flctl train --resume` sets it running again
+                self._send()
                 self.client.set_terminated(self.run_id, "KILLED")
         finally:
             for key, value in self._env_before.items():

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""What tracking costs a round: the Prometheus endpoint (scraped every second
+meanwhile) with TensorBoard, and with MLflow, against no tracking at all.
+
+N real agents (the deploy engine, mutual TLS) run the echo task
+(scripts/echo_task.py, a P-parameter float32 model) through train_workspace,
+exactly as `flctl train --metrics-port` runs. A round's wall time is the time
+between two consecutive round callbacks, so it holds everything tracking adds
+in between (the exporter's update, the queue to the sinks' thread, and that
+thread's competition for the CPU). The first rounds warm up and the last
+(which evaluates) is left out; the configurations run interleaved, `--repeats`
+times each, and each one's figure is the median over all its measured rounds.
+MLflow logs to a sqlite store made (and the package imported) before the
+runs, as a user's existing store would be. Besides the target's figure
+(the difference of the medians) it prints the median of each run's
+difference with the baseline run just before it, and the difference of the
+means (which holds MLflow's send every 5 s that a median skips).
+
+Target (issue 14): tracking adds at most max(2%, 10 ms) to the median round
+at P=1M, N=8 over 20 rounds; each tracked configuration is printed as met or
+MISSED with its figure; the exit status is 1 if one is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench_round_overhead import echo_federation
+from verdict import Target, exit_status
+
+from flctl.coordinator.session import train_workspace
+from flctl.net.ports import free_port_block
+from flctl.workspace import load_workspace
+
+CONFIGS = ("baseline", "prometheus+tensorboard", "prometheus+mlflow")
+TARGET_FRACTION, TARGET_FLOOR_S = 0.02, 0.010
+
+
+def scraper(port: int, stop: threading.Event) -> None:
+    """A Prometheus server's part, once a second (its default is every 15-60 s)."""
+    while not stop.wait(1.0):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                r.read()
+        except OSError:
+            pass
+
+
+def run_once(root: Path, config: str, n_params: int, warmup: int, rounds: int,
+             store: Path, tag: str) -> list[float]:
+    """One run under `config`; the wall times of its measured rounds."""
+    workspace = load_workspace(root)
+    tracking: dict[str, Any] = {}
+    if config.endswith("tensorboard"):
+        tracking = {"tracking": "tensorboard", "tracking_dir": str(store / "tensorboard")}
+    elif config.endswith("mlflow"):
+        tracking = {"tracking": "mlflow", "tracking_uri": f"sqlite:///{store / 'mlflow.db'}"}
+    total = warmup + rounds + 1   # the last round evaluates: not counted
+    training = workspace.settings.with_training(
+        task="echo_task:EchoTask", task_params={"n_params": n_params}, rounds=total,
+        eval_every=10_000, deadline_s=600.0, **tracking).training
+    port = free_port_block(1) if config != "baseline" else None
+    stamps: list[float] = []
+    messages: list[str] = []
+    stop = threading.Event()
+    if port is not None:
+        threading.Thread(target=scraper, args=(port, stop), daemon=True).start()
+    try:
+        train_workspace(workspace, training, workspace.inventory.hosts, run_id=tag,
+                        on_round=lambda record: stamps.append(time.perf_counter()),
+                        on_message=messages.append, metrics_port=port)
+    finally:
+        stop.set()
+    problems = [m for m in messages if m.startswith("tracking")]
+    if problems:
+        raise SystemExit(f"{config}: {problems}")
+    # round k's time: from round k-1's callback to round k's (warm-up rounds 1..warmup)
+    return [stamps[k] - stamps[k - 1] for k in range(warmup, warmup + rounds)]
+
+
+def prepare_store(store: Path) -> None:
+    import mlflow  # noqa: F401  (imported once, before the runs, like a warm process)
+    from mlflow import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+    MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}").search_experiments()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hosts", type=int, default=8)
+    parser.add_argument("--params", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=20, help="measured rounds per run")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="runs of each configuration, interleaved")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    per_run: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    with echo_federation(args.hosts) as root, \
+            tempfile.TemporaryDirectory(prefix="flctl-bench-tracking-") as tmp:
+        store = Path(tmp)
+        prepare_store(store)
+        for repeat in range(args.repeats):
+            for config in CONFIGS:
+                measured = run_once(root, config, args.params, args.warmup, args.rounds, store,
+                                    f"{config.replace('+', '-')}-{repeat}")
+                times[config] += measured
+                per_run[config].append(statistics.median(measured))
+                if not args.json:
+                    print(f"  run {repeat + 1}/{args.repeats} {config:24s} median round "
+                          f"{1000 * per_run[config][-1]:.1f} ms", flush=True)
+
+    base = statistics.median(times["baseline"])
+    limit = max(TARGET_FRACTION * base, TARGET_FLOOR_S)
+    results, targets = [], []
+    for config in CONFIGS:
+        median = statistics.median(times[config])
+        result = {"config": config, "median_round_s": median, "rounds_measured":
+                  len(times[config]), "run_medians_s": per_run[config]}
+        result["mean_round_s"] = statistics.fmean(times[config])
+        if config != "baseline":
+            added = median - base
+            target = Target(f"{config} adds", 1000 * added, "<=", 1000 * limit, " ms")
+            targets.append(target)
+            # each run against the baseline run just before it (the same load, roughly)
+            paired = statistics.median(a - b for a, b in zip(per_run[config],
+                                                             per_run["baseline"]))
+            result.update(added_s=added, added_fraction=added / base, paired_added_s=paired,
+                          added_mean_s=result["mean_round_s"] - statistics.fmean(
+                              times["baseline"]), target=target.as_json())
+        results.append(result)
+    if args.json:
+        print(json.dumps({"hosts": args.hosts, "n_params": args.params, "rounds": args.rounds,
+                          "repeats": args.repeats, "limit_s": limit, "results": results,
+                          "met": all(t.met for t in targets)}, indent=2))
+        return exit_status(targets)
+    print(f"tracking overhead, N={args.hosts} agents, P={args.params:,}, median of "
+          f"{args.rounds} rounds x {args.repeats} interleaved runs per configuration")
+    print(f"baseline (no tracking, no metrics port): round {1000 * base:.1f} ms; limit "
+          f"max(2%, 10 ms) = {1000 * limit:.1f} ms")
+    for result, target in zip(results[1:], targets):
+        print(f"{result['config']}: round {1000 * result['median_round_s']:.1f} ms, "
+              f"{1000 * result['added_s']:+.1f} ms ({100 * result['added_fraction']:+.1f}%); "
+              f"run by run against the baseline just before {1000 * result['paired_added_s']:+.1f}"
+              f" ms (median), means {1000 * result['added_mean_s']:+.1f} ms")
+        print(f"  {target.line('.1f')}")
+    return exit_status(targets)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
