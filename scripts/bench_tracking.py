@@ -46,14 +46,59 @@ CONFIGS = ("baseline", "prometheus+tensorboard", "prometheus+mlflow")
 TARGET_FRACTION, TARGET_FLOOR_S = 0.02, 0.010
 
 
+class Meter:
+    """Tracking's own work, measured where it runs: the round callback's part
+    (wall time: the exporter's update and the queue) and the sinks' thread's
+    CPU time per round. Their sum bounds what tracking can add to a round
+    even if it ran entirely in the round's way, whatever else loads the
+    machine; the wall-time figures above it are only as quiet as the machine."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+        self.callback_s = 0.0
+        self.thread_cpu_s = 0.0
+        self.scrapes: list[float] = []
+
+    def install(self) -> None:
+        from flctl.tracking import feed
+
+        on_round, on_thread = feed.Tracking.round, feed.Tracking._round
+
+        def timed_round(tracking: Any, record: Any) -> None:
+            started = time.perf_counter()
+            on_round(tracking, record)
+            self.callback_s += time.perf_counter() - started
+            self.rounds += 1
+
+        def timed_thread(tracking: Any, record: Any) -> None:
+            started = time.thread_time()
+            on_thread(tracking, record)
+            self.thread_cpu_s += time.thread_time() - started
+
+        feed.Tracking.round = timed_round  # type: ignore[method-assign]
+        feed.Tracking._round = timed_thread  # type: ignore[method-assign]
+
+    def take(self) -> dict[str, float]:
+        out = {"callback_s_per_round": self.callback_s / max(self.rounds, 1),
+               "thread_cpu_s_per_round": self.thread_cpu_s / max(self.rounds, 1),
+               "scrape_s_median": statistics.median(self.scrapes) if self.scrapes else 0.0}
+        self.__init__()  # type: ignore[misc]
+        return out
+
+
+METER = Meter()
+
+
 def scraper(port: int, stop: threading.Event) -> None:
     """A Prometheus server's part, once a second (its default is every 15-60 s)."""
     while not stop.wait(1.0):
+        started = time.perf_counter()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
                 r.read()
         except OSError:
-            pass
+            continue
+        METER.scrapes.append(time.perf_counter() - started)
 
 
 def run_once(root: Path, config: str, n_params: int, warmup: int, rounds: int,
@@ -103,12 +148,14 @@ def main() -> int:
     parser.add_argument("--hosts", type=int, default=8)
     parser.add_argument("--params", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=20, help="measured rounds per run")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5,
                         help="runs of each configuration, interleaved")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    METER.install()
+    own: dict[str, list[dict[str, float]]] = {c: [] for c in CONFIGS}
     times: dict[str, list[float]] = {c: [] for c in CONFIGS}
     per_run: dict[str, list[float]] = {c: [] for c in CONFIGS}
     with echo_federation(args.hosts) as root, \
@@ -120,6 +167,7 @@ def main() -> int:
                 measured = run_once(root, config, args.params, args.warmup, args.rounds, store,
                                     f"{config.replace('+', '-')}-{repeat}")
                 times[config] += measured
+                own[config].append(METER.take())
                 per_run[config].append(statistics.median(measured))
                 if not args.json:
                     print(f"  run {repeat + 1}/{args.repeats} {config:24s} median round "
@@ -133,6 +181,8 @@ def main() -> int:
         result = {"config": config, "median_round_s": median, "rounds_measured":
                   len(times[config]), "run_medians_s": per_run[config]}
         result["mean_round_s"] = statistics.fmean(times[config])
+        result["own_work"] = {key: statistics.median(run[key] for run in own[config])
+                              for key in own[config][0]}
         if config != "baseline":
             added = median - base
             target = Target(f"{config} adds", 1000 * added, "<=", 1000 * limit, " ms")
@@ -158,6 +208,10 @@ def main() -> int:
               f"{1000 * result['added_s']:+.1f} ms ({100 * result['added_fraction']:+.1f}%); "
               f"run by run against the baseline just before {1000 * result['paired_added_s']:+.1f}"
               f" ms (median), means {1000 * result['added_mean_s']:+.1f} ms")
+        work = result["own_work"]
+        print(f"  its own work per round: {1000 * work['callback_s_per_round']:.2f} ms in the "
+              f"round callback + {1000 * work['thread_cpu_s_per_round']:.2f} ms CPU on the "
+              f"sinks' thread; a scrape {1000 * work['scrape_s_median']:.1f} ms once a second")
         print(f"  {target.line('.1f')}")
     return exit_status(targets)
 

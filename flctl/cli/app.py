@@ -319,6 +319,9 @@ def train(
     `flctl train --resume [RUN]` continues an interrupted run after its last
     checkpoint; with the same hosts answering, the result is bit for bit what
     an uninterrupted run would have produced.
+
+    training.tracking (tensorboard | mlflow) also sends the settings and every
+    round there; --metrics-port serves live Prometheus metrics meanwhile.
     """
     workspace = load_workspace(workspace_dir)
     overrides = _training_overrides(rounds=rounds, epochs=epochs, lr=lr, batch_size=batch_size,
