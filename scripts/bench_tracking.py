@@ -18,7 +18,13 @@ means (which holds MLflow's send every 5 s that a median skips).
 
 Target (issue 14): tracking adds at most max(2%, 10 ms) to the median round
 at P=1M, N=8 over 20 rounds; each tracked configuration is printed as met or
-MISSED with its figure; the exit status is 1 if one is missed.
+MISSED with its figure; the exit status is 1 if one is missed. On a machine
+other jobs load, round times swing by more than 10 ms from run to run, so
+each configuration also prints a bound that does not depend on that
+load: tracking's own work per round (the round callback's wall time, the
+sinks' thread's CPU, and a scrape's share) as if all of it stood in the
+round's way (TensorBoard's own writer thread, which appends a few hundred
+bytes a round, is not in it).
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ class Meter:
         self.callback_s = 0.0
         self.thread_cpu_s = 0.0
         self.scrapes: list[float] = []
-        self.process_cpu_s = 0.0  # the whole coordinator process, every thread
+        self.process_cpu_s = 0.0  # the coordinator process, every thread, measured rounds
         self.run_rounds = 0
 
     def install(self) -> None:
@@ -124,15 +130,19 @@ def run_once(root: Path, config: str, n_params: int, warmup: int, rounds: int,
     stop = threading.Event()
     if port is not None:
         threading.Thread(target=scraper, args=(port, stop), daemon=True).start()
-    cpu = time.process_time()
+    cpu: list[float] = []
+
+    def stamp(record: Any) -> None:
+        stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
+
     try:
         train_workspace(workspace, training, workspace.inventory.hosts, run_id=tag,
-                        on_round=lambda record: stamps.append(time.perf_counter()),
-                        on_message=messages.append, metrics_port=port)
+                        on_round=stamp, on_message=messages.append, metrics_port=port)
     finally:
         stop.set()
-    METER.process_cpu_s += time.process_time() - cpu
-    METER.run_rounds += total
+    METER.process_cpu_s += cpu[warmup + rounds - 1] - cpu[warmup - 1]
+    METER.run_rounds += rounds
     problems = [m for m in messages if m.startswith("tracking")]
     if problems:
         raise SystemExit(f"{config}: {problems}")
@@ -228,7 +238,7 @@ def main() -> int:
         print(f"  its own work per round: {1000 * work['callback_s_per_round']:.2f} ms in the "
               f"round callback + {1000 * work['thread_cpu_s_per_round']:.2f} ms CPU on the "
               f"sinks' thread; a scrape {1000 * work['scrape_s_median']:.1f} ms once a second")
-        print(f"  the coordinator process's CPU per round (every thread, start-up included): "
+        print(f"  the coordinator process's CPU per measured round (every thread): "
               f"{1000 * work['process_cpu_s_per_round']:.1f} ms against the baseline's "
               f"{1000 * results[0]['own_work']['process_cpu_s_per_round']:.1f} ms")
         print(f"  {target.line('.1f')}")
