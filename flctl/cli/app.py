@@ -309,7 +309,7 @@ def train(
     metrics_port: Optional[int] = typer.Option(
         None, "--metrics-port", min=1, max=65535,
         help="Serve live metrics in Prometheus text format on this port while training "
-             "(needs `pip install 'flctl[prometheus]'`)."),
+             "(needs `pip install 'flctl\\[prometheus]'`)."),
     metrics_address: str = typer.Option(
         "127.0.0.1", "--metrics-address", help="Address the --metrics-port server binds to."),
     json_output: bool = JsonOpt,
