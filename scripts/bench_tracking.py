@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -178,6 +179,7 @@ def main() -> int:
     with echo_federation(args.hosts) as root, \
             tempfile.TemporaryDirectory(prefix="flctl-bench-tracking-") as tmp:
         store = Path(tmp)
+        os.chdir(store)  # a sqlite store's artifacts go to MLflow's ./mlruns
         prepare_store(store)
         for repeat in range(args.repeats):
             for config in CONFIGS:

@@ -104,8 +104,9 @@ def mlflow_client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def test_mlflow_holds_params_metrics_and_the_final_weights(workspace: Path, untracked,
-                                                           tmp_path: Path) -> None:
+def test_mlflow_holds_params_metrics_and_the_final_weights(
+        workspace: Path, untracked, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a sqlite store's artifacts go to MLflow's ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     messages: list[str] = []
     summary = train(workspace, "ml", messages, tracking="mlflow", tracking_uri=uri,
@@ -166,10 +167,10 @@ def test_a_resumed_run_continues_the_same_tracking_run(workspace: Path, tmp_path
     set_training(workspace, tracking=sink, tracking_uri=uri, tracking_dir=str(tmp_path / "tb"))
     try:
         run_dir = workspace / "runs" / f"cut-{sink}"
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # in tmp_path: MLflow's artifacts go to ./mlruns
             [*flctl_command(), "train", "-w", str(workspace), "--rounds", str(rounds), "--json",
              "--run-id", run_dir.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL)
+            stdin=subprocess.DEVNULL, cwd=tmp_path)
         deadline = time.monotonic() + 120
         while len(metrics_lines(run_dir)) < 3 and time.monotonic() < deadline \
                 and process.poll() is None:
@@ -178,7 +179,7 @@ def test_a_resumed_run_continues_the_same_tracking_run(workspace: Path, tmp_path
         process.wait()
         assert not (run_dir / "final.npz").exists(), "the run finished before it was killed"
         resumed = run_cli("train", "--resume", run_dir.name, "-w", str(workspace), "--json",
-                          timeout=300)
+                          timeout=300, cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr
         assert "tracking" not in resumed.stderr
     finally:
