@@ -333,6 +333,78 @@ def test_a_missing_package_names_the_extra(monkeypatch: pytest.MonkeyPatch,
                       tell=print)
 
 
+class Recorder:
+    """A sink that records what it was given (and may fail on a round)."""
+
+    name = "recorder"
+
+    def __init__(self, fail_at: int = 0) -> None:
+        self.calls: list[tuple] = []
+        self.fail_at = fail_at
+
+    def start(self, run_id, settings, saved):
+        self.calls.append(("start", run_id, saved))
+        return {"id": f"tracked-{run_id}"}
+
+    def round(self, record) -> None:
+        if record["round"] == self.fail_at:
+            raise OSError("no space left on device")
+        self.calls.append(("round", record["round"]))
+
+    def finish(self, final_path, manifest) -> None:
+        self.calls.append(("finish", manifest["rounds"]))
+
+    def close(self) -> None:
+        self.calls.append(("close",))
+
+
+def test_a_resume_replays_only_the_checkpointed_rounds_a_sink_missed(tmp_path: Path) -> None:
+    from flctl.tracking.feed import Tracking
+
+    told: list[str] = []
+    first = Recorder()
+    tracking = Tracking([], [first], told.append)
+    tracking.start(tmp_path, "run", {"rounds": 5}, resumed=False)
+    for n in (1, 2):
+        tracking.round({"round": n})
+    tracking.close()  # killed before round 3 reached the sink
+    assert first.calls == [("start", "run", None), ("round", 1), ("round", 2), ("close",)]
+    assert json.loads((tmp_path / "tracking.json").read_text()) == {
+        "recorder": {"id": "tracked-run", "last_round": 2}}
+
+    again = Recorder()
+    tracking = Tracking([], [again], told.append)
+    tracking.start(tmp_path, "run", {"rounds": 5}, resumed=True,
+                   done=[{"round": n} for n in (1, 2, 3)])
+    for n in (4, 5):
+        tracking.round({"round": n})
+    tracking.finish(tmp_path / "final.npz", {"rounds": 5})
+    tracking.close()
+    assert again.calls == [("start", "run", {"id": "tracked-run", "last_round": 2}),
+                           ("round", 3), ("round", 4), ("round", 5), ("finish", 5), ("close",)]
+    assert told == []
+
+
+def test_a_sink_failing_mid_run_is_one_warning_and_others_go_on(tmp_path: Path) -> None:
+    from flctl.tracking.feed import Tracking
+
+    told: list[str] = []
+    failing, live = Recorder(fail_at=2), Recorder()
+    tracking = Tracking([live], [failing], told.append)
+    tracking.start(tmp_path, "run", {}, resumed=False)
+    for n in (1, 2, 3, 4):
+        tracking.round({"round": n})
+    tracking.finish(tmp_path / "final.npz", {"rounds": 4})
+    tracking.close()
+    assert told == ["tracking: recorder: round failed: no space left on device; recorder is "
+                    "off for the rest of this run, training goes on"]
+    assert failing.calls == [("start", "run", None), ("round", 1), ("close",)]
+    assert live.calls[-2:] == [("finish", 4), ("close",)]
+    assert [c for c in live.calls if c[0] == "round"] == [("round", n) for n in (1, 2, 3, 4)]
+    state = json.loads((tmp_path / "tracking.json").read_text())
+    assert state["recorder"]["last_round"] == 1  # a resume replays from round 2
+
+
 def test_tracking_settings_are_checked_with_their_line() -> None:
     with pytest.raises(ConfigError) as error:
         parse_settings("training:\n  rounds: 3\n  tracking: wandb\n", "flctl.yaml")

@@ -136,8 +136,14 @@ class Tracking:
             self.state[sink.name]["last_round"] = int(record["round"])
 
     def _save(self) -> None:
-        if self.state_path is not None and self.state:
+        if self.state_path is None or not self.state:
+            return
+        try:
             atomic_write(self.state_path, json.dumps(self.state, indent=2, sort_keys=True))
+        except OSError as exc:  # the sinks go on; only a resume would start them afresh
+            self.tell(f"tracking: cannot write {self.state_path} ({reason(exc)}); a resumed "
+                      "run may start its tracking runs afresh")
+            self.state_path = None
 
 
 def _read_state(path: Path, tell: Tell) -> dict[str, dict[str, Any]]:
