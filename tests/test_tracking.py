@@ -385,6 +385,41 @@ def test_a_resume_replays_only_the_checkpointed_rounds_a_sink_missed(tmp_path: P
     assert told == []
 
 
+def test_tensorboard_resumed_after_a_kill_between_its_write_and_tracking_json(
+        tmp_path: Path) -> None:
+    """Round 3 reached the event file, tracking.json still says 2: the log dir
+    itself says what it holds, so round 3 is not written twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flctl.tracking.feed import Tracking
+    from flctl.tracking.tensorboard import TensorBoardTracker
+
+    def record(n: int) -> dict:
+        return {"round": n, "seconds": 0.5 + n, "participants": ["a"], "dropped": {}}
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    tracking = Tracking([], [TensorBoardTracker(tmp_path / "tb")], print)
+    tracking.start(run_dir, "r", {"rounds": 4}, resumed=False)
+    for n in (1, 2, 3):
+        tracking.round(record(n))
+    tracking.close()
+    state = json.loads((run_dir / "tracking.json").read_text())
+    state["tensorboard"]["last_round"] = 2
+    (run_dir / "tracking.json").write_text(json.dumps(state))
+    told: list[str] = []
+    tracking = Tracking([], [TensorBoardTracker(tmp_path / "tb")], told.append)
+    tracking.start(run_dir, "r", {"rounds": 4}, resumed=True, done=[record(n) for n in (1, 2, 3)])
+    tracking.round(record(4))
+    tracking.finish(run_dir / "final.npz", {"rounds": 4})
+    tracking.close()
+    assert told == []
+    events = EventAccumulator(str(tmp_path / "tb" / "r"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("seconds")] == [
+        (n, 0.5 + n) for n in (1, 2, 3, 4)]
+
+
 def test_a_sink_failing_mid_run_is_one_warning_and_others_go_on(tmp_path: Path) -> None:
     from flctl.tracking.feed import Tracking
 

@@ -18,6 +18,7 @@ from typing import Any
 from flctl.tracking.base import flat_settings, installed, round_scalars
 
 FIELD = "training.tracking"
+ROUND_TAG = "seconds"  # a scalar every round has
 
 
 class TensorBoardTracker:
@@ -36,13 +37,15 @@ class TensorBoardTracker:
         logdir = Path(saved["logdir"]) if saved and saved.get("logdir") else \
             self.log_root / run_id
         logdir.mkdir(parents=True, exist_ok=True)
+        last = _last_round(logdir) if saved is not None else 0
         self.writer = EventFileWriter(str(logdir))
         if saved is None:  # a resumed run has them already
             flat = flat_settings(settings)
             self._write(0, self._text("settings", _settings_table(flat)))
             self._write(0, self._hparams(run_id, flat))
             self.writer.flush()
-        return {"logdir": str(logdir)}
+            return {"logdir": str(logdir)}
+        return {"logdir": str(logdir), "last_round": last}
 
     def round(self, record: Mapping[str, Any]) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
@@ -82,6 +85,19 @@ class TensorBoardTracker:
         # the hparams dashboard takes bool, number or string values only
         values = {k: ("" if v is None else v) for k, v in flat.items()}
         return hparams_pb(values, trial_id=run_id)
+
+
+def _last_round(logdir: Path) -> int:
+    """The last round the directory's event files hold (a run killed after
+    writing a round but before tracking.json said so must not log it twice)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    last = 0
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():  # stops at a torn last record
+            if any(value.tag == ROUND_TAG for value in event.summary.value):
+                last = max(last, int(event.step))
+    return last
 
 
 def _settings_table(flat: Mapping[str, Any]) -> str:
