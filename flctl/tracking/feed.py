@@ -9,8 +9,10 @@ always shows the round just done.
 Each queued sink's state (its MLflow run id, its log dir) and the last round
 it logged are kept in the run's tracking.json. A resumed run reopens the
 same MLflow run / log dir and first replays the checkpointed rounds the sink
-had not logged (say the coordinator was killed between checkpoint and sink):
-every step is logged once.
+had not logged (say the coordinator was killed between checkpoint and sink);
+the last round a sink holds is read back from the sink itself (MLflow's
+metric history, the event files) when it can say, since a kill may fall
+between its write and tracking.json's: every step is logged once.
 """
 
 from __future__ import annotations
