@@ -207,9 +207,9 @@ def _run_training(workspace: Workspace, overrides: dict[str, Any], limit: Option
                   metrics: Optional[tuple[str, int]] = None) -> RunSummary:
     settings = workspace.settings.with_training(**overrides)
     hosts = selected(workspace, limit)
-    resume_args: dict[str, Any] = {"resume": resume, "resume_rounds": overrides.get("rounds")}
+    run_args: dict[str, Any] = {"resume": resume, "resume_rounds": overrides.get("rounds")}
     if metrics is not None:
-        resume_args.update(metrics_address=metrics[0], metrics_port=metrics[1])
+        run_args.update(metrics_address=metrics[0], metrics_port=metrics[1])
     table = render.round_table(privacy=settings.training.privacy != "none")
 
     def note(text: str) -> None:
@@ -217,7 +217,7 @@ def _run_training(workspace: Workspace, overrides: dict[str, Any], limit: Option
 
     if json_output:
         return train_workspace(workspace, settings.training, hosts, run_id=run_id,
-                               on_message=note, **resume_args)
+                               on_message=note, **run_args)
     # The live table appears with the first round: a run that cannot start
     # ends with its one error line, not an empty table above it.
     live: list[Live] = []
@@ -230,7 +230,7 @@ def _run_training(workspace: Workspace, overrides: dict[str, Any], limit: Option
 
     try:
         summary = train_workspace(workspace, settings.training, hosts, run_id=run_id,
-                                  on_round=on_round, on_message=note, **resume_args)
+                                  on_round=on_round, on_message=note, **run_args)
     finally:
         if live:
             live[0].stop()
