@@ -229,10 +229,13 @@ def _training_overrides(**values: Any) -> dict[str, Any]:
 
 
 def _run_training(workspace: Workspace, overrides: dict[str, Any], limit: Optional[list[str]],
-                  run_id: Optional[str], json_output: bool, resume: bool = False) -> RunSummary:
+                  run_id: Optional[str], json_output: bool, resume: bool = False,
+                  metrics: Optional[tuple[str, int]] = None) -> RunSummary:
     settings = workspace.settings.with_training(**overrides)
     hosts = selected(workspace, limit)
-    resume_args = {"resume": resume, "resume_rounds": overrides.get("rounds")}
+    run_args: dict[str, Any] = {"resume": resume, "resume_rounds": overrides.get("rounds")}
+    if metrics is not None:
+        run_args.update(metrics_address=metrics[0], metrics_port=metrics[1])
     table = render.round_table(privacy=settings.training.privacy != "none")
     run_id = audit_run_start(workspace, run_id, resume)
 
@@ -241,12 +244,12 @@ def _run_training(workspace: Workspace, overrides: dict[str, Any], limit: Option
 
     if json_output:
         return train_workspace(workspace, settings.training, hosts, run_id=run_id,
-                               on_message=note, **resume_args)
+                               on_message=note, **run_args)
     transfers = TransferProgress()
     with TrainView(table, transfers) as view:
         return train_workspace(workspace, settings.training, hosts, run_id=run_id,
                                on_round=view.round_done, on_message=note,
-                               progress=transfers, **resume_args)
+                               progress=transfers, **run_args)
 
 
 def _summary_document(summary: RunSummary) -> dict[str, Any]:
@@ -318,6 +321,12 @@ def train(
     target_epsilon: Optional[float] = typer.Option(
         None, "--target-epsilon", help="DP: stop before epsilon would exceed this."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of the run directory."),
+    metrics_port: Optional[int] = typer.Option(
+        None, "--metrics-port", min=1, max=65535,
+        help="Serve live metrics in Prometheus text format on this port while training "
+             "(needs `pip install 'flctl\\[prometheus]'`)."),
+    metrics_address: str = typer.Option(
+        "127.0.0.1", "--metrics-address", help="Address the --metrics-port server binds to."),
     json_output: bool = JsonOpt,
 ) -> None:
     """Run federated rounds against the deployed agents; save the weights locally.
@@ -325,6 +334,9 @@ def train(
     `flctl train --resume [RUN]` continues an interrupted run after its last
     checkpoint; with the same hosts answering, the result is bit for bit what
     an uninterrupted run would have produced.
+
+    training.tracking (tensorboard | mlflow) also sends the settings and every
+    round there; --metrics-port serves live Prometheus metrics meanwhile.
     """
     workspace = load_workspace(workspace_dir)
     overrides = _training_overrides(rounds=rounds, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -342,8 +354,9 @@ def train(
         raise ConfigError("--resume continues a run with its own settings; only --rounds "
                           "may be given with it")
     with holding(workspace, "train"):
-        summary = _run_training(workspace, overrides, limit, run if resume else run_id,
-                                json_output, resume=resume)
+        summary = _run_training(
+            workspace, overrides, limit, run if resume else run_id, json_output, resume=resume,
+            metrics=None if metrics_port is None else (metrics_address, metrics_port))
     if json_output:
         render.emit_json(_summary_document(summary))
     else:

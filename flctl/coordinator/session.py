@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 import threading
 from collections.abc import Sequence
@@ -9,15 +10,25 @@ from typing import Any, Callable
 
 from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import (
+    MANIFEST,
+    Checkpoint,
+    RunDir,
     create_run_dir,
     load_checkpoint,
     load_weights,
+    read_metrics,
     resumable_run,
 )
 from flctl.coordinator.rounds import Coordinator
 from flctl.coordinator.secure_stats import secure_federated_stats
 from flctl.coordinator.stats import federated_stats
-from flctl.coordinator.summary import MessageCallback, RoundCallback, RunSummary
+from flctl.coordinator.summary import (
+    MessageCallback,
+    RoundCallback,
+    RoundRecord,
+    RunSummary,
+    plain_settings,
+)
 from flctl.core.data import load_dataset
 from flctl.core.fedstats import FederatedStats
 from flctl.core.inventory import Host
@@ -27,6 +38,7 @@ from flctl.core.pki import revoked_serials
 from flctl.core.settings import TrainingSettings
 from flctl.errors import ConfigError
 from flctl.net.agent_client import AgentClient, coordinator_context
+from flctl.tracking.feed import open_tracking
 from flctl.workspace import Workspace
 
 # A reply's arrays must arrive at 1 MiB/s at least (after a 10 s grace) once the
@@ -84,10 +96,15 @@ def train_workspace(
     on_round: RoundCallback = lambda record: None,
     on_message: MessageCallback = lambda text: None,
     progress: TransferProgress | None = None,
+    metrics_port: int | None = None,
+    metrics_address: str = "127.0.0.1",
 ) -> RunSummary:
     """Start a run, or with `resume` continue an interrupted one exactly where
     its last checkpoint left it, with the settings and hosts it started with
-    (`resume_rounds` may change the number of rounds, nothing else)."""
+    (`resume_rounds` may change the number of rounds, nothing else).
+
+    The run's settings and rounds also go to the tracking sinks it asks for
+    (training.tracking; Prometheus on `metrics_port`), which never stop it."""
     checkpoint = None
     if resume:
         run = resumable_run(workspace.paths.runs, run_id)
@@ -98,8 +115,35 @@ def train_workspace(
         training = TrainingSettings(**saved)
         names = set(checkpoint.state["hosts"])
         hosts = [h for h in workspace.inventory.hosts if h.name in names]
-    else:
-        run = create_run_dir(workspace.paths.runs, run_id)
+    # before the run dir exists: a port in use or a missing package is one line
+    tracking = open_tracking(plain_settings(training), root=workspace.root,
+                             project=workspace.settings.project, metrics_port=metrics_port,
+                             metrics_address=metrics_address, resumed=resume, tell=on_message)
+    try:
+        if checkpoint is None:
+            run = create_run_dir(workspace.paths.runs, run_id)
+            done = []
+        else:
+            done = [r for r in read_metrics(run).records if r["round"] <= checkpoint.round]
+        tracking.start(run.path, run.run_id, plain_settings(training), resumed=resume,
+                       done=done)
+
+        def tracked(record: RoundRecord) -> None:
+            tracking.round(record.as_dict())
+            on_round(record)
+
+        summary = _train(workspace, training, hosts, run, checkpoint, tracked, on_message,
+                         progress)
+        tracking.finish(summary.final_weights,
+                        json.loads((summary.run_dir / MANIFEST).read_text()))
+        return summary
+    finally:
+        tracking.close()
+
+
+def _train(workspace: Workspace, training: TrainingSettings, hosts: Sequence[Host],
+           run: RunDir, checkpoint: Checkpoint | None, on_round: RoundCallback,
+           on_message: MessageCallback, progress: TransferProgress | None) -> RunSummary:
     context = workspace_context(workspace)
     limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes,
                     min_body_rate=MIN_BODY_RATE)

@@ -46,6 +46,7 @@ LISTEN_CHOICES = ("overlay", "underlay")
 COMPRESSION_CHOICES = ("float32", "float16", "int8", "topk")
 PRIVACY_CHOICES = ("none", "central", "local")  # not "off": YAML reads that as false
 STANDARDIZE_CHOICES = ("auto", "on", "off")
+TRACKING_CHOICES = ("none", "tensorboard", "mlflow")
 MAX_PREFIXLEN = 30  # hub + network + broadcast + at least one host
 MAX_MESSAGE_MB = 65536
 
@@ -148,6 +149,14 @@ class TrainingSettings:
     secagg_neighbours: int = 0
     # Hosts of each neighbourhood (k + 1) needed to unmask (0 = two thirds).
     secagg_threshold: int = 0
+    # Where the run's settings and rounds also go (flctl.tracking): TensorBoard
+    # event files under tracking_dir (default <workspace>/tensorboard, one
+    # sub-directory per run), or MLflow at tracking_uri (empty: MLflow's own
+    # default) in experiment tracking_experiment (empty: the project's name).
+    tracking: str = "none"
+    tracking_dir: str = ""
+    tracking_uri: str = ""
+    tracking_experiment: str = ""
 
     def __post_init__(self) -> None:
         _validate_section(self, _TRAINING_FIELDS, "training")
@@ -337,6 +346,10 @@ _TRAINING_FIELDS: dict[str, Check] = {
     "secure_aggregation": expect_bool,
     "secagg_neighbours": lambda v, s: expect_int(v, s, minimum=0),
     "secagg_threshold": lambda v, s: expect_int(v, s, minimum=0),
+    "tracking": lambda v, s: expect_choice(v, s, TRACKING_CHOICES),
+    "tracking_dir": lambda v, s: expect_str(v, s, allow_empty=True),
+    "tracking_uri": lambda v, s: expect_str(v, s, allow_empty=True),
+    "tracking_experiment": lambda v, s: expect_str(v, s, allow_empty=True),
 }
 _LIMIT_FIELDS: dict[str, Check] = {
     "max_message_mb": lambda v, s: expect_int(v, s, minimum=1, maximum=MAX_MESSAGE_MB),
@@ -453,6 +466,10 @@ _COMMENTS = {
     "training.secure_aggregation": "coordinator sees only the sum (SecAgg+)",
     "training.secagg_neighbours": "SecAgg+ neighbours per host (0: by host count)",
     "training.secagg_threshold": "neighbourhood hosts needed to unmask (0: 2/3)",
+    "training.tracking": "none | tensorboard | mlflow (also log settings and rounds there)",
+    "training.tracking_dir": "TensorBoard log dir (empty: <workspace>/tensorboard)",
+    "training.tracking_uri": "MLflow tracking URI (empty: MLflow's default)",
+    "training.tracking_experiment": "MLflow experiment (empty: the project name)",
     "limits.max_message_mb": "largest protocol frame (large messages travel in chunks)",
 }
 
