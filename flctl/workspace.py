@@ -26,6 +26,7 @@ from flctl.core import pki
 from flctl.core.data import make_federated_shards, save_dataset
 from flctl.core.fsutil import atomic_write, write_secret
 from flctl.core.inventory import Inventory, load_inventory, render_local_inventory
+from flctl.core.members import MEMBERS_FILE
 from flctl.core.settings import Settings, load_settings, render_settings
 from flctl.core.tasks import BUILTIN_TASKS
 from flctl.core.wheellock import LOCK_FILE, WheelLock, parse_lock
@@ -91,6 +92,11 @@ class WorkspacePaths:
     def overlay_addresses(self) -> Path:
         """Each deployed host's overlay address: hosts keep theirs when others join."""
         return self.state / "overlay-addresses.json"
+
+    @property
+    def members(self) -> Path:
+        """Deployed hosts, for a running train to follow (flctl.core.members)."""
+        return self.state / MEMBERS_FILE
 
     @property
     def runs(self) -> Path:

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Callable
 
+from flctl.coordinator.membership import MemberWatch
 from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import (
     create_run_dir,
@@ -22,6 +23,7 @@ from flctl.core.data import load_dataset
 from flctl.core.fedstats import FederatedStats
 from flctl.core.inventory import Host
 from flctl.core.layout import Endpoint, agent_endpoint
+from flctl.core.members import read_members
 from flctl.core.messages import Limits
 from flctl.core.pki import revoked_serials
 from flctl.core.settings import TrainingSettings
@@ -86,9 +88,12 @@ def train_workspace(
     progress: TransferProgress | None = None,
 ) -> RunSummary:
     """Start a run, or with `resume` continue an interrupted one exactly where
-    its last checkpoint left it, with the settings and hosts it started with
-    (`resume_rounds` may change the number of rounds, nothing else)."""
+    its last checkpoint left it, with the settings and hosts it had then
+    (`resume_rounds` may change the number of rounds, nothing else). Hosts
+    deployed or torn down meanwhile join or leave it (coordinator.membership);
+    hosts of the inventory that are not deployed are not members."""
     checkpoint = None
+    serial = None
     if resume:
         run = resumable_run(workspace.paths.runs, run_id)
         checkpoint = load_checkpoint(run)
@@ -98,16 +103,25 @@ def train_workspace(
         training = TrainingSettings(**saved)
         names = set(checkpoint.state["hosts"])
         hosts = [h for h in workspace.inventory.hosts if h.name in names]
+        serial = checkpoint.state.get("members_serial")
+        serial = serial if isinstance(serial, int) and not isinstance(serial, bool) else None
     else:
         run = create_run_dir(workspace.paths.runs, run_id)
+        deployed = read_members(workspace.paths.members)
+        if deployed is not None:   # none: deployed by an older flctl, all are members
+            hosts = [h for h in hosts if h.name in deployed.hosts]
     context = workspace_context(workspace)
     limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes,
                     min_body_rate=MIN_BODY_RATE)
     # The round's deadline is the coordinator's to enforce (it aborts late hosts
     # and names the reason); a socket timeout a little past it is only a backstop.
-    clients = [AgentClient(e, context, timeout=training.deadline_s + SOCKET_GRACE_S,
+
+    def make_client(endpoint: Endpoint) -> AgentClient:
+        return AgentClient(endpoint, context, timeout=training.deadline_s + SOCKET_GRACE_S,
                            limits=limits)
-               for e in endpoints_for(workspace, hosts)]
+
+    members = MemberWatch.start(workspace.paths.members, make_client, serial)
+    clients = [make_client(e) for e in endpoints_for(workspace, hosts)]
     eval_data = load_dataset(workspace.root / training.eval_file) if training.eval_file else None
     initial = None
     if training.initial_weights and checkpoint is None:
@@ -123,7 +137,7 @@ def train_workspace(
                               resume_from=checkpoint, eval_data=eval_data,
                               ca_pem=workspace.paths.ca_cert.read_bytes(),
                               revoked=workspace_revocations(workspace), initial=initial,
-                              progress=progress)
+                              progress=progress, members=members)
     return coordinator.train()
 
 
