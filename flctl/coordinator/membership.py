@@ -93,6 +93,7 @@ class MembershipChanges:
     task_params: dict[str, Any]
     on_message: MessageCallback
     members: MemberWatch | None
+    former: list[str]
     _pool: ThreadPoolExecutor
     _frozen_mismatch: Callable[[HostProfile], str | None]
 
@@ -122,6 +123,7 @@ class MembershipChanges:
             available = [c for c in available if c is not client]
             client.abort()
             client.close()
+            self.former.append(name)
             self.on_message(f"{name}: left the federation (torn down); the run goes on "
                             f"without it from round {round_number}")
         for name, endpoint in joined.items():
@@ -141,14 +143,21 @@ class MembershipChanges:
                                 f"({exc.message}); not admitted")
                 continue
             self.refused.discard(name)
+            if name in self.former:
+                self.former.remove(name)
             self.clients.append(client)
             available = [*available, client]
+            self._one_worker_per_host()
             self.on_message(f"{name}: joined the federation; it trains from round "
                             f"{round_number}")
-        if len(self.clients) > self._pool._max_workers:   # one worker per host
+        return available
+
+    def _one_worker_per_host(self) -> None:
+        """A round asks every host at once: the pool grows with the run (a fresh
+        one; workers of the old finish what they hold, there is nothing else)."""
+        if len(self.clients) > self._pool._max_workers:
             old, self._pool = self._pool, ThreadPoolExecutor(max_workers=len(self.clients))
             old.shutdown(wait=False)
-        return available
 
     def _admit(self, client: AgentClient, weights: Sequence[np.ndarray]) -> HostProfile:
         """The checks every host passed before round 1, for one newcomer."""

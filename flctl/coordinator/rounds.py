@@ -79,6 +79,7 @@ class Coordinator(HostAdmission, MembershipChanges):
         members: MemberWatch | None = None,
     ) -> None:
         self.members = members  # hosts joining and leaving mid-run (membership.py)
+        self.former: list[str] = []  # members that left the run
         self.progress = progress or TransferProgress()  # the model's way out, for views
         self.initial = initial  # training.initial_weights, when given
         self.names: list[str] | None = None  # the arrays' names, when the task gives them
@@ -385,7 +386,7 @@ class Coordinator(HostAdmission, MembershipChanges):
                 "training": plain_settings(t),
                 "task_params": self.task_params,
                 "seed": t.seed,
-                "hosts": [c.name for c in self.clients],
+                "hosts": [c.name for c in self.clients] + self.former,
                 "rounds": history[-1].round if history else first - 1,
                 "rounds_planned": t.rounds,
                 "stopped_early_at": stopped_early,
@@ -400,7 +401,7 @@ class Coordinator(HostAdmission, MembershipChanges):
             }
             digest = self.run.save_final(weights, manifest)
             return RunSummary(self.run.run_id, self.run.path, manifest["rounds"],
-                              [c.name for c in self.clients], self.run.path / "final.npz",
+                              manifest["hosts"], self.run.path / "final.npz",
                               digest, accuracy, eval_loss, time.perf_counter() - started, history,
                               manifest["epsilon"], manifest["delta"])
         finally:

@@ -48,8 +48,6 @@ class Members:
                 torn_down: Iterable[str] = ()) -> Members:
         """The next version: `deployed` hosts (re)added, `torn_down` ones removed."""
         gone = set(torn_down)
-        if not deployed and not gone:
-            return self
         serial = self.serial + 1
         hosts = {n: v for n, v in self.hosts.items() if n not in gone}
         removed = {n: s for n, s in self.removed.items() if n not in deployed}
@@ -60,6 +58,8 @@ class Members:
         for name in gone:
             if name in self.hosts or name not in self.removed:
                 removed[name] = serial
+        if hosts == dict(self.hosts) and removed == dict(self.removed):
+            return self   # nothing new: the serial stays
         return Members(serial, hosts, removed)
 
     def render(self) -> str:
