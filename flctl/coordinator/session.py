@@ -27,7 +27,7 @@ from flctl.core.members import read_members
 from flctl.core.messages import Limits
 from flctl.core.pki import revoked_serials
 from flctl.core.settings import TrainingSettings
-from flctl.errors import ConfigError
+from flctl.errors import ConfigError, TrainingError
 from flctl.net.agent_client import AgentClient, coordinator_context
 from flctl.workspace import Workspace
 
@@ -108,8 +108,13 @@ def train_workspace(
     else:
         run = create_run_dir(workspace.paths.runs, run_id)
         deployed = read_members(workspace.paths.members)
+        serial = 0 if deployed is None else deployed.serial   # later changes join in
         if deployed is not None:   # none: deployed by an older flctl, all are members
-            hosts = [h for h in hosts if h.name in deployed.hosts]
+            in_file = [h for h in hosts if h.name in deployed.hosts]
+            if hosts and not in_file:
+                raise TrainingError(f"none of {', '.join(h.name for h in hosts)} is deployed: "
+                                    "run `flctl deploy` first")
+            hosts = in_file
     context = workspace_context(workspace)
     limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes,
                     min_body_rate=MIN_BODY_RATE)
