@@ -17,6 +17,7 @@ from flctl.coordinator.membership import MembershipChanges, MemberWatch
 from flctl.core.layout import Endpoint
 from flctl.core.members import Members, parse_members, read_members, record_members
 from flctl.core.settings import TrainingSettings
+from flctl.net.client import TransportError
 from flctl.workspace_lock import ALONE, ALONGSIDE, WorkspaceBusy, workspace_lock
 
 from helpers import flctl_command, local_workspace, run_cli, set_training
@@ -239,3 +240,40 @@ def test_a_mode_that_cannot_change_members_refuses_with_one_line(
     assert told[1].startswith("c: deployed during the run but not used by it")
     assert MembershipChanges.follow_members(run, available, 4, []) == [a, b]
     assert len(told) == 2   # told once: the file did not change since
+
+
+class Newcomer(FakeClient):
+    """A joining host whose info answer is `info`, or whose info call fails."""
+
+    def __init__(self, name: str, info: object) -> None:
+        super().__init__(name)
+        self._info = info
+
+    def info(self) -> object:
+        if isinstance(self._info, Exception):
+            raise self._info
+        return self._info
+
+
+def test_a_newcomer_that_fails_admission_is_left_out_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "members.json"
+    record_members(path, {"a": endpoint("a")})
+    answers = {"b": {"name": "someone-else"}, "c": TransportError("cannot connect to c")}
+    made: list[Newcomer] = []
+
+    def make(e: Endpoint) -> Newcomer:
+        made.append(Newcomer(e.host, answers[e.host]))
+        return made[-1]
+
+    told: list[str] = []
+    a = FakeClient("a")
+    run = SimpleNamespace(clients=[a], training=TrainingSettings(), members=MemberWatch.start(
+        path, make), former=[], on_message=told.append, profiles={}, refused=set(),
+        task_params={})
+    run._admit = lambda client, weights: MembershipChanges._admit(run, client, weights)
+    record_members(path, {"b": endpoint("b"), "c": endpoint("c")})
+    assert MembershipChanges.follow_members(run, [a], 5, []) == [a]
+    assert run.clients == [a] and all(c.closed for c in made) and len(made) == 2
+    assert told[0] == "deployed during the run but not admitted: b: its agent answers as 'someone-else'"
+    assert told[1].startswith("c: deployed during the run but not answering (cannot connect")
+    assert len(told) == 2
