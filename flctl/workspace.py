@@ -28,6 +28,7 @@ from flctl.core.ansible_inventory import load_ansible_inventory
 from flctl.core.data import make_federated_shards, save_dataset
 from flctl.core.fsutil import atomic_write, write_secret
 from flctl.core.inventory import Inventory, load_inventory, render_local_inventory
+from flctl.core.members import MEMBERS_FILE
 from flctl.core.settings import Settings, load_settings, render_settings, resolve_path
 from flctl.core.tasks import BUILTIN_TASKS
 from flctl.core.wheellock import LOCK_FILE, WheelLock, parse_lock
@@ -97,6 +98,11 @@ class WorkspacePaths:
     @property
     def audit(self) -> Path:
         return self.root / "audit.jsonl"
+
+    @property
+    def members(self) -> Path:
+        """Deployed hosts, for a running train to follow (flctl.core.members)."""
+        return self.state / MEMBERS_FILE
 
     @property
     def runs(self) -> Path:

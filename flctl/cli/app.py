@@ -30,6 +30,7 @@ from flctl.cli.common import (
     deploy_hosts,
     holding,
     host_failures,
+    refuse_members_alongside,
     selected,
 )
 from flctl.cli.doctor_command import doctor
@@ -59,6 +60,7 @@ from flctl.workspace import (
     init_workspace,
     load_workspace,
 )
+from flctl.workspace_lock import ALONGSIDE
 
 app = typer.Typer(
     add_completion=False,
@@ -134,7 +136,9 @@ def deploy(
 ) -> None:
     """Install and start the agent on every host; idempotent."""
     workspace = load_workspace(workspace_dir)
-    with holding(workspace, "deploy"):
+    with holding(workspace, "deploy", membership=bool(limit)) as mode:
+        if mode == ALONGSIDE:
+            refuse_members_alongside(workspace, selected(workspace, limit))
         results = deploy_hosts(workspace, limit, check, forks, json_output, accept_new, strict)
     if json_output:
         render.emit_json({"check": check, "hosts": [r.as_dict() for r in results]})
@@ -212,7 +216,7 @@ def teardown(
     """Stop agents and remove everything deploy put on the hosts."""
     workspace = load_workspace(workspace_dir)
     hosts = selected(workspace, limit)
-    with holding(workspace, "teardown"), \
+    with holding(workspace, "teardown", membership=bool(limit)), \
             HostProgress([h.name for h in hosts], "teardown", enabled=not json_output) as view:
         results = engine.teardown(workspace, hosts, forks=forks, accept_new_host_keys=accept_new,
                                   progress=view.update)
@@ -353,7 +357,7 @@ def train(
     if resume and set(overrides) - {"rounds"}:
         raise ConfigError("--resume continues a run with its own settings; only --rounds "
                           "may be given with it")
-    with holding(workspace, "train"):
+    with holding(workspace, "train", shares_membership=True):
         summary = _run_training(
             workspace, overrides, limit, run if resume else run_id, json_output, resume=resume,
             metrics=None if metrics_port is None else (metrics_address, metrics_port))

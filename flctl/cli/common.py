@@ -14,12 +14,13 @@ from flctl.cli.auditing import note_hosts
 from flctl.cli.progress import HostProgress
 from flctl.coordinator.records import RunDir
 from flctl.coordinator.session import info_probe
+from flctl.core.members import read_members
 from flctl.deploy import engine
 from flctl.deploy.overlay import HubNotRoot
 from flctl.deploy.results import HostResult
 from flctl.errors import HostError, WorkspaceError
 from flctl.workspace import Workspace
-from flctl.workspace_lock import workspace_lock
+from flctl.workspace_lock import WorkspaceBusy, workspace_lock
 
 WorkspaceOpt = typer.Option(Path("."), "--workspace", "-w", help="Workspace directory.")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout.")
@@ -43,9 +44,24 @@ def named_run(runs_root: Path, run_id: str) -> RunDir:
     return run
 
 
-def holding(workspace: Workspace, command: str) -> AbstractContextManager[None]:
-    """The workspace lock for a command that changes the workspace or its hosts."""
-    return workspace_lock(workspace.paths.state, f"flctl {command}")
+def holding(workspace: Workspace, command: str, *, membership: bool = False,
+            shares_membership: bool = False) -> AbstractContextManager[str]:
+    """The workspace lock for a command that changes the workspace or its hosts
+    (flctl.workspace_lock: a `membership` change may run beside a train)."""
+    return workspace_lock(workspace.paths.state, f"flctl {command}", membership=membership,
+                          shares_membership=shares_membership)
+
+
+def refuse_members_alongside(workspace: Workspace, hosts: list) -> None:
+    """Beside a running train, deploy only hosts that are not deployed yet:
+    deploying a member again could restart the agent the run trains on."""
+    members = read_members(workspace.paths.members)
+    deployed = sorted(h.name for h in hosts if members is not None and h.name in members.hosts)
+    if deployed:
+        raise WorkspaceBusy(
+            f"a `flctl train` is running and {', '.join(deployed)} already deployed: deploying "
+            "it again could restart an agent under the run; while it runs, deploy only new "
+            "hosts (they join it) or tear hosts down (they leave it)")
 
 
 def host_failures(results: list[HostResult], verb: str) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from flctl.coordinator.admission import HostAdmission
 from flctl.coordinator.budget import MemoryBudget
 from flctl.coordinator.fanout import fan_out
+from flctl.coordinator.membership import MembershipChanges, MemberWatch
 from flctl.coordinator.privacy import PrivacyLedger, hosts_per_round
 from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import Checkpoint, RunDir
@@ -58,7 +59,7 @@ class RoundShort(TrainingError):
     """Fewer than training.min_hosts updates arrived; the round may be re-run."""
 
 
-class Coordinator(HostAdmission):
+class Coordinator(HostAdmission, MembershipChanges):
     def __init__(
         self,
         clients: Sequence[AgentClient],
@@ -75,7 +76,10 @@ class Coordinator(HostAdmission):
         revoked: frozenset[int] = frozenset(),
         initial: list[np.ndarray] | None = None,
         progress: TransferProgress | None = None,
+        members: MemberWatch | None = None,
     ) -> None:
+        self.members = members  # hosts joining and leaving mid-run (membership.py)
+        self.former: list[str] = []  # members that left the run
         self.progress = progress or TransferProgress()  # the model's way out, for views
         self.initial = initial  # training.initial_weights, when given
         self.names: list[str] | None = None  # the arrays' names, when the task gives them
@@ -365,6 +369,7 @@ class Coordinator(HostAdmission):
                     self.on_message(f"stopping before round {round_number}: it would take "
                                     f"epsilon past training.target_epsilon {t.target_epsilon:g}")
                     break
+                available = self.follow_members(available, round_number, weights)
                 record, weights = self._one_round(weights, round_number, available)
                 eval_loss, accuracy = (record.eval_loss, record.accuracy) if (
                     record.accuracy is not None) else (eval_loss, accuracy)
@@ -381,7 +386,7 @@ class Coordinator(HostAdmission):
                 "training": plain_settings(t),
                 "task_params": self.task_params,
                 "seed": t.seed,
-                "hosts": [c.name for c in self.clients],
+                "hosts": [c.name for c in self.clients] + self.former,
                 "rounds": history[-1].round if history else first - 1,
                 "rounds_planned": t.rounds,
                 "stopped_early_at": stopped_early,
@@ -396,7 +401,7 @@ class Coordinator(HostAdmission):
             }
             digest = self.run.save_final(weights, manifest)
             return RunSummary(self.run.run_id, self.run.path, manifest["rounds"],
-                              [c.name for c in self.clients], self.run.path / "final.npz",
+                              manifest["hosts"], self.run.path / "final.npz",
                               digest, accuracy, eval_loss, time.perf_counter() - started, history,
                               manifest["epsilon"], manifest["delta"])
         finally:
@@ -454,7 +459,8 @@ class Coordinator(HostAdmission):
         self.run.save_checkpoint(round_number, weights, {
             "run_id": self.run.run_id, "training": plain_settings(self.training),
             "task_params": self.task_params, "hosts": [c.name for c in self.clients],
-            "names": self.names, "frozen": self.frozen},
+            "names": self.names, "frozen": self.frozen,
+            "members_serial": self.members_serial()},
             self.strategy.state())
 
     def _one_round(self, weights: list[np.ndarray], round_number: int,
@@ -499,6 +505,7 @@ class Coordinator(HostAdmission):
             epsilon=epsilon,
             delta=t.dp_delta if self.privacy.enabled else None,
             hosts=host_entries(fit["answered"], fit["dropped"], sent, received),
+            members=sorted(c.name for c in available),
         )
         # Metrics first: a crash in between leaves a metrics line past the
         # checkpoint, which resume drops, rather than a round with no line.

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Callable
 
+from flctl.coordinator.membership import MemberWatch
 from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import (
     MANIFEST,
@@ -33,10 +34,11 @@ from flctl.core.data import load_dataset
 from flctl.core.fedstats import FederatedStats
 from flctl.core.inventory import Host
 from flctl.core.layout import Endpoint, agent_endpoint
+from flctl.core.members import read_members
 from flctl.core.messages import Limits
 from flctl.core.pki import revoked_serials
 from flctl.core.settings import TrainingSettings
-from flctl.errors import ConfigError
+from flctl.errors import ConfigError, TrainingError
 from flctl.net.agent_client import AgentClient, coordinator_context
 from flctl.tracking.feed import open_tracking
 from flctl.workspace import Workspace
@@ -100,12 +102,15 @@ def train_workspace(
     metrics_address: str = "127.0.0.1",
 ) -> RunSummary:
     """Start a run, or with `resume` continue an interrupted one exactly where
-    its last checkpoint left it, with the settings and hosts it started with
-    (`resume_rounds` may change the number of rounds, nothing else).
+    its last checkpoint left it, with the settings and hosts it had then
+    (`resume_rounds` may change the number of rounds, nothing else). Hosts
+    deployed or torn down meanwhile join or leave it (coordinator.membership);
+    hosts of the inventory that are not deployed are not members.
 
     The run's settings and rounds also go to the tracking sinks it asks for
     (training.tracking; Prometheus on `metrics_port`), which never stop it."""
     checkpoint = None
+    serial = None
     if resume:
         run = resumable_run(workspace.paths.runs, run_id)
         checkpoint = load_checkpoint(run)
@@ -115,6 +120,17 @@ def train_workspace(
         training = TrainingSettings(**saved)
         names = set(checkpoint.state["hosts"])
         hosts = [h for h in workspace.inventory.hosts if h.name in names]
+        serial = checkpoint.state.get("members_serial")
+        serial = serial if isinstance(serial, int) and not isinstance(serial, bool) else None
+    else:
+        deployed = read_members(workspace.paths.members)
+        serial = 0 if deployed is None else deployed.serial   # later changes join in
+        if deployed is not None:   # none: deployed by an older flctl, all are members
+            in_file = [h for h in hosts if h.name in deployed.hosts]
+            if hosts and not in_file:
+                raise TrainingError(f"none of {', '.join(h.name for h in hosts)} is deployed: "
+                                    "run `flctl deploy` first")
+            hosts = in_file
     # before the run dir exists: a port in use or a missing package is one line
     tracking = open_tracking(plain_settings(training), root=workspace.root,
                              project=workspace.settings.project, metrics_port=metrics_port,
@@ -132,8 +148,8 @@ def train_workspace(
             tracking.round(record.as_dict())
             on_round(record)
 
-        summary = _train(workspace, training, hosts, run, checkpoint, tracked, on_message,
-                         progress)
+        summary = _train(workspace, training, hosts, run, checkpoint, serial, tracked,
+                         on_message, progress)
         tracking.finish(summary.final_weights,
                         json.loads((summary.run_dir / MANIFEST).read_text()))
         return summary
@@ -142,16 +158,21 @@ def train_workspace(
 
 
 def _train(workspace: Workspace, training: TrainingSettings, hosts: Sequence[Host],
-           run: RunDir, checkpoint: Checkpoint | None, on_round: RoundCallback,
-           on_message: MessageCallback, progress: TransferProgress | None) -> RunSummary:
+           run: RunDir, checkpoint: Checkpoint | None, serial: int | None,
+           on_round: RoundCallback, on_message: MessageCallback,
+           progress: TransferProgress | None) -> RunSummary:
     context = workspace_context(workspace)
     limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes,
                     min_body_rate=MIN_BODY_RATE)
     # The round's deadline is the coordinator's to enforce (it aborts late hosts
     # and names the reason); a socket timeout a little past it is only a backstop.
-    clients = [AgentClient(e, context, timeout=training.deadline_s + SOCKET_GRACE_S,
+
+    def make_client(endpoint: Endpoint) -> AgentClient:
+        return AgentClient(endpoint, context, timeout=training.deadline_s + SOCKET_GRACE_S,
                            limits=limits)
-               for e in endpoints_for(workspace, hosts)]
+
+    members = MemberWatch.start(workspace.paths.members, make_client, serial)
+    clients = [make_client(e) for e in endpoints_for(workspace, hosts)]
     eval_data = load_dataset(workspace.root / training.eval_file) if training.eval_file else None
     initial = None
     if training.initial_weights and checkpoint is None:
@@ -167,7 +188,7 @@ def _train(workspace: Workspace, training: TrainingSettings, hosts: Sequence[Hos
                               resume_from=checkpoint, eval_data=eval_data,
                               ca_pem=workspace.paths.ca_cert.read_bytes(),
                               revoked=workspace_revocations(workspace), initial=initial,
-                              progress=progress)
+                              progress=progress, members=members)
     return coordinator.train()
 
 

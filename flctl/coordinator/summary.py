@@ -35,6 +35,9 @@ class RoundRecord:
     # Each sampled host's round (host_entries): how it ended, its bytes and,
     # unless secure aggregation hides single hosts, its loss, examples and time.
     hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The federation's members that round (sampled or not): hosts join and
+    # leave a running federation (coordinator.membership).
+    members: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -47,7 +50,8 @@ class RoundRecord:
         known = {f.name for f in dataclasses.fields(cls)}
         empty = {"participants": [], "dropped": {}, "train_loss": None, "eval_loss": None,
                  "accuracy": None, "seconds": 0.0, "fit_seconds": 0.0, "max_compute_s": 0.0,
-                 "bytes_sent": 0, "bytes_received": 0, "hosts": {}}
+                 "bytes_sent": 0, "bytes_received": 0, "hosts": {},
+                 "members": []}
         return cls(**{**empty, **{k: v for k, v in record.items() if k in known}})
 
 

@@ -16,7 +16,8 @@ from flctl.core.frozen import FrozenDisagreement, reference_digest
 from flctl.core.frozen import mismatch as frozen_mismatch
 from flctl.core.fsutil import atomic_write
 from flctl.core.inventory import Host
-from flctl.core.layout import AGENT_USER, REMOTE_STATE_ROOT, host_paths
+from flctl.core.layout import AGENT_USER, REMOTE_STATE_ROOT, agent_endpoint, host_paths
+from flctl.core.members import record_members
 from flctl.deploy.certificates import CertificateStore
 from flctl.deploy.host_deploy import (
     ConfirmFn,
@@ -32,7 +33,12 @@ from flctl.deploy.install import INSTALL_DIR, VENV_PYTHON, BundleCache, installe
 from flctl.deploy.overlay import Hub
 from flctl.deploy.remote import ConnectOptions, StepFailed, call_helper, check_routes, connect
 from flctl.deploy.results import DONE, HostResult, StepResult, run_guarded
-from flctl.workspace import Workspace, read_wheel_lock, record_overlay_addresses
+from flctl.workspace import (
+    Workspace,
+    deployed_overlay_addresses,
+    read_wheel_lock,
+    record_overlay_addresses,
+)
 
 # A network change is rolled back by the host itself unless a NEW SSH
 # connection confirms it within this many seconds.
@@ -143,8 +149,12 @@ def deploy(
         atomic_write(workspace.paths.wheel_lock, lock.render())
     if not check:
         deployed = {r.host for r in results if r.status in ("ok", "changed")}
+        seed = set(deployed_overlay_addresses(workspace.paths))   # before this deploy's
         record_overlay_addresses(workspace.paths, {h.name: str(h.overlay_ip) for h in hosts
                                                    if h.name in deployed})
+        record_members(workspace.paths.members,
+                       {h.name: agent_endpoint(h, workspace.settings, order[h.name])
+                        for h in hosts if h.name in deployed}, seed=seed)
     return ([coordinator] if coordinator is not None else []) + results
 
 
@@ -246,6 +256,8 @@ def teardown(workspace: Workspace, hosts: list[Host], *, forks: int = 16,
 
     results = _pool_map(hosts, forks, one, progress)
     removed = {r.host for r in results if r.status in ("ok", "changed")}
+    record_members(workspace.paths.members, torn_down=removed,
+                   seed=deployed_overlay_addresses(workspace.paths))
     if removed & set(hub.known_peers()) or (hub.config_path.exists() and not hub.known_peers()):
         hub_result = HostResult("hub")
 
