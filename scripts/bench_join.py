@@ -34,22 +34,7 @@ from verdict import Target, exit_status  # noqa: E402  (the script's own folder)
 HOSTS = 9
 NEWCOMER = f"local{HOSTS}"
 TARGET_RATIO = 1.10
-SLOW_TASK = '''
-import time
-from flctl.core.tasks import LogRegTask
-
-
-class Slow(LogRegTask):
-    """The built-in model, every fit `delay` seconds longer."""
-
-    def __init__(self, delay=0.0, **params):
-        super().__init__(**params)
-        self.delay = float(delay)
-
-    def fit(self, weights, data, config):
-        time.sleep(self.delay)
-        return super().fit(weights, data, config)
-'''
+SLOW_TASK = Path(__file__).with_name("slow_task.py")  # copied into tasks/ as slow.py
 
 
 def flctl(*args: str, timeout: float = 600) -> dict[str, Any]:
@@ -84,7 +69,7 @@ def workspace(root: Path, delay: float) -> None:
         task="slow:Slow", task_params={"delay": delay}, deadline_s=120.0)
     init_workspace(root, local_hosts=HOSTS, settings=settings)
     (root / "flctl.yaml").write_text(render_settings(settings))
-    (root / "tasks" / "slow.py").write_text(SLOW_TASK)
+    (root / "tasks" / "slow.py").write_text(SLOW_TASK.read_text())
 
 
 def run_from_start(root: Path, rounds: int) -> list[float]:

@@ -22,29 +22,15 @@ from flctl.workspace_lock import ALONE, ALONGSIDE, WorkspaceBusy, workspace_lock
 
 from helpers import flctl_command, local_workspace, run_cli, set_training
 
-SLOW_TASK = '''
-import time
-from flctl.core.tasks import LogRegTask
-
-
-class Slow(LogRegTask):
-    """The built-in model, every fit `delay` seconds longer (test-only)."""
-
-    def __init__(self, delay=0.0, **params):
-        super().__init__(**params)
-        self.delay = float(delay)
-
-    def fit(self, weights, data, config):
-        time.sleep(self.delay)
-        return super().fit(weights, data, config)
-'''
+# the task, copied into tasks/ as slow.py
+SLOW_TASK = Path(__file__).resolve().parents[1] / "scripts" / "slow_task.py"
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory):
     """Three local hosts in the inventory, two of them deployed."""
     for root in local_workspace(tmp_path_factory.mktemp("join"), 3):
-        (root / "tasks" / "slow.py").write_text(SLOW_TASK)
+        (root / "tasks" / "slow.py").write_text(SLOW_TASK.read_text())
         set_training(root, task="slow:Slow", task_params={"delay": 0.5}, deadline_s=30.0)
         done = run_cli("deploy", "-w", str(root), "--limit", "local1", "--limit", "local2")
         assert done.returncode == 0, done.stderr

@@ -31,7 +31,14 @@ import yaml
 
 from flctl.core.host_vars import CHECKS, HOST_VARS
 from flctl.core.inventory import ALL, Inventory, inventory_from_data
-from flctl.core.yamlsrc import LineDict, Spot, describe, did_you_mean, load_yaml
+from flctl.core.yamlsrc import (
+    LineDict,
+    Spot,
+    describe,
+    did_you_mean,
+    load_yaml,
+    read_config_text,
+)
 from flctl.errors import ConfigError
 
 ANSIBLE_VARS = {
@@ -440,19 +447,8 @@ def load_ansible_inventory(path: Path, overlay_subnet: ipaddress.IPv4Network,
                            previous_overlay: Mapping[str, ipaddress.IPv4Address] | None = None,
                            ) -> Inventory:
     """An Ansible inventory file as flctl's Inventory (the `inventory:` setting)."""
-    return ansible_to_inventory(read_ansible(read_text(path), str(path)), overlay_subnet,
+    return ansible_to_inventory(read_ansible(read_config_text(path), str(path)), overlay_subnet,
                                 base_dir, previous_overlay=previous_overlay)
-
-
-def read_text(path: Path) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("file not found", file=str(path)) from None
-    except UnicodeDecodeError:
-        raise ConfigError("not a UTF-8 text file", file=str(path)) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
 
 
 def render_inventory(found: AnsibleInventory) -> str:
@@ -480,7 +476,7 @@ def translate_file(path: Path, overlay_subnet: ipaddress.IPv4Network) -> tuple[s
     Ansible file's line; only a missing data_path is let through (Ansible
     has none, the user adds it), as a note.
     """
-    found = read_ansible(read_text(path), str(path))
+    found = read_ansible(read_config_text(path), str(path))
     notes = list(found.notes)
     try:
         ansible_to_inventory(found, overlay_subnet, Path(path).parent)

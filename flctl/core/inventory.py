@@ -39,6 +39,7 @@ from flctl.core.yamlsrc import (
     did_you_mean,
     expect_mapping,
     load_yaml,
+    read_config_text,
     yaml_scalar,
 )
 from flctl.errors import ConfigError
@@ -331,14 +332,7 @@ def load_inventory(path: Path, overlay_subnet: ipaddress.IPv4Network,
                    ) -> Inventory:
     """Read and validate inventory.yaml; local data paths resolve beside it."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("file not found", file=str(path)) from None
-    except UnicodeDecodeError:
-        raise ConfigError("not a UTF-8 text file", file=str(path)) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
+    text = read_config_text(path)
     return parse_inventory(text, str(path), overlay_subnet,
                            base_dir if base_dir is not None else path.parent,
                            previous_overlay=previous_overlay)

@@ -34,6 +34,7 @@ from flctl.core.yamlsrc import (
     expect_mapping,
     expect_str,
     load_yaml,
+    read_config_text,
     to_plain,
     yaml_scalar,
 )
@@ -374,15 +375,7 @@ def _validate_section(section: Any, checks: Mapping[str, Check], name: str) -> N
 
 def load_settings(path: Path) -> Settings:
     """Read and validate flctl.yaml; a missing file is a ConfigError naming it."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("file not found", file=str(path)) from None
-    except UnicodeDecodeError:
-        raise ConfigError("not a UTF-8 text file", file=str(path)) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
-    return parse_settings(text, str(path))
+    return parse_settings(read_config_text(path), str(path))
 
 
 def parse_settings(text: str, source: str) -> Settings:

@@ -13,12 +13,26 @@ import difflib
 import math
 from collections.abc import Collection, Hashable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
 from yaml.constructor import ConstructorError
 
 from flctl.errors import ConfigError
+
+
+def read_config_text(path: Path) -> str:
+    """A configuration file's text; a missing, unreadable or non-UTF-8 file is
+    one ConfigError naming it (flctl.yaml, inventory.yaml, an Ansible file)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not a UTF-8 text file", file=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
