@@ -97,3 +97,44 @@ def test_a_crash_between_checkpoint_writes_resumes_from_a_matching_pair(tmp_path
     run.save_checkpoint(2, [np.full(3, 2.0, np.float32)], {"task_params": {}}, {})
     assert sorted(p.name for p in run.path.glob("*.npz")) == [
         "checkpoint-000002.npz", "strategy-000002.npz"]
+
+
+def test_an_upgrade_restarts_older_agents_and_the_run_resumes_exactly(workspace: Path) -> None:
+    """flctl upgraded between a killed run and its resume: `flctl deploy`
+    restarts every agent still running the older code (local hosts run this
+    machine's flctl, so only the agent's own record tells), and the run goes
+    on bit for bit."""
+    from helpers import by_host, deploy_json
+
+    args = ["train", "-w", str(workspace), "--rounds", "12", "--seed", "3", "--json"]
+    assert run_cli(*args, "--run-id", "whole", timeout=300).returncode == 0
+    cut = workspace / "runs" / "upgraded"
+    process = subprocess.Popen([*flctl_command(), *args, "--run-id", cut.name],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(metrics(cut)) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (cut / "final.npz").exists(), "the run finished before it could be killed"
+
+    run_dir = workspace / ".flctl" / "hosts" / "local1" / "run"
+    (run_dir / "agent.version").write_text("0.0.1")   # started by an older flctl
+    old_pid = (run_dir / "agent.pid").read_text()
+    hosts = by_host(deploy_json(workspace))
+    steps = {s["name"]: s for s in hosts["local1"]["steps"]}
+    assert steps["agent version"]["changed"] and "running 0.0.1" in steps["agent version"]["detail"]
+    assert "restarted" in steps["agent"]["detail"]
+    assert hosts["local2"]["changed"] == 0            # the current ones are left alone
+    version = run_cli("version").stdout.strip()
+    assert (run_dir / "agent.version").read_text() == version
+    assert (run_dir / "agent.pid").read_text() != old_pid
+
+    resumed = run_cli("train", "--resume", cut.name, "-w", str(workspace), "--json", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_weights(workspace / "runs" / "whole" / "final.npz")
+    b = load_weights(cut / "final.npz")
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    again = by_host(deploy_json(workspace))
+    assert all(h["changed"] == 0 for h in again.values()), again

@@ -118,6 +118,10 @@ def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
         "service": service.kind,
         "service_pid": service.pid(),
         "agent_pid": service.agent_pid(),
+        # the flctl the running agent started with (None: none runs, or it
+        # predates this record): older than flctl_version means restart it
+        "agent_version": (read_text(Path(HostPaths(PurePosixPath(root)).agent_version))
+                          or "").strip()[:64] or None,
         "task_check": _task_check_result(root),
         "gpu_count": gpu.count(),
         # what can bound the agent's CPU and memory here (flctl.core.limits)

@@ -18,10 +18,13 @@ import sys
 import threading
 from pathlib import Path
 
+from flctl import __version__
 from flctl.agent import gpu
 from flctl.agent.requests import RequestHandler
 from flctl.core import pki
 from flctl.core.agentconfig import parse_agent_config
+from flctl.core.fsutil import atomic_write
+from flctl.core.layout import AGENT_VERSION_FILE
 from flctl.core.messages import Limits
 from flctl.errors import FlctlError
 from flctl.net.server import FrameServer, PeerInfo
@@ -85,8 +88,21 @@ def setup_logging(log: Path | None, max_bytes: int = LOG_MAX_BYTES,
     sys.stderr = LogStream(task, logging.WARNING)  # type: ignore[assignment]
 
 
+def record_version(state_file: str) -> None:
+    """Say which flctl this agent runs (agent.version beside its state, in the
+    one directory it may write): deploy restarts an agent whose code is older
+    than the flctl installed now, local hosts included."""
+    path = Path(state_file).with_name(AGENT_VERSION_FILE)
+    try:
+        atomic_write(path, __version__.encode(), 0o644)
+    except OSError as exc:
+        logging.getLogger("flctl.agent").warning("cannot record the version in %s: %s",
+                                                 path, exc)
+
+
 def build_server(config_path: Path) -> FrameServer:
     config = parse_agent_config(config_path.read_text(), str(config_path))
+    record_version(config.state_file)
     gpu.apply(config)   # before the task (and torch) is imported
     service = RequestHandler(config)
     context = server_context(Path(config.ca_cert), Path(config.cert), Path(config.key),
@@ -127,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         logging.getLogger("flctl.agent").error("cannot listen: %s", exc)
         return 3
-    logging.getLogger("flctl.agent").info("listening on %s:%s", *server.address)
+    logging.getLogger("flctl.agent").info("flctl %s listening on %s:%s", __version__,
+                                          *server.address)
     while not stopping.wait(3600):
         pass
     server.stop()

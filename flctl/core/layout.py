@@ -19,6 +19,7 @@ REMOTE_STATE_ROOT = PurePosixPath("/var/lib/flctl")
 # The system user agents run as on deployed hosts: not root, owns only the
 # agent's key and its run directory.
 AGENT_USER = "flctl"
+AGENT_VERSION_FILE = "agent.version"  # see HostPaths.agent_version
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,12 @@ class HostPaths:
     @property
     def state(self) -> PurePosixPath:
         return self.run_dir / "agent-state.json"
+
+    @property
+    def agent_version(self) -> PurePosixPath:
+        """The flctl version of the agent running now (written as it starts):
+        deploy restarts an agent whose code is older than what is installed."""
+        return self.run_dir / AGENT_VERSION_FILE
 
     @property
     def supervisor_pid(self) -> PurePosixPath:

@@ -60,6 +60,7 @@ TASK_CHECK_SPEC = {
 }
 FACTS_SPEC = {
     "flctl_version": str,
+    "agent_version": Maybe(str),
     "python": str,
     "arch": str,
     "init_system": str,
@@ -196,11 +197,22 @@ class HostDeploy:
                                     config_text, facts["files"].get("agent.json"))
         changed |= config_changed
         software_changed = any(s.changed for s in self.result.steps if s.name == "agent software")
+        software_changed |= self._older_agent(facts)
         self._task_check(connector, facts, config_changed or code_changed or software_changed)
         if self.remote:
             self._boot(connector, facts, config_changed or self.result.changed > 0)
         # new agent software (an upgrade of flctl) is new code: a running agent restarts
         self._service(connector, facts, changed or software_changed)
+
+    def _older_agent(self, facts: dict[str, Any]) -> bool:
+        """A running agent that started with other code than the flctl installed
+        now (an upgrade; local hosts run this machine's flctl) must restart."""
+        running, installed = facts.get("agent_version"), facts["flctl_version"]
+        if facts.get("service_pid") is None or running == installed:
+            return False
+        self.step("agent version", True, f"running {running or 'an older flctl'}, "
+                                         f"installed {installed}: restarting it")
+        return True
 
     def _facts(self, connector: Connector) -> dict[str, Any]:
         args = ["facts", "--root", str(self.paths.root)]
