@@ -71,7 +71,8 @@ def test_new_agent_software_alone_restarts_a_running_agent(
     real_facts = host_deploy.HostDeploy._facts
 
     def running(self, connector):   # the agent runs, as it would after the first deploy
-        return {**real_facts(self, connector), "service_pid": 4242}
+        facts = real_facts(self, connector)
+        return {**facts, "service_pid": 4242, "agent_version": facts["flctl_version"]}
 
     monkeypatch.setattr(host_deploy.HostDeploy, "_facts", running)
     monkeypatch.setattr(host_deploy, "ensure_agent_software", software)
