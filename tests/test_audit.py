@@ -85,7 +85,10 @@ def interrupt_a_run(day: Day, run_id: str) -> None:
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
     process = subprocess.Popen([*flctl_command(), "train", "-w", str(day.root), "--rounds", "500",
                                 "--run-id", run_id], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                               # a background job (CI) inherits SIGINT ignored, and Python
+                               # keeps it so: give the run the default, as a terminal would
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = day.root / "runs" / run_id / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().strip()):
