@@ -35,7 +35,7 @@ def test_a_host_deployed_during_a_train_joins_it_through_a_live_hub(
     lab = lab_up(3, workspace)
     process: subprocess.Popen | None = None
     try:
-        (workspace / "tasks" / "slow.py").write_text(SLOW_TASK)
+        (workspace / "tasks" / "slow.py").write_text(SLOW_TASK.read_text())
         set_training(workspace, task="slow:Slow", task_params={"delay": 1.0}, deadline_s=60.0)
         first = deploy_json(workspace, "--limit", "lab1", "--limit", "lab2")
         assert first["code"] == 0, first
