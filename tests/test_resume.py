@@ -33,6 +33,19 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def kill_9_after(args: list[str], cut: Path, rounds: int) -> None:
+    """Start `flctl ARGS --run-id CUT` and kill -9 it once `rounds` rounds are on disk."""
+    process = subprocess.Popen([*flctl_command(), *args, "--run-id", cut.name],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(metrics(cut)) < rounds and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (cut / "final.npz").exists(), "the run finished before it could be killed"
+
+
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])  # fedadam: server moments resume too
 def test_resume_after_kill_9_gives_identical_weights(workspace: Path, strategy: str) -> None:
     args = ["train", "-w", str(workspace), "--rounds", str(ROUNDS), "--seed", "7", "--json",
@@ -41,15 +54,7 @@ def test_resume_after_kill_9_gives_identical_weights(workspace: Path, strategy: 
     assert full.returncode == 0, full.stderr
 
     cut = workspace / "runs" / f"interrupted-{strategy}"
-    process = subprocess.Popen([*flctl_command(), *args, "--run-id", cut.name],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while len(metrics(cut)) < 3 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (cut / "final.npz").exists(), "the run finished before it could be killed"
+    kill_9_after(args, cut, 3)
     stopped_after = json.loads((cut / "state.json").read_text())["round"]
     assert 1 <= stopped_after < ROUNDS
     listed = {r["run_id"]: r for r in run_cli("runs", "-w", str(workspace), "--json").json()["runs"]}
@@ -109,15 +114,7 @@ def test_an_upgrade_restarts_older_agents_and_the_run_resumes_exactly(workspace:
     args = ["train", "-w", str(workspace), "--rounds", "12", "--seed", "3", "--json"]
     assert run_cli(*args, "--run-id", "whole", timeout=300).returncode == 0
     cut = workspace / "runs" / "upgraded"
-    process = subprocess.Popen([*flctl_command(), *args, "--run-id", cut.name],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while len(metrics(cut)) < 2 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (cut / "final.npz").exists(), "the run finished before it could be killed"
+    kill_9_after(args, cut, 2)
 
     run_dir = workspace / ".flctl" / "hosts" / "local1" / "run"
     (run_dir / "agent.version").write_text("0.0.1")   # started by an older flctl
