@@ -31,6 +31,7 @@ from flctl.core.overlay_addresses import (
     check_explicit_overlay,
     check_ssh_outside_overlay,
 )
+from flctl.core.sites import Site, find_sites
 from flctl.core.yamlsrc import (
     LineDict,
     Spot,
@@ -46,7 +47,7 @@ from flctl.errors import ConfigError
 
 ALL = "all"
 LOCAL_GROUP = "local"
-GROUP_KEYS = ("hosts", "vars", "children")
+GROUP_KEYS = ("hosts", "vars", "children", "aggregator")
 HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 # Names a host may not take: a certificate named "coordinator" would be the
 # coordinator's, and deploy's recap reports this machine's tunnel as "hub".
@@ -103,6 +104,8 @@ class Inventory:
     source: str
     hosts: tuple[Host, ...]                  # in file order
     groups: Mapping[str, tuple[str, ...]]    # group -> host names, transitive; has "all"
+    # groups naming an `aggregator` (flctl.core.sites), by group name
+    sites: Mapping[str, Site] = field(default_factory=lambda: MappingProxyType({}))
     _by_name: Mapping[str, Host] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +117,10 @@ class Inventory:
     @property
     def names(self) -> list[str]:
         return [h.name for h in self.hosts]
+
+    def site_of(self, name: str) -> Site | None:
+        """The site whose aggregator `name` reports to, if any."""
+        return next((s for s in self.sites.values() if name in s.members), None)
 
     def host(self, name: str) -> Host:
         try:
@@ -176,6 +183,7 @@ class _Group:
     vars: dict[str, _Var] = field(default_factory=dict)
     children: list[tuple[str, int]] = field(default_factory=list)   # (name, line)
     parents: list[str] = field(default_factory=list)
+    aggregator: tuple[str, int] | None = None   # (host name, line)
 
 
 @dataclass
@@ -219,7 +227,7 @@ class _Parser:
         gspot = self.spot(line, f"groups.{name}")
         if not GROUP_NAME_RE.match(name) or name in GROUP_KEYS:
             raise gspot.error("bad group name: use letters, digits, '_', '.' or '-' "
-                              "(at most 63), not hosts, vars or children")
+                              "(at most 63), not hosts, vars, children or aggregator")
         if name == ALL and parent is not None:
             raise gspot.error("'all' is the root group and cannot be a child of another group")
         group = self.groups.get(name)
@@ -240,6 +248,9 @@ class _Parser:
         check_keys(value, GROUP_KEYS, gspot)
         for key in value:       # in file order, so hosts keep the order they are written
             key_spot = gspot.key(value, key)
+            if key == "aggregator":
+                group.aggregator = self.parse_aggregator(name, value[key], key_spot)
+                continue
             section = expect_mapping(value[key], key_spot)
             if key == "vars":
                 group.vars = self.parse_vars(section, key_spot, in_group=True)
@@ -273,6 +284,16 @@ class _Parser:
             raise hspot.error(f"host {name!r} is already defined at line {entry.define_line}")
         entry.define_line = line
         entry.vars = self.parse_vars(value, hspot, in_group=False)
+
+    @staticmethod
+    def parse_aggregator(group: str, value: Any, spot: Spot) -> tuple[str, int]:
+        if group == ALL:
+            raise spot.error("the root group cannot be a site: name an aggregator in a group "
+                             "of hosts")
+        if not isinstance(value, str) or not HOST_NAME_RE.match(value):
+            raise spot.error(f"expected one host name (the site's aggregator), got "
+                             f"{describe(value)}")
+        return value, spot.line or 1
 
     def parse_vars(self, mapping: LineDict, spot: Spot, in_group: bool) -> dict[str, _Var]:
         check_keys(mapping, HOST_VARS, spot)
@@ -395,7 +416,10 @@ def inventory_from_data(data: Any, source: str, overlay_subnet: ipaddress.IPv4Ne
     members: dict[str, tuple[str, ...]] = {}
     for group in parser.groups:
         members[group] = tuple(h.name for h in hosts if group == ALL or group in h.groups)
-    return Inventory(source, hosts, MappingProxyType(members))
+    sites = find_sites(source, {g.name: g.aggregator for g in parser.groups.values()
+                                if g.aggregator is not None},
+                       members, frozenset(h.name for h in hosts if h.is_local))
+    return Inventory(source, hosts, MappingProxyType(members), MappingProxyType(sites))
 
 
 def _merge_vars(layers: Sequence[Mapping[str, _Var]]) -> dict[str, _Var]:
