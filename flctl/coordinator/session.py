@@ -8,6 +8,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Callable
 
+from flctl.coordinator.control import live_run
 from flctl.coordinator.membership import MemberWatch
 from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import (
@@ -141,18 +142,21 @@ def train_workspace(
             done = []
         else:
             done = [r for r in read_metrics(run).records if r["round"] <= checkpoint.round]
-        tracking.start(run.path, run.run_id, plain_settings(training), resumed=resume,
-                       done=done)
+        # the run is this process's now: `flctl runs` shows it running, `runs stop` asks here
+        with live_run(run, training.rounds) as after_round:
+            tracking.start(run.path, run.run_id, plain_settings(training), resumed=resume,
+                           done=done)
 
-        def tracked(record: RoundRecord) -> None:
-            tracking.round(record.as_dict())
-            on_round(record)
+            def tracked(record: RoundRecord) -> None:
+                tracking.round(record.as_dict())
+                on_round(record)
+                after_round(record.round)   # checkpointed: a stop asked for ends the run here
 
-        summary = _train(workspace, training, hosts, run, checkpoint, serial, tracked,
-                         on_message, progress)
-        tracking.finish(summary.final_weights,
-                        json.loads((summary.run_dir / MANIFEST).read_text()))
-        return summary
+            summary = _train(workspace, training, hosts, run, checkpoint, serial, tracked,
+                             on_message, progress)
+            tracking.finish(summary.final_weights,
+                            json.loads((summary.run_dir / MANIFEST).read_text()))
+            return summary
     finally:
         tracking.close()
 
