@@ -222,7 +222,17 @@ def test_bad_input_gets_one_line(workspace: Path) -> None:
     reused = run_cli("train", "-w", str(workspace), "--run-id", "done", "--detach")
     assert reused.returncode == 6 and "run done already exists" in reused.stderr
 
-    detach(workspace, "busy-one", "--rounds", "30")
+    wrong = run_cli("train", "-w", str(workspace), "--detach", "--strategy", "nosuch",
+                    "--run-id", "wrong")
+    assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1
+    assert "run wrong did not start: unknown strategy 'nosuch'" in wrong.stderr
+    assert "wrong/detach.log" in wrong.stderr
+    assert not is_running(RunDir(workspace / "runs" / "wrong"))
+    attached = run_cli("runs", "attach", "wrong", "-w", str(workspace))
+    assert attached.returncode == 3
+    assert "ended before its first round: unknown strategy 'nosuch'" in attached.stderr
+
+    detach(workspace, "busy-one", "--rounds", "500")
     try:
         busy = run_cli("train", "-w", str(workspace), "--detach", "--run-id", "busy-two")
         assert busy.returncode == 3 and "workspace busy" in busy.stderr
@@ -254,8 +264,8 @@ def test_a_stale_pidfile_is_not_a_running_run(tmp_path: Path) -> None:
 
 
 def test_what_counts_as_a_crash() -> None:
-    assert crashed(-signal.SIGKILL) and crashed(-signal.SIGSEGV) and crashed(1)
-    assert not any(crashed(code) for code in (0, 2, 3, 5, 6, 130, -signal.SIGTERM,
+    assert crashed(-signal.SIGKILL) and crashed(-signal.SIGSEGV)
+    assert not any(crashed(code) for code in (0, 1, 2, 3, 5, 6, 130, -signal.SIGTERM,
                                               -signal.SIGINT))
 
 
@@ -300,3 +310,54 @@ def test_the_systemd_user_unit_text() -> None:
         render_run_unit(RunUnitSpec("x", "/ws", ["a\nb"], "/ws/log"))
     with pytest.raises(ValueError):
         render_run_unit(RunUnitSpec("x", "relative", ["a"], "/ws/log"))
+
+
+def test_the_background_command_has_the_flags_given(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from flctl.cli import app as cli
+    from flctl.cli.detach import detached_spec
+    from flctl.workspace import init_workspace
+
+    root = tmp_path / "ws"
+    init_workspace(root, local_hosts=2)
+    specs = []
+    monkeypatch.setattr(cli, "start_detached", lambda ctx, workspace, **_: specs.append(
+        detached_spec(ctx, workspace.root.resolve(), "R1", ctx.params["resume"])))
+    given = ["--rounds", "3", "--lr", "0.05", "--no-secure-aggregation", "-l", "a",
+             "--limit", "b", "--metrics-port", "9100", "--fraction", "0.1"]
+    done = CliRunner().invoke(cli.app, ["train", "-w", str(root), "--detach", "--json",
+                                        *given])
+    assert done.exit_code == 0, done.output
+    ws = ["--workspace", str(root.resolve())]
+    assert specs[0].start == ["train", *ws, "--limit", "a", "--limit", "b", "--rounds", "3",
+                              "--lr", "0.05", "--fraction", "0.1", "--no-secure-aggregation",
+                              "--run-id", "R1", "--metrics-port", "9100"]
+    assert specs[0].resume == ["train", "--resume", *ws, "--rounds", "3", "--metrics-port",
+                               "9100", "R1"]
+    done = CliRunner().invoke(cli.app, ["train", "--resume", "R1", "-w", str(root),
+                                        "--detach", "--rounds", "9"])
+    assert done.exit_code == 0, done.output
+    assert specs[1].start == specs[1].resume == ["train", "--resume", *ws, "--rounds", "9",
+                                                 "R1"]
+
+
+def test_systemd_is_used_only_where_it_can_outlive_the_login(monkeypatch) -> None:
+    from flctl.service import systemd
+
+    answers: dict[tuple[str, ...], tuple[int, str]] = {}
+    monkeypatch.setattr(systemd, "_run", lambda *argv: subprocess.CompletedProcess(
+        argv, *answers.get(argv[:3], (0, "")), ""))
+    monkeypatch.setattr(systemd.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(systemd, "local_user", lambda: "op")
+    monkeypatch.setattr(systemd, "init_system", lambda: "none")
+    assert systemd.why_not() == "systemd is not PID 1"
+    monkeypatch.setattr(systemd, "init_system", lambda: "systemd")
+    answers[("systemctl", "--user", "show-environment")] = (1, "")
+    assert "no user manager" in systemd.why_not()
+    answers[("systemctl", "--user", "show-environment")] = (0, "")
+    answers[("loginctl", "show-user", "op")] = (0, "no\n")
+    answers[("loginctl", "enable-linger", "op")] = (1, "")
+    assert "lingering cannot be turned on for op" in systemd.why_not()
+    answers[("loginctl", "enable-linger", "op")] = (0, "")
+    assert systemd.why_not() is None

@@ -52,22 +52,25 @@ def command_args(ctx: typer.Context, values: dict[str, Any], keep: set[str] | No
     return [ctx.command.name or "train", *options, *arguments]
 
 
+def detached_spec(ctx: typer.Context, root: Path, run_id: str, resume: bool) -> Spec:
+    """The background commands: this one for run `run_id` in workspace `root`,
+    and what continues it after a crash."""
+    values = {**ctx.params, "workspace_dir": root}
+    values.update(run=run_id, run_id=None) if resume else values.update(run_id=run_id)
+    resume_values = {**values, "resume": True, "run": run_id, "run_id": None}
+    return Spec(command_args(ctx, values),
+                command_args(ctx, resume_values, KEPT_ON_RESUME | {"resume", "run"}))
+
+
 def start_detached(ctx: typer.Context, workspace: Workspace, *, resume: bool,
                    run: str | None, run_id: str | None, json_output: bool) -> None:
     """Start the run in the background; print its id (with --json: id, pid, log)."""
     runs_root = workspace.paths.runs
     the_id = resumable_run(runs_root, run).run_id if resume else (run_id or new_run_id())
-    values = {**ctx.params, "workspace_dir": workspace.root.resolve()}
-    if resume:
-        values.update(run=the_id, run_id=None)
-    else:
-        values.update(run_id=the_id)
     with holding(workspace, "train --detach", shares_membership=True):
         pass   # busy: say so here, not in the log (the run takes the lock itself)
     target = launch.prepare(runs_root, the_id, resume)
-    resume_values = {**values, "resume": True, "run": the_id, "run_id": None}
-    spec = Spec(command_args(ctx, values),
-                command_args(ctx, resume_values, KEPT_ON_RESUME | {"resume", "run"}))
+    spec = detached_spec(ctx, workspace.root.resolve(), the_id, resume)
     started = launch.start(target, spec, workspace.root.resolve())
     if json_output:
         render.emit_json({"run": started.run_id, "pid": started.pid, "log": str(started.log),

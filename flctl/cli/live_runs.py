@@ -21,7 +21,9 @@ from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import RunDir, RunInfo, describe_run, read_metrics
 from flctl.coordinator.summary import RoundRecord
 from flctl.errors import TrainingError, WorkspaceError
+from flctl.service.launch import last_error
 from flctl.service.liveness import is_running
+from flctl.service.supervisor import LOG
 from flctl.workspace import load_workspace
 
 POLL_S = 0.2
@@ -38,7 +40,9 @@ def _where(info: RunInfo) -> str:
     if info.state == "interrupted":
         return (f"interrupted after round {info.rounds_done} of {planned}; continue it with "
                 f"`flctl train --resume {info.run_id}`")
-    return "it ended before its first round"
+    log = info.path / LOG
+    return f"it ended before its first round: {last_error(log)}" if log.exists() else (
+        "it ended before its first round")
 
 
 def _round_line(record: RoundRecord) -> str:

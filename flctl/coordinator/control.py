@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from flctl.coordinator.records import RunDir
 from flctl.core.facts import parse_proc_stat
@@ -98,21 +98,32 @@ def stop_requested(run: RunDir) -> bool:
     return (run.path / STOP_REQUEST).exists()
 
 
-@contextmanager
-def live_run(run: RunDir, planned_rounds: int) -> Iterator[Callable[[int], None]]:
-    """Mark the run as trained by this process while the block runs. The block
-    gets a function to call after each round (once it is checkpointed): it
-    raises RunStopped when a stop was asked for and rounds are left."""
-    (run.path / STOP_REQUEST).unlink(missing_ok=True)
-    write_process(run.path / PROCESS, this_process())
+class LiveRun:
+    """What the process training a run tells about it (see `live_run`)."""
 
-    def after_round(round_number: int) -> None:
-        if round_number < planned_rounds and stop_requested(run):
+    def __init__(self, run: RunDir, planned_rounds: int) -> None:
+        self.run = run
+        self.planned_rounds = planned_rounds
+
+    def running(self) -> None:
+        """The run is this process's now, its settings accepted: say so in the run."""
+        write_process(self.run.path / PROCESS, this_process())
+
+    def after_round(self, round_number: int) -> None:
+        """Call once the round is checkpointed: RunStopped when a stop was asked
+        for and rounds are left."""
+        if round_number < self.planned_rounds and stop_requested(self.run):
             raise RunStopped(
-                f"run {run.run_id} stopped after round {round_number} as asked "
-                f"(`flctl runs stop`); continue it with `flctl train --resume {run.run_id}`")
+                f"run {self.run.run_id} stopped after round {round_number} as asked (`flctl "
+                f"runs stop`); continue it with `flctl train --resume {self.run.run_id}`")
 
+
+@contextmanager
+def live_run(run: RunDir, planned_rounds: int) -> Iterator[LiveRun]:
+    """The run as trained by this process while the block runs; the record
+    it writes (`running()`) goes when the block ends, however it ends."""
+    (run.path / STOP_REQUEST).unlink(missing_ok=True)
     try:
-        yield after_round
+        yield LiveRun(run, planned_rounds)
     finally:
         remove_own(run.path / PROCESS)

@@ -143,17 +143,17 @@ def train_workspace(
         else:
             done = [r for r in read_metrics(run).records if r["round"] <= checkpoint.round]
         # the run is this process's now: `flctl runs` shows it running, `runs stop` asks here
-        with live_run(run, training.rounds) as after_round:
+        with live_run(run, training.rounds) as live:
             tracking.start(run.path, run.run_id, plain_settings(training), resumed=resume,
                            done=done)
 
             def tracked(record: RoundRecord) -> None:
                 tracking.round(record.as_dict())
                 on_round(record)
-                after_round(record.round)   # checkpointed: a stop asked for ends the run here
+                live.after_round(record.round)   # checkpointed: a stop asked for ends it here
 
             summary = _train(workspace, training, hosts, run, checkpoint, serial, tracked,
-                             on_message, progress)
+                             on_message, progress, live.running)
             tracking.finish(summary.final_weights,
                             json.loads((summary.run_dir / MANIFEST).read_text()))
             return summary
@@ -164,7 +164,8 @@ def train_workspace(
 def _train(workspace: Workspace, training: TrainingSettings, hosts: Sequence[Host],
            run: RunDir, checkpoint: Checkpoint | None, serial: int | None,
            on_round: RoundCallback, on_message: MessageCallback,
-           progress: TransferProgress | None) -> RunSummary:
+           progress: TransferProgress | None,
+           running: Callable[[], None] = lambda: None) -> RunSummary:
     context = workspace_context(workspace)
     limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes,
                     min_body_rate=MIN_BODY_RATE)
@@ -193,6 +194,7 @@ def _train(workspace: Workspace, training: TrainingSettings, hosts: Sequence[Hos
                               ca_pem=workspace.paths.ca_cert.read_bytes(),
                               revoked=workspace_revocations(workspace), initial=initial,
                               progress=progress, members=members)
+    running()   # its settings are accepted: from here on it is a running run
     return coordinator.train()
 
 

@@ -98,7 +98,7 @@ def _wait_started(run: RunDir, log: Path, exited: Callable[[], int | None] | Non
         if code is not None:
             if code == 0 and has_rounds(run):   # so short that it is over already
                 return supervisor.pid if supervisor is not None else 0
-            raise StartFailed(f"run {run.run_id} did not start: {_last_error(log)}",
+            raise StartFailed(f"run {run.run_id} did not start: {last_error(log)}",
                               code if code > 0 else 6)
         if time.monotonic() > deadline:
             raise StartFailed(f"run {run.run_id} did not start within {timeout_s:g}s; "
@@ -106,7 +106,7 @@ def _wait_started(run: RunDir, log: Path, exited: Callable[[], int | None] | Non
         time.sleep(0.05)
 
 
-def _last_error(log: Path) -> str:
+def last_error(log: Path) -> str:
     """The coordinator's error line from the log (else its last line)."""
     try:
         lines = [clean_text(line).strip() for line in log.read_text(errors="replace").splitlines()]

@@ -8,13 +8,14 @@ as a user unit (flctl.service.systemd). It runs the run's coordinator as
 terminal, and records itself in the run's `supervisor.json`.
 
 Supervised means: a coordinator that crashed (killed by a signal other than
-a request to end, or an unexpected error, exit 1) is started again with
-`--resume` from its last checkpoint, after a pause, at most MAX_CRASHES
-times in a row without a new round checkpointed in between. Any other end
-is final: the run finished (0), was stopped (`flctl runs stop`), was
+a request to end: the OOM killer, kill -9, a segfault) is started again
+with `--resume` from its last checkpoint, after a pause, at most
+MAX_CRASHES times in a row without a new round checkpointed in between. Any
+exit is final: the run finished (0), was stopped (`flctl runs stop`), was
 interrupted (130), or flctl gave its verdict (bad input, busy, too few
-hosts, diverging: exit 2 to 7). SIGTERM or SIGINT to the supervisor ends the
-coordinator with SIGINT (an interrupted run, resumable) and then itself.
+hosts, diverging), which a restart would only repeat. SIGTERM or SIGINT to
+the supervisor ends the coordinator with SIGINT (an interrupted run,
+resumable) and then itself.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ SPEC = "service.json"     # what to run: the start and the resume command
 LOG = "detach.log"
 MAX_CRASHES = 3
 PAUSE_S = 2.0             # times the crashes in a row
-CRASH_CODES = (1,)        # an unexpected error; signals are told apart below
 ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM)   # someone asked it to end
 
 
@@ -73,9 +73,7 @@ def read_spec(run: RunDir) -> Spec:
 
 def crashed(code: int) -> bool:
     """Whether an exit is a crash worth a restart (not a verdict, not a request to end)."""
-    if code < 0:
-        return -code not in [int(s) for s in ENDING_SIGNALS]
-    return code in CRASH_CODES
+    return code < 0 and -code not in [int(s) for s in ENDING_SIGNALS]
 
 
 def describe(code: int) -> str:
