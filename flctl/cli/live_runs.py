@@ -75,13 +75,14 @@ def runs_attach(
         if info.state != "finished":
             raise NotRunning(f"run {run_id} is not running ({_where(info)})")
         return
-    render.err.print(render.literal(
-        f"attached to run {run_id}: Ctrl-C detaches, the run goes on"), soft_wrap=True)
     try:
+        render.err.print(render.literal(
+            f"attached to run {run_id}: Ctrl-C detaches, the run goes on"), soft_wrap=True)
         _follow(run)
     except KeyboardInterrupt:
         render.err.print(render.literal(
-            f"detached from run {run_id}; it goes on (`flctl runs attach {run_id}`)"))
+            f"detached from run {run_id}; it goes on (`flctl runs attach {run_id}`)"),
+            soft_wrap=True)
         return
     info = describe_run(run)
     if info.state != "finished":

@@ -142,7 +142,8 @@ def train_workspace(
             done = []
         else:
             done = [r for r in read_metrics(run).records if r["round"] <= checkpoint.round]
-        # the run is this process's now: `flctl runs` shows it running, `runs stop` asks here
+        # `flctl runs` shows the run running once its coordinator is built (live.running);
+        # `flctl runs stop` asks it to end after a round (live.after_round)
         with live_run(run, training.rounds) as live:
             tracking.start(run.path, run.run_id, plain_settings(training), resumed=resume,
                            done=done)

@@ -58,19 +58,23 @@ def prepare(runs_root: Path, run_id: str, resume: bool) -> RunDir:
     return run
 
 
-def start(run: RunDir, spec: Spec, workspace_root: Path, *, use_systemd: bool | None = None,
+def start(run: RunDir, spec: Spec, workspace_root: Path,
           timeout_s: float = START_TIMEOUT_S) -> Started:
     """Start `spec` in the background for `run` and wait until its coordinator runs."""
     write_spec(run, spec)
     log = run.path / LOG
     argv = [sys.executable, "-m", liveness.SUPERVISOR_MODULE, str(run.path)]
-    note = systemd.why_not() if use_systemd is not False else "not asked for"
-    if use_systemd is not False and note is None:
+    why_not = systemd.why_not()
+    if why_not is None:
         environment = {k: os.environ[k] for k in ("PYTHONPATH",) if os.environ.get(k)}
-        unit = systemd.start_unit(RunUnitSpec(run.run_id, str(workspace_root), argv,
-                                              str(log), environment))
-        pid = _wait_started(run, log, None, timeout_s)
-        return Started(run.run_id, pid, log, SYSTEMD, unit)
+        try:
+            unit = systemd.start_unit(RunUnitSpec(run.run_id, str(workspace_root), argv,
+                                                  str(log), environment))
+        except ValueError as exc:   # a run id or path a unit file cannot hold
+            why_not = f"no unit can name it: {exc}"
+        else:
+            return Started(run.run_id, _wait_started(run, log, None, timeout_s), log,
+                           SYSTEMD, unit)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
@@ -78,9 +82,9 @@ def start(run: RunDir, spec: Spec, workspace_root: Path, *, use_systemd: bool | 
     finally:
         os.close(fd)
     pid = _wait_started(run, log, process.poll, timeout_s)
+    # where systemd runs but could not be used, say why
     return Started(run.run_id, pid, log, SUPERVISOR,
-                   note=None if note in (None, "systemd is not PID 1", "not asked for")
-                   else note)
+                   note=None if why_not == systemd.NOT_INIT else why_not)
 
 
 def _wait_started(run: RunDir, log: Path, exited: Callable[[], int | None] | None,

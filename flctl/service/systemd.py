@@ -16,6 +16,7 @@ from flctl.errors import FlctlError
 from flctl.workspace_lock import local_user
 
 TIMEOUT_S = 15.0
+NOT_INIT = "systemd is not PID 1"
 
 
 class UnitFailed(FlctlError):
@@ -30,7 +31,7 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 def why_not() -> str | None:
     """None when a user unit can run the run past logout; else the reason."""
     if init_system() != "systemd":
-        return "systemd is not PID 1"
+        return NOT_INIT
     if not shutil.which("systemctl") or not shutil.which("loginctl"):
         return "systemctl or loginctl is missing"
     try:
