@@ -226,6 +226,21 @@ def test_the_supervisor_resumes_a_coordinator_killed_with_9(workspace: Path,
     assert "train --resume" in log
 
 
+def test_sigterm_to_the_supervisor_interrupts_the_run_resumably(workspace: Path) -> None:
+    """What `systemctl --user stop` or a shutdown does: the coordinator gets
+    SIGINT (even where the job that started it ignores SIGINT, as CI's do),
+    ends interrupted with its checkpoint, and is not restarted."""
+    document = detach(workspace, "terminated", "--rounds", "200")
+    run = workspace / "runs" / "terminated"
+    wait_for(lambda: len(rounds_on_disk(run)) >= 2, "two rounds")
+    os.kill(document["pid"], signal.SIGTERM)
+    wait_for(lambda: not is_running(RunDir(run)), "the run to end", 60)
+    row = listed(workspace)["terminated"]
+    assert row["state"] == "interrupted" and row["rounds_done"] >= 2
+    log = (run / "detach.log").read_text()
+    assert "the coordinator exited with code 130" in log and "restarting" not in log
+
+
 def test_bad_input_gets_one_line(workspace: Path) -> None:
     for command in ("stop", "attach"):
         unknown = run_cli("runs", command, "no-such-run", "-w", str(workspace))

@@ -15,7 +15,7 @@ import typer
 from flctl.cli import render
 from flctl.cli.common import JsonOpt, WorkspaceOpt, named_run
 from flctl.cli.progress import TrainView
-from flctl.coordinator.control import request_stop
+from flctl.coordinator.control import checkpointed_round, request_stop
 from flctl.coordinator.metrics_tail import MetricsTail
 from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import RunDir, RunInfo, describe_run, read_metrics
@@ -134,7 +134,7 @@ def runs_stop(
         raise NotRunning(f"run {run_id} is not running ({_where(describe_run(run))})")
     request_stop(run)
     started = time.monotonic()
-    at = describe_run(run).rounds_done
+    at = checkpointed_round(run)
     if not json_output:
         render.err.print(render.literal(
             f"asked run {run_id} to stop after its current round (round {at + 1}); waiting"),
@@ -148,7 +148,7 @@ def runs_stop(
                 raise TrainingError(f"run {run_id} is still running after {timeout:g}s; it "
                                     "stops after its current round (the request stands)")
             if not json_output and render.err.is_terminal:
-                done = describe_run(run).rounds_done
+                done = checkpointed_round(run)
                 status.update(f"run {run_id}: ending round {done + 1} ({waited:.0f}s)")
             time.sleep(POLL_S)
     info = describe_run(run)

@@ -20,8 +20,6 @@ from flctl.workspace import load_workspace
 runs_app = typer.Typer(help="Runs in this workspace: list them, summarise one, follow or "
                             "stop a running one.",
                        invoke_without_command=True)
-runs_app.command("attach")(runs_attach)
-runs_app.command("stop")(runs_stop)
 
 
 @runs_app.callback()
@@ -105,3 +103,7 @@ def runs_show(
     for record in history:
         render.add_round_row(table, RoundRecord.from_dict(record))
     render.out.print(table)
+
+
+runs_app.command("attach")(runs_attach)
+runs_app.command("stop")(runs_stop)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flctl.coordinator.records import RunDir
+from flctl.coordinator.records import STATE, RunDir
 from flctl.core.facts import parse_proc_stat
 from flctl.core.fsutil import atomic_write
 from flctl.errors import TrainingError
@@ -88,6 +88,15 @@ def remove_own(path: Path) -> None:
     record = read_process(path)
     if record is not None and record.pid == os.getpid():
         path.unlink(missing_ok=True)
+
+
+def checkpointed_round(run: RunDir) -> int:
+    """The round of the run's last checkpoint (0: none), read cheaply while it runs."""
+    try:
+        value = json.loads((run.path / STATE).read_text()).get("round")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def request_stop(run: RunDir) -> None:

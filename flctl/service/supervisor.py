@@ -29,7 +29,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flctl.coordinator.control import remove_own, stop_requested, this_process, write_process
+from flctl.coordinator.control import (
+    checkpointed_round,
+    remove_own,
+    stop_requested,
+    this_process,
+    write_process,
+)
 from flctl.coordinator.records import STATE, RunDir
 from flctl.service.liveness import SUPERVISOR
 
@@ -83,14 +89,6 @@ def describe(code: int) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with code {code}"
-
-
-def checkpointed_round(run: RunDir) -> int:
-    try:
-        value = json.loads((run.path / STATE).read_text()).get("round")
-    except (OSError, ValueError, AttributeError):
-        return 0
-    return value if isinstance(value, int) else 0
 
 
 def say(text: str) -> None:
