@@ -15,7 +15,7 @@ import typer
 from flctl.cli import render
 from flctl.cli.common import JsonOpt, WorkspaceOpt, named_run
 from flctl.cli.progress import TrainView
-from flctl.coordinator.control import checkpointed_round, request_stop
+from flctl.coordinator.control import checkpointed_round, request_stop, stop_requested
 from flctl.coordinator.metrics_tail import MetricsTail
 from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import RunDir, RunInfo, describe_run, read_metrics
@@ -143,6 +143,8 @@ def runs_stop(
         if not json_output and render.err.is_terminal:
             status = stack.enter_context(render.err.status(f"run {run_id}: ending round"))
         while is_running(run):
+            if not stop_requested(run):   # a coordinator starting up clears an older request
+                request_stop(run)
             waited = time.monotonic() - started
             if timeout is not None and waited > timeout:
                 raise TrainingError(f"run {run_id} is still running after {timeout:g}s; it "

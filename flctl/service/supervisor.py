@@ -135,7 +135,7 @@ def supervise(run: RunDir, spec: Spec, pause_s: float = PAUSE_S) -> int:
             wait = pause_s * crashes
             say(f"restarting it in {wait:g}s ({crashes} of {spec.max_crashes})")
             if _wait(ending, run, wait):
-                say("a stop was asked for meanwhile: not restarting")
+                say("asked to end meanwhile: not restarting")
                 break
             args = spec.resume if (run.path / STATE).exists() else spec.start
     finally:
