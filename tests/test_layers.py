@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "flctl"
 
 LAYER = {"core": 0, "errors": 0, "data": 0, "torch": 0, "flower": 0, "net": 1, "tracking": 1.5,
          "agent": 2, "coordinator": 2, "deploy": 2, "workspace": 2, "workspace_lock": 2,
-         "report": 2.5, "audit": 2.5, "cli": 3, "__main__": 3}
+         "report": 2.5, "audit": 2.5, "service": 2.5, "cli": 3, "__main__": 3}
 IMPURE = {"socket", "ssl", "subprocess", "paramiko", "typer", "rich", "selectors", "asyncio",
           "http", "urllib", "multiprocessing"}
 # ssh_jump: ~/.ssh/config and ProxyJump chains, split from ssh.py to keep each readable

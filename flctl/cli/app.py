@@ -33,6 +33,7 @@ from flctl.cli.common import (
     refuse_members_alongside,
     selected,
 )
+from flctl.cli.detach import start_detached
 from flctl.cli.doctor_command import doctor
 from flctl.cli.pki_commands import pki_app
 from flctl.cli.progress import HostProgress, TrainView
@@ -287,6 +288,7 @@ def _print_summary(summary: RunSummary) -> None:
 @app.command()
 @audited("train")
 def train(
+    ctx: typer.Context,
     run: Optional[str] = typer.Argument(
         None, help="With --resume: the run to continue (default: the newest interrupted one)."),
     resume: bool = typer.Option(
@@ -331,6 +333,9 @@ def train(
              "(needs `pip install 'flctl\\[prometheus]'`)."),
     metrics_address: str = typer.Option(
         "127.0.0.1", "--metrics-address", help="Address the --metrics-port server binds to."),
+    detach: bool = typer.Option(
+        False, "--detach", help="Run in the background, past logout and the terminal's end "
+                                "(supervised; `flctl runs attach|stop RUN`); print the run's id."),
     json_output: bool = JsonOpt,
 ) -> None:
     """Run federated rounds against the deployed agents; save the weights locally.
@@ -357,6 +362,10 @@ def train(
     if resume and set(overrides) - {"rounds"}:
         raise ConfigError("--resume continues a run with its own settings; only --rounds "
                           "may be given with it")
+    if detach:
+        start_detached(ctx, workspace, resume=resume, run=run, run_id=run_id,
+                       json_output=json_output)
+        return
     with holding(workspace, "train", shares_membership=True):
         summary = _run_training(
             workspace, overrides, limit, run if resume else run_id, json_output, resume=resume,

@@ -140,7 +140,7 @@ def given_flags(signature: inspect.Signature, values: dict[str, Any]) -> dict[st
         info = parameter.default
         default = getattr(info, "default", info)
         value = values.get(name, default)
-        if value == default:
+        if value == default or info is inspect.Parameter.empty:  # the Context typer passes
             continue
         decls = [d for d in (getattr(info, "param_decls", None) or ()) if d.startswith("--")]
         flags[decls[0].split("/")[0] if decls else name] = _json_value(value)

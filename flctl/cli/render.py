@@ -204,7 +204,8 @@ def runs_table(infos: Sequence[RunInfo]) -> Table:
 
 
 def run_cells(info: RunInfo) -> list[str]:
-    colour = {"finished": "green", "interrupted": "yellow"}.get(info.state, "dim")
+    colour = {"finished": "green", "interrupted": "yellow", "running": "cyan"}.get(info.state,
+                                                                                 "dim")
     planned = "?" if info.rounds_planned is None else str(info.rounds_planned)
     return [info.run_id, f"[{colour}]{info.state}[/]", f"{info.rounds_done}/{planned}",
             "-" if info.accuracy is None else f"{100 * info.accuracy:.2f}%",

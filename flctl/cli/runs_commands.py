@@ -9,13 +9,16 @@ import typer
 
 from flctl.cli import render
 from flctl.cli.common import JsonOpt, WorkspaceOpt, named_run
+from flctl.cli.live_runs import runs_attach, runs_stop
 from flctl.coordinator.export import FORMATS, export_run
 from flctl.coordinator.records import describe_run, list_runs, read_metrics
 from flctl.coordinator.summary import RoundRecord, host_history
 from flctl.errors import WorkspaceError
+from flctl.service.liveness import with_liveness
 from flctl.workspace import load_workspace
 
-runs_app = typer.Typer(help="Runs in this workspace: list them, or summarise one.",
+runs_app = typer.Typer(help="Runs in this workspace: list them, summarise one, follow or "
+                            "stop a running one.",
                        invoke_without_command=True)
 
 
@@ -25,11 +28,12 @@ def runs(
     workspace_dir: Path = WorkspaceOpt,
     json_output: bool = JsonOpt,
 ) -> None:
-    """List runs: finished, or interrupted (resumable with `flctl train --resume RUN`)."""
+    """List runs: running, finished, or interrupted (resumable with
+    `flctl train --resume RUN`)."""
     if ctx.invoked_subcommand is not None:
         return
     workspace = load_workspace(workspace_dir)
-    infos = list_runs(workspace.paths.runs)
+    infos = [with_liveness(info) for info in list_runs(workspace.paths.runs)]
     for info in infos:
         render.warn(info.warnings)
     if json_output:
@@ -85,7 +89,7 @@ def runs_show(
     """Summarise one run: settings, hosts, and every round's metrics."""
     workspace = load_workspace(workspace_dir)
     run = named_run(workspace.paths.runs, run_id)
-    info = describe_run(run)
+    info = with_liveness(describe_run(run))
     render.warn(info.warnings)
     history = read_metrics(run).records
     if host is not None:
@@ -99,3 +103,7 @@ def runs_show(
     for record in history:
         render.add_round_row(table, RoundRecord.from_dict(record))
     render.out.print(table)
+
+
+runs_app.command("attach")(runs_attach)
+runs_app.command("stop")(runs_stop)

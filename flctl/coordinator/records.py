@@ -229,9 +229,23 @@ def resumable_run(runs_root: Path, run_id: str | None) -> RunDir:
 
 
 def create_run_dir(runs_root: Path, run_id: str | None = None) -> RunDir:
+    """A new run's directory. One that exists is taken only while no round
+    was recorded in it: `train --detach` makes it first, for the run's log,
+    and a run that failed before its first round may be started again."""
     run = RunDir(runs_root / (run_id or new_run_id()))
-    run.path.mkdir(parents=True, exist_ok=False)
+    try:
+        run.path.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        if not run.path.is_dir() or has_rounds(run):
+            raise TrainingError(f"run {run.run_id} already exists ({run.path}): choose another "
+                                f"--run-id, or continue it with `flctl train --resume "
+                                f"{run.run_id}`") from None
     return run
+
+
+def has_rounds(run: RunDir) -> bool:
+    """Whether the run recorded anything of a round (a metrics line, a checkpoint)."""
+    return any((run.path / name).exists() for name in (STATE, METRICS, MANIFEST, FINAL))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Callable
 
+from flctl.coordinator.control import live_run
 from flctl.coordinator.membership import MemberWatch
 from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import (
@@ -141,18 +142,22 @@ def train_workspace(
             done = []
         else:
             done = [r for r in read_metrics(run).records if r["round"] <= checkpoint.round]
-        tracking.start(run.path, run.run_id, plain_settings(training), resumed=resume,
-                       done=done)
+        # `flctl runs` shows the run running once its coordinator is built (live.running);
+        # `flctl runs stop` asks it to end after a round (live.after_round)
+        with live_run(run, training.rounds) as live:
+            tracking.start(run.path, run.run_id, plain_settings(training), resumed=resume,
+                           done=done)
 
-        def tracked(record: RoundRecord) -> None:
-            tracking.round(record.as_dict())
-            on_round(record)
+            def tracked(record: RoundRecord) -> None:
+                tracking.round(record.as_dict())
+                on_round(record)
+                live.after_round(record.round)   # checkpointed: a stop asked for ends it here
 
-        summary = _train(workspace, training, hosts, run, checkpoint, serial, tracked,
-                         on_message, progress)
-        tracking.finish(summary.final_weights,
-                        json.loads((summary.run_dir / MANIFEST).read_text()))
-        return summary
+            summary = _train(workspace, training, hosts, run, checkpoint, serial, tracked,
+                             on_message, progress, live.running)
+            tracking.finish(summary.final_weights,
+                            json.loads((summary.run_dir / MANIFEST).read_text()))
+            return summary
     finally:
         tracking.close()
 
@@ -160,7 +165,8 @@ def train_workspace(
 def _train(workspace: Workspace, training: TrainingSettings, hosts: Sequence[Host],
            run: RunDir, checkpoint: Checkpoint | None, serial: int | None,
            on_round: RoundCallback, on_message: MessageCallback,
-           progress: TransferProgress | None) -> RunSummary:
+           progress: TransferProgress | None,
+           running: Callable[[], None] = lambda: None) -> RunSummary:
     context = workspace_context(workspace)
     limits = Limits(max_body_bytes=workspace.settings.limits.max_message_bytes,
                     min_body_rate=MIN_BODY_RATE)
@@ -189,6 +195,7 @@ def _train(workspace: Workspace, training: TrainingSettings, hosts: Sequence[Hos
                               ca_pem=workspace.paths.ca_cert.read_bytes(),
                               revoked=workspace_revocations(workspace), initial=initial,
                               progress=progress, members=members)
+    running()   # its settings are accepted: from here on it is a running run
     return coordinator.train()
 
 
