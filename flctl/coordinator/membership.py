@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from flctl.coordinator.fanout import MAX_WORKERS, worker_pool
 from flctl.coordinator.replies import HostProfile, HostRefused, check_info
 from flctl.coordinator.summary import MessageCallback
 from flctl.core.layout import Endpoint
@@ -153,10 +154,11 @@ class MembershipChanges:
         return available
 
     def _one_worker_per_host(self) -> None:
-        """A round asks every host at once: the pool grows with the run (a fresh
-        one; workers of the old finish what they hold, there is nothing else)."""
-        if len(self.clients) > self._pool._max_workers:
-            old, self._pool = self._pool, ThreadPoolExecutor(max_workers=len(self.clients))
+        """A round asks its hosts at once: the pool grows with the run, one
+        worker per host up to fanout.MAX_WORKERS (a fresh pool; workers of the
+        old finish what they hold, there is nothing else)."""
+        if self._pool._max_workers < min(len(self.clients), MAX_WORKERS):
+            old, self._pool = self._pool, worker_pool(len(self.clients))
             old.shutdown(wait=False)
 
     def _admit(self, client: AgentClient, weights: Sequence[np.ndarray]) -> HostProfile:

@@ -1,0 +1,115 @@
+"""Large federations: a bounded worker pool that keeps the round's deadline,
+and evaluation on a seeded sample of hosts (training.eval_hosts)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_coordinator import Federation
+
+from flctl.coordinator.fanout import MAX_WORKERS, fan_out, worker_pool
+from flctl.core.settings import TrainingSettings
+
+
+class FakeClient:
+    """A host for fan_out: a name, and an abort that wakes its call."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.aborted = threading.Event()
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+
+def test_the_pool_is_one_worker_per_host_up_to_the_cap() -> None:
+    for hosts, workers in [(0, 1), (3, 3), (MAX_WORKERS, MAX_WORKERS), (1000, MAX_WORKERS)]:
+        pool = worker_pool(hosts)
+        assert pool._max_workers == workers
+        pool.shutdown()
+
+
+def test_queued_calls_keep_the_deadline() -> None:
+    """Two workers, six hosts whose calls block until aborted: the two running
+    are cut at the deadline, the four queued never start, all six fail as
+    past the deadline, and the round is not held up by the queue."""
+    clients = [FakeClient(f"h{i}") for i in range(6)]
+    started: list[str] = []
+
+    def call(client: FakeClient) -> str:
+        started.append(client.name)
+        if not client.aborted.wait(10):
+            return "late"
+        raise ConnectionError("aborted")
+
+    with worker_pool(len(clients), limit=2) as pool:
+        began = time.monotonic()
+        results, failures = fan_out(pool, clients, call, timeout=0.5)  # type: ignore[arg-type]
+        took = time.monotonic() - began
+        time.sleep(0.3)   # a queued call that started late would show here
+    assert results == {}
+    assert sorted(failures) == [c.name for c in clients]
+    assert set(failures.values()) == {"deadline exceeded"}
+    assert sorted(started) == ["h0", "h1"]
+    assert took < 3.0
+
+
+def test_a_queued_call_whose_turn_comes_late_fails_at_once() -> None:
+    """One worker, hosts that take 0.3 s each, a 1 s deadline: those that
+    fit in the deadline answer, the rest fail without being asked."""
+    clients = [FakeClient(f"h{i}") for i in range(8)]
+    asked: list[str] = []
+
+    def call(client: FakeClient) -> str:
+        asked.append(client.name)
+        client.aborted.wait(0.3)
+        return client.name
+
+    with worker_pool(len(clients), limit=1) as pool:
+        results, failures = fan_out(pool, clients, call, timeout=1.0)  # type: ignore[arg-type]
+    assert 2 <= len(results) <= 4 and len(results) + len(failures) == 8
+    assert all(reason.startswith("deadline exceeded") for reason in failures.values())
+    assert len(asked) <= len(results) + 1   # at most the one cut at the deadline
+
+
+def test_eval_hosts_defaults_to_a_hundred() -> None:
+    assert TrainingSettings().eval_hosts == 100   # every host of a federation up to 100
+
+
+def test_evaluation_asks_a_seeded_sample_of_hosts(tmp_path: Path) -> None:
+    """With training.eval_hosts 2 of 5 hosts, each round's evaluation goes to
+    2 hosts drawn from (seed, round): the same draw in a new coordinator (a
+    resumed run), all hosts with eval_hosts 0; every host still trains."""
+    evaluated: dict[int, list[str]] = {}
+
+    def counting(index: int):
+        def change(request, reply):
+            if request.kind == "evaluate":
+                evaluated.setdefault(request.meta["config"]["round"], []).append(f"h{index}")
+            return reply
+        return change
+
+    fed = Federation(tmp_path, [5] * 5, tamper={i: counting(i) for i in range(5)})
+    try:
+        messages: list[str] = []
+        training = TrainingSettings(task="meantask:MeanTask", rounds=4, eval_hosts=2, seed=7)
+        coordinator = fed.coordinator(training, on_message=messages.append)
+        summary = coordinator.train()
+        assert all(len(r.participants) == 5 for r in summary.history)
+        assert sorted(evaluated) == [1, 2, 3, 4]
+        assert all(len(set(hosts)) == 2 for hosts in evaluated.values())
+        assert len({tuple(sorted(h)) for h in evaluated.values()}) > 1  # drawn per round
+        assert any("evaluating on 2 of 5 hosts" in m for m in messages)
+        again = fed.coordinator(training)
+        for round_number, hosts in evaluated.items():
+            assert sorted(c.name for c in again._eval_sample(again.clients, round_number)) \
+                == sorted(hosts)
+        evaluated.clear()
+        fed.coordinator(TrainingSettings(task="meantask:MeanTask", rounds=1,
+                                         eval_hosts=0)).train()
+        assert sorted(evaluated[1]) == [f"h{i}" for i in range(5)]
+    finally:
+        fed.close()
