@@ -3,15 +3,17 @@ and evaluation on a seeded sample of hosts (training.eval_hosts)."""
 
 from __future__ import annotations
 
+import resource
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from test_coordinator import Federation
 
+from flctl.coordinator import openfiles
 from flctl.coordinator.fanout import MAX_WORKERS, fan_out, worker_pool
 from flctl.core.settings import TrainingSettings
+from test_coordinator import Federation
 
 
 class FakeClient:
@@ -113,3 +115,49 @@ def test_evaluation_asks_a_seeded_sample_of_hosts(tmp_path: Path) -> None:
         assert sorted(evaluated[1]) == [f"h{i}" for i in range(5)]
     finally:
         fed.close()
+
+
+class Limits:
+    """resource's RLIMIT_NOFILE calls, on numbers of the test's choosing."""
+
+    RLIMIT_NOFILE = resource.RLIMIT_NOFILE
+    RLIM_INFINITY = resource.RLIM_INFINITY
+
+    def __init__(self, soft: int, hard: int, refuse: bool = False) -> None:
+        self.soft, self.hard, self.refuse = soft, hard, refuse
+        self.set: list[tuple[int, int]] = []
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == resource.RLIMIT_NOFILE
+        return self.soft, self.hard
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        if self.refuse:
+            raise ValueError("not allowed")
+        self.set.append(limits)
+        self.soft, self.hard = limits
+
+
+@pytest.mark.parametrize(("soft", "hard", "hosts", "raised", "told"), [
+    (1024, 4096, 10, [], False),                 # room enough: untouched
+    (1024, 4096, 1000, [(1256, 4096)], False),   # raised to what 1000 hosts need
+    (1024, 1024, 1000, [], True),                # the hard limit is short: said once
+    (1024, resource.RLIM_INFINITY, 2000, [(2256, resource.RLIM_INFINITY)], False),
+])
+def test_the_open_file_limit_makes_room_for_every_host(
+        monkeypatch: pytest.MonkeyPatch, soft: int, hard: int, hosts: int,
+        raised: list[tuple[int, int]], told: bool) -> None:
+    limits = Limits(soft, hard)
+    monkeypatch.setattr(openfiles, "resource", limits)
+    line = openfiles.ensure_open_files(hosts)
+    assert limits.set == raised
+    assert (line is not None) == told
+    if told:
+        assert line is not None and f"over {hosts} hosts" in line and "ulimit -n" in line
+
+
+def test_a_refused_raise_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = Limits(256, 4096, refuse=True)
+    monkeypatch.setattr(openfiles, "resource", limits)
+    line = openfiles.ensure_open_files(500)
+    assert line is not None and line.startswith("this process may open 256 files")

@@ -23,6 +23,7 @@ from flctl.coordinator.admission import HostAdmission
 from flctl.coordinator.budget import MemoryBudget
 from flctl.coordinator.fanout import fan_out, worker_pool
 from flctl.coordinator.membership import MembershipChanges, MemberWatch
+from flctl.coordinator.openfiles import ensure_open_files
 from flctl.coordinator.privacy import PrivacyLedger, hosts_per_round
 from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import Checkpoint, RunDir
@@ -52,7 +53,6 @@ from flctl.core.tasks import BUILTIN_TASKS, Task, check_weights
 from flctl.core.uplink import UplinkSpec, unpack_update
 from flctl.errors import TrainingError
 from flctl.net.agent_client import AgentClient, EvalReply, FitReply, Transfer
-
 
 # The evaluation sample's stream beside the fit sample's ([seed, round] and,
 # for re-runs, [seed, round, attempt] with attempt <= 101).
@@ -349,6 +349,9 @@ class Coordinator(HostAdmission, MembershipChanges):
     def train(self) -> RunSummary:
         t = self.training
         started = time.perf_counter()
+        short = ensure_open_files(len(self.clients))
+        if short is not None:
+            self.on_message(short)
         try:
             infos = self.discover()
             # Every round asks every host but those whose info was refused: one that

@@ -109,7 +109,8 @@ def federated_stats(clients: Sequence[AgentClient], *, min_count: int = MIN_COUN
     for name in stats.withheld:
         tell(f"{name}: fewer than {min_count} rows: it contributes nothing (min_count)")
     edges = histogram_edges(stats, bins)
-    used = [c for c in clients if c.name in stats.hosts]
+    counted = set(stats.hosts)
+    used = [c for c in clients if c.name in counted]
     histograms = np.zeros((edges.shape[0], bins), np.int64)
     for name, reply in sorted(_ask(used, min_count, edges).items()):
         counts = None if isinstance(reply, str) or len(reply.arrays) != 1 else \
