@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,28 @@ def raise_open_files() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Sampler:
+    """This process's threads and open files, sampled every 50 ms while it runs."""
+
+    def __init__(self) -> None:
+        self.threads = self.files = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.threads = max(self.threads, threading.active_count())
+            self.files = max(self.files, len(os.listdir("/proc/self/fd")))
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def peak_rss_bytes() -> int:
@@ -179,11 +202,17 @@ def train(root: Path) -> dict[str, Any]:
         seen.append(time.perf_counter())
         records.append(record)
 
+    # as many a shell starts with: the coordinator raises it itself (coordinator.openfiles)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), hard))
     started = time.perf_counter()
-    summary = train_workspace(workspace, workspace.settings.training,
-                              list(workspace.inventory.hosts), run_id="thousand",
-                              on_round=on_round, on_message=messages.append)
+    with Sampler() as sampler:
+        summary = train_workspace(workspace, workspace.settings.training,
+                                  list(workspace.inventory.hosts), run_id="thousand",
+                                  on_round=on_round, on_message=messages.append)
     return {"records": records, "messages": messages, "summary": summary,
+            "threads": sampler.threads, "open_files": sampler.files,
+            "nofile_soft": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             "startup_s": seen[0] - started - records[0].seconds,
             "total_s": time.perf_counter() - started}
 
@@ -241,7 +270,8 @@ def main() -> int:
         "evaluated_hosts_last_round": records[-1].as_dict().get("evaluated"),
         "participants": [len(r.participants) for r in records],
         "dropped": [len(r.dropped) for r in records],
-        "peak_rss_bytes": peak, "messages": run["messages"][:20],
+        "peak_rss_bytes": peak, "peak_threads": run["threads"],
+        "peak_open_files": run["open_files"], "open_files_limit": run["nofile_soft"], "messages": run["messages"][:20],
         "targets": [t.as_json() for t in targets], "met": all(t.met for t in targets),
     }
     if args.json:
@@ -256,6 +286,8 @@ def main() -> int:
           f"(with evaluation) {records[-1].seconds:.2f} s, of it evaluation "
           f"{records[-1].eval_seconds:.2f} s")
     print(f"participants per round: {report['participants']}, dropped: {report['dropped']}")
+    print(f"coordinator: peak {run['threads']} threads, {run['open_files']} open files "
+          f"(its open-file limit, from 1024: {run['nofile_soft']})")
     for message in run["messages"][:10]:
         print(f"  coordinator: {message}")
     for t in targets:

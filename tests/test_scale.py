@@ -3,16 +3,24 @@ and evaluation on a seeded sample of hosts (training.eval_hosts)."""
 
 from __future__ import annotations
 
+import io
 import resource
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+from typer.testing import CliRunner
 
+from flctl.cli import app as cli_app
+from flctl.cli.render import HOSTS_LISTED, add_round_row, round_table
 from flctl.coordinator import openfiles
 from flctl.coordinator.fanout import MAX_WORKERS, fan_out, worker_pool
+from flctl.coordinator.summary import RoundRecord
 from flctl.core.settings import TrainingSettings
+from flctl.errors import HostError
+from flctl.workspace import init_workspace
 from test_coordinator import Federation
 
 
@@ -161,3 +169,67 @@ def test_a_refused_raise_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(openfiles, "resource", limits)
     line = openfiles.ensure_open_files(500)
     assert line is not None and line.startswith("this process may open 256 files")
+
+
+def _rendered(table) -> str:
+    console = Console(file=io.StringIO(), width=400, color_system=None)
+    console.print(table)
+    return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def _status_rows(count: int, down: tuple[int, ...] = (), odd: tuple[int, ...] = ()) -> list:
+    rows = []
+    for i in range(count):
+        row = {"host": f"h{i:04d}", "reachable": i not in down,
+               "agent": "down" if i in down else "bad answer" if i in odd else "idle",
+               "error": "refused" if i in down else None, "n_train": 10, "n_test": 2}
+        rows.append(row)
+    return rows
+
+
+def test_status_of_many_hosts_is_a_summary_and_the_hosts_needing_attention(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    init_workspace(tmp_path, local_hosts=2)
+    rows = _status_rows(300, down=tuple(range(10, 22)), odd=(5,))
+    monkeypatch.setattr(cli_app, "gather_status", lambda *a, **k: [dict(r) for r in rows])
+    result = CliRunner().invoke(cli_app.app, ["status", "-w", str(tmp_path)],
+                                terminal_width=300)
+    text = result.output
+    assert "300 hosts" in text
+    overview = {line.split("│")[1].strip(): line.split("│")[2].strip()
+                for line in text.splitlines() if line.count("│") >= 4
+                and line.split("│")[1].strip() in ("idle", "down", "bad answer")}
+    assert overview == {"idle": "287", "down": "12", "bad answer": "1"}
+    # the rows that need attention, and no idle host by name
+    assert "hosts needing attention (13 of 13)" in text
+    assert "h0005" in text and "h0021" in text and "h0100" not in text
+    assert "13 needing attention: `flctl status --all`" in text
+    assert isinstance(result.exception, HostError)
+    assert str(result.exception).startswith("unreachable: h0010, h0011") and \
+        "and 2 more (--json lists them all)" in str(result.exception)
+
+    every = CliRunner().invoke(cli_app.app, ["status", "-w", str(tmp_path), "--all"],
+                               terminal_width=300)
+    assert all(f"h{i:04d}" in every.output for i in range(300))
+
+
+def test_a_few_hosts_keep_their_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    init_workspace(tmp_path, local_hosts=2)
+    rows = _status_rows(HOSTS_LISTED)
+    monkeypatch.setattr(cli_app, "gather_status", lambda *a, **k: [dict(r) for r in rows])
+    result = CliRunner().invoke(cli_app.app, ["status", "-w", str(tmp_path)],
+                                terminal_width=300)
+    assert result.exit_code == 0 and "needing attention" not in result.output
+    assert all(f"h{i:04d}" in result.output for i in range(HOSTS_LISTED))
+
+
+def test_a_round_row_names_a_few_dropped_hosts_and_counts_the_rest() -> None:
+    dropped = {f"h{i:04d}": "deadline exceeded" for i in range(12)}
+    record = RoundRecord(round=3, participants=["h0100"], dropped=dropped, train_loss=0.5,
+                         eval_loss=None, accuracy=None, seconds=1.0, fit_seconds=1.0,
+                         max_compute_s=0.5, bytes_sent=0, bytes_received=0)
+    table = round_table()
+    add_round_row(table, record)
+    text = _rendered(table)
+    assert "h0004: deadline exceeded" in text and "h0005" not in text
+    assert "and 7 more" in text
