@@ -198,8 +198,12 @@ def train(root: Path) -> dict[str, Any]:
     messages: list[str] = []
     seen: list[float] = []
 
+    cpu: list[float] = []
+
     def on_round(record: Any) -> None:
         seen.append(time.perf_counter())
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu.append(usage.ru_utime + usage.ru_stime)
         records.append(record)
 
     # as many a shell starts with: the coordinator raises it itself (coordinator.openfiles)
@@ -211,6 +215,7 @@ def train(root: Path) -> dict[str, Any]:
                                   list(workspace.inventory.hosts), run_id="thousand",
                                   on_round=on_round, on_message=messages.append)
     return {"records": records, "messages": messages, "summary": summary,
+            "cpu_per_round": [b - a for a, b in zip(cpu, cpu[1:])],
             "threads": sampler.threads, "open_files": sampler.files,
             "nofile_soft": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             "startup_s": seen[0] - started - records[0].seconds,
@@ -270,6 +275,8 @@ def main() -> int:
         "evaluated_hosts_last_round": records[-1].as_dict().get("evaluated"),
         "participants": [len(r.participants) for r in records],
         "dropped": [len(r.dropped) for r in records],
+        "coordinator_cpu_s_per_round": statistics.median(run["cpu_per_round"][:-1]
+                                                         or run["cpu_per_round"]),
         "peak_rss_bytes": peak, "peak_threads": run["threads"],
         "peak_open_files": run["open_files"], "open_files_limit": run["nofile_soft"], "messages": run["messages"][:20],
         "targets": [t.as_json() for t in targets], "met": all(t.met for t in targets),
@@ -286,7 +293,8 @@ def main() -> int:
           f"(with evaluation) {records[-1].seconds:.2f} s, of it evaluation "
           f"{records[-1].eval_seconds:.2f} s")
     print(f"participants per round: {report['participants']}, dropped: {report['dropped']}")
-    print(f"coordinator: peak {run['threads']} threads, {run['open_files']} open files "
+    print(f"coordinator: {report['coordinator_cpu_s_per_round']:.3f} CPU-s per steady round, "
+          f"peak {run['threads']} threads, {run['open_files']} open files "
           f"(its open-file limit, from 1024: {run['nofile_soft']})")
     for message in run["messages"][:10]:
         print(f"  coordinator: {message}")
