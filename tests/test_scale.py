@@ -4,6 +4,7 @@ and evaluation on a seeded sample of hosts (training.eval_hosts)."""
 from __future__ import annotations
 
 import io
+import ipaddress
 import resource
 import threading
 import time
@@ -18,8 +19,9 @@ from flctl.cli.render import HOSTS_LISTED, add_round_row, round_table
 from flctl.coordinator import openfiles
 from flctl.coordinator.fanout import MAX_WORKERS, fan_out, worker_pool
 from flctl.coordinator.summary import RoundRecord
+from flctl.core.inventory import parse_inventory, render_local_inventory
 from flctl.core.settings import TrainingSettings
-from flctl.errors import HostError
+from flctl.errors import ConfigError, HostError
 from flctl.workspace import init_workspace
 from test_coordinator import Federation
 
@@ -112,7 +114,7 @@ def test_evaluation_asks_a_seeded_sample_of_hosts(tmp_path: Path) -> None:
         assert sorted(evaluated) == [1, 2, 3, 4]
         assert all(len(set(hosts)) == 2 for hosts in evaluated.values())
         assert len({tuple(sorted(h)) for h in evaluated.values()}) > 1  # drawn per round
-        assert any("evaluating on 2 of 5 hosts" in m for m in messages)
+        assert any("evaluating on a sample of 2 of the 5 hosts" in m for m in messages)
         again = fed.coordinator(training)
         for round_number, hosts in evaluated.items():
             assert sorted(c.name for c in again._eval_sample(again.clients, round_number)) \
@@ -233,3 +235,12 @@ def test_a_round_row_names_a_few_dropped_hosts_and_counts_the_rest() -> None:
     text = _rendered(table)
     assert "h0004: deadline exceeded" in text and "h0005" not in text
     assert "and 7 more" in text
+
+
+def test_an_overlay_too_small_for_the_inventory_names_one_that_fits(tmp_path: Path) -> None:
+    names = [(f"h{i:04d}", "data/x.npz") for i in range(1000)]
+    with pytest.raises(ConfigError) as caught:
+        parse_inventory(render_local_inventory(names), "inventory.yaml",
+                        ipaddress.IPv4Network("10.213.0.0/24"), tmp_path)
+    assert "has room for 253 hosts, the inventory has 1000 (set overlay.subnet in " \
+        "flctl.yaml to 10.213.0.0/22 or wider)" in caught.value.message

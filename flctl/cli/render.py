@@ -133,8 +133,8 @@ def host_history_table(host: str, rows: Sequence[dict[str, Any]]) -> Table:
     return table
 
 
-# `flctl status` and `runs show` list at most this many hosts by name; a
-# larger federation gets a summary (--all or --json for every host).
+# `flctl status` gives at most this many hosts a row each; a larger
+# federation gets a summary (--all or --json for every host).
 HOSTS_LISTED = 40
 
 

@@ -148,8 +148,8 @@ class Coordinator(HostAdmission, MembershipChanges):
             return list(available)
         if not self._eval_sample_told:
             self._eval_sample_told = True
-            self.on_message(f"evaluating on {cap} of {len(available)} hosts a round, sampled "
-                            f"(training.eval_hosts; 0 evaluates on every host)")
+            self.on_message(f"evaluating on a sample of {cap} of the {len(available)} hosts "
+                            f"(training.eval_hosts; 0: every host)")
         rng = np.random.default_rng([self.training.seed, round_number, EVAL_DRAW])
         chosen = sorted(rng.choice(len(available), size=cap, replace=False))
         return [available[i] for i in chosen]
