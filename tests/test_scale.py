@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from flctl.cli import app as cli_app
 from flctl.cli.render import HOSTS_LISTED, add_round_row, round_table
-from flctl.coordinator import openfiles
+from flctl.coordinator import openfiles, rounds
 from flctl.coordinator.fanout import MAX_WORKERS, fan_out, worker_pool
 from flctl.coordinator.summary import RoundRecord
 from flctl.core.inventory import parse_inventory, render_local_inventory
@@ -244,3 +244,24 @@ def test_an_overlay_too_small_for_the_inventory_names_one_that_fits(tmp_path: Pa
                         ipaddress.IPv4Network("10.213.0.0/24"), tmp_path)
     assert "has room for 253 hosts, the inventory has 1000 (set overlay.subnet in " \
         "flctl.yaml to 10.213.0.0/22 or wider)" in caught.value.message
+
+
+def test_a_round_larger_than_the_pool_queues_and_keeps_its_deadline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six hosts through two workers: the five quick ones answer from the
+    queue, the slow one (last in line) is cut at the round's deadline."""
+    monkeypatch.setattr(rounds, "worker_pool", lambda hosts: worker_pool(hosts, limit=2))
+    fed = Federation(tmp_path, [4] * 6)
+    try:
+        training = TrainingSettings(task="meantask:MeanTask", rounds=1, deadline_s=2.0,
+                                    task_params={"slow": [5], "delay": 6.0}, min_hosts=2,
+                                    heartbeat_s=0.5)
+        coordinator = fed.coordinator(training)
+        assert coordinator._pool._max_workers == 2
+        began = time.monotonic()
+        record = coordinator.train().history[0]
+        assert record.participants == [f"h{i}" for i in range(5)]
+        assert record.dropped == {"h5": "deadline exceeded"}
+        assert time.monotonic() - began < 5.5
+    finally:
+        fed.close()
