@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from flctl.cli import app as cli_app
 from flctl.cli.render import HOSTS_LISTED, add_round_row, round_table
-from flctl.coordinator import openfiles, rounds
-from flctl.coordinator.fanout import MAX_WORKERS, fan_out, worker_pool
+from flctl.coordinator import fanout, openfiles, rounds
+from flctl.coordinator.fanout import MAX_WORKERS, fan_out, pool_size, worker_pool
 from flctl.coordinator.summary import RoundRecord
 from flctl.core.inventory import parse_inventory, render_local_inventory
 from flctl.core.settings import TrainingSettings
@@ -42,6 +42,38 @@ def test_the_pool_is_one_worker_per_host_up_to_the_cap() -> None:
         pool = worker_pool(hosts)
         assert pool._max_workers == workers
         pool.shutdown()
+
+
+@pytest.mark.parametrize(("hosts", "at_once", "limit", "workers"), [
+    (1000, 100, 128, 128),    # 100 sampled: discovery and evaluation use all 128
+    (1000, 500, 128, 500),    # a round of 500 trains all 500 at once
+    (1000, 1000, 128, 1000),  # fraction 1.0: every host at once, as before
+    (50, 0, 128, 50), (50, 500, 128, 50), (0, 0, 128, 1),
+])
+def test_a_round_never_queues_its_own_sample(hosts: int, at_once: int, limit: int,
+                                             workers: int) -> None:
+    assert pool_size(hosts, at_once, limit) == workers
+
+
+def test_hosts_sampled_together_train_together(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With room for 2 workers per fan-out but a round of all 6 hosts, each
+    training 1 s, the round takes about 1 s, not 3 (queued fits would start
+    only as others finished)."""
+    monkeypatch.setattr(fanout, "MAX_WORKERS", 2)
+    fed = Federation(tmp_path, [4] * 6)
+    try:
+        training = TrainingSettings(task="meantask:MeanTask", rounds=1, eval_every=10,
+                                    task_params={"slow": list(range(6)), "delay": 1.0})
+        coordinator = fed.coordinator(training)
+        assert coordinator._pool._max_workers == 6
+        record = coordinator.train().history[0]
+        assert len(record.participants) == 6
+        assert record.fit_seconds < 2.5
+        half = fed.coordinator(TrainingSettings(task="meantask:MeanTask", fraction=0.5))
+        assert half._pool._max_workers == 3
+    finally:
+        fed.close()
 
 
 def test_queued_calls_keep_the_deadline() -> None:
@@ -250,7 +282,8 @@ def test_a_round_larger_than_the_pool_queues_and_keeps_its_deadline(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Six hosts through two workers: the five quick ones answer from the
     queue, the slow one (last in line) is cut at the round's deadline."""
-    monkeypatch.setattr(rounds, "worker_pool", lambda hosts: worker_pool(hosts, limit=2))
+    monkeypatch.setattr(rounds, "worker_pool",
+                        lambda hosts, at_once=0: worker_pool(hosts, limit=2))
     fed = Federation(tmp_path, [4] * 6)
     try:
         training = TrainingSettings(task="meantask:MeanTask", rounds=1, deadline_s=2.0,

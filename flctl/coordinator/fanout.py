@@ -5,9 +5,10 @@ reply is discarded), so a round never waits on the slowest host past its
 deadline and no worker outlives the round by more than a moment.
 
 The workers are a bounded pool (worker_pool): a thousand hosts do not get
-a thousand threads. A call still queued when the deadline passes is
-cancelled, and one whose turn comes after it fails at once, so queued work
-keeps the deadline as running work does.
+a thousand threads, only as many as a round asks at once. A call still
+queued when the deadline passes is cancelled, and one whose turn comes
+after it fails at once, so queued work keeps the deadline as running work
+does.
 """
 
 from __future__ import annotations
@@ -20,16 +21,24 @@ from typing import Any, Callable
 from flctl.errors import FlctlError, TrainingError
 from flctl.net.agent_client import AgentClient
 
-# At most this many requests in flight at once (one thread each); more hosts
-# queue. A round samples hosts, so this bounds a round of up to this many
-# sampled hosts not at all, and a larger one to this many at a time.
+# Requests in flight at once (one thread each) when every host is asked
+# (discovery, statistics, evaluation); more hosts queue.
 MAX_WORKERS = 128
 DEADLINE = "deadline exceeded"
 
 
-def worker_pool(hosts: int, limit: int = MAX_WORKERS) -> ThreadPoolExecutor:
-    """A pool for fan_out over `hosts` hosts: one worker each, up to `limit`."""
-    return ThreadPoolExecutor(max_workers=max(1, min(hosts, limit)),
+def pool_size(hosts: int, at_once: int = 0, limit: int | None = None) -> int:
+    """Workers for `hosts` hosts: one each up to `limit` (MAX_WORKERS), but
+    never fewer than the `at_once` hosts a round asks together: a fit holds
+    its worker for the host's whole training, so a queued host would start
+    training only when another finished, doubling the round."""
+    cap = MAX_WORKERS if limit is None else limit
+    return max(1, min(hosts, cap), min(hosts, at_once))
+
+
+def worker_pool(hosts: int, at_once: int = 0, limit: int | None = None) -> ThreadPoolExecutor:
+    """A pool for fan_out over `hosts` hosts (pool_size)."""
+    return ThreadPoolExecutor(max_workers=pool_size(hosts, at_once, limit),
                               thread_name_prefix="flctl-fanout")
 
 

@@ -115,7 +115,7 @@ class Coordinator(HostAdmission, MembershipChanges):
         self.task_params: dict[str, Any] = {}
         self._eval_failures_told: set[tuple[str, str]] = set()
         self._eval_sample_told = False
-        self._pool = worker_pool(len(self.clients))
+        self._pool = worker_pool(len(self.clients), self._round_size())
         # Set when the run ends, however it ends: workers stop resuming transfers
         # (the interpreter waits for them before an interrupted run can exit).
         self._stopping = threading.Event()
@@ -125,6 +125,10 @@ class Coordinator(HostAdmission, MembershipChanges):
                   timeout: float | None) -> tuple[dict[str, Any], dict[str, str]]:
         """Run `call` on every client (fanout.fan_out on the run's pool)."""
         return fan_out(self._pool, clients, call, timeout)
+
+    def _round_size(self) -> int:
+        """How many hosts a round asks at once (its sample)."""
+        return hosts_per_round(self.training, len(self.clients))
 
     def _sample(self, available: list[AgentClient], round_number: int,
                 attempt: int = 1) -> list[AgentClient]:
