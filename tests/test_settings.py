@@ -120,6 +120,7 @@ BAD = [
     ("training:\n  heartbeat_s: -2\n", 2, "training.heartbeat_s", ">= 0"),
     ("training:\n  deadline_s: 0\n", 2, "training.deadline_s", "must be > 0"),
     ("training:\n  eval_every: 0\n", 2, "training.eval_every", ">= 1"),
+    ("training:\n  eval_hosts: -1\n", 2, "training.eval_hosts", ">= 0"),
     ("training:\n  seed: -1\n", 2, "training.seed", "between 0 and 4294967295, got -1"),
     ("training:\n  task: 'my tasks'\n", 2, "training.task", "builtin name or 'package.module:Class'"),
     ("training:\n  strategy: 3\n", 2, "training.strategy", "expected a string, got integer 3"),

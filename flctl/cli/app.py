@@ -154,6 +154,9 @@ def status(
     workspace_dir: Path = WorkspaceOpt,
     limit: Optional[list[str]] = LimitOpt,
     json_output: bool = JsonOpt,
+    every: bool = typer.Option(False, "--all", help="A row for every host, however many "
+                                                     f"(past {render.HOSTS_LISTED} hosts: a "
+                                                     "summary and the hosts needing attention)."),
 ) -> None:
     """Show every host's agent, load, memory and disk at a glance."""
     workspace = load_workspace(workspace_dir)
@@ -162,13 +165,23 @@ def status(
     render.warn(latest.warnings if latest else ())
     if json_output:
         render.emit_json({"hosts": rows, "latest_run": latest.as_dict() if latest else None})
-    else:
+    elif every or len(rows) <= render.HOSTS_LISTED:
         render.out.print(render.status_table(rows))
-        if latest is not None:
-            render.out.print(render.latest_run_line(latest))
+    else:
+        render.out.print(render.status_overview(rows))
+        attention = [r for r in rows if render.needs_attention(r)]
+        if attention:
+            shown = attention[:render.HOSTS_LISTED]
+            render.out.print(render.status_table(
+                shown, f"hosts needing attention ({len(shown)} of {len(attention)})"))
+        render.out.print(f"{len(rows)} hosts, {len(attention)} needing attention: "
+                         "`flctl status --all` for every row, --json for everything")
+    if not json_output and latest is not None:
+        render.out.print(render.latest_run_line(latest))
     down = [r["host"] for r in rows if not r["reachable"]]
     if down:
-        raise HostError(f"unreachable: {', '.join(down)}")
+        raise HostError(f"unreachable: {render.names_line(down)}"
+                        + (" (--json lists them all)" if len(down) > 10 else ""))
 
 
 @app.command()

@@ -73,6 +73,10 @@ def recap_table(results: Sequence[HostResult], title: str) -> Table:
     return table
 
 
+# A round's table row names at most this many dropped hosts with their reasons.
+DROPPED_LISTED = 5
+
+
 def round_table(privacy: bool = False) -> Table:
     """The per-round table; an epsilon column only for runs with differential privacy."""
     table = Table(title="federated rounds")
@@ -88,7 +92,11 @@ def add_round_row(table: Table, record: RoundRecord) -> None:
     def num(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    dropped = ", ".join(f"{k}: {v}" for k, v in sorted(record.dropped.items())) or ""
+    lost = sorted(record.dropped.items())
+    dropped = "; ".join(f"{k}: {v}" for k, v in lost[:DROPPED_LISTED])
+    if len(lost) > DROPPED_LISTED:
+        dropped += (f"; and {len(lost) - DROPPED_LISTED} more (`flctl runs show RUN --host H` "
+                    f"or --json)")
     table.add_row(
         str(record.round),
         str(len(record.participants)),
@@ -125,9 +133,44 @@ def host_history_table(host: str, rows: Sequence[dict[str, Any]]) -> Table:
     return table
 
 
-def status_table(rows: Sequence[dict[str, Any]]) -> Table:
+# `flctl status` gives at most this many hosts a row each; a larger
+# federation gets a summary (--all or --json for every host).
+HOSTS_LISTED = 40
+
+
+def names_line(names: Sequence[str], limit: int = 10) -> str:
+    """Host names for one line: the first `limit`, then how many more."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def needs_attention(row: dict[str, Any]) -> bool:
+    """A status row worth a line of its own: its agent does not serve, its
+    tunnel is down, or there is a note (an error, a restart)."""
+    return (row.get("agent") not in ("idle", "training") or row.get("tunnel") == "down"
+            or bool(row.get("error") or row.get("data_error") or row.get("frozen_error")
+                    or row.get("last_exit")))
+
+
+def status_overview(rows: Sequence[dict[str, Any]]) -> Table:
+    """`flctl status` over many hosts: how many are in each agent state."""
+    table = Table(title=f"{len(rows)} hosts")
+    table.add_column("agent")
+    table.add_column("hosts", justify="right")
+    table.add_column("of them", justify="left")
+    by_state: dict[str, list[str]] = {}
+    for row in rows:
+        by_state.setdefault(clean_text(str(row.get("agent", "down")))[:40], []).append(
+            row["host"])
+    for state, names in sorted(by_state.items(), key=lambda item: -len(item[1])):
+        table.add_row(agent_cell({"agent": state}), str(len(names)),
+                      literal(names_line(names, 5)))
+    return table
+
+
+def status_table(rows: Sequence[dict[str, Any]], title: str = "hosts") -> Table:
     """The at-a-glance view; everything else is in `--json`."""
-    table = Table(title="hosts")
+    table = Table(title=title)
     tunnels = any("tunnel" in row for row in rows)
     frameworks = any((row.get("environment") or {}).get("torch") for row in rows)
     parts = Counter(row.get("frozen") for row in rows if row.get("frozen"))

@@ -67,7 +67,7 @@ def runs_export(
 def _show_host(members: list[str], history: list[dict[str, Any]], host: str,
                json_output: bool) -> None:
     if host not in members:
-        known = ", ".join(members) or "none recorded"
+        known = render.names_line(members) or "none recorded"
         raise WorkspaceError(f"host {host!r} was not in this run (its hosts: {known})")
     rows = host_history(history, host)
     if json_output:

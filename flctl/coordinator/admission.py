@@ -114,8 +114,9 @@ class HostAdmission:
                 tell=self.on_message)
         else:
             found = federated_stats(asked, tell=self.on_message)
+        took_part = {*found.hosts, *found.withheld}
         for client in asked:
-            if client.name not in found.hosts and client.name not in found.withheld:
+            if client.name not in took_part:
                 self.profiles.pop(client.name, None)
                 self.refused.add(client.name)
         self._enough_hosts()

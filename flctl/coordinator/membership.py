@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from flctl.coordinator.fanout import pool_size, worker_pool
 from flctl.coordinator.replies import HostProfile, HostRefused, check_info
 from flctl.coordinator.summary import MessageCallback
 from flctl.core.layout import Endpoint
@@ -96,6 +97,7 @@ class MembershipChanges:
     former: list[str]
     _pool: ThreadPoolExecutor
     _frozen_mismatch: Callable[[HostProfile], str | None]
+    _round_size: Callable[[], int]
 
     def members_serial(self) -> int | None:
         return None if self.members is None else self.members.serial
@@ -153,10 +155,11 @@ class MembershipChanges:
         return available
 
     def _one_worker_per_host(self) -> None:
-        """A round asks every host at once: the pool grows with the run (a fresh
-        one; workers of the old finish what they hold, there is nothing else)."""
-        if len(self.clients) > self._pool._max_workers:
-            old, self._pool = self._pool, ThreadPoolExecutor(max_workers=len(self.clients))
+        """A round asks its sample at once: the pool grows with the run
+        (fanout.pool_size; a fresh pool, whose old workers finish what they
+        hold, there is nothing else)."""
+        if self._pool._max_workers < pool_size(len(self.clients), self._round_size()):
+            old, self._pool = self._pool, worker_pool(len(self.clients), self._round_size())
             old.shutdown(wait=False)
 
     def _admit(self, client: AgentClient, weights: Sequence[np.ndarray]) -> HostProfile:

@@ -13,7 +13,6 @@ import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +21,9 @@ import numpy as np
 
 from flctl.coordinator.admission import HostAdmission
 from flctl.coordinator.budget import MemoryBudget
-from flctl.coordinator.fanout import fan_out
+from flctl.coordinator.fanout import fan_out, worker_pool
 from flctl.coordinator.membership import MembershipChanges, MemberWatch
+from flctl.coordinator.openfiles import ensure_open_files
 from flctl.coordinator.privacy import PrivacyLedger, hosts_per_round
 from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import Checkpoint, RunDir
@@ -53,6 +53,10 @@ from flctl.core.tasks import BUILTIN_TASKS, Task, check_weights
 from flctl.core.uplink import UplinkSpec, unpack_update
 from flctl.errors import TrainingError
 from flctl.net.agent_client import AgentClient, EvalReply, FitReply, Transfer
+
+# The evaluation sample's stream beside the fit sample's ([seed, round] and,
+# for re-runs, [seed, round, attempt] with attempt <= 101).
+EVAL_DRAW = 1 << 20
 
 
 class RoundShort(TrainingError):
@@ -110,7 +114,8 @@ class Coordinator(HostAdmission, MembershipChanges):
         self.on_message = on_message
         self.task_params: dict[str, Any] = {}
         self._eval_failures_told: set[tuple[str, str]] = set()
-        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.clients)))
+        self._eval_sample_told = False
+        self._pool = worker_pool(len(self.clients), self._round_size())
         # Set when the run ends, however it ends: workers stop resuming transfers
         # (the interpreter waits for them before an interrupted run can exit).
         self._stopping = threading.Event()
@@ -120,6 +125,10 @@ class Coordinator(HostAdmission, MembershipChanges):
                   timeout: float | None) -> tuple[dict[str, Any], dict[str, str]]:
         """Run `call` on every client (fanout.fan_out on the run's pool)."""
         return fan_out(self._pool, clients, call, timeout)
+
+    def _round_size(self) -> int:
+        """How many hosts a round asks at once (its sample)."""
+        return hosts_per_round(self.training, len(self.clients))
 
     def _sample(self, available: list[AgentClient], round_number: int,
                 attempt: int = 1) -> list[AgentClient]:
@@ -131,6 +140,22 @@ class Coordinator(HostAdmission, MembershipChanges):
         key = [self.training.seed, round_number] + ([attempt] if attempt > 1 else [])
         rng = np.random.default_rng(key)
         chosen = sorted(rng.choice(len(available), size=count, replace=False))
+        return [available[i] for i in chosen]
+
+    def _eval_sample(self, available: list[AgentClient],
+                     round_number: int) -> list[AgentClient]:
+        """The hosts that evaluate round `round_number`'s model: all of them, or
+        training.eval_hosts drawn from (seed, round) apart from the fit sample's
+        draw, so a resumed run evaluates on the same hosts."""
+        cap = self.training.eval_hosts
+        if not cap or len(available) <= cap:
+            return list(available)
+        if not self._eval_sample_told:
+            self._eval_sample_told = True
+            self.on_message(f"evaluating on a sample of {cap} of the {len(available)} hosts "
+                            f"(training.eval_hosts; 0: every host)")
+        rng = np.random.default_rng([self.training.seed, round_number, EVAL_DRAW])
+        chosen = sorted(rng.choice(len(available), size=cap, replace=False))
         return [available[i] for i in chosen]
 
     @contextmanager
@@ -307,10 +332,11 @@ class Coordinator(HostAdmission, MembershipChanges):
             if (name, reason) not in self._eval_failures_told:   # once, not every round
                 self._eval_failures_told.add((name, reason))
                 self.on_message(f"{name}: evaluation failed: {reason}")
+        by_name = {c.name: c for c in clients}
         for name in sorted(replies):
             reply = replies[name]
             try:
-                check_evaluation(self._profile(next(c for c in clients if c.name == name)),
+                check_evaluation(self._profile(by_name[name]),
                                  reply.loss, reply.num_examples, reply.metrics)
             except TrainingError as exc:
                 self.on_message(f"{name}: {exc.message}")
@@ -327,6 +353,9 @@ class Coordinator(HostAdmission, MembershipChanges):
     def train(self) -> RunSummary:
         t = self.training
         started = time.perf_counter()
+        short = ensure_open_files(len(self.clients))
+        if short is not None:
+            self.on_message(short)
         try:
             infos = self.discover()
             # Every round asks every host but those whose info was refused: one that
@@ -479,7 +508,8 @@ class Coordinator(HostAdmission, MembershipChanges):
         eval_loss = accuracy = central_loss = central_accuracy = None
         eval_started = time.perf_counter()
         if round_number % t.eval_every == 0 or round_number == t.rounds:
-            eval_loss, accuracy = self.evaluate(new_weights, round_number, available)
+            eval_loss, accuracy = self.evaluate(new_weights, round_number,
+                                                self._eval_sample(available, round_number))
             if self.eval_data is not None and self.task is not None:
                 central_loss, _, metrics = self.task.evaluate(new_weights, self.eval_data, {})
                 central_accuracy = metrics.get("accuracy")

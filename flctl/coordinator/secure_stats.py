@@ -16,12 +16,11 @@ from __future__ import annotations
 import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from flctl.coordinator.fanout import fan_out
+from flctl.coordinator.fanout import fan_out, worker_pool
 from flctl.coordinator.secure_sum import Parallel, SecureSum
 from flctl.coordinator.stats import Tell, column_difference, names_of, where_of
 from flctl.core.fedstats import (
@@ -98,7 +97,7 @@ def secure_federated_stats(clients: Sequence[AgentClient], *, ca_pem: bytes,
                            tell: Tell = lambda line: None) -> FederatedStats:
     """The federation's statistics over `clients` through secure aggregation
     (threshold and neighbours as training.secagg_threshold/_neighbours)."""
-    with ThreadPoolExecutor(max_workers=max(1, len(clients))) as pool:
+    with worker_pool(len(clients)) as pool:
         run = parallel or (lambda hosts, call, timeout: fan_out(pool, hosts, call, timeout))
         replies, failures = run(clients, lambda c: c.stats_layout(min_count), timeout)
         want_names, layout, used = _agree(replies, failures, bins, tell)
@@ -106,7 +105,8 @@ def secure_federated_stats(clients: Sequence[AgentClient], *, ca_pem: bytes,
 
         def secure_sum(hosts: Sequence[str], part: int, edges: np.ndarray | None,
                        gone: str) -> tuple[np.ndarray, list[str]]:
-            members = [c for c in clients if c.name in hosts]
+            asked = set(hosts)
+            members = [c for c in clients if c.name in asked]
             if len(members) < 2:
                 raise TrainingError(f"secure statistics need at least 2 hosts; "
                                     f"{len(members)} can take part")

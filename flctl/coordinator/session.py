@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from flctl.coordinator.control import live_run
 from flctl.coordinator.membership import MemberWatch
+from flctl.coordinator.openfiles import ensure_open_files
 from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.records import (
     MANIFEST,
@@ -207,6 +208,9 @@ def stats_workspace(workspace: Workspace, hosts: Sequence[Host], *, min_count: i
     training = workspace.settings.training
     secure = training.secure_aggregation if secure is None else secure
     context = workspace_context(workspace)
+    short = ensure_open_files(len(hosts))
+    if short is not None:
+        tell(short)
     clients = [AgentClient(e, context, timeout=120.0)
                for e in endpoints_for(workspace, hosts)]
     try:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from flctl.coordinator.fanout import worker_pool
 from flctl.core.fedstats import (
     DEFAULT_BINS,
     MIN_COUNT,
@@ -44,7 +44,7 @@ def _ask(clients: Sequence[AgentClient], min_count: int, edges: np.ndarray | Non
             return client.stats(min_count, edges)
         except FlctlError as exc:
             return exc.message
-    with ThreadPoolExecutor(max_workers=max(1, len(clients))) as pool:
+    with worker_pool(len(clients)) as pool:
         return dict(zip([c.name for c in clients], pool.map(one, clients)))
 
 
@@ -109,7 +109,8 @@ def federated_stats(clients: Sequence[AgentClient], *, min_count: int = MIN_COUN
     for name in stats.withheld:
         tell(f"{name}: fewer than {min_count} rows: it contributes nothing (min_count)")
     edges = histogram_edges(stats, bins)
-    used = [c for c in clients if c.name in stats.hosts]
+    counted = set(stats.hosts)
+    used = [c for c in clients if c.name in counted]
     histograms = np.zeros((edges.shape[0], bins), np.int64)
     for name, reply in sorted(_ask(used, min_count, edges).items()):
         counts = None if isinstance(reply, str) or len(reply.arrays) != 1 else \

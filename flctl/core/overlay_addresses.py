@@ -116,13 +116,25 @@ def check_explicit_overlay(source: str, subnet: ipaddress.IPv4Network,
         explicit[entry.name] = address
     return explicit
 
+def _wider(subnet: ipaddress.IPv4Network, hosts: int) -> str:
+    """The fix for a subnet too small for `hosts`: the smallest supernet that fits."""
+    prefix = subnet.prefixlen
+    while prefix > 0 and overlay_capacity(subnet.supernet(new_prefix=prefix)) < hosts:
+        prefix -= 1
+    wider = subnet.supernet(new_prefix=prefix)
+    if overlay_capacity(wider) < hosts:
+        return ""
+    return f" (set overlay.subnet in flctl.yaml to {wider} or wider)"
+
+
 def assign_or_explain(source: str, subnet: ipaddress.IPv4Network, names: Sequence[str],
                        explicit: Mapping[str, ipaddress.IPv4Address],
                        previous: Mapping[str, ipaddress.IPv4Address] | None,
                        line: int) -> dict[str, ipaddress.IPv4Address]:
     free = overlay_capacity(subnet) - len(explicit)
     if len(names) > free:
+        total = len(names) + len(explicit)
         raise ConfigError(f"overlay subnet {subnet} has room for {overlay_capacity(subnet)} "
-                          f"hosts, the inventory has {len(names) + len(explicit)}",
+                          f"hosts, the inventory has {total}{_wider(subnet, total)}",
                           file=source, line=line)
     return assign_overlay_addresses(names, subnet, taken=explicit.values(), previous=previous)

@@ -111,6 +111,10 @@ class TrainingSettings:
     # from the round long before deadline_s (0 = wait for the deadline).
     heartbeat_s: float = 2.0
     eval_every: int = 1
+    # Evaluate on at most this many hosts (0 = every host): beyond that a
+    # sample drawn from (seed, round) judges the model, so a large federation
+    # does not send the model to every host every round.
+    eval_hosts: int = 100
     seed: int = 0
     # Reject an update whose L2 distance from the global model exceeds this
     # (0 = no bound): a cheap first line against broken or hostile hosts.
@@ -329,6 +333,7 @@ _TRAINING_FIELDS: dict[str, Check] = {
     "retry_wait_s": lambda v, s: expect_float(v, s, minimum=0.0),
     "heartbeat_s": lambda v, s: expect_float(v, s, minimum=0.0),
     "eval_every": _positive_int,
+    "eval_hosts": lambda v, s: expect_int(v, s, minimum=0),
     "seed": lambda v, s: expect_int(v, s, minimum=0, maximum=2**32 - 1),  # any numpy RNG
     "max_update_norm": lambda v, s: expect_float(v, s, minimum=0.0),
     "target_accuracy": lambda v, s: expect_float(v, s, minimum=0.0, maximum=1.0),
@@ -436,6 +441,8 @@ _COMMENTS = {
     "training.retry_wait_s": "pause before re-running a round",
     "training.heartbeat_s": "agent heartbeat while busy; 3 missed = down (0: off)",
     "training.eval_every": "evaluate every N rounds",
+    "training.eval_hosts": "evaluate on at most N hosts, sampled by seed and round "
+                           "(0: every host)",
     "training.seed": "seed for sampling and initialisation",
     "training.max_update_norm": "reject updates farther than this from the model (0: off)",
     "training.target_accuracy": "stop early at this federated accuracy (0: off)",
