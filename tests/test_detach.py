@@ -109,6 +109,9 @@ def test_a_detached_run_outlives_its_terminal(workspace: Path, whole: Path) -> N
     finally:
         shell.wait()
     assert listed(workspace)["orphan"]["state"] == "running"
+    status = run_cli("status", "-w", str(workspace), "--json")
+    if is_running(RunDir(run)):   # it ran all along: status must have said so
+        assert status.json()["latest_run"]["state"] == "running", status.stdout
     pid = coordinator(RunDir(run)).pid
     holder = json.loads((workspace / ".flctl" / "lock").read_text())
     assert holder["pid"] == pid and holder["command"] == "flctl train"

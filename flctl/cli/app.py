@@ -41,7 +41,6 @@ from flctl.cli.report_command import report
 from flctl.cli.runs_commands import runs_app
 from flctl.cli.top import top
 from flctl.coordinator.progress import TransferProgress
-from flctl.coordinator.records import latest_run
 from flctl.coordinator.session import info_probe, stats_workspace, train_workspace
 from flctl.coordinator.stats import describe_findings
 from flctl.coordinator.summary import RunSummary
@@ -54,6 +53,7 @@ from flctl.deploy.logs import agent_log
 from flctl.deploy.status import gather_status
 from flctl.errors import EXIT_INTERRUPTED, ConfigError, FlctlError, HostError, WorkspaceError
 from flctl.net.ports import free_port_block
+from flctl.service.liveness import latest_live_run
 from flctl.workspace import (
     Workspace,
     WorkspacePaths,
@@ -161,7 +161,7 @@ def status(
     """Show every host's agent, load, memory and disk at a glance."""
     workspace = load_workspace(workspace_dir)
     rows = gather_status(workspace, selected(workspace, limit), info_probe(workspace, 5.0))
-    latest = latest_run(workspace.paths.runs)
+    latest = latest_live_run(workspace.paths.runs)
     render.warn(latest.warnings if latest else ())
     if json_output:
         render.emit_json({"hosts": rows, "latest_run": latest.as_dict() if latest else None})

@@ -35,11 +35,12 @@ from rich.text import Text
 
 from flctl.cli import render
 from flctl.cli.common import LimitOpt, WorkspaceOpt, selected
-from flctl.coordinator.records import RunInfo, latest_run
+from flctl.coordinator.records import RunInfo
 from flctl.coordinator.session import info_probe
 from flctl.core.facts import CpuTicks, cpu_percent
 from flctl.deploy.status import gather_status
 from flctl.errors import ConfigError, FlctlError
+from flctl.service.liveness import latest_live_run
 from flctl.workspace import load_workspace
 
 QUIT_KEYS = {"q", "Q"}
@@ -220,7 +221,7 @@ def top(
     hosts = selected(workspace, limit)
     probe = info_probe(workspace, AGENT_TIMEOUT_S)
     poller = Poller(lambda: (gather_status(workspace, hosts, probe),
-                             latest_run(workspace.paths.runs)), interval).start()
+                             latest_live_run(workspace.paths.runs)), interval).start()
     title = f"{workspace.settings.project} ({len(hosts)} hosts)"
     shown: tuple[int, int] | None = None
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from flctl.agent import proc
 from flctl.coordinator.control import PROCESS, ProcessRecord, read_process
-from flctl.coordinator.records import RunDir, RunInfo
+from flctl.coordinator.records import RunDir, RunInfo, latest_run
 
 SUPERVISOR = "supervisor.json"
 SUPERVISOR_MODULE = "flctl.service.supervisor"
@@ -59,6 +59,12 @@ def supervisor(run: RunDir) -> ProcessRecord | None:
 
 def is_running(run: RunDir) -> bool:
     return coordinator(run) is not None or supervisor(run) is not None
+
+
+def latest_live_run(runs_root: Path) -> RunInfo | None:
+    """The newest run as `flctl status` and `top` show it, running ones as such."""
+    latest = latest_run(runs_root)
+    return with_liveness(latest) if latest is not None else None
 
 
 def with_liveness(info: RunInfo) -> RunInfo:
