@@ -58,6 +58,16 @@ class HostPaths:
         return self.root / "agent.crt"
 
     @property
+    def site_key(self) -> PurePosixPath:
+        """A site aggregator's second key, its client identity to its members
+        (made on the host, owned by the agent's user like `key`)."""
+        return self.root / "site.key"
+
+    @property
+    def site_cert(self) -> PurePosixPath:
+        return self.root / "site.crt"
+
+    @property
     def ca_cert(self) -> PurePosixPath:
         return self.root / "ca.crt"
 

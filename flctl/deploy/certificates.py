@@ -111,14 +111,15 @@ class CertificateStore:
         return [int(e["serial"], 16) for e in hits]
 
     def request_rotation(self) -> None:
-        """Host certificates issued before now are replaced, with new keys, at their
+        """Host (and site) certificates issued before now are replaced, with new keys, at their
         next deploy; their current ones are revoked now (a host missed by that
         deploy is refused until it is deployed again: that is what rotating means)."""
         stamp = _now().isoformat()
         with self._lock:
             self._record["rotate_before"] = stamp
             for entry in self._record["certificates"]:
-                if entry.get("role") == pki.ROLE_HOST and not entry.get("revoked_at"):
+                if entry.get("role") in (pki.ROLE_HOST, pki.ROLE_SITE) \
+                        and not entry.get("revoked_at"):
                     entry["revoked_at"], entry["revocation_reason"] = stamp, "rotated"
             self._save()
         self.write_crl()
@@ -229,6 +230,40 @@ class CertificateStore:
         issued = pki.not_before(cert)
         # not_before is backdated by the clock-skew allowance: compare past it
         return issued + pki.CLOCK_SKEW < mark
+
+    def site_reissue(self, host: str, site: str, cert_pem: str | None,
+                     key_exists: bool) -> Reissue | None:
+        """Why the site certificate of `site`'s aggregator `host` must be
+        (re)issued, from what the host has, or None. Renewed, revoked and
+        rotated like a host certificate; a site or aggregator renamed in the
+        inventory gets a new one."""
+        if not key_exists:
+            return Reissue("no site key yet")
+        if not cert_pem:
+            return Reissue("no site certificate yet")
+        cert = cert_pem.encode()
+        try:
+            info = pki.certificate_info(cert)
+        except pki.PKIError:
+            return Reissue("its site certificate is unreadable")
+        if not pki.verify_issued_by(cert, self.ca_cert):
+            return Reissue("issued by another CA")
+        if info["serial"] in self.revoked():
+            return Reissue("revoked", new_key=True)
+        rotate_before = self._record.get("rotate_before")
+        if rotate_before and self._issued_before(cert, rotate_before):
+            return Reissue("rotation requested", new_key=True)
+        if pki.site_identity(cert) != (site, host):
+            return Reissue("site or aggregator changed")
+        left = pki.days_left(cert)
+        if left < pki.RENEW_BEFORE_DAYS:
+            return Reissue(f"expires in {max(left, 0):.0f} days" if left > 0 else "expired")
+        return None
+
+    def sign_site(self, host: str, site: str, csr_pem: bytes) -> bytes:
+        cert = pki.sign_site_csr(self.ca_key, self.ca_cert, csr_pem, host=host, site=site)
+        self.record(cert)
+        return cert
 
     def sign_host(self, host: str, csr_pem: bytes, dns_names: list[str],
                   ip_addresses: list[str]) -> bytes:

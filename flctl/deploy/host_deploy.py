@@ -67,6 +67,8 @@ FACTS_SPEC = {
     "disk_free_bytes": count(),
     "listening_ports": [Field(int, 0, 65535)],
     "key_exists": bool,
+    "site_key_exists": Maybe(bool),
+    "site_cert_pem": Maybe(str),
     "files": MapOf(Maybe(str)),
     "wg_files": MapOf(Maybe(str)),
     "net_interfaces": [str],
@@ -128,6 +130,8 @@ class HostDeploy:
         # ssh_host is an ssh_config alias (known once connected)
         self.address = host.ssh_host
         self.limits = ""   # how its resource limits are enforced (told when it starts)
+        # the site it is in (flctl.core.sites), None for a loose host
+        self.site = ctx.workspace.inventory.site_of(host.name)
 
     @property
     def wg_public_key(self) -> str | None:
@@ -175,7 +179,7 @@ class HostDeploy:
                 return
             self._agent_user(connector, bootstrap)
         self.progress(self.host.name, "gathering facts")
-        facts = self._facts(connector)
+        facts = self.gather_facts(connector)
         self._check_port(facts)
         self._limits(facts)
         try:
@@ -183,6 +187,7 @@ class HostDeploy:
         except ValueError as exc:
             raise StepFailed(str(exc)) from None
         changed = self._certificate(connector, facts)
+        changed |= self._site_certificate(connector, facts)
         changed |= self._file(connector, "ca.crt", str(self.paths.ca_cert), self.ctx.certificates.ca_cert,
                               facts["files"].get("ca.crt"))
         changed |= self._file(connector, "revocation list", str(self.paths.crl), self.ctx.crl,
@@ -214,7 +219,7 @@ class HostDeploy:
                                          f"installed {installed}: restarting it")
         return True
 
-    def _facts(self, connector: Connector) -> dict[str, Any]:
+    def gather_facts(self, connector: Connector) -> dict[str, Any]:
         args = ["facts", "--root", str(self.paths.root)]
         if self.user:
             args += ["--user", self.user]
@@ -247,8 +252,9 @@ class HostDeploy:
 
     # ------------------------------------------------------------ steps
 
-    def refuse_frozen(self, line: str) -> None:
-        """After every host verified: this one's frozen part is not the others'."""
+    def refuse(self, line: str) -> None:
+        """After the hosts' own steps, a check across hosts failed this one (its
+        frozen part is not the others', its site aggregator cannot reach it)."""
         def action() -> None:
             raise StepFailed(line)
         run_guarded(self.result, action)
@@ -346,7 +352,29 @@ class HostDeploy:
             cpu_quota=limits.cpu_percent,
             memory_max=limits.memory_bytes,
             nice=limits.nice,
+            **self.site_fields(),
         )
+
+    def site_fields(self) -> dict[str, Any]:
+        """A site member names its site and aggregator; the aggregator also
+        lists every member's agent where it reaches it (the overlay address for
+        SSH hosts, loopback for local ones) and its site certificate's files."""
+        site = self.site
+        if site is None:
+            return {}
+        fields: dict[str, Any] = {"site": site.name, "site_aggregator": site.aggregator}
+        if site.aggregator != self.host.name:
+            return fields
+        settings = self.ctx.workspace.settings
+        inventory = self.ctx.workspace.inventory
+        order = {h.name: (i, h) for i, h in enumerate(inventory.hosts)}
+        members = {}
+        for name in site.members:
+            index, host = order[name]
+            endpoint = agent_endpoint(host, settings, index)
+            members[name] = f"{endpoint.connect_address}:{endpoint.port}"
+        return {**fields, "site_members": members, "site_cert": str(self.paths.site_cert),
+                "site_key": str(self.paths.site_key)}
 
     def _certificate(self, connector: Connector, facts: dict[str, Any]) -> bool:
         dns, ips = certificate_names(self.host, self.endpoint)
@@ -373,6 +401,36 @@ class HostDeploy:
         connector.put(str(self.paths.cert), cert, 0o644)
         key = ", new key" if reissue.new_key else ""
         self.step("certificate", True, f"issued: {reissue.reason}{key}")
+        return True
+
+    def _site_certificate(self, connector: Connector, facts: dict[str, Any]) -> bool:
+        """An SSH aggregator's site certificate: its key and CSR are made on the
+        host (the key never leaves it), the CA here signs for exactly this site
+        and host, and the certificate goes back; renewed like the host's."""
+        site = self.site
+        if site is None or site.aggregator != self.host.name or not self.remote:
+            return False
+        reissue = self.ctx.certificates.site_reissue(self.host.name, site.name,
+                                                     facts.get("site_cert_pem"),
+                                                     bool(facts.get("site_key_exists")))
+        if reissue is None:
+            self.step("site certificate", False, f"site {site.name}")
+            return False
+        if self.ctx.check:
+            self.step("site certificate", True, f"would issue ({reissue.reason})")
+            return True
+        args = ["csr", "--root", str(self.paths.root), "--cn", self.host.name,
+                "--key", self.paths.site_key.name]
+        if self.user:
+            args += ["--owner", self.user]
+        if reissue.new_key:
+            args.append("--new-key")
+        answer = call_helper(connector, *args, spec=CSR_SPEC)
+        cert = self.ctx.certificates.sign_site(self.host.name, site.name,
+                                               answer["csr_pem"].encode())
+        connector.put(str(self.paths.site_cert), cert, 0o644)
+        key = ", new key" if reissue.new_key else ""
+        self.step("site certificate", True, f"site {site.name}: {reissue.reason}{key}")
         return True
 
     def _file(self, connector: Connector, name: str, path: str, wanted: bytes,
