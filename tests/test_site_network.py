@@ -18,7 +18,7 @@ from flctl.core.agentconfig import parse_agent_config
 from flctl.core.facts import parse_wg_quick_config
 from flctl.core.layout import host_paths
 from flctl.core.sites import refuse_sites_off_the_overlay
-from flctl.deploy import engine, host_deploy, site_steps
+from flctl.deploy import engine, host_deploy, site_network
 from flctl.deploy.certificates import CertificateStore
 from flctl.deploy.connector import CommandResult
 from flctl.errors import ConfigError
@@ -68,7 +68,7 @@ def site_ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     log = sandbox(tmp_path, monkeypatch)
     SiteHost.unreachable = {}
     connect = lambda host, options: SiteHost(host.name, log)  # noqa: E731
-    for module in (host_deploy, engine, site_steps):
+    for module in (host_deploy, engine, site_network):
         monkeypatch.setattr(module, "connect", connect)
     monkeypatch.setattr(host_deploy, "ensure_agent_software",
                         lambda connector, host, bundles, **kw: {"agent_user": "yes"})
@@ -213,3 +213,25 @@ def test_site_certificate_reissue_reasons(tmp_path: Path) -> None:
     store.request_rotation()
     rotated = store.site_reissue("b2", "berlin", cert, True)
     assert rotated is not None and rotated.new_key
+
+
+def test_the_reach_helper_connects_and_names_what_it_cannot_reach() -> None:
+    """The host side of the reach check, on loopback: one port listens, one
+    refuses, one target is malformed."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as listening, socket.socket() as closed:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        closed.bind(("127.0.0.1", 0))            # bound, not listening: refused
+        open_port, closed_port = listening.getsockname()[1], closed.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", HELPER, "reach", "--timeout", "2",
+             "--to", f"up=127.0.0.1:{open_port}", "--to", f"down=127.0.0.1:{closed_port}",
+             "--to", "odd=nowhere"], capture_output=True, text=True, timeout=30)
+    answer = json.loads(done.stdout)
+    assert set(answer["unreachable"]) == {"down", "odd"}
+    assert "refused" in answer["unreachable"]["down"].lower()
+    assert "NAME=ADDRESS:PORT" in answer["unreachable"]["odd"]

@@ -33,7 +33,7 @@ from flctl.deploy.install import INSTALL_DIR, VENV_PYTHON, BundleCache, installe
 from flctl.deploy.overlay import Hub
 from flctl.deploy.remote import ConnectOptions, StepFailed, call_helper, check_routes, connect
 from flctl.deploy.results import DONE, HostResult, StepResult, run_guarded
-from flctl.deploy.site_steps import bring_site_peers_in_line, check_site_reach
+from flctl.deploy.site_network import bring_site_peers_in_line, check_site_reach
 from flctl.workspace import (
     Workspace,
     deployed_overlay_addresses,
