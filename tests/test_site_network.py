@@ -34,10 +34,15 @@ def wg_key(name: str) -> str:
     return base64.b64encode(name.encode().ljust(32, b"k")).decode()
 
 
+def new_wg_key(name: str) -> str:
+    return base64.b64encode(name.encode().ljust(32, b"n")).decode()
+
+
 class SiteHost(SandboxHost):
     """A sandbox host with its own WireGuard key, and a scripted reach check."""
 
     unreachable: dict[str, str] = {}
+    rekeyed: set[str] = set()        # hosts whose key is made anew
 
     def run(self, argv: Sequence[str], timeout: float = 120.0) -> CommandResult:
         argv = list(argv)
@@ -45,7 +50,8 @@ class SiteHost(SandboxHost):
             command = argv[argv.index(HELPER) + 1]
             if command == "wg-key":
                 self.log.append(("helper", command))
-                return CommandResult(0, json.dumps({"public_key": wg_key(self.host_name)}), "")
+                key = (new_wg_key if self.host_name in self.rekeyed else wg_key)(self.host_name)
+                return CommandResult(0, json.dumps({"public_key": key}), "")
             if command == "reach":
                 self.log.append(("helper", f"reach from {self.host_name}"))
                 asked = {t.split("=", 1)[0] for t in argv[argv.index("--to"):] if "=" in t}
@@ -66,7 +72,7 @@ def site_ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     lines += ["  hosts:", "    solo: {ssh_host: 192.0.2.20}"]
     (root / "inventory.yaml").write_text("\n".join(lines) + "\n")
     log = sandbox(tmp_path, monkeypatch)
-    SiteHost.unreachable = {}
+    SiteHost.unreachable, SiteHost.rekeyed = {}, set()
     connect = lambda host, options: SiteHost(host.name, log)  # noqa: E731
     for module in (host_deploy, engine, site_network):
         monkeypatch.setattr(module, "connect", connect)
@@ -166,6 +172,17 @@ def test_a_fresh_deploy_adds_site_peers_once_every_key_is_known(site_ws) -> None
     assert helper.count("fw-arm") == helper.count("fw-confirm") == 7, helper
     last_wg_up = max(i for i, c in enumerate(helper) if c == "wg-up")
     assert helper[last_wg_up + 1:].count("fw-confirm") >= 1
+
+
+def test_a_member_rekeyed_without_its_aggregator_is_warned(site_ws) -> None:
+    root, _ = site_ws
+    deploy(root)
+    SiteHost.rekeyed = {"b1"}
+    workspace = load_workspace(root)
+    results = {r.host: r for r in engine.deploy(workspace, [workspace.inventory.host("b1")])}
+    assert results["b1"].warnings == [
+        "site berlin: deploy b2 too, so its tunnel learns b1's new WireGuard key or address"]
+    assert wg_key("b2") in site_peer_keys(workspace, "b1")   # b1 itself is current
 
 
 def test_an_aggregator_that_cannot_reach_a_member_fails_both(site_ws) -> None:

@@ -137,13 +137,14 @@ def deploy(
     )
     order = {host.name: index for index, host in enumerate(workspace.inventory.hosts)}
     jobs = {host.name: HostDeploy(ctx, host, order[host.name], progress) for host in hosts}
+    peers_before = ctx.hub.known_peers()
     results = _pool_map(hosts, forks, lambda host: jobs[host.name].run(), progress)
     overlay_jobs = [job for job in jobs.values()
                     if job.network is not None and job.network.overlay]
     if overlay_jobs:
         results.append(_hub_step(ctx, overlay_jobs, progress))
         # every key is known now: sites' direct tunnels rendered without one get it
-        bring_site_peers_in_line(ctx, overlay_jobs, forks, progress)
+        bring_site_peers_in_line(ctx, overlay_jobs, forks, progress, peers_before)
     with ThreadPoolExecutor(max_workers=max(1, min(forks, len(jobs) or 1))) as pool:
         list(pool.map(HostDeploy.verify, jobs.values()))  # after the hub is up
     check_site_reach(ctx, overlay_jobs, forks, progress)

@@ -17,7 +17,7 @@ member fail in the recap; other hosts and sites go on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from flctl.core.schema import MapOf
@@ -40,12 +40,16 @@ def _healthy(job: HostDeploy) -> bool:
 
 
 def bring_site_peers_in_line(ctx: DeployContext, jobs: Sequence[HostDeploy], forks: int,
-                             progress: ProgressFn) -> None:
+                             progress: ProgressFn,
+                             before: Mapping[str, Mapping[str, str]]) -> None:
     """Re-render the tunnel of every deployed site host whose site peers were
-    not all known when its own deploy rendered it (after the hub step)."""
+    not all known when its own deploy rendered it (after the hub step).
+    `before`: the hub's record as this deploy began; a host whose key or
+    address changed while a site mate of it was left out (--limit) is warned."""
     if ctx.check:
         return
     known = ctx.hub.known_peers()
+    _warn_left_out_mates(jobs, before, known)
     stale = [job for job in jobs if job.network is not None and _healthy(job)
              and job.network.site_peers_stale(known)]
 
@@ -64,6 +68,22 @@ def bring_site_peers_in_line(ctx: DeployContext, jobs: Sequence[HostDeploy], for
 
     with ThreadPoolExecutor(max_workers=max(1, min(forks, len(stale) or 1))) as pool:
         list(pool.map(resync, stale))
+
+
+def _warn_left_out_mates(jobs: Sequence[HostDeploy], before: Mapping[str, Mapping[str, str]],
+                         known: Mapping[str, Mapping[str, str]]) -> None:
+    deployed = {job.host.name for job in jobs}
+    for job in jobs:
+        site, name = job.site, job.host.name
+        if site is None or not _healthy(job) or before.get(name) == known.get(name):
+            continue
+        mates = [m for m in site.members if m != name] if site.aggregator == name \
+            else [site.aggregator]
+        left_out = [m for m in mates if m not in deployed and m in before]
+        if left_out:
+            job.result.warnings.append(
+                f"site {site.name}: deploy {', '.join(left_out)} too, so its tunnel learns "
+                f"{name}'s new WireGuard key or address")
 
 
 def check_site_reach(ctx: DeployContext, jobs: Sequence[HostDeploy], forks: int,
