@@ -44,6 +44,7 @@ from flctl.deploy.network_steps import NetworkSteps
 from flctl.deploy.overlay import Hub
 from flctl.deploy.remote import ConnectOptions, StepFailed, call_helper, connect
 from flctl.deploy.results import HostResult, StepResult, run_guarded
+from flctl.deploy.site_steps import local_site_certificate, site_fields
 from flctl.workspace import Workspace
 
 ProgressFn = Callable[[str, str], None]
@@ -183,6 +184,7 @@ class HostDeploy:
         except ValueError as exc:
             raise StepFailed(str(exc)) from None
         changed = self._certificate(connector, facts)
+        changed |= self._site_certificate()
         changed |= self._file(connector, "ca.crt", str(self.paths.ca_cert), self.ctx.certificates.ca_cert,
                               facts["files"].get("ca.crt"))
         changed |= self._file(connector, "revocation list", str(self.paths.crl), self.ctx.crl,
@@ -346,7 +348,18 @@ class HostDeploy:
             cpu_quota=limits.cpu_percent,
             memory_max=limits.memory_bytes,
             nice=limits.nice,
+            **site_fields(self.ctx.workspace.inventory, settings, self.host, self.paths),
         )
+
+    def _site_certificate(self) -> bool:
+        """A local site aggregator's site certificate (SSH aggregators: network steps)."""
+        site = self.ctx.workspace.inventory.site_of(self.host.name)
+        if self.remote or site is None or site.aggregator != self.host.name:
+            return False
+        changed, detail = local_site_certificate(self.ctx.certificates, site, self.paths,
+                                                 self.ctx.check)
+        self.step("site certificate", changed, detail)
+        return changed
 
     def _certificate(self, connector: Connector, facts: dict[str, Any]) -> bool:
         dns, ips = certificate_names(self.host, self.endpoint)
