@@ -58,18 +58,18 @@ class HostPaths:
         return self.root / "agent.crt"
 
     @property
-    def site_key(self) -> PurePosixPath:
-        """A site aggregator's second key, its client identity to its members
-        (made on the host, owned by the agent's user like `key`)."""
-        return self.root / "site.key"
+    def ca_cert(self) -> PurePosixPath:
+        return self.root / "ca.crt"
 
     @property
     def site_cert(self) -> PurePosixPath:
+        """A site aggregator's client certificate (flctl.core.pki ROLE_SITE)."""
         return self.root / "site.crt"
 
     @property
-    def ca_cert(self) -> PurePosixPath:
-        return self.root / "ca.crt"
+    def site_key(self) -> PurePosixPath:
+        """Its key, made on the aggregator host, owned like agent.key."""
+        return self.root / "site.key"
 
     @property
     def log(self) -> PurePosixPath:

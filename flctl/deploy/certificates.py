@@ -221,6 +221,41 @@ class CertificateStore:
             return Reissue(f"expires in {max(left, 0):.0f} days" if left > 0 else "expired")
         return None
 
+    def site_reissue(self, host: str, site: str, cert_pem: bytes | None,
+                     key_exists: bool) -> Reissue | None:
+        """Why `site`'s aggregator `host` needs a new site certificate, or None."""
+        if not key_exists or not cert_pem:
+            return Reissue("none yet")
+        try:
+            info = pki.certificate_info(cert_pem)
+        except pki.PKIError:
+            return Reissue("its site certificate is unreadable")
+        if not pki.verify_issued_by(cert_pem, self.ca_cert):
+            return Reissue("issued by another CA")
+        if info["serial"] in self.revoked():
+            return Reissue("revoked", new_key=True)
+        rotate_before = self._record.get("rotate_before")
+        if rotate_before and self._issued_before(cert_pem, rotate_before):
+            return Reissue("rotation requested", new_key=True)
+        if pki.site_identity(cert_pem) != (site, host):
+            return Reissue("its site changed")
+        left = pki.days_left(cert_pem)
+        if left < pki.RENEW_BEFORE_DAYS:
+            return Reissue(f"expires in {max(left, 0):.0f} days" if left > 0 else "expired")
+        return None
+
+    def issue_site(self, host: str, site: str) -> tuple[bytes, bytes]:
+        """Key and site certificate for a local aggregator (this machine uses the key)."""
+        key, cert = pki.site_certificate(self.ca_key, self.ca_cert, host, site)
+        self.record(cert)
+        return key, cert
+
+    def sign_site(self, host: str, site: str, csr_pem: bytes) -> bytes:
+        """The site certificate for a CSR made on the aggregator host (SSH hosts)."""
+        cert = pki.sign_site_csr(self.ca_key, self.ca_cert, csr_pem, host=host, site=site)
+        self.record(cert)
+        return cert
+
     @staticmethod
     def _issued_before(cert: bytes, stamp: str) -> bool:
         try:
@@ -230,40 +265,6 @@ class CertificateStore:
         issued = pki.not_before(cert)
         # not_before is backdated by the clock-skew allowance: compare past it
         return issued + pki.CLOCK_SKEW < mark
-
-    def site_reissue(self, host: str, site: str, cert_pem: str | None,
-                     key_exists: bool) -> Reissue | None:
-        """Why the site certificate of `site`'s aggregator `host` must be
-        (re)issued, from what the host has, or None. Renewed, revoked and
-        rotated like a host certificate; a site or aggregator renamed in the
-        inventory gets a new one."""
-        if not key_exists:
-            return Reissue("no site key yet")
-        if not cert_pem:
-            return Reissue("no site certificate yet")
-        cert = cert_pem.encode()
-        try:
-            info = pki.certificate_info(cert)
-        except pki.PKIError:
-            return Reissue("its site certificate is unreadable")
-        if not pki.verify_issued_by(cert, self.ca_cert):
-            return Reissue("issued by another CA")
-        if info["serial"] in self.revoked():
-            return Reissue("revoked", new_key=True)
-        rotate_before = self._record.get("rotate_before")
-        if rotate_before and self._issued_before(cert, rotate_before):
-            return Reissue("rotation requested", new_key=True)
-        if pki.site_identity(cert) != (site, host):
-            return Reissue("site or aggregator changed")
-        left = pki.days_left(cert)
-        if left < pki.RENEW_BEFORE_DAYS:
-            return Reissue(f"expires in {max(left, 0):.0f} days" if left > 0 else "expired")
-        return None
-
-    def sign_site(self, host: str, site: str, csr_pem: bytes) -> bytes:
-        cert = pki.sign_site_csr(self.ca_key, self.ca_cert, csr_pem, host=host, site=site)
-        self.record(cert)
-        return cert
 
     def sign_host(self, host: str, csr_pem: bytes, dns_names: list[str],
                   ip_addresses: list[str]) -> bytes:

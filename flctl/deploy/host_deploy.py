@@ -44,6 +44,7 @@ from flctl.deploy.network_steps import NetworkSteps
 from flctl.deploy.overlay import Hub
 from flctl.deploy.remote import ConnectOptions, StepFailed, call_helper, connect
 from flctl.deploy.results import HostResult, StepResult, run_guarded
+from flctl.deploy.site_steps import local_site_certificate, site_fields
 from flctl.workspace import Workspace
 
 ProgressFn = Callable[[str, str], None]
@@ -356,25 +357,9 @@ class HostDeploy:
         )
 
     def site_fields(self) -> dict[str, Any]:
-        """A site member names its site and aggregator; the aggregator also
-        lists every member's agent where it reaches it (the overlay address for
-        SSH hosts, loopback for local ones) and its site certificate's files."""
-        site = self.site
-        if site is None:
-            return {}
-        fields: dict[str, Any] = {"site": site.name, "site_aggregator": site.aggregator}
-        if site.aggregator != self.host.name:
-            return fields
-        settings = self.ctx.workspace.settings
-        inventory = self.ctx.workspace.inventory
-        order = {h.name: (i, h) for i, h in enumerate(inventory.hosts)}
-        members = {}
-        for name in site.members:
-            index, host = order[name]
-            endpoint = agent_endpoint(host, settings, index)
-            members[name] = f"{endpoint.connect_address}:{endpoint.port}"
-        return {**fields, "site_members": members, "site_cert": str(self.paths.site_cert),
-                "site_key": str(self.paths.site_key)}
+        """The agent config's site fields for this host (flctl.deploy.site_steps)."""
+        return site_fields(self.ctx.workspace.inventory, self.ctx.workspace.settings,
+                           self.host, self.paths)
 
     def _certificate(self, connector: Connector, facts: dict[str, Any]) -> bool:
         dns, ips = certificate_names(self.host, self.endpoint)
@@ -404,14 +389,21 @@ class HostDeploy:
         return True
 
     def _site_certificate(self, connector: Connector, facts: dict[str, Any]) -> bool:
-        """An SSH aggregator's site certificate: its key and CSR are made on the
-        host (the key never leaves it), the CA here signs for exactly this site
-        and host, and the certificate goes back; renewed like the host's."""
+        """An aggregator's site certificate. On an SSH host its key and CSR are
+        made on the host (the key never leaves it), the CA here signs for
+        exactly this site and host, and the certificate goes back; renewed like
+        the host's. A local aggregator's is made here (flctl.deploy.site_steps)."""
         site = self.site
-        if site is None or site.aggregator != self.host.name or not self.remote:
+        if site is None or site.aggregator != self.host.name:
             return False
+        if not self.remote:   # a local aggregator: its key is made on this machine
+            changed, detail = local_site_certificate(self.ctx.certificates, site, self.paths,
+                                                     self.ctx.check)
+            self.step("site certificate", changed, detail)
+            return changed
+        current = facts.get("site_cert_pem")
         reissue = self.ctx.certificates.site_reissue(self.host.name, site.name,
-                                                     facts.get("site_cert_pem"),
+                                                     current.encode() if current else None,
                                                      bool(facts.get("site_key_exists")))
         if reissue is None:
             self.step("site certificate", False, f"site {site.name}")

@@ -9,15 +9,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import Executor, wait
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, TypeVar
 
 from flctl.errors import FlctlError
-from flctl.net.agent_client import AgentClient
 
 
-def fan_out(pool: Executor, clients: Sequence[AgentClient], call: Callable[[AgentClient], Any],
+class Callee(Protocol):
+    """What fan_out calls: an AgentClient, or anything named that can be cut off
+    (a site's job, flctl.coordinator.sites)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def abort(self) -> None: ...
+
+
+C = TypeVar("C", bound=Callee)
+
+
+def fan_out(pool: Executor, clients: Sequence[C], call: Callable[[C], Any],
             timeout: float | None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Run `call` on every client; results and per-host failure reasons."""
+    """Run `call` on every client; results and per-host failure reasons.
+
+    Used by the coordinator (its hosts) and by a site's aggregator (its members)."""
     futures = {pool.submit(call, client): client for client in clients}
     done, pending = wait(futures, timeout=timeout)
     results: dict[str, Any] = {}
