@@ -290,14 +290,27 @@ def test_nft_site_member_admits_its_aggregator_then_drops_the_rest() -> None:
         'iifname "fl-demo" ip saddr 198.19.0.12 tcp dport 7443 accept',
         'tcp dport 7443 counter name "agent_dropped" drop',
     ]
-    # an aggregator and a loose host: the hub only
+    # a loose host: the hub only
     assert "198.19.0.12" not in render_nft_ruleset(**RULESET_ARGS)
+
+
+def test_nft_site_aggregator_admits_itself_through_loopback_only() -> None:
+    text = render_nft_ruleset(**RULESET_ARGS, aggregator_self_ip="198.19.0.12")
+    check_golden("flctl-site-aggregator.nft", text)
+    lines = rule_lines(text)
+    assert 'iifname "lo" ip daddr 198.19.0.12 tcp dport 7443 accept' in lines
+    assert not any("saddr 198.19.0.1" in line and "198.19.0.12" in line for line in lines)
+    assert lines.index('iifname "lo" ip daddr 198.19.0.12 tcp dport 7443 accept') < \
+        lines.index('tcp dport 7443 counter name "agent_dropped" drop')
 
 
 @pytest.mark.parametrize("override", [
     {"site_aggregator_ip": "198.19.0.1"},                      # the hub itself
     {"site_aggregator_ip": "fd00::12"},                        # another family
     {"site_aggregator_ip": "198.19.0.12", "interface": None},  # not through a tunnel
+    {"aggregator_self_ip": "198.19.0.12", "interface": None},
+    {"aggregator_self_ip": "198.19.0.12", "site_aggregator_ip": "198.19.0.13"},
+    {"aggregator_self_ip": "198.19.0.1"},
 ])
 def test_nft_site_aggregator_refused_where_it_means_nothing(override: dict[str, object]) -> None:
     with pytest.raises(ValueError):
@@ -347,11 +360,13 @@ def test_nft_accepts_the_ruleset(tmp_path: Path) -> None:
     check = subprocess.run(["unshare", "--net", "nft", "-c", "-f", str(path)],
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr
-    member = tmp_path / "member.nft"
-    member.write_text(render_nft_ruleset(**RULESET_ARGS, site_aggregator_ip="198.19.0.12"))
-    check = subprocess.run(["unshare", "--net", "nft", "-c", "-f", str(member)],
-                           capture_output=True, text=True, timeout=30)
-    assert check.returncode == 0, check.stderr
+    for site_args in ({"site_aggregator_ip": "198.19.0.12"},
+                      {"aggregator_self_ip": "198.19.0.12"}):
+        site_file = tmp_path / "site.nft"
+        site_file.write_text(render_nft_ruleset(**RULESET_ARGS, **site_args))
+        check = subprocess.run(["unshare", "--net", "nft", "-c", "-f", str(site_file)],
+                               capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stderr
     twice = subprocess.run(
         ["unshare", "--net", "sh", "-c", 'nft -f "$1" && nft -f "$1" && nft list ruleset', "sh",
          str(path)], capture_output=True, text=True, timeout=30)

@@ -120,6 +120,7 @@ def test_fresh_deploy_then_nothing_changes(site_ws) -> None:
     for name in NAMES:
         ruleset = host_file(workspace, name, "firewall.nft").read_text()
         assert (f"saddr {ip['b2']} tcp dport" in ruleset) == (name in ("b1", "b3")), name
+        assert (f'iifname "lo" ip daddr {ip["b2"]}' in ruleset) == (name == "b2"), name
         assert f"saddr {workspace.settings.overlay.hub_ip} tcp dport" in ruleset
 
     # agent configs: members name site and aggregator; the aggregator lists them

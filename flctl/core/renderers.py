@@ -357,7 +357,8 @@ NFT_DROP_COUNTER = "agent_dropped"
 
 def render_nft_ruleset(*, interface: str | None, hub_overlay_ip: str, agent_port: int,
                        wg_port: int | None, ssh_port: int = 22,
-                       site_aggregator_ip: str | None = None) -> str:
+                       site_aggregator_ip: str | None = None,
+                       aggregator_self_ip: str | None = None) -> str:
     """flctl's own table, loaded with `nft -f` in one transaction.
 
     Only `inet flctl` is ever named: no `flush ruleset`, so the host's other
@@ -368,6 +369,8 @@ def render_nft_ruleset(*, interface: str | None, hub_overlay_ip: str, agent_port
     member also admits its own aggregator through the tunnel
     (`site_aggregator_ip`), and no other overlay host; WireGuard from its site
     peers is covered by the rule that admits the tunnel's port from anywhere.
+    An aggregator fits itself as one of its members, through its own overlay
+    address (`aggregator_self_ip`): admitted from this host only (loopback).
     """
     if interface is not None and (_IFNAME_CHARS.search(interface)
                                   or not 1 <= len(interface) <= IFNAME_MAX):
@@ -386,6 +389,11 @@ def render_nft_ruleset(*, interface: str | None, hub_overlay_ip: str, agent_port
                                    or aggregator == hub):
         raise ValueError(f"a site aggregator ({aggregator}) is admitted only through the "
                          f"tunnel, from an overlay address other than the hub's")
+    own = None if aggregator_self_ip is None else ipaddress.ip_address(aggregator_self_ip)
+    if own is not None and (interface is None or own.version != hub.version or own == hub
+                            or aggregator is not None):
+        raise ValueError(f"an aggregator's own address ({own}) is admitted only on the "
+                         f"overlay, on an aggregator (not a member of another's site)")
     if interface is not None:
         tunnel = (f"\t\t# WireGuard from anywhere: the tunnel authenticates its peers itself.\n"
                   f"\t\tudp dport {wg_port} accept\n")
@@ -395,6 +403,10 @@ def render_nft_ruleset(*, interface: str | None, hub_overlay_ip: str, agent_port
             agent += (f"\t\t# ... and from this host's site aggregator, through the tunnel too.\n"
                       f'\t\tiifname "{interface}" {family} saddr {aggregator} '
                       f"tcp dport {agent_port} accept\n")
+        if own is not None:
+            agent += (f"\t\t# ... and from this host itself: the site aggregator fits itself "
+                      f"as a member.\n"
+                      f'\t\tiifname "lo" {family} daddr {own} tcp dport {agent_port} accept\n')
     else:
         tunnel = ""
         agent = (f"\t\t# The agent: only from the coordinator's address (no overlay).\n"

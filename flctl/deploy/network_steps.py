@@ -146,6 +146,13 @@ class NetworkSteps:
                           if h.name == site.aggregator)
         return str(aggregator.overlay_ip)
 
+    def _own_ip_if_aggregator(self) -> str | None:
+        """An aggregator reaches its own agent (itself a member) at its overlay address."""
+        site = self.deploy.site
+        if site is None or not self.overlay or site.aggregator != self.deploy.host.name:
+            return None
+        return str(self.deploy.host.overlay_ip)
+
     def _config_path(self) -> str:
         return str(self.deploy.paths.wg_dir / f"{self.ctx.hub.interface}.conf")
 
@@ -193,7 +200,8 @@ class NetworkSteps:
         ruleset = render_nft_ruleset(interface=interface, hub_overlay_ip=source,
                                      agent_port=d.endpoint.port, wg_port=wg_port,
                                      ssh_port=d.host.ssh_port,
-                                     site_aggregator_ip=self._aggregator_ip()).encode()
+                                     site_aggregator_ip=self._aggregator_ip(),
+                                     aggregator_self_ip=self._own_ip_if_aggregator()).encode()
         loaded = facts.get("firewall") or {}
         current = (facts["files"].get("firewall.nft") == sha256_hex(ruleset)
                    and loaded.get("present") and loaded.get("as_applied")

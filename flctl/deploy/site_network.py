@@ -10,7 +10,8 @@ is stale and no host is touched.
 
 After the overlay is up and the agents run, `check_site_reach` asks each
 site's aggregator, from the aggregator host itself, to open a TCP
-connection to every member's agent over the overlay: a site whose
+connection to every member's agent over the overlay (its own included, as
+it fits itself over its own port): a site whose
 aggregator cannot reach a member is one line, and the aggregator and that
 member fail in the recap; other hosts and sites go on.
 """
@@ -99,7 +100,7 @@ def check_site_reach(ctx: DeployContext, jobs: Sequence[HostDeploy], forks: int,
     def one(job: HostDeploy) -> list[tuple[str, str]]:
         """(member, reason) for each member the aggregator cannot reach."""
         site: Site = job.site  # type: ignore[assignment]
-        members = [m for m in site.members if m != job.host.name]
+        members = list(site.members)   # itself too: it fits itself over its own port
         targets = job.site_fields()["site_members"]
         progress(job.host.name, f"checking it reaches site {site.name}'s members")
         args = ["reach", "--timeout", f"{REACH_TIMEOUT_S:g}"]
