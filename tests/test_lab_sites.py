@@ -112,6 +112,22 @@ def dropped(lab: Lab, host: str) -> int:
     return int(counters[0]["packets"])
 
 
+def test_training_goes_through_the_aggregator(lab: Lab) -> None:
+    """Two rounds with every host sampled: each site member is a host of its
+    own in the records, and lab2's agent folded the site's three members."""
+    log = f"/var/lib/flctl/{AGGREGATOR}/run/agent.log"
+    before = lab.exec(AGGREGATOR, "sh", "-c", f"cat {log} 2>/dev/null; true").stdout
+    result = run_cli("train", "-w", str(lab.workspace), "--rounds", "2", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = result.json()
+    assert summary["rounds"] == 2
+    for record in summary["history"]:
+        assert sorted(record["participants"]) == sorted(lab.hosts), record
+    after = lab.exec(AGGREGATOR, "sh", "-c", f"cat {log}").stdout[len(before):]
+    for round_number in (1, 2):
+        assert f"site berlin, round {round_number}: 3 of 3 members folded" in after, after[-2000:]
+
+
 def test_a_second_deploy_changes_nothing(lab: Lab) -> None:
     again = deploy_json(lab.workspace)
     assert again["code"] == 0, again
