@@ -18,13 +18,13 @@ member fail in the recap; other hosts and sites go on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from flctl.core.schema import MapOf
 from flctl.core.sites import Site
 from flctl.core.text import clean_text
-from flctl.deploy.host_deploy import DeployContext, HostDeploy
+from flctl.deploy.host_deploy import DeployContext, HostDeploy, ProgressFn
 from flctl.deploy.install import VENV_PYTHON
 from flctl.deploy.remote import call_helper, connect
 from flctl.deploy.results import run_guarded
@@ -32,8 +32,6 @@ from flctl.errors import FlctlError
 
 REACH_SPEC = {"unreachable": MapOf(str)}
 REACH_TIMEOUT_S = 5.0
-
-ProgressFn = Callable[[str, str], None]
 
 
 def _healthy(job: HostDeploy) -> bool:
