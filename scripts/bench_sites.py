@@ -35,11 +35,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from verdict import Target, exit_status  # noqa: E402  (the script's own folder)
 
 from flctl.coordinator.records import create_run_dir, load_weights
 from flctl.coordinator.rounds import Coordinator
 from flctl.coordinator.session import endpoints_for, info_probe, workspace_context
+from flctl.core.data import Dataset, save_dataset
 from flctl.core.messages import Limits
 from flctl.core.settings import AgentSettings, Settings, render_settings
 from flctl.deploy import engine
@@ -71,6 +73,10 @@ def federation(sites: int, per_site: int) -> Iterator[Path]:
         init_workspace(root, local_hosts=hosts, settings=settings)
         (root / "flctl.yaml").write_text(render_settings(settings))
         (root / "inventory.yaml").write_text(site_inventory(sites, per_site))
+        rng = np.random.default_rng(0)
+        for index in range(1, hosts + 1):   # big_task claims 100 examples: have them
+            save_dataset(Dataset(rng.normal(size=(100, 4)).astype(np.float32),
+                                 rng.integers(0, 2, 100)), root / "data" / f"local{index}.npz")
         shutil.copy(BIG_TASK, root / "tasks" / BIG_TASK.name)
         workspace = load_workspace(root)
         started = time.perf_counter()
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--per-site", type=int, default=8)
     parser.add_argument("--params", type=int, default=1_000_000)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     model_bytes = 4 * args.params
