@@ -11,6 +11,7 @@ settings a site cannot serve, and a site_fit naming a non-member, are refused.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -147,6 +148,19 @@ def test_a_run_through_sites_ends_where_a_flat_run_does(workspace: Path,
         assert len(sampled_sites) == 2
     if training.get("privacy") == "central":
         assert records[-1].epsilon == pytest.approx(flat_records[-1].epsilon)
+
+
+def test_flctl_train_goes_through_the_sites(workspace: Path) -> None:
+    done = run_cli("train", "-w", str(workspace), "--json", "--rounds", "2", timeout=300)
+    assert done.returncode == 0, done.stderr
+    history = done.json()["history"]
+    assert [sorted(r["participants"]) for r in history] == [[f"local{i}" for i in
+                                                             range(1, HOSTS + 1)]] * 2
+    metrics = (Path(done.json()["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    for line in metrics:
+        hosts = json.loads(line)["hosts"]
+        assert sorted(hosts) == [f"local{i}" for i in range(1, HOSTS + 1)]
+        assert all(h["status"] == "answered" and h["examples"] > 0 for h in hosts.values())
 
 
 def test_settings_a_site_cannot_serve_are_refused_in_one_line(workspace: Path) -> None:

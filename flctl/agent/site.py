@@ -51,6 +51,9 @@ class SiteAggregator:
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(config.site_members)),
                                         thread_name_prefix="flctl-site")
         self._lock = threading.Lock()   # one site_fit at a time
+        # one client per member, kept between rounds: a TLS handshake per member
+        # per round would cost more than folding its update
+        self._clients: dict[str, AgentClient] = {}
 
     def context(self) -> ssl.SSLContext:
         """The site certificate as client identity (loaded once; a redeploy restarts us)."""
@@ -74,12 +77,17 @@ class SiteAggregator:
         return list(value)
 
     def client(self, member: str, timeout: float) -> AgentClient:
-        address = parse_endpoint(self.config.site_members[member])
-        assert address is not None   # checked when the config was parsed
-        host, port = address
-        limits = Limits(max_body_bytes=self.config.max_message_mb << 20)
-        return AgentClient(Endpoint(member, host, host, port, member), self.context(),
-                           timeout=timeout, limits=limits)
+        client = self._clients.get(member)
+        if client is None:
+            address = parse_endpoint(self.config.site_members[member])
+            assert address is not None   # checked when the config was parsed
+            host, port = address
+            limits = Limits(max_body_bytes=self.config.max_message_mb << 20)
+            client = self._clients[member] = AgentClient(
+                Endpoint(member, host, host, port, member), self.context(), timeout=timeout,
+                limits=limits)
+        client.set_timeout(timeout)
+        return client
 
     def fit(self, request: Message) -> Message:
         if not self.config.site_members:
@@ -134,8 +142,6 @@ class SiteAggregator:
         finally:
             with lock:
                 closed.set()
-            for client in clients:
-                client.close()
         for member in members:
             if member in failures:
                 fold.drop(member, failures[member])
