@@ -30,6 +30,7 @@ from flctl.core.fsutil import atomic_write, write_secret
 from flctl.core.inventory import Inventory, load_inventory, render_local_inventory
 from flctl.core.members import MEMBERS_FILE
 from flctl.core.settings import Settings, load_settings, render_settings, resolve_path
+from flctl.core.sites import refuse_sites_off_the_overlay
 from flctl.core.tasks import BUILTIN_TASKS
 from flctl.core.wheellock import LOCK_FILE, WheelLock, parse_lock
 from flctl.errors import WorkspaceError
@@ -162,6 +163,10 @@ def load_workspace(root: Path) -> Workspace:
         else paths.inventory
     inventory = load(source, settings.overlay.subnet, base_dir=paths.root,
                      previous_overlay=deployed_overlay_addresses(paths))
+    refuse_sites_off_the_overlay(inventory.source, inventory.sites,
+                                 frozenset(h.name for h in inventory.hosts
+                                           if h.connection == "local"),
+                                 settings.agent.listen)
     return Workspace(paths, settings, inventory)
 
 

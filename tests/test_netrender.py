@@ -18,12 +18,14 @@ from flctl.core.facts import (
     parse_wg_quick_config,
 )
 from flctl.core.renderers import (
+    SitePeer,
     WgPeer,
     interface_name,
     is_wg_key,
     render_nft_ruleset,
     render_wg_config,
     render_wg_sync_config,
+    site_wg_peers,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -70,6 +72,42 @@ def test_host_wg_config_golden() -> None:
 
 def test_hub_wg_config_golden() -> None:
     check_golden("wg-hub.conf", hub_config())
+
+
+# A site {alpha, beta, gamma} whose aggregator is beta: beta lists alpha and
+# gamma beside the hub, alpha (and gamma) list beta.
+GAMMA_KEY = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="
+SITE = {"alpha": SitePeer("alpha", ALPHA_KEY, "198.19.0.11", "198.18.0.11:51820"),
+        "beta": SitePeer("beta", BETA_KEY, "198.19.0.12", "198.18.0.12:51820"),
+        "gamma": SitePeer("gamma", GAMMA_KEY, "198.19.0.13", "198.18.0.13:51820")}
+HUB_PEER = WgPeer(public_key=HUB_KEY, allowed_ips=("198.19.0.1/32",),
+                  preshared_key_file="/var/lib/flctl/demo/wg/hub.psk",
+                  endpoint="198.18.0.1:51820", keepalive=25, comment="hub")
+
+
+def site_host_config(me: str, peers: list[str]) -> str:
+    return render_wg_config(address=f"{SITE[me].overlay_ip}/24", listen_port=51820,
+                            private_key_file="/var/lib/flctl/demo/wg/private.key",
+                            peers=[HUB_PEER, *site_wg_peers([SITE[p] for p in peers])],
+                            comment=f"flctl overlay of demo (host {me})")
+
+
+def test_site_wg_configs_golden() -> None:
+    check_golden("wg-host-site-aggregator.conf", site_host_config("beta", ["gamma", "alpha"]))
+    check_golden("wg-host-site-member.conf", site_host_config("alpha", ["beta"]))
+
+
+def test_site_peers_reach_only_their_own_address_at_their_underlay() -> None:
+    parsed = parse_wg_quick_config(site_host_config("beta", ["gamma", "alpha"])).peers
+    assert [(p["public_key"], p["allowed_ips"], p["endpoint"], p["keepalive"]) for p in parsed] \
+        == [(HUB_KEY, ["198.19.0.1/32"], "198.18.0.1:51820", 25),
+            (ALPHA_KEY, ["198.19.0.11/32"], "198.18.0.11:51820", None),
+            (GAMMA_KEY, ["198.19.0.13/32"], "198.18.0.13:51820", None)]
+    # no PSK file for a site pair: only the hub's is loaded
+    assert parse_wg_quick_config(site_host_config("beta", ["alpha"])).preshared_key_files == \
+        {HUB_KEY: "/var/lib/flctl/demo/wg/hub.psk"}
+    with pytest.raises(ValueError):
+        site_wg_peers([SitePeer("x", ALPHA_KEY, "not-an-ip", "198.18.0.11:51820")])
 
 
 def test_wg_config_holds_no_secret_and_no_saveconfig() -> None:
@@ -236,6 +274,49 @@ def test_nft_rules_in_order_ssh_first_agent_last() -> None:
     ]
 
 
+def test_nft_site_member_ruleset_golden() -> None:
+    check_golden("flctl-site-member.nft",
+                 render_nft_ruleset(**RULESET_ARGS, site_aggregator_ip="198.19.0.12"))
+
+
+def test_nft_site_member_admits_its_aggregator_then_drops_the_rest() -> None:
+    lines = rule_lines(render_nft_ruleset(**RULESET_ARGS, site_aggregator_ip="198.19.0.12"))
+    start = lines.index("type filter hook input priority filter; policy accept;") + 1
+    assert lines[start:start + 6] == [
+        "tcp dport 22 accept",
+        "ct state established,related accept",
+        "udp dport 51820 accept",
+        'iifname "fl-demo" ip saddr 198.19.0.1 tcp dport 7443 accept',
+        'iifname "fl-demo" ip saddr 198.19.0.12 tcp dport 7443 accept',
+        'tcp dport 7443 counter name "agent_dropped" drop',
+    ]
+    # a loose host: the hub only
+    assert "198.19.0.12" not in render_nft_ruleset(**RULESET_ARGS)
+
+
+def test_nft_site_aggregator_admits_itself_through_loopback_only() -> None:
+    text = render_nft_ruleset(**RULESET_ARGS, aggregator_self_ip="198.19.0.12")
+    check_golden("flctl-site-aggregator.nft", text)
+    lines = rule_lines(text)
+    assert 'iifname "lo" ip daddr 198.19.0.12 tcp dport 7443 accept' in lines
+    assert not any("saddr 198.19.0.1" in line and "198.19.0.12" in line for line in lines)
+    assert lines.index('iifname "lo" ip daddr 198.19.0.12 tcp dport 7443 accept') < \
+        lines.index('tcp dport 7443 counter name "agent_dropped" drop')
+
+
+@pytest.mark.parametrize("override", [
+    {"site_aggregator_ip": "198.19.0.1"},                      # the hub itself
+    {"site_aggregator_ip": "fd00::12"},                        # another family
+    {"site_aggregator_ip": "198.19.0.12", "interface": None},  # not through a tunnel
+    {"aggregator_self_ip": "198.19.0.12", "interface": None},
+    {"aggregator_self_ip": "198.19.0.12", "site_aggregator_ip": "198.19.0.13"},
+    {"aggregator_self_ip": "198.19.0.1"},
+])
+def test_nft_site_aggregator_refused_where_it_means_nothing(override: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        render_nft_ruleset(**{**RULESET_ARGS, **override})  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("override", [
     {"interface": "bad name"}, {"interface": "x" * 16}, {"hub_overlay_ip": "198.19.0"},
     {"agent_port": 0}, {"wg_port": 70000}, {"agent_port": 22},
@@ -279,6 +360,13 @@ def test_nft_accepts_the_ruleset(tmp_path: Path) -> None:
     check = subprocess.run(["unshare", "--net", "nft", "-c", "-f", str(path)],
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr
+    for site_args in ({"site_aggregator_ip": "198.19.0.12"},
+                      {"aggregator_self_ip": "198.19.0.12"}):
+        site_file = tmp_path / "site.nft"
+        site_file.write_text(render_nft_ruleset(**RULESET_ARGS, **site_args))
+        check = subprocess.run(["unshare", "--net", "nft", "-c", "-f", str(site_file)],
+                               capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stderr
     twice = subprocess.run(
         ["unshare", "--net", "sh", "-c", 'nft -f "$1" && nft -f "$1" && nft list ruleset', "sh",
          str(path)], capture_output=True, text=True, timeout=30)

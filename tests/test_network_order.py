@@ -68,13 +68,13 @@ def test_new_agent_software_alone_restarts_a_running_agent(
     workspace = load_workspace(root)
     engine.deploy(workspace, list(workspace.inventory.hosts))   # first deploy: all new
     log.clear()
-    real_facts = host_deploy.HostDeploy._facts
+    real_facts = host_deploy.HostDeploy.gather_facts
 
     def running(self, connector):   # the agent runs, as it would after the first deploy
         facts = real_facts(self, connector)
         return {**facts, "service_pid": 4242, "agent_version": facts["flctl_version"]}
 
-    monkeypatch.setattr(host_deploy.HostDeploy, "_facts", running)
+    monkeypatch.setattr(host_deploy.HostDeploy, "gather_facts", running)
     monkeypatch.setattr(host_deploy, "ensure_agent_software", software)
     workspace = load_workspace(root)
     results = engine.deploy(workspace, list(workspace.inventory.hosts))

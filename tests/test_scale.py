@@ -16,12 +16,13 @@ from typer.testing import CliRunner
 
 from flctl.cli import app as cli_app
 from flctl.cli.render import HOSTS_LISTED, add_round_row, round_table
-from flctl.coordinator import fanout, openfiles, rounds
-from flctl.coordinator.fanout import MAX_WORKERS, fan_out, pool_size, worker_pool
+from flctl.coordinator import openfiles, rounds
 from flctl.coordinator.summary import RoundRecord
 from flctl.core.inventory import parse_inventory, render_local_inventory
 from flctl.core.settings import TrainingSettings
 from flctl.errors import ConfigError, HostError
+from flctl.net import fanout
+from flctl.net.fanout import MAX_WORKERS, fan_out, pool_size, worker_pool
 from flctl.workspace import init_workspace
 from test_coordinator import Federation
 

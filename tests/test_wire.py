@@ -359,12 +359,15 @@ def test_the_agent_serves_only_the_coordinator_role(certs: Certs) -> None:
         (root / f"{name}.key").write_bytes(key)
         (root / f"{name}.crt").write_bytes(cert)
     (root / "ca.crt").write_bytes(ca)
-    from flctl.agent.main import coordinator_only
+    from flctl.agent import trust
+    from flctl.core.agentconfig import AgentConfig
 
+    config = AgentConfig(name="agent-1", project="p", bind_address=LOOPBACK, port=0,
+                         ca_cert="", cert="", key="", data_path="", state_file="")
     handler = Recorder()
     srv = FrameServer(LOOPBACK, 0, server_context(root / "ca.crt", root / "agent.crt",
                                                   root / "agent.key"),
-                      handler, handshake_timeout=5.0, authorize=coordinator_only)
+                      handler, handshake_timeout=5.0, authorize=trust.authorizer(config))
     srv.start()
     try:
         def client(who: str) -> FrameClient:

@@ -97,6 +97,8 @@ def cmd_facts(args: argparse.Namespace) -> dict[str, Any]:
         "disk_free_bytes": disk.free,
         "listening_ports": sorted(listening_ports()),
         "key_exists": (root / "agent.key").exists(),
+        "site_key_exists": (root / "site.key").exists(),
+        "site_cert_pem": read_text(root / "site.crt"),
         "files": {
             name: file_sha256_or_none(root / name)
             for name in ("agent.crt", "ca.crt", "ca.crl", "agent.json", "firewall.nft")
@@ -183,12 +185,13 @@ def cmd_task_check(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_csr(args: argparse.Namespace) -> dict[str, Any]:
     """Make the agent key here (if missing, or anew with --new-key) and return
-    only a CSR. With --owner the key belongs to the agent's user (0600)."""
+    only a CSR. With --owner the key belongs to the agent's user (0600). With
+    --key site.key: a site aggregator's second key, made the same way."""
     from flctl.core import pki  # cryptography costs ~0.1 s to import; only this needs it
 
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True, mode=0o755)
-    key_path = root / "agent.key"
+    key_path = root / args.key
     created = False
     if args.new_key or not key_path.exists():
         old_umask = os.umask(0o077)
@@ -386,6 +389,35 @@ def cmd_wg_show(args: argparse.Namespace) -> dict[str, Any]:
     return tunnel_state(args.interface)
 
 
+REACH_TIMEOUT_S = 5.0
+
+
+def cmd_reach(args: argparse.Namespace) -> dict[str, Any]:
+    """From this host, a TCP connect to each NAME=ADDRESS:PORT (in parallel):
+    can a site's aggregator reach its members' agents over the overlay? Only
+    the connection is made; nothing is sent."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flctl.core.agentconfig import parse_endpoint
+
+    def one(target: str) -> tuple[str, str | None]:
+        name, _, endpoint = target.partition("=")
+        parsed = parse_endpoint(endpoint)
+        if not name or parsed is None:
+            return name or target, f"not NAME=ADDRESS:PORT: {target!r}"
+        try:
+            with socket.create_connection(parsed, timeout=args.timeout):
+                return name, None
+        except OSError as exc:
+            return name, (f"timed out after {args.timeout:g} s" if isinstance(exc, TimeoutError)
+                          else exc.strerror or str(exc))
+
+    with ThreadPoolExecutor(max_workers=min(32, max(1, len(args.to)))) as pool:
+        return {"unreachable": {name: error for name, error in pool.map(one, args.to)
+                                if error is not None}}
+
+
 def cmd_fw_apply(args: argparse.Namespace) -> dict[str, Any]:
     from flctl.agent.firewall import apply_with_rollback
 
@@ -448,6 +480,9 @@ def _add_network_commands(sub: Any) -> None:
     add("fw-confirm", cmd_fw_confirm, "--state")
     add("fw-rollback", cmd_fw_rollback, "--state")
     add("fw-remove", cmd_fw_remove).add_argument("--state")
+    reach = add("reach", cmd_reach)
+    reach.add_argument("--to", action="append", required=True, help="NAME=ADDRESS:PORT")
+    reach.add_argument("--timeout", type=float, default=REACH_TIMEOUT_S)
     add("fw-status", cmd_fw_status).add_argument("--state")
 
 
@@ -472,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     csr.add_argument("--ip", action="append")
     csr.add_argument("--owner", help="the agent's user, who owns the key")
     csr.add_argument("--new-key", action="store_true", help="replace the key")
+    csr.add_argument("--key", choices=("agent.key", "site.key"), default="agent.key",
+                     help="which key: the agent's, or a site aggregator's")
     add("install-boot", cmd_install_boot)
     add("task-check", cmd_task_check).set_defaults(timeout=600.0)
     add("boot", cmd_boot)

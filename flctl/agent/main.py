@@ -19,28 +19,15 @@ import threading
 from pathlib import Path
 
 from flctl import __version__
-from flctl.agent import gpu
+from flctl.agent import gpu, trust
 from flctl.agent.requests import RequestHandler
-from flctl.core import pki
 from flctl.core.agentconfig import parse_agent_config
 from flctl.core.fsutil import atomic_write
 from flctl.core.layout import AGENT_VERSION_FILE
 from flctl.core.messages import Limits
 from flctl.errors import FlctlError
-from flctl.net.server import FrameServer, PeerInfo
+from flctl.net.server import FrameServer
 from flctl.net.tls import server_context
-
-
-def coordinator_only(peer: PeerInfo) -> str | None:
-    """Only the coordinator commands an agent. TLS already refuses a host
-    certificate as a client (its usage is server auth only); this refuses
-    anything that is not exactly the coordinator's role, whatever OpenSSL let by."""
-    role = pki.certificate_role(peer.certificate) if peer.certificate else None
-    if role == pki.ROLE_COORDINATOR:
-        return None
-    return (f"only the coordinator may send requests; this peer's certificate is "
-            f"{'a ' + role + ' certificate' if role else 'not a coordinator certificate'}")
-
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_MAX_BYTES = 10 << 20
@@ -112,10 +99,10 @@ def build_server(config_path: Path) -> FrameServer:
         config.bind_address,
         config.port,
         context,
-        service.handle,
+        trust.guarded(config, service.handle),
         limits=limits,
         logger=logging.getLogger("flctl.agent.server"),
-        authorize=coordinator_only,
+        authorize=trust.authorizer(config),
         receiver=service.transfers.receiver,
     )
 

@@ -24,6 +24,7 @@ import numpy as np
 from flctl import __version__
 from flctl.agent import exits, gpu
 from flctl.agent.secure import SecureRounds
+from flctl.agent.site import SiteAggregator
 from flctl.agent.task_data import load_host_data, stats_table, summary
 from flctl.agent.transfers import RESUMABLE_KINDS, Transfers, transfer_key
 from flctl.core.agentconfig import AgentConfig
@@ -72,6 +73,7 @@ class RequestHandler:
         # memory only (a restart forgets what was not yet sent; see compression).
         self._feedback: dict[tuple[str, ...], ErrorFeedback | None] = {}
         self.secure = SecureRounds(config)
+        self.site = SiteAggregator(config)
         self.transfers = Transfers()
         self._state_lock = threading.Lock()
         self.last_round: int | None = None
@@ -132,6 +134,7 @@ class RequestHandler:
             "health": self._info,
             "init": self._init,
             "fit": self._fit,
+            "site_fit": lambda r: self.site.fit(r),
             "evaluate": self._evaluate,
             "secagg_advertise": lambda r: Message("secagg_advert", self.secure.advertise(r.meta)),
             "secagg_share": lambda r: Message("secagg_boxes", self.secure.share(r.meta)),

@@ -29,7 +29,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from flctl.coordinator.fanout import pool_size, worker_pool
 from flctl.coordinator.replies import HostProfile, HostRefused, check_info
 from flctl.coordinator.summary import MessageCallback
 from flctl.core.layout import Endpoint
@@ -38,6 +37,7 @@ from flctl.core.memory import host_need, shortfall
 from flctl.core.settings import TrainingSettings
 from flctl.errors import FlctlError
 from flctl.net.agent_client import AgentClient
+from flctl.net.fanout import pool_size, worker_pool
 
 ClientFactory = Callable[[Endpoint], AgentClient]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +21,6 @@ import numpy as np
 
 from flctl.coordinator.admission import HostAdmission
 from flctl.coordinator.budget import MemoryBudget
-from flctl.coordinator.fanout import fan_out, worker_pool
 from flctl.coordinator.membership import MembershipChanges, MemberWatch
 from flctl.coordinator.openfiles import ensure_open_files
 from flctl.coordinator.privacy import PrivacyLedger, hosts_per_round
@@ -35,6 +34,7 @@ from flctl.coordinator.replies import (
     expect_weights,
 )
 from flctl.coordinator.secure_round import SecureAggregation, check_secure_settings
+from flctl.coordinator.sites import SiteJob, SitePlan, check_site_reply
 from flctl.coordinator.summary import (
     MessageCallback,
     RoundCallback,
@@ -43,16 +43,22 @@ from flctl.coordinator.summary import (
     host_entries,
     plain_settings,
 )
-from flctl.core.aggregation import update_distance
 from flctl.core.data import Dataset
 from flctl.core.divergence import divergence
 from flctl.core.secagg import SecAggError
 from flctl.core.settings import TrainingSettings
+from flctl.core.sites import Site
 from flctl.core.strategies import make_strategy
-from flctl.core.tasks import BUILTIN_TASKS, Task, check_weights
+from flctl.core.tasks import BUILTIN_TASKS, Task
+from flctl.core.updates import check_update
 from flctl.core.uplink import UplinkSpec, unpack_update
 from flctl.errors import TrainingError
 from flctl.net.agent_client import AgentClient, EvalReply, FitReply, Transfer
+from flctl.net.fanout import fan_out, worker_pool
+
+# How much sooner than the round's deadline a site's aggregator gives up on its
+# members, so its reply (with the late ones dropped) still reaches the coordinator.
+SITE_MARGIN_S = 5.0
 
 # The evaluation sample's stream beside the fit sample's ([seed, round] and,
 # for re-runs, [seed, round, attempt] with attempt <= 101).
@@ -81,6 +87,7 @@ class Coordinator(HostAdmission, MembershipChanges):
         initial: list[np.ndarray] | None = None,
         progress: TransferProgress | None = None,
         members: MemberWatch | None = None,
+        sites: Mapping[str, Site] | None = None,
     ) -> None:
         self.members = members  # hosts joining and leaving mid-run (membership.py)
         self.former: list[str] = []  # members that left the run
@@ -104,6 +111,9 @@ class Coordinator(HostAdmission, MembershipChanges):
         if training.secure_aggregation:
             check_secure_settings(training, self.strategy, ca_pem)
         self.clients = list(clients)
+        # Sites (flctl.coordinator.sites): a setting no site can serve fails here.
+        self.sites = SitePlan(sites or {}, self.clients)
+        self.site_fold = self.sites.fold(training, self.strategy, self.uplink)
         self.training = training
         self.run = run
         self.tasks_dir = tasks_dir
@@ -121,7 +131,7 @@ class Coordinator(HostAdmission, MembershipChanges):
         self._stopping = threading.Event()
 
     # ------------------------------------------------------------ helpers
-    def _parallel(self, clients: Sequence[AgentClient], call: Callable[[AgentClient], Any],
+    def _parallel(self, clients: Sequence[Any], call: Callable[[Any], Any],
                   timeout: float | None) -> tuple[dict[str, Any], dict[str, str]]:
         """Run `call` on every client (fanout.fan_out on the run's pool)."""
         return fan_out(self._pool, clients, call, timeout)
@@ -246,13 +256,7 @@ class Coordinator(HostAdmission, MembershipChanges):
                 self._tell_resumed(client.name, transfer)
                 check_fit_counts(self._profile(client), reply.num_examples, reply.metrics)
                 update = self._read_update(reply, weights)
-                check_weights(update, weights)
-                if t.max_update_norm > 0:
-                    distance = update_distance(update, weights)
-                    if not distance <= t.max_update_norm:  # NaN fails too
-                        raise TrainingError(f"update rejected: its distance from the model, "
-                                            f"{distance:.4g}, exceeds training.max_update_norm "
-                                            f"{t.max_update_norm:g}")
+                check_update(update, weights, t.max_update_norm)
                 with lock:
                     if closed.is_set():
                         raise TrainingError("reply after the deadline")
@@ -267,10 +271,55 @@ class Coordinator(HostAdmission, MembershipChanges):
             finally:
                 receiver.release()
 
-        with self._sending(f"round {round_number}: model to hosts", clients, weights):
-            results, failures = self._parallel(clients, fit_one, timeout=t.deadline_s)
+        def site_one(job: SiteJob) -> int:
+            # the site's one update: its members' mean, as the model is laid out
+            receiver = self.budget.receiver(expect_weights(weights), self.run.spool_dir)
+            try:
+                assert self.site_fold is not None
+                left = until - time.monotonic()
+                reply = job.client.site_fit(
+                    weights, t.task, self.task_params, config, members=job.members,
+                    fold=self.site_fold.as_meta(),
+                    deadline_s=max(0.5, left - min(SITE_MARGIN_S, 0.1 * left)),
+                    round_key=f"{self.run.run_id}/{round_number}/{attempt}/fit",
+                    receive=receiver, heartbeat_s=t.heartbeat_s or None)
+                members, lost = check_site_reply(job, reply.num_examples, reply.metrics,
+                                                 lambda name: self._profile(
+                                                     self.sites.clients[name]))
+                update = reply.weights   # the site's mean change from `weights`
+                check_update(update, weights, t.max_update_norm, delta=True)
+                with lock:
+                    if closed.is_set():
+                        raise TrainingError("reply after the deadline")
+                    aggregator.add_site(job.site.name, sorted(members), update,  # type: ignore[attr-defined]
+                                        reply.num_examples, len(job.members))
+                    for name, record in members.items():
+                        loss = record["train_loss"]
+                        losses.append((math.nan if loss is None else loss, record["examples"]))
+                        compute.append(record["fit_s"])
+                        answered[name] = record
+                    site_dropped.update(lost)
+                return int(reply.num_examples)
+            finally:
+                receiver.release()
+
+        direct, jobs = self.sites.group(clients) if self.sites.active else (list(clients), [])
+        site_dropped: dict[str, str] = {}
+        targets: list[Any] = [*direct, *jobs]
+
+        def one(target: Any) -> int:
+            return site_one(target) if isinstance(target, SiteJob) else fit_one(target)
+
+        with self._sending(f"round {round_number}: model to hosts",
+                           [*direct, *(job.client for job in jobs)], weights):
+            _, failures = self._parallel(targets, one, timeout=t.deadline_s)
         with lock:
             closed.set()
+        for job in jobs:   # a site that failed as a whole drops each of its members
+            if job.name in failures:
+                reason = job.failed(failures.pop(job.name))
+                failures.update({member: reason for member in job.members})
+        failures.update(site_dropped)
         if aggregator.count < t.min_hosts:
             detail = "; ".join(f"{k}: {v}" for k, v in sorted(failures.items()))
             close = getattr(aggregator, "close", None)   # held copies (robust strategies)
@@ -283,7 +332,7 @@ class Coordinator(HostAdmission, MembershipChanges):
         total = sum(n for _, n in losses)
         train_loss = sum(loss * n for loss, n in losses) / total if total else None
         return aggregator.result(), {
-            "participants": sorted(results),
+            "participants": sorted(answered),
             "dropped": failures,
             "answered": answered,
             "train_loss": train_loss,

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from flctl.coordinator.fanout import fan_out, worker_pool
 from flctl.coordinator.secure_sum import Parallel, SecureSum
 from flctl.coordinator.stats import Tell, column_difference, names_of, where_of
 from flctl.core.fedstats import (
@@ -43,6 +42,7 @@ from flctl.core.securestats import (
 )
 from flctl.errors import ProtocolError, TrainingError
 from flctl.net.agent_client import AgentClient
+from flctl.net.fanout import fan_out, worker_pool
 
 QUANTILE_NOTE = (f"quantiles are read off histograms over mean +- {EDGE_SIGMAS:g} std (values "
                  f"beyond are counted in the end bins): approximate, more so in the tails")

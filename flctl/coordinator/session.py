@@ -195,7 +195,8 @@ def _train(workspace: Workspace, training: TrainingSettings, hosts: Sequence[Hos
                               resume_from=checkpoint, eval_data=eval_data,
                               ca_pem=workspace.paths.ca_cert.read_bytes(),
                               revoked=workspace_revocations(workspace), initial=initial,
-                              progress=progress, members=members)
+                              progress=progress, members=members,
+                              sites=workspace.inventory.sites)
     running()   # its settings are accepted: from here on it is a running run
     return coordinator.train()
 

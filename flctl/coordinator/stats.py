@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from flctl.coordinator.fanout import worker_pool
 from flctl.core.fedstats import (
     DEFAULT_BINS,
     MIN_COUNT,
@@ -32,6 +31,7 @@ from flctl.core.messages import Message
 from flctl.core.text import clean_text
 from flctl.errors import FlctlError, TrainingError
 from flctl.net.agent_client import AgentClient
+from flctl.net.fanout import worker_pool
 
 Tell = Callable[[str], None]
 

@@ -48,6 +48,17 @@ class AgentConfig:
     cpu_quota: int | None = None
     memory_max: int | None = None
     nice: int | None = None
+    # Sites (flctl.core.sites). `site`: the site this host is in; with
+    # `site_aggregator`, the one site certificate (flctl.core.pki ROLE_SITE,
+    # naming this site and that host) whose `fit` requests this agent obeys.
+    site: str | None = None
+    site_aggregator: str | None = None
+    # The aggregator only: member name -> "ADDRESS:PORT" of its agent (overlay
+    # address for SSH hosts, 127.0.0.1 for local ones; itself included), and
+    # the paths of its site certificate and key, its client identity to them.
+    site_members: dict[str, str] = field(default_factory=dict)
+    site_cert: str | None = None
+    site_key: str | None = None
 
     @property
     def limits(self) -> AgentLimits:
@@ -83,6 +94,9 @@ def parse_agent_config(text: str, source: str) -> AgentConfig:
             if not isinstance(value, dict):
                 raise ConfigError("expected an object", file=source, field=name)
             continue
+        if name == "site_members":
+            _check_site_members(value, source)
+            continue
         wanted = int if str(spec.type).startswith("int") else str
         optional = "None" in str(spec.type)
         if (value is None and not optional) or (value is not None and (
@@ -90,6 +104,49 @@ def parse_agent_config(text: str, source: str) -> AgentConfig:
             raise ConfigError(f"expected {'an integer' if wanted is int else 'a string'}",
                               file=source, field=name)
     try:
-        return AgentConfig(**values)
+        config = AgentConfig(**values)
     except TypeError as exc:
         raise ConfigError(str(exc), file=source) from None
+    _check_site(config, source)
+    return config
+
+
+def parse_endpoint(value: str) -> tuple[str, int] | None:
+    """("ADDRESS", PORT) from "ADDRESS:PORT" (an IPv6 address in brackets), else None."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return (host, int(port)) if host and not any(c.isspace() for c in host) else None
+
+
+def _check_site_members(value: Any, source: str) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError("expected an object (member name -> \"ADDRESS:PORT\")",
+                          file=source, field="site_members")
+    for member, endpoint in value.items():
+        if not isinstance(endpoint, str) or parse_endpoint(endpoint) is None:
+            raise ConfigError(f"member {member!r}: expected \"ADDRESS:PORT\", got {endpoint!r}",
+                              file=source, field="site_members")
+
+
+def _check_site(config: AgentConfig, source: str) -> None:
+    """The site fields go together: a member names its site and aggregator; an
+    aggregator (site_members) also has its certificate and key and is a member."""
+    if (config.site is None) != (config.site_aggregator is None):
+        raise ConfigError("site and site_aggregator are set together", file=source,
+                          field="site" if config.site is None else "site_aggregator")
+    aggregating = bool(config.site_members) or config.site_cert or config.site_key
+    if not aggregating:
+        return
+    for name in ("site_cert", "site_key"):
+        if getattr(config, name) is None:
+            raise ConfigError("a site aggregator needs its site certificate and key",
+                              file=source, field=name)
+    if config.site_aggregator != config.name:
+        raise ConfigError(f"only the site's aggregator ({config.site_aggregator!r}) lists "
+                          f"site members, not {config.name!r}", file=source, field="site_members")
+    if config.name not in config.site_members:
+        raise ConfigError(f"the aggregator {config.name!r} must list itself", file=source,
+                          field="site_members")

@@ -148,6 +148,29 @@ class WeightedAccumulator:
         self._count += 1
         self._total_weight += weight
 
+    def add_delta(self, base: Sequence[np.ndarray], delta: Sequence[UpdateArray],
+                  weight: float) -> None:
+        """Fold `weight * (base + delta)`: a site's mean sent as its change from
+        the model (`base`), which float32 carries far more exactly than the
+        mean itself. Same checks, same chunks, no model-sized temporary."""
+        if self._acc is None:
+            raise ValueError("accumulator already consumed by take_mean()")
+        weight = float(weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight must be a finite number >= 0, got {weight}")
+        delta = [a if isinstance(a, FileArray) else np.asarray(a) for a in delta]
+        self._validate(delta)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for g, d, acc in zip(base, delta, self._acc):
+                target, flat_base = acc.reshape(-1), _flat(np.asarray(g))
+                for start, stop, block in flat_blocks(d):
+                    scratch = self._scratch[:stop - start]
+                    np.add(block, flat_base[start:stop], out=scratch, dtype=self.dtype)
+                    np.multiply(scratch, weight, out=scratch)
+                    np.add(target[start:stop], scratch, out=target[start:stop])
+        self._count += 1
+        self._total_weight += weight
+
     def _validate(self, arrays: list[UpdateArray]) -> None:
         if len(arrays) != len(self.shapes):
             raise ValueError(f"expected {len(self.shapes)} arrays, got {len(arrays)}")
@@ -232,6 +255,18 @@ def weighted_average(updates: Sequence[Sequence[np.ndarray]], weights: Sequence[
         acc.add(update, weight)
     kinds = [np.asarray(a).dtype for a in updates[0]]
     return [narrow_in_place(m, kind) for m, kind in zip(acc.take_mean(), kinds)]
+
+
+def norm(update: Sequence[UpdateArray]) -> float:
+    """L2 norm over all arrays (of a change, e.g. a site's mean delta), in chunks."""
+    total = 0.0
+    scratch = np.empty(CHUNK, np.float64)
+    for array in update:
+        for start, stop, block in flat_blocks(array):
+            part = scratch[:stop - start]
+            np.copyto(part, block, casting="unsafe")
+            total += float(np.dot(part, part))
+    return math.sqrt(total)
 
 
 def update_distance(update: Sequence[UpdateArray], reference: Sequence[np.ndarray]) -> float:

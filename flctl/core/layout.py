@@ -62,6 +62,16 @@ class HostPaths:
         return self.root / "ca.crt"
 
     @property
+    def site_cert(self) -> PurePosixPath:
+        """A site aggregator's client certificate (flctl.core.pki ROLE_SITE)."""
+        return self.root / "site.crt"
+
+    @property
+    def site_key(self) -> PurePosixPath:
+        """Its key, made on the aggregator host, owned like agent.key."""
+        return self.root / "site.key"
+
+    @property
     def log(self) -> PurePosixPath:
         """The agent's own log, rotated by it (agent.log.1 ... beside it):
         in run_dir, the one directory it may write."""

@@ -1,14 +1,20 @@
 """Project CA and certificates for mutual TLS between coordinator and agents.
 
-Two roles, told apart by what a certificate may be used for:
+Three roles, told apart by what a certificate may be used for:
 
 * the coordinator: CN `coordinator`, extended key usage *client auth only*.
-  It is the only identity an agent serves (TLS checks the usage at the
-  handshake; the agent checks the role again before it reads a request).
+  It may send an agent anything (TLS checks the usage at the handshake; the
+  agent checks the role again before it reads a request).
 * hosts: CN and SANs = the host's inventory name and addresses, *server
   auth only*, so a host certificate can never open a connection an agent
   would accept, whoever holds its key. Hosts also sign their
   secure-aggregation keys with it.
+* site aggregators: CN = the aggregator host's name, *client auth only*,
+  and one SAN URI `flctl-site:<site>` naming its site (flctl.core.sites).
+  An agent serves it only `fit` (and what resuming a fit's transfer needs),
+  and only when the site and host are the ones its own config names: an
+  aggregator commands its own members and no one else. Its key is a second
+  one made on the aggregator host, apart from that host's server key.
 
 The CA signs a host's CSR only for the exact name and addresses deploy
 expects for that host. Revocation is a CRL signed by the CA, loaded by the
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -40,10 +47,16 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 COORDINATOR_CN = "coordinator"
 ROLE_COORDINATOR = "coordinator"
 ROLE_HOST = "host"
+ROLE_SITE = "site"
+SITE_URI_PREFIX = "flctl-site:"
 LEAF_DAYS = 825                 # what browsers accept for a leaf; deploy renews long before
 RENEW_BEFORE_DAYS = 30          # deploy reissues a leaf with less validity left than this
 _ROLE_USAGE = {ROLE_COORDINATOR: ExtendedKeyUsageOID.CLIENT_AUTH,
-               ROLE_HOST: ExtendedKeyUsageOID.SERVER_AUTH}
+               ROLE_HOST: ExtendedKeyUsageOID.SERVER_AUTH,
+               ROLE_SITE: ExtendedKeyUsageOID.CLIENT_AUTH}
+# What a site name may be (inventory group names are stricter still), so the
+# URI we write reads back as the same name.
+_SITE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}\Z")
 
 
 class PKIError(FlctlError):
@@ -141,12 +154,27 @@ def make_csr(key_pem: bytes, common_name: str, dns_names: Sequence[str] = (),
     return builder.sign(key, _HASH()).public_bytes(serialization.Encoding.PEM)
 
 
+def _site_uri(site: str | None, common_name: str, role: str) -> list[x509.GeneralName]:
+    """The SAN naming a site certificate's site; checks the role/site pairing."""
+    if role != ROLE_SITE:
+        if site is not None:
+            raise PKIError(f"only a site certificate names a site, not a {role} certificate")
+        return []
+    if site is None or not _SITE_NAME_RE.match(site):
+        raise PKIError(f"a site certificate needs a site name (letters, digits, '_', '.', '-'), "
+                       f"got {site!r}")
+    if common_name == COORDINATOR_CN:
+        raise PKIError(f"a site aggregator cannot be named {COORDINATOR_CN!r}")
+    return [x509.UniformResourceIdentifier(SITE_URI_PREFIX + site)]
+
+
 def _leaf(ca_key_pem: bytes, ca_cert_pem: bytes, public_key: Any, common_name: str,
           dns_names: Sequence[str], ip_addresses: Sequence[str], role: str,
-          days: float) -> bytes:
+          days: float, site: str | None = None) -> bytes:
     """Issue a leaf of `role`: every field is ours, none is copied from a request."""
     if role not in _ROLE_USAGE:
         raise PKIError(f"unknown certificate role {role!r}")
+    site_names = _site_uri(site, common_name, role)
     ca_key = load_private_key(ca_key_pem)
     ca_cert = _load_cert(ca_cert_pem)
     now = _now()
@@ -173,7 +201,7 @@ def _leaf(ca_key_pem: bytes, ca_cert_pem: bytes, public_key: Any, common_name: s
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
-    sans = _san_list(dns_names, ip_addresses)
+    sans = _san_list(dns_names, ip_addresses) + site_names
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(ca_key, _HASH()).public_bytes(serialization.Encoding.PEM)
@@ -224,15 +252,42 @@ def sign_csr(ca_key_pem: bytes, ca_cert_pem: bytes, csr_pem: bytes, *, host: str
                  sorted(want_ips), ROLE_HOST, days)
 
 
+def sign_site_csr(ca_key_pem: bytes, ca_cert_pem: bytes, csr_pem: bytes, *, host: str,
+                  site: str, days: float = LEAF_DAYS) -> bytes:
+    """Issue the site certificate of `site`'s aggregator `host` for a CSR made
+    on that host. The CSR must ask for the CN `host`; only its public key is
+    taken: the site, the usage (client auth only) and every other field are ours."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise PKIError(f"{host}: cannot load its site CSR: {exc}") from exc
+    if not csr.is_signature_valid:
+        raise PKIError(f"{host}: its site CSR's signature is invalid")
+    common_name = _cn(csr.subject)
+    if common_name != host:
+        raise PKIError(f"{host}: its site CSR asks for the name {common_name!r}, not {host!r}; "
+                       "refusing to sign it")
+    return _leaf(ca_key_pem, ca_cert_pem, csr.public_key(), host, [], [], ROLE_SITE, days,
+                 site=site)
+
+
 def issue_certificate(ca_key_pem: bytes, ca_cert_pem: bytes, common_name: str,
                       dns_names: Sequence[str] = (), ip_addresses: Sequence[str] = (), *,
-                      role: str = ROLE_HOST, days: float = LEAF_DAYS) -> tuple[bytes, bytes]:
+                      role: str = ROLE_HOST, days: float = LEAF_DAYS,
+                      site: str | None = None) -> tuple[bytes, bytes]:
     """Key + leaf in one step, for peers whose key is made on this machine (the
-    coordinator; local hosts in tests)."""
+    coordinator; local hosts, site certificates of local aggregators included)."""
     key_pem = make_private_key()
     public_key = load_private_key(key_pem).public_key()
     return key_pem, _leaf(ca_key_pem, ca_cert_pem, public_key, common_name, dns_names,
-                          ip_addresses, role, days)
+                          ip_addresses, role, days, site=site)
+
+
+def site_certificate(ca_key_pem: bytes, ca_cert_pem: bytes, host: str, site: str,
+                     days: float = LEAF_DAYS) -> tuple[bytes, bytes]:
+    """Key and site certificate for a local aggregator (this machine uses the key)."""
+    return issue_certificate(ca_key_pem, ca_cert_pem, host, role=ROLE_SITE, days=days,
+                             site=site)
 
 
 def coordinator_certificate(ca_key_pem: bytes, ca_cert_pem: bytes,
@@ -250,19 +305,51 @@ def _not_after(cert: x509.Certificate) -> datetime.datetime:
     return value
 
 
+def _site_uris(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+            if str(u).startswith(SITE_URI_PREFIX)]
+
+
+def _site_of(parsed: x509.Certificate) -> tuple[str, str] | None:
+    """(site, host) of a well-formed site certificate, else None."""
+    uris = _site_uris(parsed)
+    host = _cn(parsed.subject)
+    if len(uris) != 1 or not host or host == COORDINATOR_CN:
+        return None
+    site = uris[0][len(SITE_URI_PREFIX):]
+    return (site, host) if _SITE_NAME_RE.match(site) else None
+
+
 def certificate_role(cert: bytes) -> str | None:
-    """ROLE_COORDINATOR, ROLE_HOST, or None for anything else (a certificate
-    from before roles, which allowed both usages, is neither)."""
+    """ROLE_COORDINATOR, ROLE_HOST, ROLE_SITE, or None for anything else (a
+    certificate from before roles, which allowed both usages, is neither)."""
     parsed = _load_cert(cert)
     try:
         usage = set(parsed.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     except x509.ExtensionNotFound:
         return None
-    if usage == {ExtendedKeyUsageOID.CLIENT_AUTH} and _cn(parsed.subject) == COORDINATOR_CN:
-        return ROLE_COORDINATOR
+    if usage == {ExtendedKeyUsageOID.CLIENT_AUTH}:
+        if _site_uris(parsed):
+            return ROLE_SITE if _site_of(parsed) else None
+        if _cn(parsed.subject) == COORDINATOR_CN:
+            return ROLE_COORDINATOR
+        return None
     if usage == {ExtendedKeyUsageOID.SERVER_AUTH}:
         return ROLE_HOST
     return None
+
+
+def site_identity(cert: bytes) -> tuple[str, str] | None:
+    """(site, aggregator host) of a site certificate (PEM or DER), None for any
+    other certificate."""
+    parsed = _load_cert(cert)
+    if certificate_role(cert) != ROLE_SITE:
+        return None
+    return _site_of(parsed)
 
 
 def not_before(cert: bytes) -> datetime.datetime:
@@ -296,6 +383,7 @@ def certificate_info(cert_pem: bytes) -> dict[str, Any]:
         "dns_names": dns_names,
         "ip_addresses": ip_addresses,
         "role": certificate_role(cert_pem),
+        "site": (site_identity(cert_pem) or (None,))[0],
         "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex(),
     }
 

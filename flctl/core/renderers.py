@@ -200,6 +200,28 @@ class WgPeer:
     comment: str = ""
 
 
+@dataclass(frozen=True)
+class SitePeer:
+    """A host of the same site, as another host's tunnel sees it: its key, its
+    overlay address, and where its WireGuard listens on the underlay."""
+
+    name: str
+    public_key: str
+    overlay_ip: str
+    endpoint: str        # underlay host:port
+
+
+def site_wg_peers(peers: Sequence[SitePeer]) -> list[WgPeer]:
+    """Direct peers between a site's aggregator and its members, beside the
+    hub: each reaches only its own address (/32), dialled at its underlay
+    endpoint, so the aggregator talks to its members without the hub relaying
+    and no member gains a route to any other overlay host."""
+    return [WgPeer(public_key=p.public_key,
+                   allowed_ips=(f"{ipaddress.ip_address(p.overlay_ip)}/32",),
+                   endpoint=p.endpoint, comment=f"site peer {p.name}")
+            for p in peers]
+
+
 def is_wg_key(text: str) -> bool:
     """A WireGuard key as wg prints it (base64 of 32 bytes)."""
     return bool(_WG_KEY.match(text))
@@ -334,14 +356,21 @@ NFT_DROP_COUNTER = "agent_dropped"
 
 
 def render_nft_ruleset(*, interface: str | None, hub_overlay_ip: str, agent_port: int,
-                       wg_port: int | None, ssh_port: int = 22) -> str:
+                       wg_port: int | None, ssh_port: int = 22,
+                       site_aggregator_ip: str | None = None,
+                       aggregator_self_ip: str | None = None) -> str:
     """flctl's own table, loaded with `nft -f` in one transaction.
 
     Only `inet flctl` is ever named: no `flush ruleset`, so the host's other
     tables (its own firewall, Docker's, ...) are left exactly as they are.
     With the overlay (`interface` and `wg_port` set) the agent port is open
     only through the tunnel from the hub's overlay address; without it
-    (agent.listen: underlay) only from the coordinator's address.
+    (agent.listen: underlay) only from the coordinator's address. A site
+    member also admits its own aggregator through the tunnel
+    (`site_aggregator_ip`), and no other overlay host; WireGuard from its site
+    peers is covered by the rule that admits the tunnel's port from anywhere.
+    An aggregator fits itself as one of its members, through its own overlay
+    address (`aggregator_self_ip`): admitted from this host only (loopback).
     """
     if interface is not None and (_IFNAME_CHARS.search(interface)
                                   or not 1 <= len(interface) <= IFNAME_MAX):
@@ -355,11 +384,29 @@ def render_nft_ruleset(*, interface: str | None, hub_overlay_ip: str, agent_port
     if agent_port == ssh_port:
         raise ValueError(f"the agent port {agent_port} is the SSH port")
     family = "ip" if hub.version == 4 else "ip6"
+    aggregator = None if site_aggregator_ip is None else ipaddress.ip_address(site_aggregator_ip)
+    if aggregator is not None and (interface is None or aggregator.version != hub.version
+                                   or aggregator == hub):
+        raise ValueError(f"a site aggregator ({aggregator}) is admitted only through the "
+                         f"tunnel, from an overlay address other than the hub's")
+    own = None if aggregator_self_ip is None else ipaddress.ip_address(aggregator_self_ip)
+    if own is not None and (interface is None or own.version != hub.version or own == hub
+                            or aggregator is not None):
+        raise ValueError(f"an aggregator's own address ({own}) is admitted only on the "
+                         f"overlay, on an aggregator (not a member of another's site)")
     if interface is not None:
         tunnel = (f"\t\t# WireGuard from anywhere: the tunnel authenticates its peers itself.\n"
                   f"\t\tudp dport {wg_port} accept\n")
         agent = (f"\t\t# The agent: only through the tunnel, only from the hub (the coordinator).\n"
                  f'\t\tiifname "{interface}" {family} saddr {hub} tcp dport {agent_port} accept\n')
+        if aggregator is not None:
+            agent += (f"\t\t# ... and from this host's site aggregator, through the tunnel too.\n"
+                      f'\t\tiifname "{interface}" {family} saddr {aggregator} '
+                      f"tcp dport {agent_port} accept\n")
+        if own is not None:
+            agent += (f"\t\t# ... and from this host itself: the site aggregator fits itself "
+                      f"as a member.\n"
+                      f'\t\tiifname "lo" {family} daddr {own} tcp dport {agent_port} accept\n')
     else:
         tunnel = ""
         agent = (f"\t\t# The agent: only from the coordinator's address (no overlay).\n"

@@ -64,3 +64,21 @@ def find_sites(source: str, aggregators: Mapping[str, tuple[str, int]],
         for host in hosts:
             site_of[host] = group
     return sites
+
+
+def refuse_sites_off_the_overlay(source: str, sites: Mapping[str, Site],
+                                 local_hosts: frozenset[str], listen: str) -> None:
+    """An SSH site's members must be reachable over the overlay: its aggregator
+    dials them through its direct WireGuard peers, and their firewall admits it
+    there. With `agent.listen: underlay` agents bind the underlay, where only
+    the coordinator's address is admitted, so such a site is refused (file,
+    line and field of its `aggregator:`). Local sites live on loopback either way."""
+    if listen == "overlay":
+        return
+    for site in sorted(sites.values(), key=lambda s: s.line):
+        if any(host not in local_hosts for host in site.members):
+            raise Spot(source, site.line, f"groups.{site.name}.aggregator").error(
+                f"site {site.name!r} has SSH hosts, whose agents its aggregator reaches over "
+                f"the overlay, but flctl.yaml sets agent.listen: {listen} (agents on the "
+                f"underlay admit the coordinator only); set agent.listen: overlay or drop "
+                f"this aggregator")

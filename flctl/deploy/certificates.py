@@ -111,14 +111,15 @@ class CertificateStore:
         return [int(e["serial"], 16) for e in hits]
 
     def request_rotation(self) -> None:
-        """Host certificates issued before now are replaced, with new keys, at their
+        """Host (and site) certificates issued before now are replaced, with new keys, at their
         next deploy; their current ones are revoked now (a host missed by that
         deploy is refused until it is deployed again: that is what rotating means)."""
         stamp = _now().isoformat()
         with self._lock:
             self._record["rotate_before"] = stamp
             for entry in self._record["certificates"]:
-                if entry.get("role") == pki.ROLE_HOST and not entry.get("revoked_at"):
+                if entry.get("role") in (pki.ROLE_HOST, pki.ROLE_SITE) \
+                        and not entry.get("revoked_at"):
                     entry["revoked_at"], entry["revocation_reason"] = stamp, "rotated"
             self._save()
         self.write_crl()
@@ -219,6 +220,41 @@ class CertificateStore:
         if left < pki.RENEW_BEFORE_DAYS:
             return Reissue(f"expires in {max(left, 0):.0f} days" if left > 0 else "expired")
         return None
+
+    def site_reissue(self, host: str, site: str, cert_pem: bytes | None,
+                     key_exists: bool) -> Reissue | None:
+        """Why `site`'s aggregator `host` needs a new site certificate, or None."""
+        if not key_exists or not cert_pem:
+            return Reissue("none yet")
+        try:
+            info = pki.certificate_info(cert_pem)
+        except pki.PKIError:
+            return Reissue("its site certificate is unreadable")
+        if not pki.verify_issued_by(cert_pem, self.ca_cert):
+            return Reissue("issued by another CA")
+        if info["serial"] in self.revoked():
+            return Reissue("revoked", new_key=True)
+        rotate_before = self._record.get("rotate_before")
+        if rotate_before and self._issued_before(cert_pem, rotate_before):
+            return Reissue("rotation requested", new_key=True)
+        if pki.site_identity(cert_pem) != (site, host):
+            return Reissue("its site changed")
+        left = pki.days_left(cert_pem)
+        if left < pki.RENEW_BEFORE_DAYS:
+            return Reissue(f"expires in {max(left, 0):.0f} days" if left > 0 else "expired")
+        return None
+
+    def issue_site(self, host: str, site: str) -> tuple[bytes, bytes]:
+        """Key and site certificate for a local aggregator (this machine uses the key)."""
+        key, cert = pki.site_certificate(self.ca_key, self.ca_cert, host, site)
+        self.record(cert)
+        return key, cert
+
+    def sign_site(self, host: str, site: str, csr_pem: bytes) -> bytes:
+        """The site certificate for a CSR made on the aggregator host (SSH hosts)."""
+        cert = pki.sign_site_csr(self.ca_key, self.ca_cert, csr_pem, host=host, site=site)
+        self.record(cert)
+        return cert
 
     @staticmethod
     def _issued_before(cert: bytes, stamp: str) -> bool:

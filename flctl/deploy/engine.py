@@ -33,6 +33,7 @@ from flctl.deploy.install import INSTALL_DIR, VENV_PYTHON, BundleCache, installe
 from flctl.deploy.overlay import Hub
 from flctl.deploy.remote import ConnectOptions, StepFailed, call_helper, check_routes, connect
 from flctl.deploy.results import DONE, HostResult, StepResult, run_guarded
+from flctl.deploy.site_network import bring_site_peers_in_line, check_site_reach
 from flctl.workspace import (
     Workspace,
     deployed_overlay_addresses,
@@ -136,13 +137,17 @@ def deploy(
     )
     order = {host.name: index for index, host in enumerate(workspace.inventory.hosts)}
     jobs = {host.name: HostDeploy(ctx, host, order[host.name], progress) for host in hosts}
+    peers_before = ctx.hub.known_peers()
     results = _pool_map(hosts, forks, lambda host: jobs[host.name].run(), progress)
     overlay_jobs = [job for job in jobs.values()
                     if job.network is not None and job.network.overlay]
     if overlay_jobs:
         results.append(_hub_step(ctx, overlay_jobs, progress))
+        # every key is known now: sites' direct tunnels rendered without one get it
+        bring_site_peers_in_line(ctx, overlay_jobs, forks, progress, peers_before)
     with ThreadPoolExecutor(max_workers=max(1, min(forks, len(jobs) or 1))) as pool:
         list(pool.map(HostDeploy.verify, jobs.values()))  # after the hub is up
+    check_site_reach(ctx, overlay_jobs, forks, progress)
     _agree_on_frozen(ctx, list(jobs.values()))
     lock = None if check else ctx.bundles.updated_lock()
     if lock is not None:
@@ -172,12 +177,12 @@ def _agree_on_frozen(ctx: DeployContext, jobs: list[HostDeploy]) -> None:
         want = reference_digest(reported, ctx.workspace.settings.training.frozen_sha256 or None)
     except FrozenDisagreement as exc:
         for job in verified.values():
-            job.refuse_frozen(str(exc))
+            job.refuse(str(exc))
         return
     for name, job in sorted(verified.items()):
         line = frozen_mismatch(name, job.frozen, want)
         if line is not None:
-            job.refuse_frozen(line)
+            job.refuse(line)
 
 
 def _endpoint(address: str | None, port: int) -> str:

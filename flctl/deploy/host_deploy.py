@@ -44,6 +44,7 @@ from flctl.deploy.network_steps import NetworkSteps
 from flctl.deploy.overlay import Hub
 from flctl.deploy.remote import ConnectOptions, StepFailed, call_helper, connect
 from flctl.deploy.results import HostResult, StepResult, run_guarded
+from flctl.deploy.site_steps import local_site_certificate, site_fields
 from flctl.workspace import Workspace
 
 ProgressFn = Callable[[str, str], None]
@@ -67,6 +68,8 @@ FACTS_SPEC = {
     "disk_free_bytes": count(),
     "listening_ports": [Field(int, 0, 65535)],
     "key_exists": bool,
+    "site_key_exists": Maybe(bool),
+    "site_cert_pem": Maybe(str),
     "files": MapOf(Maybe(str)),
     "wg_files": MapOf(Maybe(str)),
     "net_interfaces": [str],
@@ -128,6 +131,8 @@ class HostDeploy:
         # ssh_host is an ssh_config alias (known once connected)
         self.address = host.ssh_host
         self.limits = ""   # how its resource limits are enforced (told when it starts)
+        # the site it is in (flctl.core.sites), None for a loose host
+        self.site = ctx.workspace.inventory.site_of(host.name)
 
     @property
     def wg_public_key(self) -> str | None:
@@ -175,7 +180,7 @@ class HostDeploy:
                 return
             self._agent_user(connector, bootstrap)
         self.progress(self.host.name, "gathering facts")
-        facts = self._facts(connector)
+        facts = self.gather_facts(connector)
         self._check_port(facts)
         self._limits(facts)
         try:
@@ -183,6 +188,7 @@ class HostDeploy:
         except ValueError as exc:
             raise StepFailed(str(exc)) from None
         changed = self._certificate(connector, facts)
+        changed |= self._site_certificate(connector, facts)
         changed |= self._file(connector, "ca.crt", str(self.paths.ca_cert), self.ctx.certificates.ca_cert,
                               facts["files"].get("ca.crt"))
         changed |= self._file(connector, "revocation list", str(self.paths.crl), self.ctx.crl,
@@ -214,7 +220,7 @@ class HostDeploy:
                                          f"installed {installed}: restarting it")
         return True
 
-    def _facts(self, connector: Connector) -> dict[str, Any]:
+    def gather_facts(self, connector: Connector) -> dict[str, Any]:
         args = ["facts", "--root", str(self.paths.root)]
         if self.user:
             args += ["--user", self.user]
@@ -247,8 +253,9 @@ class HostDeploy:
 
     # ------------------------------------------------------------ steps
 
-    def refuse_frozen(self, line: str) -> None:
-        """After every host verified: this one's frozen part is not the others'."""
+    def refuse(self, line: str) -> None:
+        """After the hosts' own steps, a check across hosts failed this one (its
+        frozen part is not the others', its site aggregator cannot reach it)."""
         def action() -> None:
             raise StepFailed(line)
         run_guarded(self.result, action)
@@ -346,7 +353,13 @@ class HostDeploy:
             cpu_quota=limits.cpu_percent,
             memory_max=limits.memory_bytes,
             nice=limits.nice,
+            **self.site_fields(),
         )
+
+    def site_fields(self) -> dict[str, Any]:
+        """The agent config's site fields for this host (flctl.deploy.site_steps)."""
+        return site_fields(self.ctx.workspace.inventory, self.ctx.workspace.settings,
+                           self.host, self.paths)
 
     def _certificate(self, connector: Connector, facts: dict[str, Any]) -> bool:
         dns, ips = certificate_names(self.host, self.endpoint)
@@ -373,6 +386,43 @@ class HostDeploy:
         connector.put(str(self.paths.cert), cert, 0o644)
         key = ", new key" if reissue.new_key else ""
         self.step("certificate", True, f"issued: {reissue.reason}{key}")
+        return True
+
+    def _site_certificate(self, connector: Connector, facts: dict[str, Any]) -> bool:
+        """An aggregator's site certificate. On an SSH host its key and CSR are
+        made on the host (the key never leaves it), the CA here signs for
+        exactly this site and host, and the certificate goes back; renewed like
+        the host's. A local aggregator's is made here (flctl.deploy.site_steps)."""
+        site = self.site
+        if site is None or site.aggregator != self.host.name:
+            return False
+        if not self.remote:   # a local aggregator: its key is made on this machine
+            changed, detail = local_site_certificate(self.ctx.certificates, site, self.paths,
+                                                     self.ctx.check)
+            self.step("site certificate", changed, detail)
+            return changed
+        current = facts.get("site_cert_pem")
+        reissue = self.ctx.certificates.site_reissue(self.host.name, site.name,
+                                                     current.encode() if current else None,
+                                                     bool(facts.get("site_key_exists")))
+        if reissue is None:
+            self.step("site certificate", False, f"site {site.name}")
+            return False
+        if self.ctx.check:
+            self.step("site certificate", True, f"would issue ({reissue.reason})")
+            return True
+        args = ["csr", "--root", str(self.paths.root), "--cn", self.host.name,
+                "--key", self.paths.site_key.name]
+        if self.user:
+            args += ["--owner", self.user]
+        if reissue.new_key:
+            args.append("--new-key")
+        answer = call_helper(connector, *args, spec=CSR_SPEC)
+        cert = self.ctx.certificates.sign_site(self.host.name, site.name,
+                                               answer["csr_pem"].encode())
+        connector.put(str(self.paths.site_cert), cert, 0o644)
+        key = ", new key" if reissue.new_key else ""
+        self.step("site certificate", True, f"site {site.name}: {reissue.reason}{key}")
         return True
 
     def _file(self, connector: Connector, name: str, path: str, wanted: bytes,

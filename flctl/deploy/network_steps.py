@@ -10,15 +10,23 @@ restores its previous table and drops the new interface by itself.
 
 With the overlay the agent port is open only through the tunnel from the
 hub; with `agent.listen: underlay` only from the coordinator's address.
+
+Sites: a site's aggregator and its members are also direct WireGuard peers,
+and a member's table admits its own aggregator beside the hub. A peer's
+public key is made on that peer, so a fresh deploy renders each site host's
+tunnel with the keys known so far (the hub's record of earlier deploys) and
+the engine brings the site's tunnels in line again once every key is known
+(`site_peers_stale`); a second deploy finds them current and changes nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flctl.core.fsutil import sha256_hex
-from flctl.core.renderers import render_nft_ruleset
+from flctl.core.renderers import SitePeer, is_wg_key, render_nft_ruleset
 from flctl.core.schema import Maybe, count
 from flctl.deploy.connector import Connector
 from flctl.deploy.remote import StepFailed, call_helper
@@ -45,25 +53,58 @@ class NetworkSteps:
         self.ctx = deploy.ctx
         self.overlay = self.ctx.workspace.settings.agent.listen == "overlay"
         self.wg_public_key: str | None = None
+        # the site peers this host's tunnel was rendered with (None: not rendered)
+        self.rendered_site_peers: tuple[SitePeer, ...] | None = None
 
-    def apply(self, connector: Connector, facts: dict[str, Any]) -> None:
+    def site_peers(self, known: Mapping[str, Mapping[str, Any]]) -> tuple[SitePeer, ...]:
+        """This host's direct peers in its site, as far as their keys are known
+        (`known`: the hub's record, name -> public_key, endpoint): the
+        aggregator has every other member, a member its aggregator only."""
+        site, me = self.deploy.site, self.deploy.host.name
+        if site is None or not self.overlay:
+            return ()
+        names = [m for m in site.members if m != me] if site.aggregator == me \
+            else [site.aggregator]
+        hosts = {h.name: h for h in self.ctx.workspace.inventory.hosts}
+        peers = []
+        for name in names:
+            entry = known.get(name) or {}
+            key, endpoint = entry.get("public_key"), entry.get("endpoint")
+            if isinstance(key, str) and is_wg_key(key) and isinstance(endpoint, str) \
+                    and endpoint and name in hosts:
+                peers.append(SitePeer(name, key, str(hosts[name].overlay_ip), endpoint))
+        return tuple(peers)
+
+    def site_peers_stale(self, known: Mapping[str, Mapping[str, Any]]) -> bool:
+        """True when the tunnel was rendered with other site peers than `known` gives."""
+        return self.rendered_site_peers is not None and \
+            self.rendered_site_peers != self.site_peers(known)
+
+    def apply(self, connector: Connector, facts: dict[str, Any], step: str = "tunnel") -> None:
+        """Bring tunnel and table in line; `step` names the tunnel's step (a
+        second pass for site peers reports the table only if it changed)."""
         d, hub, paths = self.deploy, self.ctx.hub, self.deploy.paths
         plan = NetworkPlan()
+
+        def firewall_step(changed: bool, detail: str) -> None:
+            if changed or step == "tunnel":
+                d.step("firewall", changed, detail)
+
         if self.overlay and not self._tunnel_plan(connector, facts, plan):
             return   # check mode, and the host has no tunnel key yet
         self._firewall_plan(connector, facts, plan)
         interface = f"{hub.interface} {d.host.overlay_ip}" if self.overlay else None
         if not (plan.tunnel_changed or plan.firewall_changed):
             if interface:
-                d.step("tunnel", False, interface)
-            d.step("firewall", False, "inet flctl")
+                d.step(step, False, interface)
+            firewall_step(False, "inet flctl")
             return
         if self.ctx.check:
             if interface:
-                d.step("tunnel", plan.tunnel_changed,
+                d.step(step, plan.tunnel_changed,
                        f"would bring up {hub.interface}" if plan.tunnel_changed else interface)
-            d.step("firewall", plan.firewall_changed,
-                   "would apply table inet flctl" if plan.firewall_changed else "inet flctl")
+            firewall_step(plan.firewall_changed,
+                          "would apply table inet flctl" if plan.firewall_changed else "inet flctl")
             return
         state = str(paths.firewall_state)
         # armed before anything changes: a tunnel can cut SSH as surely as a table
@@ -77,10 +118,10 @@ class NetworkSteps:
             if plan.tunnel_changed:
                 answer = call_helper(connector, "wg-up", "--config", self._config_path(),
                                      spec={"result": str, "implementation": Maybe(str)})
-                d.step("tunnel", True, f"{interface}: {answer['result']} "
-                                       f"({answer['implementation'] or 'wireguard'})")
+                d.step(step, True, f"{interface}: {answer['result']} "
+                                   f"({answer['implementation'] or 'wireguard'})")
             else:
-                d.step("tunnel", False, interface)
+                d.step(step, False, interface)
         call_helper(connector, "fw-apply", "--ruleset", str(paths.firewall), "--state", state,
                     "--timeout", f"{self.ctx.rollback_after_s:g}", spec=APPLIED_SPEC)
         try:
@@ -90,10 +131,27 @@ class NetworkSteps:
                 f"network: no new SSH connection after the change ({exc.message}); the host "
                 f"restores its previous firewall table (and removes a new tunnel) within "
                 f"{self.ctx.rollback_after_s:.0f} s") from None
-        d.step("firewall", plan.firewall_changed,
-               "applied table inet flctl, confirmed over a new SSH connection"
-               if plan.firewall_changed else "inet flctl; change confirmed over a new SSH "
-                                             "connection")
+        firewall_step(plan.firewall_changed,
+                      "applied table inet flctl, confirmed over a new SSH connection"
+                      if plan.firewall_changed else "inet flctl; change confirmed over a new "
+                                                    "SSH connection")
+
+    def _aggregator_ip(self) -> str | None:
+        """A site member's aggregator, on the overlay (None: no site, or this
+        host is the aggregator: only the hub commands it)."""
+        site = self.deploy.site
+        if site is None or not self.overlay or site.aggregator == self.deploy.host.name:
+            return None
+        aggregator = next(h for h in self.ctx.workspace.inventory.hosts
+                          if h.name == site.aggregator)
+        return str(aggregator.overlay_ip)
+
+    def _own_ip_if_aggregator(self) -> str | None:
+        """An aggregator reaches its own agent (itself a member) at its overlay address."""
+        site = self.deploy.site
+        if site is None or not self.overlay or site.aggregator != self.deploy.host.name:
+            return None
+        return str(self.deploy.host.overlay_ip)
 
     def _config_path(self) -> str:
         return str(self.deploy.paths.wg_dir / f"{self.ctx.hub.interface}.conf")
@@ -119,8 +177,11 @@ class NetworkSteps:
         psk = hub.preshared_key(d.host.name)
         if have.get("hub.psk") != sha256_hex(psk):
             plan.uploads.append((str(wg_dir / "hub.psk"), psk, 0o600))
+        site_peers = self.site_peers(hub.known_peers())
         config = hub.host_config(str(d.host.overlay_ip), str(wg_dir / "private.key"),
-                                 str(wg_dir / "hub.psk"), connector.local_address()).encode()
+                                 str(wg_dir / "hub.psk"), connector.local_address(),
+                                 site_peers).encode()
+        self.rendered_site_peers = site_peers
         if have.get(f"{hub.interface}.conf") != sha256_hex(config):
             plan.uploads.append((self._config_path(), config, 0o600))
         plan.tunnel_new = hub.interface not in facts.get("net_interfaces", [])
@@ -138,7 +199,9 @@ class NetworkSteps:
             source, interface, wg_port = connector.local_address(), None, None
         ruleset = render_nft_ruleset(interface=interface, hub_overlay_ip=source,
                                      agent_port=d.endpoint.port, wg_port=wg_port,
-                                     ssh_port=d.host.ssh_port).encode()
+                                     ssh_port=d.host.ssh_port,
+                                     site_aggregator_ip=self._aggregator_ip(),
+                                     aggregator_self_ip=self._own_ip_if_aggregator()).encode()
         loaded = facts.get("firewall") or {}
         current = (facts["files"].get("firewall.nft") == sha256_hex(ruleset)
                    and loaded.get("present") and loaded.get("as_applied")

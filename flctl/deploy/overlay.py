@@ -13,11 +13,18 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from flctl.core.fsutil import atomic_write, write_secret
-from flctl.core.renderers import WgPeer, interface_name, render_wg_config
+from flctl.core.renderers import (
+    SitePeer,
+    WgPeer,
+    interface_name,
+    render_wg_config,
+    site_wg_peers,
+)
 from flctl.deploy.local import LocalConnector
 from flctl.deploy.remote import StepFailed, call_helper
 from flctl.errors import FlctlError
@@ -109,13 +116,15 @@ class Hub:
             return peers
 
     def host_config(self, host_overlay_ip: str, host_private_key: str, host_psk: str,
-                    endpoint: str) -> str:
-        """The host's wg-quick file: one peer, the hub, dialled with keepalive."""
+                    endpoint: str, site_peers: Sequence[SitePeer] = ()) -> str:
+        """The host's wg-quick file: the hub, dialled with keepalive, and for a
+        site's aggregator or member the direct peers of its site."""
         hub = WgPeer(public_key=self.public_key(), allowed_ips=(f"{self.overlay_ip}/32",),
                      preshared_key_file=host_psk, endpoint=f"{endpoint}:{self.port}",
                      keepalive=KEEPALIVE_S, comment="hub")
         return render_wg_config(address=f"{host_overlay_ip}/{self.prefix}", listen_port=self.port,
-                                private_key_file=host_private_key, peers=[hub],
+                                private_key_file=host_private_key,
+                                peers=[hub, *site_wg_peers(site_peers)],
                                 comment="flctl overlay (host side)")
 
     def hub_config(self, peers: dict[str, dict[str, str]]) -> str:

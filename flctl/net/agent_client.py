@@ -181,6 +181,20 @@ class AgentClient:
         return FitReply(reply.arrays, reply.meta.get("num_examples"), _metrics(reply.meta),
                         _seconds(reply.meta), encoding if isinstance(encoding, dict) else None)
 
+    def site_fit(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
+                 config: dict[str, Any], *, members: Sequence[str], fold: dict[str, Any],
+                 deadline_s: float, round_key: str | None = None, receive: Receive = None,
+                 heartbeat_s: float | None = None) -> FitReply:
+        """Ask a site's aggregator to fit `members` and fold them (flctl.agent.site):
+        one update back, whose metrics say what became of each member (its claim)."""
+        request = Message("site_fit", {"task": task, "task_params": dict(task_params),
+                                       "config": dict(config), "members": list(members),
+                                       "fold": dict(fold), "deadline_s": deadline_s,
+                                       "round_key": round_key}, list(weights))
+        reply = self._client.request(request, receive, heartbeat_s=heartbeat_s)
+        return FitReply(reply.arrays, reply.meta.get("num_examples"), _metrics(reply.meta),
+                        _seconds(reply.meta))
+
     def evaluate(self, weights: Sequence[np.ndarray], task: str, task_params: dict[str, Any],
                  config: dict[str, Any], heartbeat_s: float | None = None,
                  transfer: Transfer | None = None) -> EvalReply:

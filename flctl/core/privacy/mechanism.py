@@ -56,6 +56,7 @@ from flctl.core.aggregation import (
     all_finite,
     flat_blocks,
     narrow_in_place,
+    norm,
     update_distance,
 )
 from flctl.core.dtypes import cast_back, is_float, is_number
@@ -216,17 +217,10 @@ class CentralDPRound:
         clip = self._strategy.clip_norm
         return sum(n > clip for n in self._norms) / len(self._norms) if self._norms else 0.0
 
-    def add(self, host: str, weights: list[np.ndarray], num_examples: int) -> None:
-        """Clip one host's delta and fold it in; a refused update leaves the round unchanged.
-
-        num_examples is checked like FedAvg's but not used: the average is uniform.
-        """
-        where = f"round {self.round_number}: update from {host}"
-        if self._result is not None or self._sum is None:
-            raise StrategyError(f"{where} after result()")
-        if host in self._hosts:
-            raise StrategyError(f"round {self.round_number}: second update from {host}")
-        check_num_examples(self.round_number, host, num_examples)
+    def _checked(self, where: str, weights: list[np.ndarray],
+                 is_delta: bool = False) -> tuple[list[Any], float]:
+        """The update's arrays (or a change, `is_delta`) once they fit the model and
+        are finite; its distance from the model."""
         arrays = [w if isinstance(w, FileArray) else np.asarray(w) for w in weights]
         if len(arrays) != len(self._global):
             raise StrategyError(f"{where}: expected {len(self._global)} arrays, "
@@ -240,20 +234,83 @@ class CentralDPRound:
                                     f"number type")
             if not all_finite(x):
                 raise StrategyError(f"{where}: array {i}: contains NaN or infinite values")
-        norm = update_distance(arrays, self._global)
-        if not math.isfinite(norm):
+        distance = norm(arrays) if is_delta else update_distance(arrays, self._global)
+        if not math.isfinite(distance):
             raise StrategyError(f"{where}: its distance from the model overflows")
-        scale = min(1.0, self._strategy.clip_norm / norm) if norm > 0 else 1.0
+        return arrays, distance
+
+    def _fold(self, arrays: list[Any], scale: float, is_delta: bool = False) -> None:
+        """sum += scale * (update - global) (or scale * change), in float64 chunks."""
+        assert self._sum is not None
         for x, g, acc in zip(arrays, self._global, self._sum):
             base, target = _flat(g), acc.reshape(-1)
             for start, stop, block in flat_blocks(x):
                 part = self._scratch[:stop - start]
-                np.subtract(block, base[start:stop], out=part, dtype=np.float64)
+                if is_delta:
+                    np.copyto(part, block, casting="unsafe")
+                else:
+                    np.subtract(block, base[start:stop], out=part, dtype=np.float64)
                 if scale != 1.0:
                     np.multiply(part, scale, out=part)
                 np.add(target[start:stop], part, out=target[start:stop])
+
+    def add(self, host: str, weights: list[np.ndarray], num_examples: int) -> None:
+        """Clip one host's delta and fold it in; a refused update leaves the round unchanged.
+
+        num_examples is checked like FedAvg's but not used: the average is uniform.
+        """
+        where = f"round {self.round_number}: update from {host}"
+        if self._result is not None or self._sum is None:
+            raise StrategyError(f"{where} after result()")
+        if host in self._hosts:
+            raise StrategyError(f"round {self.round_number}: second update from {host}")
+        check_num_examples(self.round_number, host, num_examples)
+        arrays, norm = self._checked(where, weights)
+        scale = min(1.0, self._strategy.clip_norm / norm) if norm > 0 else 1.0
+        self._fold(arrays, scale)
         self._hosts.add(host)
         self._norms.append(norm)
+
+    def add_site(self, site: str, members: Sequence[str], delta: list[np.ndarray],
+                 num_examples: int, sampled: int) -> None:
+        """Fold in a site's partial: the mean, over the `sampled` members it was
+        asked for, of their clipped deltas (`clipped_mean_delta`: this very
+        clipping at the site), so `sampled` x it is their clipped sum.
+
+        A mean of deltas each within clip_norm is within clip_norm itself; a
+        site's partial is clipped to that again, so no site moves the sum by
+        more than `sampled` members could (honest ones are unchanged)."""
+        where = f"round {self.round_number}: update from site {site}"
+        if self._result is not None or self._sum is None:
+            raise StrategyError(f"{where} after result()")
+        again = sorted(set(members) & self._hosts)
+        if again or not members or len(set(members)) != len(members):
+            raise StrategyError(f"{where}: its members "
+                                f"{', '.join(again) or '(none, or repeated)'} already counted")
+        if isinstance(sampled, bool) or not isinstance(sampled, int) \
+                or not len(members) <= sampled:
+            raise StrategyError(f"{where}: {sampled!r} members asked, {len(members)} answered")
+        check_num_examples(self.round_number, f"site {site}", num_examples)
+        arrays, size = self._checked(where, delta, is_delta=True)
+        scale = sampled * (min(1.0, self._strategy.clip_norm / size) if size > 0 else 1.0)
+        self._fold(arrays, scale, is_delta=True)
+        self._hosts.update(members)
+
+    def clipped_mean_delta(self) -> list[np.ndarray]:
+        """A site's reply: the sum of its members' clipped changes over the members
+        asked (expected_participants), no noise, in the model's dtypes."""
+        if self._result is not None or self._sum is None or not self._hosts:
+            raise StrategyError(f"round {self.round_number}: no updates to aggregate")
+        total, self._sum = self._sum, None
+        denominator = float(self._strategy.expected_participants)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for acc in total:
+                np.divide(acc, denominator, out=acc)
+            delta = [narrow_in_place(acc, dtype) for acc, dtype in zip(total, self._dtypes)]
+        if not all(all_finite(d) for d in delta):
+            raise StrategyError(f"round {self.round_number}: the site's clipped mean overflowed")
+        self._result = delta
+        return delta
 
     def result(self) -> list[np.ndarray]:
         """global + (sum of clipped deltas) / m + noise, then the inner strategy's step.

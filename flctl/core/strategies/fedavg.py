@@ -27,12 +27,14 @@ class FedAvgRound:
         self._reject_non_finite = reject_non_finite
         self._acc = WeightedAccumulator(global_weights, accumulation_dtype(global_weights),
                                         require_finite=reject_non_finite)
+        self._global = global_weights   # read-only: what a site's change is from
         self._hosts: set[str] = set()
         self._result: list[np.ndarray] | None = None
 
     @property
     def count(self) -> int:
-        return self._acc.count
+        """Hosts whose updates are in (a site's partial counts each of its members)."""
+        return len(self._hosts)
 
     @property
     def hosts(self) -> frozenset[str]:
@@ -54,6 +56,29 @@ class FedAvgRound:
                 from None
         self._hosts.add(host)
 
+    def add_site(self, site: str, members: Sequence[str], delta: list[np.ndarray],
+                 num_examples: int, sampled: int) -> None:
+        """Fold in a site's example-weighted mean of its `members`' updates, sent
+        as its change from the model (`result_delta`), with weight num_examples
+        (their total): the sum adding each update makes, up to float rounding
+        (flctl.core.sitefold). `sampled` is the DP wrapper's business, not ours."""
+        where = f"site {site}"
+        if self._result is not None:
+            raise StrategyError(f"round {self.round_number}: update from {where} after result()")
+        again = sorted(set(members) & self._hosts)
+        if again or not members or len(set(members)) != len(members):
+            raise StrategyError(f"round {self.round_number}: {where}: its members "
+                                f"{', '.join(again) or '(none, or repeated)'} already counted")
+        check_num_examples(self.round_number, where, num_examples)
+        if self._reject_non_finite:
+            self._check_fits_model(where, delta)
+        try:
+            self._acc.add_delta(self._global, delta, float(num_examples))
+        except ValueError as exc:
+            raise StrategyError(f"round {self.round_number}: update from {where}: {exc}") \
+                from None
+        self._hosts.update(members)
+
     def result(self) -> list[np.ndarray]:
         """The new global weights, in the global model's dtypes. Idempotent."""
         if self._result is None:
@@ -72,6 +97,21 @@ class FedAvgRound:
                                     f"(non-finite values)")
             self._result = result
         return self._result
+
+    def result_delta(self) -> list[np.ndarray]:
+        """A site's reply: the mean minus the model, taken in float64 and only then
+        rounded to the model's dtypes (ends the round; result() is not called)."""
+        if self._result is not None or self._acc.count == 0 or self._acc.total_weight == 0:
+            raise StrategyError(f"round {self.round_number}: no updates to aggregate")
+        mean = self._acc.take_mean()
+        with np.errstate(over="ignore", invalid="ignore"):
+            for m, g in zip(mean, self._global):
+                np.subtract(m, g, out=m)
+            delta = [narrow_in_place(m, dtype) for m, dtype in zip(mean, self._dtypes)]
+        if self._reject_non_finite and not all(all_finite(d) for d in delta):
+            raise StrategyError(f"round {self.round_number}: the site's mean overflowed")
+        self._result = delta
+        return delta
 
     def _check_fits_model(self, host: str, weights: Sequence[np.ndarray]) -> None:
         """Refuse values a wider float carries beyond the model's float range.

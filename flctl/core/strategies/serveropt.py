@@ -63,6 +63,11 @@ class ServerOptRound:
         """Fold in one host's update (streaming, no reference kept)."""
         self._average.add(host, weights, num_examples)
 
+    def add_site(self, site: str, members: Sequence[str], delta: list[np.ndarray],
+                 num_examples: int, sampled: int) -> None:
+        """Fold in a site's mean change (FedAvgRound.add_site)."""
+        self._average.add_site(site, members, delta, num_examples, sampled)
+
     def result(self) -> list[np.ndarray]:
         """The new global weights; the first call commits the optimiser step. Idempotent."""
         if self._result is None:

@@ -16,10 +16,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor, wait
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, TypeVar
 
 from flctl.errors import FlctlError, TrainingError
-from flctl.net.agent_client import AgentClient
 
 # Requests in flight at once (one thread each) when every host is asked
 # (discovery, statistics, evaluation); more hosts queue.
@@ -42,12 +41,27 @@ def worker_pool(hosts: int, at_once: int = 0, limit: int | None = None) -> Threa
                               thread_name_prefix="flctl-fanout")
 
 
-def fan_out(pool: Executor, clients: Sequence[AgentClient], call: Callable[[AgentClient], Any],
+class Callee(Protocol):
+    """What fan_out calls: an AgentClient, or anything named that can be cut off
+    (a site's job, flctl.coordinator.sites)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def abort(self) -> None: ...
+
+
+C = TypeVar("C", bound=Callee)
+
+
+def fan_out(pool: Executor, clients: Sequence[C], call: Callable[[C], Any],
             timeout: float | None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Run `call` on every client; results and per-host failure reasons."""
+    """Run `call` on every client; results and per-host failure reasons.
+
+    Used by the coordinator (its hosts) and by a site's aggregator (its members)."""
     until = None if timeout is None else time.monotonic() + timeout
 
-    def in_time(client: AgentClient) -> Any:
+    def in_time(client: C) -> Any:
         if until is not None and time.monotonic() >= until:
             raise TrainingError(f"{DEADLINE} before its turn came")
         return call(client)
