@@ -128,13 +128,17 @@ class WeightedAccumulator:
     def total_weight(self) -> float:
         return self._total_weight
 
-    def add(self, arrays: Sequence[UpdateArray], weight: float) -> None:
-        """Fold `weight * arrays` into the sum; on any error the sum is left untouched."""
+    def _checked(self, weight: float) -> float:
         if self._acc is None:
             raise ValueError("accumulator already consumed by take_mean()")
         weight = float(weight)
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"weight must be a finite number >= 0, got {weight}")
+        return weight
+
+    def add(self, arrays: Sequence[UpdateArray], weight: float) -> None:
+        """Fold `weight * arrays` into the sum; on any error the sum is left untouched."""
+        weight = self._checked(weight)
         arrays = [a if isinstance(a, FileArray) else np.asarray(a) for a in arrays]
         self._validate(arrays)
         # Overflow is the caller's to detect (FedAvg checks its result), not a warning.
@@ -153,11 +157,7 @@ class WeightedAccumulator:
         """Fold `weight * (base + delta)`: a site's mean sent as its change from
         the model (`base`), which float32 carries far more exactly than the
         mean itself. Same checks, same chunks, no model-sized temporary."""
-        if self._acc is None:
-            raise ValueError("accumulator already consumed by take_mean()")
-        weight = float(weight)
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"weight must be a finite number >= 0, got {weight}")
+        weight = self._checked(weight)
         delta = [a if isinstance(a, FileArray) else np.asarray(a) for a in delta]
         self._validate(delta)
         with np.errstate(over="ignore", invalid="ignore"):

@@ -219,6 +219,21 @@ def _csr_names(csr: x509.CertificateSigningRequest) -> tuple[set[str], set[str]]
             {str(ip) for ip in san.get_values_for_type(x509.IPAddress)})
 
 
+def _csr_of(host: str, csr_pem: bytes, what: str) -> x509.CertificateSigningRequest:
+    """`host`'s CSR, loaded, its signature valid and its CN `host`, or PKIError."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise PKIError(f"{host}: cannot load its {what}: {exc}") from exc
+    if not csr.is_signature_valid:
+        raise PKIError(f"{host}: its {what}'s signature is invalid")
+    common_name = _cn(csr.subject)
+    if common_name != host:
+        raise PKIError(f"{host}: its {what} asks for the name {common_name!r}, not {host!r}; "
+                       "refusing to sign it")
+    return csr
+
+
 def sign_csr(ca_key_pem: bytes, ca_cert_pem: bytes, csr_pem: bytes, *, host: str,
              dns_names: Sequence[str], ip_addresses: Sequence[str],
              days: float = LEAF_DAYS) -> bytes:
@@ -229,16 +244,7 @@ def sign_csr(ca_key_pem: bytes, ca_cert_pem: bytes, csr_pem: bytes, *, host: str
     (`*.example.org`) is refused, naming the host. Only its public key is
     taken; the issued certificate is a host's (server auth only).
     """
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError as exc:
-        raise PKIError(f"{host}: cannot load its CSR: {exc}") from exc
-    if not csr.is_signature_valid:
-        raise PKIError(f"{host}: its CSR's signature is invalid")
-    common_name = _cn(csr.subject)
-    if common_name != host:
-        raise PKIError(f"{host}: its CSR asks for the name {common_name!r}, not {host!r}; "
-                       "refusing to sign it")
+    csr = _csr_of(host, csr_pem, "CSR")
     try:
         dns, ips = _csr_names(csr)
     except PKIError as exc:
@@ -257,16 +263,7 @@ def sign_site_csr(ca_key_pem: bytes, ca_cert_pem: bytes, csr_pem: bytes, *, host
     """Issue the site certificate of `site`'s aggregator `host` for a CSR made
     on that host. The CSR must ask for the CN `host`; only its public key is
     taken: the site, the usage (client auth only) and every other field are ours."""
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError as exc:
-        raise PKIError(f"{host}: cannot load its site CSR: {exc}") from exc
-    if not csr.is_signature_valid:
-        raise PKIError(f"{host}: its site CSR's signature is invalid")
-    common_name = _cn(csr.subject)
-    if common_name != host:
-        raise PKIError(f"{host}: its site CSR asks for the name {common_name!r}, not {host!r}; "
-                       "refusing to sign it")
+    csr = _csr_of(host, csr_pem, "site CSR")
     return _leaf(ca_key_pem, ca_cert_pem, csr.public_key(), host, [], [], ROLE_SITE, days,
                  site=site)
 
