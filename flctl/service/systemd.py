@@ -1,6 +1,6 @@
 """A detached run as a systemd user unit, where that works (see
 flctl.core.run_unit for the unit). Where it does not (no systemd as PID 1,
-no user manager, lingering cannot be turned on), `why_not()` says why and
+no user manager, lingering off), `why_not()` says why and
 flctl's own supervisor is used instead."""
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ def why_not() -> str | None:
         if _run("systemctl", "--user", "show-environment").returncode != 0:
             return "`systemctl --user` does not answer (no user manager)"
         user = local_user()
+        # Lingering is the account's setting: used where it is on, never turned on
+        # behind the operator's back (the supervisor runs the run otherwise).
         linger = _run("loginctl", "show-user", user, "--property=Linger", "--value")
-        if linger.stdout.strip() != "yes" and \
-                _run("loginctl", "enable-linger", user).returncode != 0:
-            return f"lingering cannot be turned on for {user} (`loginctl enable-linger`)"
+        if linger.stdout.strip() != "yes":
+            return (f"lingering is off for {user}, so a user unit would stop at logout "
+                    f"(`loginctl enable-linger {user}` turns it on)")
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"systemctl: {exc}"
     return None
