@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""48 lab hosts: the operator's CPU for deploy and training, and a no-change redeploy.
+
+`scripts/lab.sh up 48 DIR` (DIR a workspace for the lab), then, each as the
+operator runs it (a new `flctl` process, start-up and imports included):
+
+1. `flctl deploy --json` on fresh hosts: the operator's CPU seconds per host;
+2. `flctl deploy --json` again: its wall time, and every host must report
+   0 changed;
+3. `flctl train --rounds 1` and `--rounds 1+R` over the WireGuard overlay:
+   the operator's CPU per round (the difference over R rounds, so start-up
+   and connecting are not counted as rounds) and per run;
+4. `flctl teardown`, then the lab comes down.
+
+The operator's CPU is the flctl process's own user + sys time
+(getrusage(RUSAGE_SELF) in that process as it exits), the hub's helpers
+it starts (`wg-up`, `wg genpsk`) reported apart (RUSAGE_CHILDREN); the
+targets use the flctl process's own time plus its children's, which is
+what the operator's machine pays. The whole machine's CPU (all lab hosts
+included, from /proc/stat) is printed beside it: the lab hosts share this
+machine's cores, so wall times here include the hosts' work.
+
+Targets (issue 16, at 48 hosts): fresh deploy <= 0.2 operator CPU-s per
+host; no-change redeploy of 48 hosts <= 15 s wall with 0 changed. Exit
+status 1 if a target is missed, 2 if the lab cannot run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from bench_deploy import machine_cpu_s  # noqa: E402  (the script's own folder)
+from verdict import Target, exit_status  # noqa: E402
+
+from lab import lab_available, lab_up  # noqa: E402
+
+TARGET_HOSTS = 48
+TARGET_DEPLOY_CPU_PER_HOST_S = 0.2
+TARGET_REDEPLOY_S = 15.0
+
+# Runs the flctl CLI in this interpreter and, as it exits, writes its own and
+# its children's CPU seconds to the file named in FLCTL_BENCH_RUSAGE.
+_WRAPPER = """\
+import atexit, json, os, resource, sys
+
+def _report():
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(os.environ["FLCTL_BENCH_RUSAGE"], "w") as f:
+        json.dump({"self": own.ru_utime + own.ru_stime,
+                   "children": kids.ru_utime + kids.ru_stime}, f)
+
+atexit.register(_report)
+sys.argv[0] = "flctl"
+from flctl.cli.app import main
+main()
+"""
+
+
+@dataclass
+class Run:
+    """One flctl command: wall time, CPU (its own, its children's, the machine's)."""
+
+    wall_s: float
+    own_cpu_s: float
+    children_cpu_s: float
+    machine_cpu_s: float
+    document: dict[str, Any]
+
+    @property
+    def operator_cpu_s(self) -> float:
+        return self.own_cpu_s + self.children_cpu_s
+
+    def as_json(self) -> dict[str, Any]:
+        return {"wall_s": round(self.wall_s, 3), "operator_cpu_s": round(self.operator_cpu_s, 3),
+                "flctl_own_cpu_s": round(self.own_cpu_s, 3),
+                "flctl_children_cpu_s": round(self.children_cpu_s, 3),
+                "machine_cpu_s": round(self.machine_cpu_s, 3)}
+
+
+def flctl(*args: str, timeout: float = 1800) -> Run:
+    with tempfile.NamedTemporaryFile(prefix="flctl-bench-rusage-", suffix=".json") as usage:
+        env = dict(os.environ, FLCTL_BENCH_RUSAGE=usage.name, COLUMNS="200", NO_COLOR="1")
+        machine0 = machine_cpu_s()
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", _WRAPPER, *args], capture_output=True,
+                              text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+        wall = time.perf_counter() - started
+        machine = machine_cpu_s() - machine0
+        try:
+            document = json.loads(done.stdout) if done.stdout.strip() else {}
+        except json.JSONDecodeError:
+            document = {}
+        if done.returncode != 0:
+            raise SystemExit(f"flctl {' '.join(args)} failed (exit {done.returncode}):\n"
+                             f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        cpu = json.loads(Path(usage.name).read_text())
+    return Run(wall, cpu["self"], cpu["children"], machine, document)
+
+
+def changed_hosts(document: dict[str, Any]) -> list[str]:
+    return [h["host"] for h in document.get("hosts", []) if h.get("changed")]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hosts", type=int, default=TARGET_HOSTS)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds R measured (after 1)")
+    parser.add_argument("--forks", type=int, default=None, help="deploy --forks (default: "
+                                                                "flctl's own)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    reason = lab_available()
+    if reason:
+        print(f"lab not available: {reason}", file=sys.stderr)
+        return 2
+    forks = ["--forks", str(args.forks)] if args.forks else []
+    n = args.hosts
+    with tempfile.TemporaryDirectory(prefix="flctl-bench-lab48-") as tmp:
+        workspace = Path(tmp) / "ws"
+        started = time.perf_counter()
+        lab = lab_up(n, workspace)
+        lab_up_s = time.perf_counter() - started
+        ws = ["-w", str(workspace)]
+        try:
+            fresh = flctl("deploy", *ws, "--json", *forks)
+            again = flctl("deploy", *ws, "--json", *forks)
+            one = flctl("train", *ws, "--rounds", "1", "--json")
+            more = flctl("train", *ws, "--rounds", str(1 + args.rounds), "--json")
+            down = flctl("teardown", *ws, "--json", *forks)
+        finally:
+            lab.down()
+    redeploy_changed = changed_hosts(again.document)
+    trained = more.document
+    per_round = (more.operator_cpu_s - one.operator_cpu_s) / args.rounds
+    participants = [len(r.get("participants", [])) for r in trained.get("history", [])]
+    targets = [] if n != TARGET_HOSTS else [
+        Target(f"fresh deploy of {n} hosts, operator CPU per host", fresh.operator_cpu_s / n,
+               "<=", TARGET_DEPLOY_CPU_PER_HOST_S, " s"),
+        Target(f"no-change redeploy of {n} hosts", again.wall_s, "<=", TARGET_REDEPLOY_S, " s"),
+        Target(f"hosts changed by the no-change redeploy of {n}", len(redeploy_changed), "<=",
+               0, ""),
+    ]
+    figures = {
+        "hosts": n,
+        "cores": os.cpu_count(),
+        "lab_up_s": round(lab_up_s, 2),
+        "deploy": fresh.as_json(),
+        "deploy_operator_cpu_per_host_s": round(fresh.operator_cpu_s / n, 4),
+        "redeploy": again.as_json(),
+        "redeploy_changed_hosts": redeploy_changed,
+        "train_1_round": one.as_json(),
+        f"train_{1 + args.rounds}_rounds": more.as_json(),
+        "train_operator_cpu_per_round_s": round(per_round, 4),
+        "train_participants_per_round": participants,
+        "teardown": down.as_json(),
+        "targets": [t.as_json() for t in targets],
+        "met": all(t.met for t in targets),
+    }
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return exit_status(targets)
+    print(f"lab up, {n} hosts: {lab_up_s:.1f} s")
+    show("fresh deploy", fresh, n)
+    show("no-change redeploy", again, n)
+    print(f"  changed hosts: {len(redeploy_changed)}")
+    show("train 1 round", one, n)
+    show(f"train {1 + args.rounds} rounds", more, n)
+    print(f"  operator CPU per round: {per_round:.3f} s ({per_round / n * 1000:.1f} ms per host); "
+          f"participants per round {participants}")
+    show("teardown", down, n)
+    for t in targets:
+        print(t.line(".3g") + f"  ({t.measured / t.limit:.2f}x of the target)"
+              if t.limit else t.line(".3g"))
+    if not targets:
+        print(f"no target at {n} hosts (the targets are for {TARGET_HOSTS})")
+    return exit_status(targets)
+
+
+def show(label: str, run: Run, n: int) -> None:
+    print(f"{label + ':':22s} {run.wall_s:6.2f} s wall; operator CPU {run.operator_cpu_s:6.2f} s "
+          f"= {run.operator_cpu_s / n:.3f} s per host (flctl {run.own_cpu_s:.2f} s + its "
+          f"children {run.children_cpu_s:.2f} s); whole machine {run.machine_cpu_s:.1f} CPU-s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
