@@ -18,8 +18,9 @@ view is drawn as an operator sees it and its cost is counted.
 The operator's CPU is the flctl process's own user + sys time
 (getrusage(RUSAGE_SELF) in that process as it exits) plus its children's
 (RUSAGE_CHILDREN: the hub's helpers it starts, `wg-up`, `wg genpsk`),
-both printed; the targets use the sum, which is what the operator's
-machine pays. The whole machine's CPU (all lab hosts
+both printed; the targets use the sum. The hub's wireguard-go (a daemon
+on the operator's machine, carrying every round over the overlay) is
+printed beside it. The whole machine's CPU (all lab hosts
 included, from /proc/stat) is printed beside it: the lab hosts share this
 machine's cores, so wall times here include the hosts' work.
 
@@ -88,6 +89,25 @@ main()
 """
 
 
+def hub_wireguard_cpu_s() -> float:
+    """CPU seconds of the wireguard-go processes in this network namespace: the
+    hub's end of the overlay (each lab host's runs in its own namespace)."""
+    own = os.stat("/proc/self/ns/net").st_ino
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() != "wireguard-go" or \
+                    os.stat(proc / "ns" / "net").st_ino != own:
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 @dataclass
 class Run:
     """One flctl command: wall time, CPU (its own, its children's, the machine's)."""
@@ -96,6 +116,7 @@ class Run:
     own_cpu_s: float
     children_cpu_s: float
     machine_cpu_s: float
+    hub_cpu_s: float   # the hub's wireguard-go, a daemon of the operator's machine
     document: dict[str, Any]
 
     @property
@@ -106,6 +127,7 @@ class Run:
         return {"wall_s": round(self.wall_s, 3), "operator_cpu_s": round(self.operator_cpu_s, 3),
                 "flctl_own_cpu_s": round(self.own_cpu_s, 3),
                 "flctl_children_cpu_s": round(self.children_cpu_s, 3),
+                "hub_wireguard_cpu_s": round(self.hub_cpu_s, 3),
                 "machine_cpu_s": round(self.machine_cpu_s, 3)}
 
 
@@ -117,13 +139,13 @@ def flctl(*args: str, timeout: float = 1800, terminal: bool = False) -> Run:
         env = dict(os.environ, FLCTL_BENCH_RUSAGE=usage.name, COLUMNS="200", LINES="50",
                    NO_COLOR="1")
         with _stderr(terminal) as (stderr, captured):
-            machine0 = machine_cpu_s()
+            machine0, hub0 = machine_cpu_s(), hub_wireguard_cpu_s()
             started = time.perf_counter()
             done = subprocess.run([sys.executable, "-c", _WRAPPER, *args], stdout=subprocess.PIPE,
                                   stderr=stderr, text=True, timeout=timeout, env=env,
                                   stdin=subprocess.DEVNULL)
             wall = time.perf_counter() - started
-            machine = machine_cpu_s() - machine0
+            machine, hub = machine_cpu_s() - machine0, hub_wireguard_cpu_s() - hub0
         try:
             document = json.loads(done.stdout) if "--json" in args else {}
         except json.JSONDecodeError:
@@ -132,7 +154,7 @@ def flctl(*args: str, timeout: float = 1800, terminal: bool = False) -> Run:
             raise SystemExit(f"flctl {' '.join(args)} failed (exit {done.returncode}):\n"
                              f"{done.stdout[-3000:]}\n{captured()[-3000:]}")
         cpu = json.loads(Path(usage.name).read_text())
-    return Run(wall, cpu["self"], cpu["children"], machine, document)
+    return Run(wall, cpu["self"], cpu["children"], machine, max(0.0, hub), document)
 
 
 @contextlib.contextmanager
@@ -270,7 +292,8 @@ def main() -> int:
 def show(label: str, run: Run, n: int) -> None:
     print(f"{label + ':':22s} {run.wall_s:6.2f} s wall; operator CPU {run.operator_cpu_s:6.2f} s "
           f"= {run.operator_cpu_s / n:.3f} s per host (flctl {run.own_cpu_s:.2f} s + its "
-          f"children {run.children_cpu_s:.2f} s); whole machine {run.machine_cpu_s:.1f} CPU-s")
+          f"children {run.children_cpu_s:.2f} s); hub wireguard-go {run.hub_cpu_s:.2f} s; "
+          f"whole machine {run.machine_cpu_s:.1f} CPU-s")
 
 
 if __name__ == "__main__":
