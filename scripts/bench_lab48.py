@@ -275,7 +275,9 @@ def main() -> int:
     print(f"lab up, {n} hosts: {lab_up_s:.1f} s")
     show("fresh deploy", fresh, n)
     show("no-change redeploy", again, n)
-    print(f"  changed hosts: {len(redeploy_changed)}")
+    print(f"  changed hosts: {len(redeploy_changed)}"
+          + (f"; {redeploy_changed[0]}: {', '.join(again_changes[redeploy_changed[0]])}"
+             if redeploy_changed else ""))
     show("train 1 round", one, n)
     show(f"train {1 + args.rounds} rounds", more, n)
     print(f"  operator CPU per round: {per_round:.3f} s ({per_round / n * 1000:.1f} ms per host); "
