@@ -200,6 +200,20 @@ def test_put_file_streams_a_large_file(conn: SSHConnector, tmp_path: Path) -> No
     assert conn.get(str(remote)) == local.read_bytes()
 
 
+
+def test_put_file_that_cannot_be_written_names_the_host_and_leaves_nothing(
+        conn: SSHConnector, tmp_path: Path) -> None:
+    local = tmp_path / "wheel.whl"
+    local.write_bytes(b"w" * 600_000)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match=f"{conn.host_name}: cannot write {blocker}/x.whl"):
+        conn.put_file(local, str(blocker / "x.whl"))
+    folder = tmp_path / "secret"
+    conn.put_file(local, str(folder / "key.bin"), 0o600)
+    assert stat.S_IMODE((folder / "key.bin").stat().st_mode) == 0o600
+    assert os.listdir(folder) == ["key.bin"]   # the temporary name renamed away
+
 def test_get_missing_file(conn: SSHConnector, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such file"):
         conn.get(str(tmp_path / "absent"))
