@@ -50,12 +50,20 @@ DATA_PATH=/var/lib/flctl-data/data.npz
 SSHD=/usr/sbin/sshd
 OVERLAY_DIRS=(/etc /opt /var/lib /root /home)  # copy-on-write per host; missing ones skipped
 MARKER=.flctl-lab           # only a folder holding this file is ever removed by `down`
-READY_TIMEOUT=15            # seconds to wait for a holder or an sshd
+READY_TIMEOUT=15            # seconds to wait for a holder or an sshd (up: + 1 per 2 hosts)
+LINK_TIMEOUT=5              # seconds to wait for a link to carry traffic (up: + 1 per 8 hosts)
 
 die() { echo "lab: $*" >&2; exit 1; }
 usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 help() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; }
 now() { echo "$EPOCHREALTIME"; }
+# Waits poll. `sleep` is a process, and 49 hosts polling every 10 ms would
+# start thousands a second on a machine busy starting their sshds; `read -t`
+# on a pipe nobody writes to (opened by lock_lab) waits as long without one.
+nap() {
+    if [[ -n ${NAP_FD:-} ]]; then read -r -t "$1" -u "$NAP_FD" _ 2>/dev/null || true
+    else sleep "$1"; fi
+}
 usec() { echo "${EPOCHREALTIME//[.,]/}"; }  # microseconds, for short deadlines
 
 # ------------------------------------------------------------------ names and checks
@@ -150,10 +158,10 @@ link_ready() {
 wait_link_ready() {  # NAME
     local name=$1 holder deadline
     holder=$(holder_pid "$name") || die "$name: its namespace holder is gone"
-    deadline=$(( EPOCHSECONDS + 5 ))
+    deadline=$(( EPOCHSECONDS + LINK_TIMEOUT ))
     until link_ready "$name" "$holder"; do
         (( EPOCHSECONDS < deadline )) || die "$name: its link did not come up"
-        sleep 0.02
+        nap 0.02
     done
 }
 
@@ -270,7 +278,7 @@ start_holder() {  # NAME -> holder pid once its mounts are in place
     setsid ip netns exec "$(netns_of "$name")" \
         unshare --mount --uts --propagation private \
         sh -c "$HOLDER_SCRIPT" holder "$name" "$(address_of "$name")" "$hd" "${OVERLAY_SPECS[@]}" \
-        </dev/null >>"$hd/holder.log" 2>&1 9<&- &
+        </dev/null >>"$hd/holder.log" 2>&1 9<&- {NAP_FD}<&- &
     pid=$!
     deadline=$(( ${EPOCHSECONDS} + READY_TIMEOUT ))
     # Ready once it has written its pid AND exec'd sleep: holder_pid checks the
@@ -278,7 +286,7 @@ start_holder() {  # NAME -> holder pid once its mounts are in place
     until [[ -s $hd/state/holder.pid ]] && holder_pid "$name" >/dev/null; do
         alive "$pid" || { cat "$hd/holder.log" >&2; die "$name: namespace set-up failed"; }
         (( EPOCHSECONDS < deadline )) || die "$name: namespace set-up timed out"
-        sleep 0.01
+        nap 0.01
     done
     [[ $(<"$hd/state/holder.pid") == "$pid" ]] || die "$name: holder pid mismatch"
     echo "$pid"
@@ -289,14 +297,14 @@ start_sshd() {  # NAME: start sshd inside the host's namespaces and wait until i
     hd=$(host_dir "$name")
     holder=$(holder_pid "$name") || die "$name: its namespace holder is gone; run down and up again"
     setsid nsenter -t "$holder" -n -m -u -- "$SSHD" -D -e -f /run/flctl-lab/sshd_config \
-        </dev/null >>"$hd/sshd.log" 2>&1 9<&- &
+        </dev/null >>"$hd/sshd.log" 2>&1 9<&- {NAP_FD}<&- &
     pid=$!
     echo "$pid" > "$hd/state/sshd.pid"
     deadline=$(( ${EPOCHSECONDS} + READY_TIMEOUT ))
     until listening_22 "$holder"; do
         alive "$pid" || { tail -n 20 "$hd/sshd.log" >&2; die "$name: sshd exited"; }
         (( EPOCHSECONDS < deadline )) || die "$name: sshd did not listen within ${READY_TIMEOUT}s"
-        sleep 0.01
+        nap 0.01
     done
     sshd_pid "$name" >/dev/null || die "$name: the process listening is not our sshd"
 }
@@ -431,6 +439,8 @@ cmd_up() {
     [[ $count =~ ^[0-9]+$ ]] && (( count >= 1 && count <= MAX_HOSTS )) ||
         die "up: the number of hosts must be 1..$MAX_HOSTS (got '${count}')"
     [[ $(id -u) == 0 ]] || die "the lab needs root (network namespaces, mounts, sshd)"
+    # every host starts at once on however few cores there are
+    READY_TIMEOUT=$(( READY_TIMEOUT + count / 2 )) LINK_TIMEOUT=$(( LINK_TIMEOUT + count / 8 ))
     [[ -x $SSHD ]] || die "$SSHD not found: install openssh-server"
     (cd / && "$PYTHON" -c 'import flctl') 2>/dev/null ||
         die "$PYTHON cannot import flctl: run scripts/test.sh (it makes .venv) or set FLCTL_PYTHON to a python with flctl installed"
@@ -578,7 +588,7 @@ end_lab_processes() {
         while (( $(usec) < deadline )); do
             pids=$(lab_pids)
             [[ -z $pids ]] && return 0
-            sleep 0.05
+            nap 0.05
         done
     done
     echo "lab: processes still alive after SIGKILL: $(lab_pids | tr '\n' ' ')" >&2
@@ -704,7 +714,7 @@ cmd_stop_host() {
         done
         kill -TERM "${victims[@]}" 2>/dev/null || true
         deadline=$(( EPOCHSECONDS + 5 ))
-        while alive "$pid" && (( EPOCHSECONDS < deadline )); do sleep 0.01; done
+        while alive "$pid" && (( EPOCHSECONDS < deadline )); do nap 0.01; done
         alive "$pid" && kill -KILL "$pid" 2>/dev/null
     fi
     rm -f "$(host_dir "$name")/state/sshd.pid"
@@ -716,7 +726,7 @@ cmd_stop_host() {
         deadline=$(( EPOCHSECONDS + 5 ))
         while listening_22 "$holder"; do
             (( EPOCHSECONDS < deadline )) || die "$name: port 22 still listening"
-            sleep 0.01
+            nap 0.01
         done
     fi
     echo "$name stopped (sshd down, link down)"
@@ -770,6 +780,7 @@ lock_lab() {
     close_inherited_fds
     exec 9<"${BASH_SOURCE[0]}"
     flock -w 300 9 || die "another lab command has held the lab lock for 300 s"
+    exec {NAP_FD}<> <(:)
 }
 
 main() {

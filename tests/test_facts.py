@@ -6,11 +6,14 @@ import json
 import platform
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from flctl.core.agentconfig import AgentConfig, parse_agent_config, render_agent_config
 from flctl.core.facts import (
+    HELPER_FACTS_KEY,
     bootstrap_script,
     host_unfit_reason,
     parse_key_values,
@@ -114,6 +117,46 @@ def test_bootstrap_script_runs_here_and_parses(tmp_path) -> None:
     assert parse_key_values(again.stdout)["bundle"] == "abc123"
 
 
+
+def _bootstrap(python: str, install: Path, helper: str) -> dict[str, str]:
+    script = bootstrap_script(python, str(install), facts_argv=[
+        str(install / "venv" / "bin" / "python"), "-c", helper])
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
+    return parse_key_values(done.stdout)
+
+
+def test_an_installed_helper_answers_facts_in_the_same_round_trip(tmp_path: Path) -> None:
+    """A bundle installed in a venv of this very interpreter: the helper's
+    answer comes along, and the interpreter itself is not started."""
+    install = tmp_path / "opt"
+    (install / "venv" / "bin").mkdir(parents=True)
+    (install / "venv" / "bin" / "python").symlink_to(sys.executable)
+    helper = "print('noise'); print('{\"python\": \"3.99.1\", \"a\": 1}')"
+    assert "bundle" not in _bootstrap(sys.executable, install, helper)   # nothing installed
+    assert HELPER_FACTS_KEY not in _bootstrap(sys.executable, install, helper)
+    (install / "bundle.digest").write_text("abc123\n")
+    facts = _bootstrap(sys.executable, install, helper)
+    assert json.loads(facts[HELPER_FACTS_KEY]) == {"python": "3.99.1", "a": 1}  # last line
+    assert "python" not in facts and facts["bundle"] == "abc123" and facts["uid"].isdigit()
+
+
+@pytest.mark.parametrize("case", ["other interpreter", "helper fails"])
+def test_without_a_working_helper_of_the_same_interpreter_the_bootstrap_asks_python(
+        tmp_path: Path, case: str) -> None:
+    install = tmp_path / "opt"
+    (install / "venv" / "bin").mkdir(parents=True)
+    (install / "bundle.digest").write_text("abc123\n")
+    other = tmp_path / "python-elsewhere"
+    other.write_bytes(Path(sys.executable).resolve().read_bytes())
+    other.chmod(0o755)
+    target = other if case == "other interpreter" else Path(sys.executable)
+    (install / "venv" / "bin" / "python").symlink_to(target)
+    helper = "print('{}')" if case == "other interpreter" else "raise SystemExit(1)"
+    facts = _bootstrap(sys.executable, install, helper)
+    assert HELPER_FACTS_KEY not in facts
+    assert facts["python"] == platform.python_version() and facts["python_venv"] == "yes"
+
+
 def test_a_fit_host_passes() -> None:
     assert host_unfit_reason(GOOD, become=False) is None
 
@@ -134,3 +177,42 @@ def test_unfit_hosts_get_one_clear_reason(change, become, fragment) -> None:
 
 def test_become_with_sudo_is_fit() -> None:
     assert host_unfit_reason({**GOOD, "uid": "1000", "sudo": "yes"}, become=True) is None
+
+
+class _Canned:
+    """A connector whose bootstrap answers are given: the fast one, then the plain one."""
+
+    host_name, python = "alpha", "python3"
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers, self.scripts = answers, []
+
+    def run_shell(self, script: str, timeout: float = 120.0):  # type: ignore[no-untyped-def]
+        from flctl.deploy.connector import CommandResult
+
+        self.scripts.append(script)
+        return CommandResult(0, self.answers.pop(0), "")
+
+
+PLAIN = "arch=x86_64\npython=3.11.2\npython_venv=yes\nuid=0\nbundle=abc\n"
+
+
+@pytest.mark.parametrize("answer,version", [
+    ('{"python": "3.11.9", "files": {}}', "3.11.9"),
+    ("not json", None), ('["python"]', None), ('{"python": 3.11}', None),
+    ('{"python": "3.11.9; rm -rf /"}', None), ('{"error": "x", "python": "3.11.9"}', None),
+])
+def test_the_helpers_answer_gives_the_version_only_when_it_is_sound(answer: str,
+                                                                     version: str | None) -> None:
+    from flctl.deploy.install import gather_bootstrap_facts
+
+    connector = _Canned([f"arch=x86_64\nuid=0\nbundle=abc\n{HELPER_FACTS_KEY}={answer}\n", PLAIN])
+    host = SimpleNamespace(python="python3")   # all the bootstrap reads of a host
+    facts = gather_bootstrap_facts(connector, host, (), ["facts", "--root", "/var/lib/flctl/a"])
+    assert "/var/lib/flctl/a" in connector.scripts[0]
+    if version is not None:
+        assert len(connector.scripts) == 1 and facts["python"] == version
+        assert facts[HELPER_FACTS_KEY] == answer and facts["python_venv"] == "yes"
+    else:   # asked again, the plain way
+        assert len(connector.scripts) == 2 and "/var/lib/flctl/a" not in connector.scripts[1]
+        assert facts["python"] == "3.11.2" and HELPER_FACTS_KEY not in facts

@@ -48,3 +48,27 @@ def test_the_deploy_view_counts_hosts_done_but_not_the_hub() -> None:
     view.update("a", "done (ok)")
     view.update("hub", "done (changed)")
     assert "deploy: 2 of 3 hosts done" in text_of(view._render())
+
+
+def test_a_deploy_to_many_hosts_shows_the_hosts_under_way_and_counts_the_rest() -> None:
+    """A frame stays small (it is drawn several times a second): past MAX_ROWS
+    hosts, the waiting and finished ones are counted, not listed."""
+    hosts = [f"lab{i}" for i in range(1, 49)]
+    view = HostProgress(hosts, "deploy", enabled=False)
+    for host in hosts[:10]:
+        view.update(host, "done (ok)")
+    for host in hosts[10:13]:
+        view.update(host, "gathering facts")
+    view.update("hub", "bringing up the hub interface")
+    text = text_of(view._render())
+    assert "deploy: 10 of 48 hosts done" in text
+    assert "lab11" in text and "lab13" in text and "bringing up the hub interface" in text
+    assert "lab1 " not in text and "lab14" not in text
+    assert "and 45 more (35 waiting, 10 done)" in text
+    assert len(text.strip().splitlines()) == 1 + 4 + 1
+    for host in hosts:
+        view.update(host, "checking the host")
+    shown = text_of(view._render()).strip().splitlines()
+    assert len(shown) == 1 + HostProgress.MAX_ROWS + 1 and "(0 waiting, 0 done)" in shown[-1]
+    few = HostProgress(["a", "b"], "deploy", enabled=False)
+    assert "waiting" in text_of(few._render())   # few hosts: every one listed, as before

@@ -22,10 +22,18 @@ from flctl.coordinator.progress import TransferProgress
 from flctl.coordinator.summary import RoundRecord
 from flctl.deploy.results import DONE
 
+WAITING = "waiting"   # a host's line before its first progress message
+
 
 class HostProgress:
+    """Deploy's and teardown's view: one line per host while they are few;
+    past MAX_ROWS, only the hosts under way (the rest counted), so a frame
+    stays small however many hosts there are."""
+
+    MAX_ROWS = 20
+
     def __init__(self, hosts: Sequence[str], title: str, enabled: bool = True) -> None:
-        self._lines = {host: "waiting" for host in hosts}
+        self._lines = {host: WAITING for host in hosts}
         self._hosts = list(hosts)   # the hub and the coordinator may report lines too
         self._started = time.monotonic()
         self._lock = threading.Lock()
@@ -34,28 +42,39 @@ class HostProgress:
         self._live: Live | None = None
 
     def update(self, host: str, message: str) -> None:
+        """Note the host's latest line; it is drawn at the next refresh (drawing
+        here, on every line of every host, would cost O(hosts) each time)."""
         with self._lock:
             self._lines[host] = message
-        if self._live is not None:
-            self._live.update(self._render())
 
     def _render(self) -> Table:
         with self._lock:
-            done = sum(1 for host in self._hosts if self._lines[host].startswith(DONE))
+            lines = dict(self._lines)
+        done = sum(1 for host in self._hosts if lines[host].startswith(DONE))
         table = Table(title=f"{self._title}: {done} of {len(self._hosts)} hosts done "
                             f"({time.monotonic() - self._started:.1f}s)",
                       show_header=False, box=None)
         table.add_column(width=2)
         table.add_column(style="bold")
         table.add_column()
-        with self._lock:
-            for host, line in self._lines.items():
-                table.add_row(Spinner("dots"), host, line)
+        shown = lines
+        if len(lines) > self.MAX_ROWS:
+            shown = {host: line for host, line in lines.items()
+                     if line != WAITING and not line.startswith(DONE)}
+            shown = dict(list(shown.items())[:self.MAX_ROWS])
+        for host, line in shown.items():
+            table.add_row(Spinner("dots"), host, line)
+        if len(shown) < len(lines):
+            waiting = sum(1 for line in lines.values() if line == WAITING)
+            finished = sum(1 for line in lines.values() if line.startswith(DONE))
+            table.add_row("", "", Text(f"and {len(lines) - len(shown)} more ({waiting} "
+                                       f"waiting, {finished} done)", style="dim"))
         return table
 
     def __enter__(self) -> HostProgress:
         if self._enabled:
-            self._live = Live(self._render(), console=err, refresh_per_second=8, transient=True)
+            self._live = Live(console=err, refresh_per_second=4, transient=True,
+                              get_renderable=self._render)
             self._live.__enter__()
         return self
 

@@ -141,10 +141,24 @@ def provided_key(project: str) -> str:
     return "provided_" + re.sub(r"[^A-Za-z0-9]", "_", project.lower())
 
 
+# The bootstrap line that carries the host helper's `facts` answer (see bootstrap_script).
+HELPER_FACTS_KEY = "helper_facts"
+
+
 def bootstrap_script(python: str, install_dir: str, agent_user: str = AGENT_USER,
-                     projects: Sequence[str] = ()) -> str:
+                     projects: Sequence[str] = (), facts_argv: Sequence[str] = ()) -> str:
     """POSIX sh that reports what deploy must know before installing; with
-    `projects`, also which of them the interpreter has, and their versions."""
+    `projects`, also which of them the interpreter has, and their versions.
+
+    With `facts_argv` (the host helper's `facts` command, argv[0] the
+    installed venv's Python): when a bundle is installed and that venv runs
+    the very interpreter `python` names, the helper's answer comes back on
+    one `helper_facts=` line instead of the interpreter's version and venv
+    check. A redeploy that changes nothing then costs the host one SSH
+    command and one Python start (the helper's) instead of two and three;
+    the answer carries the version (its "python"), and a venv that runs
+    proves the venv module works.
+    """
     query = ""
     if projects:
         names = " ".join(shlex.quote(p) for p in projects)
@@ -158,11 +172,24 @@ for name in sys.argv[1:]:
     except Exception:
         pass
 FLCTL_PY"""
+    fast = ""
+    if facts_argv:
+        venv_python = shlex.quote(facts_argv[0])
+        fast = f"""
+if [ -r {install_dir}/bundle.digest ] && [ -x {venv_python} ] && P=$(command -v "$PY") && \\
+   [ "$(readlink -f "$P")" = "$(readlink -f {venv_python})" ] && \\
+   out=$({shlex.join(facts_argv)} 2>/dev/null); then
+  helper=1
+  printf '{HELPER_FACTS_KEY}=%s\\n' "$(printf '%s\\n' "$out" | tail -n 1)"
+fi"""
     return f"""\
+helper=
 PY={python}{query}
 id -u {agent_user} >/dev/null 2>&1 && echo "agent_user=yes" || echo "agent_user=no"
-echo "arch=$(uname -m)"
-if command -v "$PY" >/dev/null 2>&1; then
+echo "arch=$(uname -m)"{fast}
+if [ -n "$helper" ]; then
+  :
+elif command -v "$PY" >/dev/null 2>&1; then
   echo "python=$("$PY" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
   "$PY" -c 'import venv' >/dev/null 2>&1 && echo "python_venv=yes" || echo "python_venv=no"
 else

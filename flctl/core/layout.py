@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
-from flctl.core.inventory import Host
-from flctl.core.settings import Settings
+if TYPE_CHECKING:   # the host helper reads paths from here and need not load YAML settings
+    from flctl.core.inventory import Host
+    from flctl.core.settings import Settings
 
 LOOPBACK = "127.0.0.1"
 REMOTE_STATE_ROOT = PurePosixPath("/var/lib/flctl")

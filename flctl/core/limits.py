@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flctl.core.yamlsrc import Spot, describe, expect_int
+# The check_* functions validate settings and inventories (yamlsrc, PyYAML);
+# the agent and the host helper use only the rest, and start without them.
+if TYPE_CHECKING:
+    from flctl.core.yamlsrc import Spot
 
 CPU_QUOTA_RE = re.compile(r"\s*([0-9]+)\s*%\s*\Z")
 MEMORY_RE = re.compile(r"\s*([0-9]+)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
@@ -42,6 +45,8 @@ SETPRIORITY = "setpriority"
 
 def check_cpu_quota(value: Any, spot: Spot) -> str | None:
     """"50%" (half a CPU) .. "200%" (two CPUs); the canonical text, or None."""
+    from flctl.core.yamlsrc import describe
+
     if value is None:
         return None
     match = CPU_QUOTA_RE.match(value) if isinstance(value, str) else None
@@ -56,6 +61,8 @@ def check_cpu_quota(value: Any, spot: Spot) -> str | None:
 
 def check_memory_max(value: Any, spot: Spot) -> str | None:
     """"512M", "2G" (binary units, as systemd's MemoryMax=) or bytes; canonical text, or None."""
+    from flctl.core.yamlsrc import describe
+
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
@@ -71,6 +78,8 @@ def check_memory_max(value: Any, spot: Spot) -> str | None:
 
 
 def check_nice(value: Any, spot: Spot) -> int | None:
+    from flctl.core.yamlsrc import expect_int
+
     if value is None:
         return None
     return expect_int(value, spot, minimum=NICE_RANGE[0], maximum=NICE_RANGE[1])

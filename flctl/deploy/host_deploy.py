@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flctl.core.agentconfig import AgentConfig, render_agent_config
-from flctl.core.facts import resolve_gpus
+from flctl.core.facts import HELPER_FACTS_KEY, resolve_gpus
 from flctl.core.frozen import frozen_files, is_sha256, short
 from flctl.core.fsutil import file_sha256, sha256_hex
 from flctl.core.inventory import Host
@@ -38,11 +38,11 @@ from flctl.core.settings import AgentSettings
 from flctl.core.tasks import BUILTIN_TASKS
 from flctl.core.text import clean_text
 from flctl.deploy.certificates import CertificateStore
-from flctl.deploy.connector import Connector, upload_files
+from flctl.deploy.connector import CommandResult, Connector, upload_files
 from flctl.deploy.install import BundleCache, ensure_agent_software
 from flctl.deploy.network_steps import NetworkSteps
 from flctl.deploy.overlay import Hub
-from flctl.deploy.remote import ConnectOptions, StepFailed, call_helper, connect
+from flctl.deploy.remote import ConnectOptions, StepFailed, call_helper, connect, helper_answer
 from flctl.deploy.results import HostResult, StepResult, run_guarded
 from flctl.deploy.site_steps import local_site_certificate, site_fields
 from flctl.workspace import Workspace
@@ -133,6 +133,8 @@ class HostDeploy:
         self.limits = ""   # how its resource limits are enforced (told when it starts)
         # the site it is in (flctl.core.sites), None for a loose host
         self.site = ctx.workspace.inventory.site_of(host.name)
+        # the helper's facts as the bootstrap brought them (its raw answer), if it did
+        self._prefetched: str | None = None
 
     @property
     def wg_public_key(self) -> str | None:
@@ -173,7 +175,11 @@ class HostDeploy:
                                               check=self.ctx.check, step=self.step,
                                               task_requirements=self.ctx.task_requirements,
                                               tell=lambda line: self.progress(self.host.name,
-                                                                              line))
+                                                                              line),
+                                              facts_args=self._facts_args())
+            answer = bootstrap.pop(HELPER_FACTS_KEY, None)
+            # gathered before the agent's user exists, they would say it does not
+            self._prefetched = answer if bootstrap.get("agent_user") == "yes" else None
             self.result.facts["host"] = bootstrap
             if self.ctx.check and self.result.changed:
                 self.step("agent", True, "would configure and start after installing")
@@ -220,11 +226,20 @@ class HostDeploy:
                                          f"installed {installed}: restarting it")
         return True
 
-    def gather_facts(self, connector: Connector) -> dict[str, Any]:
+    def _facts_args(self) -> list[str]:
         args = ["facts", "--root", str(self.paths.root)]
         if self.user:
             args += ["--user", self.user]
-        facts = call_helper(connector, *args, spec=FACTS_SPEC)
+        return args
+
+    def gather_facts(self, connector: Connector) -> dict[str, Any]:
+        """The helper's facts: those the bootstrap brought along when the
+        software stayed as it was, else asked for now; checked either way."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None:
+            facts = helper_answer("facts", CommandResult(0, prefetched, ""), FACTS_SPEC)
+        else:
+            facts = call_helper(connector, *self._facts_args(), spec=FACTS_SPEC)
         self.result.facts.update(facts)
         return facts
 

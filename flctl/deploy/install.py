@@ -9,13 +9,21 @@ knows there is nothing to do.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
-from flctl.core.facts import bootstrap_script, host_unfit_reason, parse_key_values, provided_key
+from flctl.core.facts import (
+    HELPER_FACTS_KEY,
+    bootstrap_script,
+    host_unfit_reason,
+    parse_key_values,
+    provided_key,
+)
 from flctl.core.inventory import Host
 from flctl.core.requirements import name_of
 from flctl.core.wheellock import WheelLock, merged
@@ -27,11 +35,12 @@ from flctl.deploy.bundle import (
     prepare_bundle,
 )
 from flctl.deploy.connector import Connector, upload_files
-from flctl.deploy.remote import StepFailed
+from flctl.deploy.remote import StepFailed, helper_argv
 
 INSTALL_DIR = "/opt/flctl"
 WHEEL_DIR = f"{INSTALL_DIR}/wheels"
 VENV_PYTHON = f"{INSTALL_DIR}/venv/bin/python"
+_VERSION = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
 
 StepFn = Callable[[str, bool, str], None]
 
@@ -70,13 +79,38 @@ class BundleCache:
         return None if lock.render() == self.wheel_lock.render() else lock
 
 
-def gather_bootstrap_facts(connector: Connector, host: Host,
-                           projects: Sequence[str] = ()) -> dict[str, str]:
-    result = connector.run_shell(bootstrap_script(host.python, INSTALL_DIR,
-                                                  projects=projects), timeout=60)
+def gather_bootstrap_facts(connector: Connector, host: Host, projects: Sequence[str] = (),
+                           facts_args: Sequence[str] = ()) -> dict[str, str]:
+    """What deploy must know before installing (flctl.core.facts.bootstrap_script).
+
+    With `facts_args`, an installed agent's helper answers `facts` in the same
+    round trip when it can: that answer stays under HELPER_FACTS_KEY (for the
+    caller to check), and the Python version it reports fills in "python".
+    """
+    facts_argv = helper_argv(VENV_PYTHON, *facts_args) if facts_args else ()
+    result = connector.run_shell(bootstrap_script(host.python, INSTALL_DIR, projects=projects,
+                                                  facts_argv=facts_argv), timeout=60)
     if result.returncode != 0:
         raise StepFailed(f"facts: {result.stderr.strip() or 'sh failed'}")
-    return parse_key_values(result.stdout)
+    facts = parse_key_values(result.stdout)
+    if HELPER_FACTS_KEY in facts:
+        version = _helper_python(facts[HELPER_FACTS_KEY])
+        if version is None:   # no answer to build on: ask the interpreter itself
+            return gather_bootstrap_facts(connector, host, projects)
+        facts.update(python=version, python_venv="yes")
+    return facts
+
+
+def _helper_python(answer: str) -> str | None:
+    """The interpreter version in the helper's `facts` answer, if it is one."""
+    try:
+        document = json.loads(answer)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or "error" in document:
+        return None
+    version = document.get("python")
+    return version if isinstance(version, str) and _VERSION.fullmatch(version) else None
 
 
 def remote_wheel_hashes(connector: Connector) -> dict[str, str]:
@@ -93,17 +127,20 @@ def remote_wheel_hashes(connector: Connector) -> dict[str, str]:
 def ensure_agent_software(connector: Connector, host: Host, bundles: BundleCache, *,
                           check: bool, step: StepFn,
                           task_requirements: Sequence[str] = (),
-                          tell: Callable[[str], None] = lambda line: None) -> dict[str, str]:
+                          tell: Callable[[str], None] = lambda line: None,
+                          facts_args: Sequence[str] = ()) -> dict[str, str]:
     """Refuse an unfit host, else make /opt/flctl hold this bundle: the agent's
     and the task's requirements, around what the host's interpreter already has
     when the inventory sets `python:` for it (a layered agent).
 
     Returns the bootstrap facts. Afterwards host-side commands run with the
-    venv's Python.
+    venv's Python. With `facts_args`, they hold the helper's answer to them
+    under HELPER_FACTS_KEY when the installed bundle was already this one
+    (gathered in the same round trip); after an install they never do.
     """
     projects = sorted({name_of(r) for r in all_requirements(task_requirements)}) \
         if host.python_layered else []
-    facts = gather_bootstrap_facts(connector, host, projects)
+    facts = gather_bootstrap_facts(connector, host, projects, facts_args)
     reason = host_unfit_reason(facts, host.become)
     if reason is not None:
         raise StepFailed(reason)
@@ -116,8 +153,10 @@ def ensure_agent_software(connector: Connector, host: Host, bundles: BundleCache
         step("agent software", False, f"flctl bundle {bundle.digest[:12]}"
              + (f"; from the interpreter: {from_host}" if from_host else ""))
     elif check:
+        facts.pop(HELPER_FACTS_KEY, None)
         step("agent software", True, "would install")
     else:
+        facts.pop(HELPER_FACTS_KEY, None)   # the answer of the software being replaced
         have = remote_wheel_hashes(connector)
         missing = [w for w in bundle.wheels if have.get(w.name) != w.sha256]
         connector.run_shell(f"mkdir -p {WHEEL_DIR} && chmod 755 {INSTALL_DIR}")

@@ -15,7 +15,7 @@ from typing import Any
 
 from flctl.core.inventory import Host
 from flctl.core.schema import SchemaError, check
-from flctl.deploy.connector import Connector
+from flctl.deploy.connector import CommandResult, Connector
 from flctl.deploy.local import LocalConnector
 from flctl.errors import FlctlError
 
@@ -58,11 +58,22 @@ def check_routes(hosts: list[Host], options: ConnectOptions) -> None:
             route_for(host, config)
 
 
+def helper_argv(python: str, *args: str) -> list[str]:
+    """The host helper's command line for `args`, run with `python`."""
+    return [python, "-m", HELPER_MODULE, *args]
+
+
 def call_helper(connector: Connector, *args: str, timeout: float = 120.0,
                 spec: Any = None) -> dict[str, Any]:
     """Run one host-side command and decode its JSON answer, checked against
     `spec` (flctl.core.schema) when given."""
-    result = connector.run([connector.python, "-m", HELPER_MODULE, *args], timeout=timeout)
+    result = connector.run(helper_argv(connector.python, *args), timeout=timeout)
+    return helper_answer(args[0], result, spec)
+
+
+def helper_answer(command: str, result: CommandResult, spec: Any = None) -> dict[str, Any]:
+    """The JSON answer of the helper's `command` (its last line of output),
+    checked; a failure, an error answer or a bad shape is one StepFailed."""
     lines = result.stdout.strip().splitlines()
     try:
         answer: Any = json.loads(lines[-1]) if lines else {}
@@ -72,12 +83,12 @@ def call_helper(connector: Connector, *args: str, timeout: float = 120.0,
     if result.returncode != 0 or error is not None:
         reason = error if isinstance(error, str) else \
             (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise StepFailed(f"{args[0]}: {reason}")
+        raise StepFailed(f"{command}: {reason}")
     if not isinstance(answer, dict):
-        raise StepFailed(f"{args[0]}: the host's answer is not a JSON object")
+        raise StepFailed(f"{command}: the host's answer is not a JSON object")
     if spec is not None:
         try:
-            answer = check(answer, spec, args[0])
+            answer = check(answer, spec, command)
         except SchemaError as exc:
             raise StepFailed(f"unexpected answer from the host: {exc.message}") from None
     return answer
