@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from flctl.net.client import RemoteError, TransportError
 from flctl.net.tls import client_context
 from flctl.workspace import load_workspace
 
-from helpers import run_cli, use_ports
+from helpers import deployed_local_workspace, run_cli, set_training, use_ports
 
 HOSTS = 7
 INVENTORY = """\
@@ -83,8 +85,8 @@ def run(root: Path, *, sites: bool, rounds: int = 3, noise_seed: int | None = No
         after_round: Any = None, **training: Any) -> tuple[Coordinator, list[np.ndarray],
                                                           list[RoundRecord]]:
     workspace = load_workspace(root)
-    settings = workspace.settings.with_training(rounds=rounds, fraction=0.75, seed=7,
-                                                deadline_s=30.0, **training)
+    settings = workspace.settings.with_training(**{"rounds": rounds, "fraction": 0.75, "seed": 7,
+                                                   "deadline_s": 30.0, **training})
     t = settings.training
     context = workspace_context(workspace)
     clients = [AgentClient(e, context, timeout=t.deadline_s + SOCKET_GRACE_S)
@@ -268,3 +270,65 @@ def test_an_aggregator_may_only_fit_its_own_members(workspace: Path) -> None:
         with site_client(workspace, aggregator, member) as other:
             with pytest.raises((RemoteError, TransportError)):
                 other.fit(weights, settings.task, params, {"round": 1})
+
+
+SLOW_TASK = Path(__file__).resolve().parents[1] / "scripts" / "slow_task.py"
+SLOW_S = 1.5   # each fit: long enough to kill the aggregator while its members train
+MID_ROUND = """\
+all:
+  vars:
+    connection: local
+  children:
+    berlin:
+      aggregator: local2
+      hosts:
+        local1: {data_path: data/local1.npz}
+        local2: {data_path: data/local2.npz}
+        local3: {data_path: data/local3.npz}
+    loose:
+      hosts:
+        local4: {data_path: data/local4.npz}
+"""
+
+
+@pytest.fixture(scope="module")
+def slow_sites(tmp_path_factory: pytest.TempPathFactory):
+    def prepare(root: Path) -> None:
+        (root / "inventory.yaml").write_text(MID_ROUND)
+        (root / "tasks" / "slow.py").write_text(SLOW_TASK.read_text())
+        set_training(root, task="slow:Slow", task_params={"delay": SLOW_S})
+
+    yield from deployed_local_workspace(tmp_path_factory.mktemp("slow-sites"), 4, prepare)
+
+
+def test_an_aggregator_killed_mid_round_drops_its_site_for_that_round(slow_sites: Path) -> None:
+    """Killed while its members train (round 2 under way, its site_fit in flight):
+    that round goes on without the site, and so does the run."""
+    run_dir = host_dir(slow_sites, "local2") / "run"
+    killed: list[float] = []
+
+    def kill_later() -> None:
+        pids = [int((run_dir / f).read_text()) for f in ("supervisor.pid", "agent.pid")]
+        for pid in pids:   # the supervisor first, or it starts the agent again
+            os.kill(pid, signal.SIGKILL)
+        killed.append(time.monotonic())
+
+    def during_round_2(record: RoundRecord) -> None:
+        if record.round == 1:   # round 2 starts now; its fits take SLOW_S
+            threading.Timer(SLOW_S / 3, kill_later).start()
+
+    try:
+        _, weights, records = run(slow_sites, sites=True, rounds=3, min_hosts=1,
+                                  fraction=1.0, after_round=during_round_2)
+    finally:
+        assert run_cli("deploy", "-w", str(slow_sites)).returncode == 0
+    assert killed, "the aggregator was not killed"
+    assert [r.round for r in records] == [1, 2, 3] and all(np.isfinite(w).all() for w in weights)
+    assert set(records[0].participants) == {"local1", "local2", "local3", "local4"}
+    second = records[1]
+    for host in ("local1", "local2", "local3"):
+        assert second.hosts[host]["status"] == "dropped", second.hosts
+        assert second.hosts[host]["reason"].startswith("site berlin: aggregator local2: ")
+    assert second.participants == ["local4"]
+    # the kill came while round 2 ran: after round 1's record, before round 2's
+    assert second.seconds >= SLOW_S * 0.9
