@@ -383,6 +383,26 @@ def test_the_agent_serves_only_the_coordinator_role(certs: Certs) -> None:
         srv.stop()
 
 
+def test_a_request_kind_the_peer_may_not_send_is_refused_before_its_body(certs: Certs) -> None:
+    """admit: asked at the head of each request (and for requests without
+    arrays); a refused one is answered and its connection closed, unhandled."""
+    handler = Recorder()
+    srv = FrameServer(LOOPBACK, 0, certs.server_ctx(), handler, handshake_timeout=5.0,
+                      admit=lambda kind, peer: None if kind == "ack" else f"not {kind}")
+    srv.start()
+    try:
+        with client_for(srv, certs) as ok:
+            assert ok.request(Message("ack", {}, [np.zeros(4, np.float32)])).kind == "ack"
+        for message in (Message("evaluate", {}, [np.zeros(4, np.float32)]), Message("info")):
+            with client_for(srv, certs) as refused:
+                with pytest.raises(RemoteError, match=f"refused: not {message.kind}"):
+                    refused.request(message)
+        assert srv.unauthorized_total == 2
+        assert [kind for kind, _ in handler.calls] == ["ack"]
+    finally:
+        srv.stop()
+
+
 def test_a_revoked_certificate_is_refused(certs: Certs) -> None:
     srv = FrameServer(LOOPBACK, 0, certs.server_ctx(crl=True), Recorder(), handshake_timeout=5.0)
     srv.start()

@@ -99,10 +99,11 @@ def build_server(config_path: Path) -> FrameServer:
         config.bind_address,
         config.port,
         context,
-        trust.guarded(config, service.handle),
+        service.handle,
         limits=limits,
         logger=logging.getLogger("flctl.agent.server"),
         authorize=trust.authorizer(config),
+        admit=trust.admitter(config),
         receiver=service.transfers.receiver,
     )
 

@@ -6,14 +6,15 @@ fit's transfer needs, and only when the site and host its certificate names
 are the ones this agent's config names: an aggregator commands its own
 members and no one else. TLS already refuses a host certificate as a client
 (server auth only); these checks refuse anything else whatever OpenSSL let by.
+The per-request check reads only the request's kind, at its head, so a
+refused request's model is never taken in (FrameServer's `admit`).
 """
 
 from __future__ import annotations
 
 from flctl.core import pki
 from flctl.core.agentconfig import AgentConfig
-from flctl.core.messages import Message
-from flctl.net.server import Authorizer, Handler, PeerInfo, error_reply
+from flctl.net.server import Admitter, Authorizer, PeerInfo
 
 # What a site aggregator may ask of its members.
 SITE_KINDS = frozenset({"fit", "transfer_status", "resend"})
@@ -43,16 +44,17 @@ def connection_refusal(config: AgentConfig, peer: PeerInfo) -> str | None:
             f"{'a ' + role + ' certificate' if role else 'not a coordinator certificate'}")
 
 
-def request_refusal(config: AgentConfig, request: Message, peer: PeerInfo) -> str | None:
-    """Per request, on a connection already served: None, or why this kind is refused."""
+def request_refusal(config: AgentConfig, kind: str, peer: PeerInfo) -> str | None:
+    """Per request, on a connection already served, from its kind (read before
+    its body): None, or why it is refused."""
     role = _role(peer)
     if role == pki.ROLE_COORDINATOR:
         return None
     refusal = connection_refusal(config, peer)
     if refusal is not None:
         return refusal
-    if request.kind not in SITE_KINDS:
-        return (f"a site aggregator may only ask for fit, not {request.kind!r}; "
+    if kind not in SITE_KINDS:
+        return (f"a site aggregator may only ask for fit, not {kind[:64]!r}; "
                 f"only the coordinator may")
     return None
 
@@ -62,12 +64,6 @@ def authorizer(config: AgentConfig) -> Authorizer:
     return lambda peer: connection_refusal(config, peer)
 
 
-def guarded(config: AgentConfig, handler: Handler) -> Handler:
-    """`handler`, behind the per-request check (a refusal is an error reply)."""
-    def handle(request: Message, peer: PeerInfo) -> Message:
-        refusal = request_refusal(config, request, peer)
-        if refusal is not None:
-            return error_reply(f"refused: {refusal}", unauthorized=True)
-        return handler(request, peer)
-
-    return handle
+def admitter(config: AgentConfig) -> Admitter:
+    """The FrameServer's per-request check for this agent."""
+    return lambda kind, peer: request_refusal(config, kind, peer)

@@ -14,11 +14,18 @@ import socket
 import ssl
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-from flctl.core.messages import DEFAULT_LIMITS, HEARTBEAT_KIND, Limits, Message
+from flctl.core.messages import DEFAULT_LIMITS, HEARTBEAT_KIND, FrameHead, Limits, Message
 from flctl.errors import FlctlError, ProtocolError
-from flctl.net.framing import Allocator, ConnectionClosed, Receiver, recv_message, send_message
+from flctl.net.framing import (
+    Allocator,
+    ArrayReceiver,
+    ConnectionClosed,
+    Receiver,
+    recv_message,
+    send_message,
+)
 from flctl.net.tls import peer_certificate, peer_common_name
 
 _ACCEPT_POLL_SECONDS = 0.2
@@ -41,6 +48,36 @@ Handler = Callable[[Message, PeerInfo], Message]
 # Decides, once per connection after the handshake, whether this peer may send
 # requests at all: None to serve it, else the reason it is refused.
 Authorizer = Callable[[PeerInfo], "str | None"]
+# Decides, per request, from its kind alone (before any of its body is read),
+# whether this peer may send it: None to go on, else the reason it is refused.
+Admitter = Callable[[str, PeerInfo], "str | None"]
+
+
+class Refused(ProtocolError):
+    """A request its peer may not send (Admitter); the connection closes after the reply."""
+
+
+class _Admitted:
+    """A Receiver that asks the Admitter at the request's head, so a refused
+    request's body is never taken in (nor its transfer opened)."""
+
+    def __init__(self, inner: Receiver, admit: Admitter, peer: PeerInfo) -> None:
+        self.inner, self.admit, self.peer = inner, admit, peer
+
+    def begin(self, head: FrameHead) -> None:
+        refusal = self.admit(head.kind, self.peer)
+        if refusal is not None:
+            raise Refused(refusal)
+        self.inner.begin(head)
+
+    def buffer(self, index: int, offset: int, nbytes: int) -> memoryview:
+        return self.inner.buffer(index, offset, nbytes)
+
+    def received(self, index: int, offset: int, nbytes: int) -> None:
+        self.inner.received(index, offset, nbytes)
+
+    def finish(self) -> list[Any]:
+        return self.inner.finish()
 
 
 def error_reply(text: str, **extra: object) -> Message:
@@ -63,7 +100,8 @@ class FrameServer:
                  logger: logging.Logger | None = None,
                  allocate: Allocator | None = None, max_connections: int = 256,
                  authorize: Authorizer | None = None,
-                 receiver: Callable[[], Receiver] | None = None) -> None:
+                 receiver: Callable[[], Receiver] | None = None,
+                 admit: Admitter | None = None) -> None:
         self.host = host
         self.port = port
         self.context = context
@@ -75,6 +113,7 @@ class FrameServer:
         self.receiver = receiver  # makes a Receiver per request (else `allocate` is used)
         self.max_connections = max_connections
         self.authorize = authorize
+        self.admit = admit
         self.log = logger or logging.getLogger("flctl.net.server")
 
         self.connections_total = 0
@@ -238,12 +277,19 @@ class FrameServer:
 
     def _request_loop(self, tls: ssl.SSLSocket, peer: PeerInfo) -> None:
         while not self._stopping.is_set():
+            receive: Receiver | Allocator | None = (self.receiver() if self.receiver
+                                                    else self.allocate)
+            if self.admit is not None:
+                inner = receive if isinstance(receive, Receiver) else ArrayReceiver(receive)
+                receive = _Admitted(inner, self.admit, peer)
             try:
-                request, _ = recv_message(tls, self.limits,
-                                          self.receiver() if self.receiver else self.allocate)
+                request, _ = recv_message(tls, self.limits, receive)
             except ConnectionClosed as exc:
                 if not exc.clean:
                     self._count_protocol_error(peer, exc)
+                return
+            except Refused as exc:   # its body is left unread: the connection ends
+                self._refuse(tls, peer, str(exc))
                 return
             except ProtocolError as exc:
                 self._count_protocol_error(peer, exc)
@@ -255,6 +301,11 @@ class FrameServer:
             except OSError as exc:  # includes ssl.SSLError: reset, bad record MAC, ...
                 if not self._stopping.is_set():
                     self.log.warning("connection from %s:%d failed: %s", *peer.address, exc)
+                return
+            # a request without arrays never reaches a receiver: asked here
+            refusal = self.admit(request.kind, peer) if self.admit is not None else None
+            if refusal is not None:
+                self._refuse(tls, peer, refusal)
                 return
             with self._lock:
                 self.requests_total += 1
@@ -308,6 +359,13 @@ class FrameServer:
         except Exception as exc:
             self.log.warning("handler for %r raised", request.kind, exc_info=True)
             return error_reply(str(exc) or type(exc).__name__, type=type(exc).__name__)
+
+    def _refuse(self, tls: ssl.SSLSocket, peer: PeerInfo, reason: str) -> None:
+        with self._lock:
+            self.unauthorized_total += 1
+        self.log.warning("refused a request from %s:%d (certificate %r): %s", *peer.address,
+                         peer.common_name, reason)
+        self._try_send(tls, error_reply(f"refused: {reason}", unauthorized=True))
 
     def _count_protocol_error(self, peer: PeerInfo, exc: ProtocolError) -> None:
         with self._lock:
