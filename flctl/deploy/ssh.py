@@ -616,15 +616,7 @@ class SSHConnector:
         try:
             chan.settimeout(FILE_TIMEOUT)   # a host that stops reading for this long
             chan.exec_command(self.command_line(argv))
-            sent = 0
-            while True:
-                block = source.read(CHUNK)
-                if not block:
-                    break
-                chan.sendall(block)
-                sent += len(block)
-                if on_bytes is not None:
-                    on_bytes(sent)
+            _pump(source, chan.sendall, on_bytes)
             chan.shutdown_write()
             if not chan.status_event.wait(FILE_TIMEOUT):
                 raise self._unreachable(f"writing {target} did not finish within "
@@ -757,12 +749,18 @@ def _create_private(sftp: paramiko.SFTPClient, path: str, mode: int) -> paramiko
 def _copy(source: BinaryIO, handle: paramiko.SFTPFile,
           on_bytes: Callable[[int], None] | None = None) -> None:
     handle.set_pipelined(True)  # do not wait for each write's answer
+    _pump(source, handle.write, on_bytes)
+
+
+def _pump(source: BinaryIO, write: Callable[[bytes], object],
+          on_bytes: Callable[[int], None] | None) -> None:
+    """Copy `source` to `write` in CHUNKs, telling `on_bytes` the bytes sent so far."""
     sent = 0
     while True:
         block = source.read(CHUNK)
         if not block:
             break
-        handle.write(block)
+        write(block)
         sent += len(block)
         if on_bytes is not None:
             on_bytes(sent)
