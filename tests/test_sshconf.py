@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from flctl.core.inventory import Host
+from flctl.core.inventory import Host, Inventory
 from flctl.core.settings import AgentSettings, Settings
 from flctl.core.sshconf import SSHConfigText, plan_route
 from flctl.deploy.engine import _endpoint
@@ -147,7 +147,9 @@ def host_deploy(listen: str, ssh_host: str = "lab2"):
                 overlay_ip=ipaddress.IPv4Address("10.213.0.12"), data_path="/d", labels={},
                 groups=(), agent_port=None, python="python3", line=1)
     settings = Settings(agent=AgentSettings(listen=listen))
-    workspace = SimpleNamespace(settings=settings, paths=SimpleNamespace(state="/tmp/x"))
+    inventory = Inventory(source="inventory.yaml", hosts=(host,), groups={"all": ("lab2",)})
+    workspace = SimpleNamespace(settings=settings, inventory=inventory,
+                                paths=SimpleNamespace(state="/tmp/x"))
     return HostDeploy(SimpleNamespace(workspace=workspace), host, 0, lambda *a: None)
 
 
