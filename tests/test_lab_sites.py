@@ -70,6 +70,13 @@ def wg_peers(lab: Lab, host: str) -> set[str]:
     return set(lab.exec(host, "wg", "show", interface, "peers").stdout.split())
 
 
+def wg_preshared_keys(lab: Lab, host: str) -> dict[str, str]:
+    """Peer public key -> the preshared key the live interface uses for it."""
+    interface = interface_name(load_workspace(lab.workspace).settings.project)
+    out = lab.exec(host, "wg", "show", interface, "preshared-keys").stdout
+    return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+
 def test_aggregator_and_members_are_direct_peers(lab: Lab) -> None:
     known = json.loads((lab.workspace / ".flctl" / "wg" / "peers.json").read_text())
     key = {name: peer["public_key"] for name, peer in known.items()}
@@ -81,6 +88,13 @@ def test_aggregator_and_members_are_direct_peers(lab: Lab) -> None:
         assert len(wg_peers(lab, member)) == 2          # the hub, its aggregator
     for loose in ("lab4", "lab5"):
         assert len(wg_peers(lab, loose)) == 1           # the hub only
+    # each aggregator-member pair is keyed with its own preshared key, the
+    # same at both ends of the live tunnels
+    at_aggregator = wg_preshared_keys(lab, AGGREGATOR)
+    for member in ("lab1", "lab3"):
+        psk = wg_preshared_keys(lab, member)[key[AGGREGATOR]]
+        assert psk != "(none)" and psk == at_aggregator[key[member]]
+    assert at_aggregator[key["lab1"]] != at_aggregator[key["lab3"]]
 
 
 def test_agent_ports_admit_the_hub_and_the_members_own_aggregator_only(lab: Lab) -> None:

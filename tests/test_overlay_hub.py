@@ -61,6 +61,20 @@ def test_peers_are_recorded_and_removed_with_their_psk(hub: Hub) -> None:
     assert (hub.paths.psk_dir / "beta.psk").exists()
 
 
+def test_site_pair_psks_are_made_once_and_go_with_either_end(hub: Hub) -> None:
+    first = hub.site_preshared_key("agg", "m1")
+    assert first == hub.site_preshared_key("agg", "m1")           # made once
+    assert first != hub.site_preshared_key("agg", "m2") != hub.preshared_key("agg")
+    made = hub.paths.site_psk("agg", "m1")
+    assert made.stat().st_mode & 0o777 == 0o600
+    for directory in (hub.paths.psk_dir, made.parent.parent, made.parent):
+        assert directory.stat().st_mode & 0o777 == 0o700, directory
+    hub.record_peers({}, removed={"m1"})                           # a member leaves
+    assert not made.exists() and hub.paths.site_psk("agg", "m2").exists()
+    hub.record_peers({}, removed={"agg"})                          # the aggregator leaves
+    assert not hub.paths.site_psk("agg", "m2").exists() and not made.parent.exists()
+
+
 def test_no_peers_and_no_interface_is_nothing_to_do(hub: Hub) -> None:
     assert hub.apply({}) == "unchanged"
 

@@ -116,6 +116,27 @@ def test_fresh_deploy_then_nothing_changes(site_ws) -> None:
         assert wg_key("b1" if member == "b3" else "b3") not in site_peer_keys(workspace, member)
     assert len(agg) == 3 and len(site_peer_keys(workspace, "solo")) == 1
 
+    # each aggregator-member pair has its own preshared key: the same at both
+    # ends, 0600, made by the hub (kept 0700 there), not the hub pair's
+    def psk_of(name: str, peer: str) -> str:
+        config = parse_wg_quick_config(host_file(
+            workspace, name, f"wg/fl-{workspace.settings.project}.conf").read_text())
+        path = Path(config.preshared_key_files[wg_key(peer)])
+        assert path.stat().st_mode & 0o777 == 0o600
+        return path.read_text()
+
+    pair = {m: psk_of("b2", m) for m in ("b1", "b3")}
+    for member in ("b1", "b3"):
+        assert psk_of(member, "b2") == pair[member]
+        assert pair[member] != host_file(workspace, member, "wg/hub.psk").read_text()
+        made = workspace.paths.state / "wg" / "psk" / "site" / "b2" / f"{member}.psk"
+        assert made.read_text() == pair[member]
+        assert made.parent.stat().st_mode & 0o777 == 0o700
+    assert pair["b1"] != pair["b3"]
+    assert len(parse_wg_quick_config(host_file(
+        workspace, "solo", f"wg/fl-{workspace.settings.project}.conf").read_text()
+    ).preshared_key_files) == 1                                      # the hub pair's only
+
     # members admit their aggregator; the aggregator and solo the hub only
     for name in NAMES:
         ruleset = host_file(workspace, name, "firewall.nft").read_text()

@@ -209,6 +209,8 @@ class SitePeer:
     public_key: str
     overlay_ip: str
     endpoint: str        # underlay host:port
+    # the pair's preshared key, in its own 0600 file on the host (like hub.psk)
+    preshared_key_file: str | None = None
 
 
 def site_wg_peers(peers: Sequence[SitePeer]) -> list[WgPeer]:
@@ -218,6 +220,7 @@ def site_wg_peers(peers: Sequence[SitePeer]) -> list[WgPeer]:
     and no member gains a route to any other overlay host."""
     return [WgPeer(public_key=p.public_key,
                    allowed_ips=(f"{ipaddress.ip_address(p.overlay_ip)}/32",),
+                   preshared_key_file=p.preshared_key_file,
                    endpoint=p.endpoint, comment=f"site peer {p.name}")
             for p in peers]
 

@@ -12,7 +12,8 @@ With the overlay the agent port is open only through the tunnel from the
 hub; with `agent.listen: underlay` only from the coordinator's address.
 
 Sites: a site's aggregator and its members are also direct WireGuard peers,
-and a member's table admits its own aggregator beside the hub. A peer's
+and a member's table admits its own aggregator beside the hub; each such
+pair has its own preshared key, made by the hub like its own pairs'. A peer's
 public key is made on that peer, so a fresh deploy renders each site host's
 tunnel with the keys known so far (the hub's record of earlier deploys) and
 the engine brings the site's tunnels in line again once every key is known
@@ -72,8 +73,16 @@ class NetworkSteps:
             key, endpoint = entry.get("public_key"), entry.get("endpoint")
             if isinstance(key, str) and is_wg_key(key) and isinstance(endpoint, str) \
                     and endpoint and name in hosts:
-                peers.append(SitePeer(name, key, str(hosts[name].overlay_ip), endpoint))
+                peers.append(SitePeer(name, key, str(hosts[name].overlay_ip), endpoint,
+                                      str(self.deploy.paths.wg_dir / f"site-{name}.psk")))
         return tuple(peers)
+
+    def _site_psk(self, peer: SitePeer) -> bytes:
+        """The preshared key of this host's pair with `peer` (one end is the aggregator)."""
+        site, me = self.deploy.site, self.deploy.host.name
+        assert site is not None
+        member = peer.name if site.aggregator == me else me
+        return self.ctx.hub.site_preshared_key(site.aggregator, member)
 
     def site_peers_stale(self, known: Mapping[str, Mapping[str, Any]]) -> bool:
         """True when the tunnel was rendered with other site peers than `known` gives."""
@@ -178,6 +187,11 @@ class NetworkSteps:
         if have.get("hub.psk") != sha256_hex(psk):
             plan.uploads.append((str(wg_dir / "hub.psk"), psk, 0o600))
         site_peers = self.site_peers(hub.known_peers())
+        for peer in site_peers:
+            assert peer.preshared_key_file is not None
+            pair_psk = self._site_psk(peer)
+            if have.get(f"site-{peer.name}.psk") != sha256_hex(pair_psk):
+                plan.uploads.append((peer.preshared_key_file, pair_psk, 0o600))
         config = hub.host_config(str(d.host.overlay_ip), str(wg_dir / "private.key"),
                                  str(wg_dir / "hub.psk"), connector.local_address(),
                                  site_peers).encode()

@@ -2,8 +2,9 @@
 
 Hub and spoke: the hub is the machine that runs `flctl train`. Its private
 key is made here and never leaves; each host's is made on the host and only
-its public key comes back. One preshared key per hub-host pair is made here
-and uploaded 0600 to that host. The hub's interface is driven by the same
+its public key comes back. One preshared key per hub-host pair, and one per
+aggregator-member pair of a site, is made here and uploaded 0600 to both
+ends of the pair (the hub's end of its own pairs stays here). The hub's interface is driven by the same
 host-side commands as a host's, through a local connector.
 """
 
@@ -47,6 +48,10 @@ class HubPaths:
     def psk_dir(self) -> Path:
         return self.root / "psk"
 
+    def site_psk(self, aggregator: str, member: str) -> Path:
+        """The aggregator-member pair's PSK (host names hold no '/')."""
+        return self.psk_dir / "site" / aggregator / f"{member}.psk"
+
     @property
     def peers(self) -> Path:
         return self.root / "peers.json"
@@ -87,11 +92,22 @@ class Hub:
             return self._public_key
 
     def preshared_key(self, host: str) -> bytes:
-        """The pair's PSK, made here once; the host gets a copy, 0600."""
-        path = self.paths.psk_dir / f"{host}.psk"
+        """The hub-host pair's PSK, made here once; the host gets a copy, 0600."""
+        return self._preshared_key(self.paths.psk_dir / f"{host}.psk")
+
+    def site_preshared_key(self, aggregator: str, member: str) -> bytes:
+        """The aggregator-member pair's PSK, made here once; each end gets a
+        copy, 0600 (the two hosts never exchange secrets directly)."""
+        return self._preshared_key(self.paths.site_psk(aggregator, member))
+
+    def _preshared_key(self, path: Path) -> bytes:
         with self._lock:
             if not path.exists():
-                self.paths.psk_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self.paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+                directory = self.paths.root
+                for part in path.parent.relative_to(self.paths.root).parts:
+                    directory = directory / part
+                    directory.mkdir(exist_ok=True, mode=0o700)
                 made = LocalConnector("hub").run(["wg", "genpsk"])
                 if made.returncode != 0:
                     raise StepFailed(f"wg genpsk: {made.stderr.strip()}")
@@ -112,8 +128,17 @@ class Hub:
             for name in removed:
                 peers.pop(name, None)
                 (self.paths.psk_dir / f"{name}.psk").unlink(missing_ok=True)
+                self._forget_site_pairs(name)
             atomic_write(self.paths.peers, json.dumps(peers, indent=2, sort_keys=True), 0o600)
             return peers
+
+    def _forget_site_pairs(self, name: str) -> None:
+        """Drop the site PSKs of a host that left the inventory, at either end."""
+        site_dir = self.paths.psk_dir / "site"
+        for path in [*site_dir.glob(f"{name}/*.psk"), *site_dir.glob(f"*/{name}.psk")]:
+            path.unlink(missing_ok=True)
+        if (site_dir / name).is_dir() and not any((site_dir / name).iterdir()):
+            (site_dir / name).rmdir()
 
     def host_config(self, host_overlay_ip: str, host_private_key: str, host_psk: str,
                     endpoint: str, site_peers: Sequence[SitePeer] = ()) -> str:
