@@ -123,10 +123,16 @@ def test_status_survives_a_host_that_answers_nonsense(workspace: Path,
 
     monkeypatch.setattr(status, "connect", connect)
     workspace_ = load_workspace(workspace)
+    heard: list[tuple[str, str]] = []
     rows = {r["host"]: r for r in status.gather_status(
-        workspace_, list(workspace_.inventory.hosts), info_probe(workspace_, 5.0))}
+        workspace_, list(workspace_.inventory.hosts), info_probe(workspace_, 5.0), forks=1,
+        progress=lambda host, line: heard.append((host, line)))}
     assert rows["local1"]["agent"] == "idle"
     assert rows["local2"]["reachable"] is False and "status" in rows["local2"]["error"]
+    # each host is heard starting and ending, one at a time with forks=1
+    assert heard[:4] == [("local1", "probing"), ("local1", "done (agent idle)"),
+                         ("local2", "probing"), ("local2", "done (agent down)")]
+    assert len(heard) == 2 * len(rows)
 
 
 # The other helper commands a local host's deploy parses an answer from. (The

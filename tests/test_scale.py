@@ -248,6 +248,21 @@ def test_status_of_many_hosts_is_a_summary_and_the_hosts_needing_attention(
     assert all(f"h{i:04d}" in every.output for i in range(300))
 
 
+def test_status_probes_forks_hosts_at_a_time_and_reports_progress(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    init_workspace(tmp_path, local_hosts=2)
+    asked: dict = {}
+
+    def gather(workspace, hosts, probe, **kwargs):
+        asked.update(kwargs)
+        return [dict(r) for r in _status_rows(2)]
+
+    monkeypatch.setattr(cli_app, "gather_status", gather)
+    result = CliRunner().invoke(cli_app.app, ["status", "-w", str(tmp_path), "--forks", "64"])
+    assert result.exit_code == 0, result.output
+    assert asked["forks"] == 64 and callable(asked["progress"])
+
+
 def test_a_few_hosts_keep_their_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     init_workspace(tmp_path, local_hosts=2)
     rows = _status_rows(HOSTS_LISTED)

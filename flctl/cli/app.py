@@ -157,10 +157,14 @@ def status(
     every: bool = typer.Option(False, "--all", help="A row for every host, however many "
                                                      f"(past {render.HOSTS_LISTED} hosts: a "
                                                      "summary and the hosts needing attention)."),
+    forks: int = typer.Option(16, "--forks", "-f", min=1, help="Hosts probed in parallel."),
 ) -> None:
     """Show every host's agent, load, memory and disk at a glance."""
     workspace = load_workspace(workspace_dir)
-    rows = gather_status(workspace, selected(workspace, limit), info_probe(workspace, 5.0))
+    hosts = selected(workspace, limit)
+    with HostProgress([h.name for h in hosts], "status", enabled=not json_output) as view:
+        rows = gather_status(workspace, hosts, info_probe(workspace, 5.0), forks=forks,
+                             progress=view.update)
     latest = latest_live_run(workspace.paths.runs)
     render.warn(latest.warnings if latest else ())
     if json_output:

@@ -18,10 +18,12 @@ from flctl.deploy.engine import connect_options
 from flctl.deploy.install import VENV_PYTHON, installed
 from flctl.deploy.overlay import Hub
 from flctl.deploy.remote import ConnectOptions, call_helper, connect
+from flctl.deploy.results import DONE
 from flctl.errors import FlctlError
 from flctl.workspace import Workspace
 
 AgentInfoFn = Callable[[Endpoint], dict[str, Any]]
+ProgressFn = Callable[[str, str], None]
 STATUS_SPEC = {
     "service": str,
     "service_pid": Maybe(count()),
@@ -122,7 +124,9 @@ def tunnel_state(handshake: dict[str, int] | None,
 
 
 def gather_status(workspace: Workspace, hosts: list[Host], agent_info: AgentInfoFn,
-                  forks: int = 16) -> list[dict[str, Any]]:
+                  forks: int = 16, progress: ProgressFn | None = None) -> list[dict[str, Any]]:
+    """A row per host, `forks` hosts at a time; `progress(host, line)` hears
+    when each starts and ends (hundreds of hosts take a while over SSH)."""
     order = {h.name: i for i, h in enumerate(workspace.inventory.hosts)}
     options = connect_options(workspace)
     overlay = workspace.settings.agent.listen == "overlay"
@@ -132,9 +136,16 @@ def gather_status(workspace: Workspace, hosts: list[Host], agent_info: AgentInfo
             handshakes = Hub(workspace).handshakes()
         except FlctlError:
             handshakes = {}
+    def one(host: Host) -> dict[str, Any]:
+        if progress is not None:
+            progress(host.name, "probing")
+        row = host_status(workspace, host, order[host.name], agent_info, options)
+        if progress is not None:
+            progress(host.name, f"{DONE} (agent {row['agent']})")
+        return row
+
     with ThreadPoolExecutor(max_workers=max(1, min(forks, len(hosts) or 1))) as pool:
-        rows = list(pool.map(
-            lambda h: host_status(workspace, h, order[h.name], agent_info, options), hosts))
+        rows = list(pool.map(one, hosts))
     interface = Hub(workspace).interface
     for host, row in zip(hosts, rows):
         if overlay and host.connection == "ssh":
