@@ -168,7 +168,7 @@ def test_deploy_and_status_show_a_hosts_errors_literally(tmp_path: Path,
         out = Console(file=io.StringIO(), width=2000, highlight=False)
         monkeypatch.setattr(cli_app, "info_probe", lying_probe)
         monkeypatch.setattr(render, "out", out)
-        cli_app.status(workspace_dir=root, limit=None, json_output=False)
+        cli_app.status(workspace_dir=root, limit=None, json_output=False, every=False, forks=16)
         shown = out.file.getvalue()
         assert shown.count(SHOWN) == 3, shown     # local2's state; local1's state and error
         literal_in(shown)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from flctl.cli.top import Poller, top_view
+from flctl.cli.top import Poller, Snapshot, top_view
 from flctl.core.facts import CpuTicks, cpu_percent, parse_nvidia_smi_query, parse_proc_stat_cpu
 from flctl.core.schema import SchemaError, check
 from flctl.deploy.status import STATUS_SPEC
@@ -113,6 +113,26 @@ def test_the_view_shows_cpu_between_refreshes_and_host_strings_literally() -> No
     text = rendered(top_view(second, "demo", 2.0))
     assert "50% of 2" in text and "2.1 GB / 8.6 GB" in text, text
     literal_in(text)
+
+
+def test_many_hosts_show_those_needing_attention_first_and_count_the_rest() -> None:
+    rows = [{"host": f"h{i:04d}", **answer(), "agent": "idle", "error": None}
+            for i in range(300)]
+    for i in (7, 250, 299):
+        rows[i].update(agent="down", error="connection refused")
+    rows[120]["agent"] = HOSTILE
+    snapshot = Snapshot(rows=rows, refreshes=1, at=time.time())
+    text = rendered(top_view(snapshot, "demo", 2.0, room=10))
+    shown = re.findall(r"h\d{4}", text)
+    # the four in trouble, in inventory order, then the first idle ones
+    assert shown == ["h0007", "h0120", "h0250", "h0299", "h0000", "h0001", "h0002", "h0003",
+                     "h0004", "h0005"], shown
+    assert "290 more hosts not shown (4 needing attention, listed first); all 300: " \
+           f"296 idle, 3 down, 1 {SHOWN[:40]}" in text, text   # a host's state: 40 chars
+    literal_in(text)
+    # room enough: every row, no count line
+    every = rendered(top_view(snapshot, "demo", 2.0, room=300))
+    assert len(re.findall(r"h\d{4}", every)) == 300 and "not shown" not in every
 
 
 def test_a_failing_gather_keeps_the_last_rows() -> None:

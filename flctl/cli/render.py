@@ -152,17 +152,22 @@ def needs_attention(row: dict[str, Any]) -> bool:
                     or row.get("last_exit")))
 
 
+def hosts_by_agent_state(rows: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """Host names per agent state (the host's text cleaned), most common state first."""
+    by_state: dict[str, list[str]] = {}
+    for row in rows:
+        by_state.setdefault(clean_text(str(row.get("agent", "down")))[:40], []).append(
+            row["host"])
+    return dict(sorted(by_state.items(), key=lambda item: -len(item[1])))
+
+
 def status_overview(rows: Sequence[dict[str, Any]]) -> Table:
     """`flctl status` over many hosts: how many are in each agent state."""
     table = Table(title=f"{len(rows)} hosts")
     table.add_column("agent")
     table.add_column("hosts", justify="right")
     table.add_column("of them", justify="left")
-    by_state: dict[str, list[str]] = {}
-    for row in rows:
-        by_state.setdefault(clean_text(str(row.get("agent", "down")))[:40], []).append(
-            row["host"])
-    for state, names in sorted(by_state.items(), key=lambda item: -len(item[1])):
+    for state, names in hosts_by_agent_state(rows).items():
         table.add_row(agent_cell({"agent": state}), str(len(names)),
                       literal(names_line(names, 5)))
     return table

@@ -166,7 +166,28 @@ def top_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def top_view(snapshot: Snapshot, title: str, interval: float) -> Group:
+def rows_that_fit(rows: list[dict[str, Any]], room: int | None
+                  ) -> tuple[list[dict[str, Any]], str | None]:
+    """At most `room` rows, the hosts needing attention first (each group in
+    inventory order), and a line counting the rest; a full screen crops
+    what does not fit, and at hundreds of hosts the ones in trouble would
+    otherwise be the ones cropped."""
+    if room is None or len(rows) <= room:
+        return rows, None
+    room = max(room, 1)
+    attention = [row for row in rows if render.needs_attention(row)]
+    rest = [row for row in rows if not render.needs_attention(row)]
+    shown = (attention + rest)[:room]
+    counts = ", ".join(f"{len(names)} {state}"
+                       for state, names in render.hosts_by_agent_state(rows).items())
+    return shown, (f"{len(rows) - len(shown)} more hosts not shown ({len(attention)} needing "
+                   f"attention, listed first); all {len(rows)}: {counts}")
+
+
+def top_view(snapshot: Snapshot, title: str, interval: float,
+             room: int | None = None) -> Group:
+    """The header, the latest run, and the hosts table (`room`: the table rows
+    the screen has, None: all)."""
     header = Text.assemble(("flctl top", "bold"), "  ", render.literal(title), "  ")
     if snapshot.at is None:
         header.append(f"gathering for {snapshot.busy_s or 0:.0f}s...", "yellow")
@@ -181,8 +202,21 @@ def top_view(snapshot: Snapshot, title: str, interval: float) -> Group:
         parts.append(render.literal(f"last refresh failed: {snapshot.error}", "red"))
     if snapshot.latest is not None:
         parts.append(Text.from_markup(render.latest_run_line(snapshot.latest)))
-    parts.append(top_table(snapshot.rows))
+    shown, rest = rows_that_fit(snapshot.rows, room)
+    parts.append(top_table(shown))
+    if rest:
+        parts.append(Text(rest, style="dim"))
     return Group(*parts)
+
+
+# screen lines besides the table's rows: the header, the error and run lines,
+# the table's borders and heading, and the line counting hosts not shown
+VIEW_LINES = 8
+
+
+def _table_room() -> int:
+    """Host rows the terminal has room for (read on every redraw: it may be resized)."""
+    return max(1, render.out.size.height - VIEW_LINES)
 
 
 @contextmanager
@@ -226,13 +260,15 @@ def top(
     shown: tuple[int, int] | None = None
     try:
         with cbreak_keys(sys.stdin) as read_key, \
-                Live(top_view(poller.snapshot(), title, interval), console=render.out,
+                Live(top_view(poller.snapshot(), title, interval, _table_room()),
+                     console=render.out,
                      screen=True, auto_refresh=False) as live:
             while not set(read_key(KEY_POLL_S)) & QUIT_KEYS:
                 snapshot = poller.snapshot()
                 now = (snapshot.refreshes, int(time.monotonic()))  # new facts, or a second on
                 if now != shown:
-                    live.update(top_view(snapshot, title, interval), refresh=True)
+                    live.update(top_view(snapshot, title, interval, _table_room()),
+                                refresh=True)
                     shown = now
     finally:
         poller.stop()
