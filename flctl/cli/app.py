@@ -157,7 +157,7 @@ def status(
     every: bool = typer.Option(False, "--all", help="A row for every host, however many "
                                                      f"(past {render.HOSTS_LISTED} hosts: a "
                                                      "summary and the hosts needing attention)."),
-    forks: int = typer.Option(16, "--forks", "-f", min=1, help="Hosts probed in parallel."),
+    forks: int = ForksOpt,
 ) -> None:
     """Show every host's agent, load, memory and disk at a glance."""
     workspace = load_workspace(workspace_dir)

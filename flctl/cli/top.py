@@ -34,7 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from flctl.cli import render
-from flctl.cli.common import LimitOpt, WorkspaceOpt, selected
+from flctl.cli.common import ForksOpt, LimitOpt, WorkspaceOpt, selected
 from flctl.coordinator.records import RunInfo
 from flctl.coordinator.session import info_probe
 from flctl.core.facts import CpuTicks, cpu_percent
@@ -242,6 +242,7 @@ def top(
     limit: Optional[list[str]] = LimitOpt,
     interval: float = typer.Option(2.0, "--interval", "-i", min=0.5,
                                    help="Seconds between refreshes."),
+    forks: int = ForksOpt,
 ) -> None:
     """A live full-screen view of the hosts; `q` quits.
 
@@ -254,7 +255,7 @@ def top(
     workspace = load_workspace(workspace_dir)
     hosts = selected(workspace, limit)
     probe = info_probe(workspace, AGENT_TIMEOUT_S)
-    poller = Poller(lambda: (gather_status(workspace, hosts, probe),
+    poller = Poller(lambda: (gather_status(workspace, hosts, probe, forks=forks),
                              latest_live_run(workspace.paths.runs)), interval).start()
     title = f"{workspace.settings.project} ({len(hosts)} hosts)"
     shown: tuple[int, int] | None = None
