@@ -3,9 +3,10 @@
 Hub and spoke: the hub is the machine that runs `flctl train`. Its private
 key is made here and never leaves; each host's is made on the host and only
 its public key comes back. One preshared key per hub-host pair, and one per
-aggregator-member pair of a site, is made here and uploaded 0600 to both
-ends of the pair (the hub's end of its own pairs stays here). The hub's interface is driven by the same
-host-side commands as a host's, through a local connector.
+aggregator-member pair of a site, is made here and uploaded 0600 to the
+hosts of the pair (the hub's own copy stays here). The hub's interface is
+driven by the same host-side commands as a host's, through a local
+connector.
 """
 
 from __future__ import annotations
