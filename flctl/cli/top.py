@@ -174,10 +174,11 @@ def rows_that_fit(rows: list[dict[str, Any]], room: int | None
     otherwise be the ones cropped."""
     if room is None or len(rows) <= room:
         return rows, None
-    room = max(room, 1)
-    attention = [row for row in rows if render.needs_attention(row)]
-    rest = [row for row in rows if not render.needs_attention(row)]
-    shown = (attention + rest)[:room]
+    attention: list[dict[str, Any]] = []
+    rest: list[dict[str, Any]] = []
+    for row in rows:
+        (attention if render.needs_attention(row) else rest).append(row)
+    shown = (attention + rest)[:max(room, 1)]
     counts = ", ".join(f"{len(names)} {state}"
                        for state, names in render.hosts_by_agent_state(rows).items())
     return shown, (f"{len(rows) - len(shown)} more hosts not shown ({len(attention)} needing "

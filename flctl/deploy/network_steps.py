@@ -40,6 +40,11 @@ ARMED_SPEC = {"armed": count()}
 APPLIED_SPEC = {"changed": bool, "armed": Maybe(count())}
 
 
+def site_psk_file(peer: str) -> str:
+    """The file in a host's wg/ holding its pair's PSK with site peer `peer`."""
+    return f"site-{peer}.psk"
+
+
 @dataclass
 class NetworkPlan:
     uploads: list[tuple[str, bytes, int]] = field(default_factory=list)
@@ -74,7 +79,7 @@ class NetworkSteps:
             if isinstance(key, str) and is_wg_key(key) and isinstance(endpoint, str) \
                     and endpoint and name in hosts:
                 peers.append(SitePeer(name, key, str(hosts[name].overlay_ip), endpoint,
-                                      str(self.deploy.paths.wg_dir / f"site-{name}.psk")))
+                                      str(self.deploy.paths.wg_dir / site_psk_file(name))))
         return tuple(peers)
 
     def _site_psk(self, peer: SitePeer) -> bytes:
@@ -188,10 +193,9 @@ class NetworkSteps:
             plan.uploads.append((str(wg_dir / "hub.psk"), psk, 0o600))
         site_peers = self.site_peers(hub.known_peers())
         for peer in site_peers:
-            assert peer.preshared_key_file is not None
             pair_psk = self._site_psk(peer)
-            if have.get(f"site-{peer.name}.psk") != sha256_hex(pair_psk):
-                plan.uploads.append((peer.preshared_key_file, pair_psk, 0o600))
+            if have.get(site_psk_file(peer.name)) != sha256_hex(pair_psk):
+                plan.uploads.append((str(wg_dir / site_psk_file(peer.name)), pair_psk, 0o600))
         config = hub.host_config(str(d.host.overlay_ip), str(wg_dir / "private.key"),
                                  str(wg_dir / "hub.psk"), connector.local_address(),
                                  site_peers).encode()

@@ -15,6 +15,7 @@ from flctl.core.messages import INFO_SPEC
 from flctl.core.schema import Field, MapOf, Maybe, SchemaError, check, count
 from flctl.deploy.connector import HostUnreachable
 from flctl.deploy.engine import connect_options
+from flctl.deploy.host_deploy import ProgressFn
 from flctl.deploy.install import VENV_PYTHON, installed
 from flctl.deploy.overlay import Hub
 from flctl.deploy.remote import ConnectOptions, call_helper, connect
@@ -23,7 +24,6 @@ from flctl.errors import FlctlError
 from flctl.workspace import Workspace
 
 AgentInfoFn = Callable[[Endpoint], dict[str, Any]]
-ProgressFn = Callable[[str, str], None]
 STATUS_SPEC = {
     "service": str,
     "service_pid": Maybe(count()),
@@ -136,6 +136,7 @@ def gather_status(workspace: Workspace, hosts: list[Host], agent_info: AgentInfo
             handshakes = Hub(workspace).handshakes()
         except FlctlError:
             handshakes = {}
+
     def one(host: Host) -> dict[str, Any]:
         if progress is not None:
             progress(host.name, "probing")
